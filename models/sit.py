@@ -383,6 +383,8 @@ def SiT_B_8(**kwargs): return SiT(depth=12, hidden_size=768, patch_size=8, num_h
 def SiT_S_2(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
 def SiT_S_4(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
 def SiT_S_8(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+# Not a paper size: a few-block SiT for tests, the demo and quick checks on a CPU.
+def SiT_Tiny_2(**kwargs): return SiT(depth=4, hidden_size=128, patch_size=2, num_heads=2, projector_dim=256, **kwargs)
 
 
 SiT_models = {
@@ -390,6 +392,7 @@ SiT_models = {
     "SiT-L/2": SiT_L_2, "SiT-L/4": SiT_L_4, "SiT-L/8": SiT_L_8,
     "SiT-B/2": SiT_B_2, "SiT-B/4": SiT_B_4, "SiT-B/8": SiT_B_8,
     "SiT-S/2": SiT_S_2, "SiT-S/4": SiT_S_4, "SiT-S/8": SiT_S_8,
+    "SiT-Tiny/2": SiT_Tiny_2,
 }
 
 

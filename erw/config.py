@@ -1,0 +1,226 @@
+"""Experiment configuration: YAML files in configs/, every key overridable by a command-line flag.
+
+Precedence: built-in defaults < the YAML file's top level < its section for the running phase (`warmup:` for
+train_warmup.py, `train:` for train.py) < command-line flags. One YAML file describes both phases of a paper
+setting. Keys are snake_case in YAML and --kebab-case on the command line (REPA's flag names where the concept is
+REPA's). Unknown keys and bad values are errors that name the key and the file.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import yaml
+
+WARMUP, TRAIN = "warmup", "train"
+BOTH = (WARMUP, TRAIN)
+
+
+def _str_or_none(value):
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        return None
+    return str(value)
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _int(value):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, str):
+        value = float(value) if any(c in value for c in ".eE") else int(value)
+        return _int(value)
+    return int(value)
+
+
+def _float(value):
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                       # snake_case key; the flag is --name-with-dashes
+    type: Callable[[Any], Any]
+    default: Any
+    help: str
+    phases: Sequence[str] = BOTH
+    choices: Optional[Sequence[Any]] = None
+    minimum: Optional[float] = None  # inclusive lower bound for numbers
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: List[Option] = [
+    # --- experiment ---
+    Option("exp_name", _str_or_none, None, "experiment name: outputs go to OUTPUT_DIR/EXP_NAME", required=True),
+    Option("output_dir", str, "exps", "root folder of experiments"),
+    Option("resume", _bool, False, "continue from OUTPUT_DIR/EXP_NAME/checkpoints/last.pt (model, EMA, optimizer, "
+           "grad scaler, step, RNG, data position)"),
+    Option("seed", _int, 0, "global seed; each step reseeds from (seed, rank, step)", minimum=0),
+    Option("report_to", str, "none", "experiment tracker (wandb stays offline unless WANDB_MODE=online)",
+           choices=("wandb", "tensorboard", "none")),
+    Option("log_every", _int, 10, "log losses, grad norm, lr and throughput every N steps", minimum=1),
+    # --- data ---
+    Option("data_dir", str, "data/imagenet256", "dataset folder: images/ and vae-sd/ (REPA layout)"),
+    Option("resolution", _int, 256, "image side in pixels; latents are resolution / 8", minimum=8),
+    Option("num_classes", _int, 1000, "number of classes (the null class for CFG is one more)", minimum=1),
+    Option("num_workers", _int, 4, "dataloader worker processes per GPU", minimum=0),
+    # --- model ---
+    Option("model", str, "SiT-XL/2", "SiT size and patch size, e.g. SiT-B/2, SiT-XL/2 (models/sit.py)"),
+    Option("qk_norm", _bool, False, "LayerNorm on queries and keys"),
+    Option("use_rope", _bool, False, "2D rotary position embedding in attention (paper appendix D: helps)"),
+    Option("cfg_prob", _float, 0.1, "label dropout probability (trains the null class for CFG)", minimum=0.0),
+    # --- teacher and alignment ---
+    Option("enc_type", _str_or_none, "dinov2-vit-b", "frozen teacher(s), comma-separated REPA names "
+           "(dinov2-vit-b, ..., random-vit-tiny); none = no alignment"),
+    Option("enc_weights", _str_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
+    Option("warmup_depth", _int, 5, "Phase 1 trains blocks 0..k-1 with the projector on block k's output "
+           "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", minimum=1),
+    Option("align_loss", str, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
+           choices=("ntxent", "cosine")),
+    Option("ntxent_temp", _float, 0.1, "NT-Xent temperature tau", minimum=1e-6),
+    Option("encoder_depth", _int, 8, "Phase 2 projector on the output of this block (1-based; paper table 3 "
+           "'Proj. depth', 18 best for SiT-XL/2)", phases=(TRAIN,), minimum=1),
+    Option("proj_coeff", _float, 0.5, "lambda0, the alignment weight at the start of Phase 2 (paper table 3)",
+           phases=(TRAIN,), minimum=0.0),
+    Option("proj_decay", str, "exp", "lambda schedule: exp = proj_coeff * 2^(-s / proj_half_life), none = constant",
+           phases=(TRAIN,), choices=("exp", "none")),
+    Option("proj_half_life", _float, 50000.0, "half-life of lambda in Phase-2 steps (ERW release: 50K)",
+           phases=(TRAIN,), minimum=1e-9),
+    # --- warm start (Phase 2) ---
+    Option("warmup_ckpt", _str_or_none, None, "Phase-1 checkpoint to warm-start from (none = REPA / SiT baseline)",
+           phases=(TRAIN,)),
+    Option("warmup_weights", str, "model", "which Phase-1 weights to load", phases=(TRAIN,),
+           choices=("model", "ema")),
+    Option("warmup_layers", _int, 0, "place the k warmed blocks at START..START+k-1 (paper table 4)",
+           phases=(TRAIN,), minimum=0),
+    # --- diffusion (Phase 2) ---
+    Option("path_type", str, "linear", "interpolant: linear (alpha=1-t, sigma=t) or cosine", phases=(TRAIN,),
+           choices=("linear", "cosine")),
+    Option("weighting", str, "uniform", "training time distribution: uniform or lognormal (EDM sigmas)",
+           phases=(TRAIN,), choices=("uniform", "lognormal")),
+    Option("vae", str, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
+           phases=(TRAIN,)),
+    Option("sampling_steps", _int, 10000, "save a sample grid from the EMA model every N steps", phases=(TRAIN,),
+           minimum=1),
+    Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,), minimum=1),
+    Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,), minimum=1),
+    # --- optimisation ---
+    Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", minimum=1),
+    Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", minimum=1),
+    Option("max_train_steps", _int, 400000, "optimizer steps in this phase", minimum=0),
+    Option("checkpointing_steps", _int, 50000, "write checkpoints/NNNNNNN.pt every N steps", minimum=1),
+    Option("learning_rate", _float, 1e-4, "AdamW learning rate (constant)", minimum=0.0),
+    Option("adam_beta1", _float, 0.9, "AdamW beta1", minimum=0.0),
+    Option("adam_beta2", _float, 0.999, "AdamW beta2", minimum=0.0),
+    Option("adam_weight_decay", _float, 0.0, "AdamW weight decay", minimum=0.0),
+    Option("adam_epsilon", _float, 1e-8, "AdamW epsilon", minimum=0.0),
+    Option("max_grad_norm", _float, 1.0, "gradient-norm clipping", minimum=0.0),
+    Option("ema_decay", _float, 0.9999, "EMA decay per optimizer step", minimum=0.0),
+    Option("mixed_precision", str, "fp16", "autocast precision", choices=("no", "fp16", "bf16")),
+    Option("allow_tf32", _bool, False, "TF32 matmuls on Ampere+ GPUs"),
+    Option("compile", _bool, False, "torch.compile the model"),
+]
+
+OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(option: Option, value: Any, where: str) -> Any:
+    if value is None and option.type in (_str_or_none,):
+        return None
+    try:
+        value = option.type(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad value {value!r} for '{option.name}' ({e})") from None
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{where}: '{option.name}' must be one of {list(option.choices)}, got {value!r}")
+    if option.minimum is not None and value is not None and value < option.minimum:
+        raise ConfigError(f"{where}: '{option.name}' must be >= {option.minimum}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str, phase: str) -> Dict[str, Any]:
+    """Read a config file: top-level keys, then the `phase` section on top. Every key must be known."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    values: Dict[str, Any] = {}
+    for section_name, section in [(None, raw), (phase, raw.get(phase) or {})]:
+        where = path if section_name is None else f"{path} [{section_name}]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: section must be a mapping")
+        for key, value in section.items():
+            if key in BOTH and section_name is None:
+                continue
+            if key not in OPTIONS_BY_NAME:
+                raise ConfigError(f"{where}: unknown config key '{key}'")
+            option = OPTIONS_BY_NAME[key]
+            if phase in option.phases:
+                values[key] = _convert(option, value, where)
+            elif section_name is not None:
+                raise ConfigError(f"{where}: '{key}' does not apply to the {phase} phase")
+    return values
+
+
+def build_parser(phase: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case)")
+    for option in OPTIONS:
+        if phase not in option.phases:
+            continue
+        kwargs = dict(dest=option.name, default=None, help=f"{option.help} (default: {option.default})")
+        if option.type is _bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = option.name.upper()
+        parser.add_argument(option.flag, **kwargs)
+    return parser
+
+
+def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description: str = "") -> Dict[str, Any]:
+    """Parse argv for `phase` and return the resolved config as a plain dict (defaults < YAML < flags)."""
+    args = build_parser(phase, description).parse_args(argv)
+    config = {o.name: o.default for o in OPTIONS if phase in o.phases}
+    config_path = args.config
+    if config_path is not None:
+        config.update(load_yaml(config_path, phase))
+    for name, value in vars(args).items():
+        if name == "config" or value is None:
+            continue
+        config[name] = _convert(OPTIONS_BY_NAME[name], value, f"flag {OPTIONS_BY_NAME[name].flag}")
+    missing = [OPTIONS_BY_NAME[n].flag for n in config if OPTIONS_BY_NAME[n].required and config[n] is None]
+    if missing:
+        raise ConfigError(f"missing required setting(s): {', '.join(missing)} (set in --config or on the command line)")
+    config["config"] = config_path
+    config["phase"] = phase
+    return config
+
+
+def dump_config(config: Dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    os.replace(tmp, path)

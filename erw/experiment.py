@@ -1,0 +1,67 @@
+"""Pieces both training entry points build the same way: teachers, the dataset and the model's arguments."""
+from typing import Any, Dict, List
+
+import torch
+
+from erw.data import ImageLatentDataset, check_data_dir
+from models.encoders import load_teachers
+
+LATENT_CHANNELS = 4
+VAE_DOWNSAMPLING = 8
+
+
+def uses_alignment(config: Dict[str, Any]) -> bool:
+    """Phase 1 always aligns; Phase 2 aligns unless proj_coeff is 0 or there is no teacher (plain SiT)."""
+    if config["enc_type"] is None:
+        return False
+    return config["phase"] == "warmup" or config["proj_coeff"] > 0
+
+
+def build_teachers(config: Dict[str, Any], device, log) -> List[torch.nn.Module]:
+    """Frozen teachers on `device`, or [] when the run has no alignment term (they are then not even loaded)."""
+    if not uses_alignment(config):
+        if config["phase"] == "warmup":
+            raise ValueError("Phase 1 aligns with a teacher: --enc-type must name one")
+        log("No alignment term (proj_coeff = 0 or enc_type = none): no teacher loaded")
+        return []
+    teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])
+    for teacher in teachers:
+        if teacher.name.startswith("random"):
+            log(f"WARNING: teacher {teacher.name} has RANDOM weights: alignment targets are meaningless "
+                "(tests and demo only)")
+        else:
+            log(f"Teacher {teacher.name}: {teacher.embed_dim}-wide tokens")
+    return [teacher.to(device) for teacher in teachers]
+
+
+def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
+    """The training set, checked against --resolution and --num-classes."""
+    check_data_dir(config["data_dir"])
+    dataset = ImageLatentDataset(config["data_dir"])
+    if dataset.resolution != config["resolution"]:
+        raise ValueError(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "
+                         f"{config['resolution']}")
+    if dataset.num_classes > config["num_classes"]:
+        raise ValueError(f"{config['data_dir']} has labels up to {dataset.num_classes - 1} but --num-classes is "
+                         f"{config['num_classes']}")
+    return dataset
+
+
+def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) -> Dict[str, Any]:
+    """Plain-dict arguments of models.sit.create_sit, stored in every checkpoint so sampling rebuilds the model.
+    Phase 1: truncated at warmup_depth with the projector there; Phase 2: full, projector at encoder_depth."""
+    if config["resolution"] % VAE_DOWNSAMPLING:
+        raise ValueError(f"--resolution {config['resolution']} is not divisible by {VAE_DOWNSAMPLING} (the VAE)")
+    warmup = config["phase"] == "warmup"
+    return {
+        "model": config["model"],
+        "input_size": config["resolution"] // VAE_DOWNSAMPLING,
+        "in_channels": LATENT_CHANNELS,
+        "num_classes": config["num_classes"],
+        "class_dropout_prob": config["cfg_prob"],
+        "encoder_depth": config["warmup_depth"] if warmup else config["encoder_depth"],
+        "z_dims": [t.embed_dim for t in teachers],
+        "qk_norm": config["qk_norm"],
+        "use_rope": config["use_rope"],
+        "truncated": warmup,
+    }
