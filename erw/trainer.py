@@ -126,6 +126,7 @@ class Trainer:
         acc.wait_for_everyone()
         self.logger = setup_logger(self.exp_dir if acc.is_main_process else None)
         self.device = acc.device
+        torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
 
     def log(self, message: str) -> None:
         self.logger.info(message)

@@ -11,3 +11,21 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import pytest  # noqa: E402
+
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The generated demo dataset (10 classes x 16 images, 64 px, random tiny VAE), made once per session."""
+    from preprocessing import dataset_tools
+    root = tmp_path_factory.mktemp("demo-data")
+    dataset_tools.main(["make-demo", "--dest", str(root), "--images-per-class", "16"])
+    return root
+
+
+def tiny_args(demo_data, output_dir, *extra):
+    """Command line for an entry point on configs/tiny.yaml, reading demo_data and writing under output_dir."""
+    return ["--config", TINY_CONFIG, "--data-dir", str(demo_data), "--output-dir", str(output_dir), *extra]

@@ -1,0 +1,115 @@
+"""Phase 1 (train_warmup.py) and the shared loop on the tiny config: learning, truncation, resume, errors."""
+import os
+
+import pytest
+import torch
+
+import train_warmup
+from erw.checkpoint import load_checkpoint
+from erw.config import ConfigError, resolve_config
+from erw.losses import Objective
+from models.encoders import load_teachers
+from models.sit import create_sit
+from tests.conftest import TINY_CONFIG, tiny_args
+
+
+def test_warmup_loss_falls(demo_data, tmp_path):
+    result = train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "60", "--log-every", "5"))
+    losses = [r["align_loss"] for r in result["history"]]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    # NT-Xent over a batch of 32 starts near log(32) = 3.47. The random teacher's tokens of different images
+    # are close (mean cosine 0.6 at a position), so the floor is high: 60 steps took 3.41 -> 2.79 (-18%) here.
+    assert first > 3.0
+    assert last < 0.9 * first, losses
+    ckpt = load_checkpoint(os.path.join(tmp_path, "tiny-warmup", "checkpoints", "last.pt"))
+    assert ckpt["step"] == 60 and ckpt["model_args"]["truncated"] is True
+    assert os.path.isfile(os.path.join(tmp_path, "tiny-warmup", "config.yaml"))
+    assert os.path.isfile(os.path.join(tmp_path, "tiny-warmup", "log.txt"))
+
+
+def test_only_the_first_k_blocks_exist_and_all_of_them_learn():
+    k = 2
+    model = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=k, z_dims=[64], truncated=True)
+    assert len(model.blocks) == k and model.final_layer is None
+    assert not any(name.startswith(f"blocks.{k}.") or name.startswith("final_layer") for name in model.state_dict())
+    teacher = load_teachers("random-vit-tiny", 64)[0]
+    objective = Objective(velocity=False, align="ntxent")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 64, 64), generator=g, dtype=torch.uint8)
+    latents, labels = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    for _ in range(3):  # adaLN-Zero gates start at 0: the attention/MLP weights get gradients from step 2 on
+        loss, _ = objective(model, latents, labels, [teacher(images)], 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert no_grad == []
+
+
+def _state_equal(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+        elif isinstance(a[k], dict):
+            _state_equal(a[k], b[k], f"{what}.{k}")
+        elif isinstance(a[k], list):
+            assert len(a[k]) == len(b[k])
+            for i, (x, y) in enumerate(zip(a[k], b[k])):
+                _state_equal({"v": x}, {"v": y}, f"{what}.{k}[{i}]") if isinstance(x, (torch.Tensor, dict)) \
+                    else None
+        else:
+            assert a[k] == b[k], f"{what}: {k} differs"
+
+
+def test_resume_continues_exactly(demo_data, tmp_path):
+    # 160 items / batch 32 = 5 micro-batches per epoch: the resumed half starts mid-epoch and crosses an epoch.
+    common = ["--log-every", "1", "--checkpointing-steps", "4"]
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--exp-name", "straight", "--max-train-steps", "8", *common))
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--exp-name", "halves", "--max-train-steps", "4", *common))
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--exp-name", "halves", "--max-train-steps", "8", "--resume",
+                                *common))
+    straight = load_checkpoint(os.path.join(tmp_path, "straight", "checkpoints", "last.pt"))
+    resumed = load_checkpoint(os.path.join(tmp_path, "halves", "checkpoints", "last.pt"))
+    assert straight["step"] == resumed["step"] == 8
+    for key in ("model", "ema", "opt", "data_position"):
+        _state_equal(straight[key], resumed[key], key)
+
+
+def test_rerunning_a_finished_experiment_without_resume_is_refused(demo_data, tmp_path):
+    args = tiny_args(demo_data, tmp_path, "--max-train-steps", "1")
+    train_warmup.main(args)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_warmup.main(args)
+
+
+def test_bad_config_value_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("exp_name: x\nbatch_size: lots\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        resolve_config("warmup", ["--config", str(bad)])
+    bad.write_text("exp_name: x\nbatchsize: 8\n")
+    with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
+        resolve_config("warmup", ["--config", str(bad)])
+    with pytest.raises(ConfigError, match="align_loss"):
+        resolve_config("warmup", ["--config", TINY_CONFIG, "--align-loss", "l2"])
+    with pytest.raises(ConfigError, match="warmup_ckpt"):
+        bad.write_text("exp_name: x\nwarmup:\n  warmup_ckpt: a.pt\n")
+        resolve_config("warmup", ["--config", str(bad)])
+
+
+def test_config_precedence_defaults_yaml_section_flags():
+    config = resolve_config("train", ["--config", TINY_CONFIG, "--proj-coeff", "0.25"])
+    assert config["proj_coeff"] == 0.25          # flag over the train: section
+    assert config["max_train_steps"] == 200      # train: section over the top level
+    assert config["batch_size"] == 32            # top level over the default
+    assert config["adam_beta2"] == 0.999         # default
+    warmup = resolve_config("warmup", ["--config", TINY_CONFIG])
+    assert warmup["exp_name"] == "tiny-warmup" and "encoder_depth" not in warmup
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(Exception, match=str(missing)):
+        train_warmup.main(tiny_args(missing, tmp_path, "--max-train-steps", "1"))
