@@ -131,8 +131,14 @@ class Trainer:
     def log(self, message: str) -> None:
         self.logger.info(message)
 
-    def teacher_autocast(self):
-        return self.accelerator.autocast()
+    def log_image(self, name: str, image, step: int) -> None:
+        """uint8 (H, W, 3) image to the active tracker, if any (main process)."""
+        report_to = self.config["report_to"]
+        if report_to == "wandb":
+            import wandb
+            self.accelerator.get_tracker("wandb").log({name: wandb.Image(image)}, step=step)
+        elif report_to == "tensorboard":
+            self.accelerator.get_tracker("tensorboard").writer.add_image(name, image, step, dataformats="HWC")
 
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:

@@ -14,9 +14,12 @@ PATH_TYPES = ("linear", "cosine")
 
 
 def _expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N,) per-sample times -> (N, 1, ..., 1) so they broadcast over x (N, ...)."""
+    """(N,) per-sample times -> (N, 1, ..., 1) so they broadcast over x (N, ...); a 0-dim t (one time for the
+    whole batch, as the samplers use) is returned as it is."""
+    if t.dim() == 0:
+        return t
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape (N,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        raise ValueError(f"t must have shape (N,) = ({x.shape[0]},) or be 0-dim, got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -33,14 +36,14 @@ class Path:
 
     def interpolate(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x, noise: (N, ...), t: (N,) -> (x_t, velocity target), both (N, ...)."""
+        """x, noise: (N, ...), t: (N,) or 0-dim -> (x_t, velocity target), both (N, ...)."""
         t = _expand_like(t, x).to(x.dtype)
         alpha, sigma = self.alpha_sigma(t)
         d_alpha, d_sigma = self.d_alpha_sigma(t)
         return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
 
     def velocity_to_score(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """grad log p_t(x_t) from the velocity: v, x_t: (N, ...), t: (N,) with 0 < t <= 1.
+        """grad log p_t(x_t) from the velocity: v, x_t: (N, ...), t: (N,) or 0-dim, 0 < t <= 1.
 
         Eliminating x from x_t and v gives eps = (alpha v - d_alpha x_t) / (alpha d_sigma - d_alpha sigma),
         and the score of the Gaussian conditional is -E[eps | x_t] / sigma_t.

@@ -1,0 +1,181 @@
+"""The training dataset: REPA/EDM2's on-disk format of images, VAE posterior moments and labels.
+
+    DATA/images/00000/img00000000.png ...              uint8 RGB, the ADM center crop
+    DATA/vae-sd/00000/img-mean-std-00000000.npy ...    float32 (8, H/8, W/8) = [posterior mean | std]
+    DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...]}
+
+Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
+latent's relative path. Everything is checked once at construction, so a broken folder fails before training.
+"""
+import json
+import os
+import re
+from typing import List, Optional, Tuple
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from models.vae import vae_to_model_latents
+
+IMAGES_DIR = "images"
+LATENTS_DIR = "vae-sd"
+LABELS_FILE = "dataset.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+LATENT_EXTENSION = ".npy"
+MOMENT_CHANNELS = 8  # [mean (4) | std (4)]
+VAE_DOWNSAMPLING = 8
+MAKE_DATA_HINT = ("create it with `python preprocessing/dataset_tools.py convert` + `encode` (ImageNet) or "
+                  "`python preprocessing/dataset_tools.py make-demo` (offline demo data)")
+
+
+def list_files(root: str, extensions) -> List[str]:
+    """Sorted '/'-separated relative paths of the files under `root` whose lowercase extension is in `extensions`."""
+    found = []
+
+    def _walk(directory: str, prefix: str):
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    _walk(entry.path, prefix + entry.name + "/")
+                elif os.path.splitext(entry.name)[1].lower() in extensions:
+                    found.append(prefix + entry.name)
+
+    _walk(root, "")
+    return sorted(found)
+
+
+def read_labels(path: str) -> dict:
+    """{relative path: int class} from an EDM2/REPA dataset.json."""
+    try:
+        with open(path, "r") as f:
+            entries = json.load(f)["labels"]
+        return {str(relpath): int(label) for relpath, label in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
+                         f"{e}") from e
+
+
+def _pair_key(relpath: str) -> Tuple[str, str]:
+    """(folder, trailing image number) shared by `00000/img00000012.png` and `00000/img-mean-std-00000012.npy`."""
+    folder, name = os.path.split(relpath)
+    stem = os.path.splitext(name)[0]
+    number = re.search(r"(\d+)$", stem)
+    return folder, number.group(1) if number else stem
+
+
+def check_data_dir(data_dir: str) -> None:
+    """Raise FileNotFoundError naming what is missing if `data_dir` lacks images/, vae-sd/ or vae-sd/dataset.json."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
+    for required in (IMAGES_DIR, LATENTS_DIR):
+        if not os.path.isdir(os.path.join(data_dir, required)):
+            raise FileNotFoundError(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
+    labels_path = os.path.join(data_dir, LATENTS_DIR, LABELS_FILE)
+    if not os.path.isfile(labels_path):
+        raise FileNotFoundError(f"missing labels file {labels_path} (written at the end of "
+                                f"`preprocessing/dataset_tools.py encode`; was it interrupted?)")
+
+
+def load_image(path: str) -> np.ndarray:
+    """uint8 (3, H, W) RGB array from an image file."""
+    try:
+        with PIL.Image.open(path) as image:
+            array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
+    return array.transpose(2, 0, 1)
+
+
+def load_moments(path: str) -> np.ndarray:
+    """float32 (8, h, w) posterior moments from a .npy file."""
+    try:
+        moments = np.load(path)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot read latent file {path}: {e}") from e
+    if moments.ndim != 3 or moments.shape[0] != MOMENT_CHANNELS:
+        raise RuntimeError(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
+                           f"= [posterior mean | std]")
+    return moments.astype(np.float32, copy=False)
+
+
+class ImageLatentDataset(Dataset):
+    """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path.
+
+    Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution.
+    """
+
+    def __init__(self, data_dir: str):
+        check_data_dir(data_dir)
+        self.data_dir = data_dir
+        self.images_dir = os.path.join(data_dir, IMAGES_DIR)
+        self.latents_dir = os.path.join(data_dir, LATENTS_DIR)
+        self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
+        self.latent_files = list_files(self.latents_dir, (LATENT_EXTENSION,))
+        if not self.latent_files:
+            raise ValueError(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
+        self._check_pairs()
+        self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
+        self.num_classes = int(self.labels.max()) + 1
+        self.resolution = self._check_first_item()
+
+    def _check_pairs(self) -> None:
+        images = {_pair_key(f): f for f in self.image_files}
+        latents = {_pair_key(f): f for f in self.latent_files}
+        for key, image in images.items():
+            if key not in latents:
+                raise ValueError(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
+                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
+                                 f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
+        for key, latent in latents.items():
+            if key not in images:
+                raise ValueError(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
+                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
+        if len(self.image_files) != len(self.latent_files):
+            raise ValueError(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
+                             f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
+        for image, latent in zip(self.image_files, self.latent_files):
+            if _pair_key(image) != _pair_key(latent):
+                raise ValueError(f"sorted images and latents do not line up: {image} is paired with {latent}; "
+                                 f"rename them so that both sort in the same order")
+
+    def _read_labels(self, labels_path: str) -> np.ndarray:
+        labels = read_labels(labels_path)
+        missing = [f for f in self.latent_files if f not in labels]
+        if missing:
+            raise ValueError(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
+                             f"rerun `preprocessing/dataset_tools.py encode` to rewrite it")
+        extra = sorted(set(labels) - set(self.latent_files))
+        if extra:
+            raise ValueError(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
+                             f"({len(extra)} such entries); the labels file belongs to another set of latents")
+        values = np.array([labels[f] for f in self.latent_files], dtype=np.int64)
+        if values.min() < 0:
+            bad = self.latent_files[int(np.argmin(values))]
+            raise ValueError(f"{labels_path} gives {bad} the negative class {values.min()}")
+        return values
+
+    def _check_first_item(self) -> int:
+        image, moments, _ = self[0]
+        _, height, width = image.shape
+        expected = (MOMENT_CHANNELS, height // VAE_DOWNSAMPLING, width // VAE_DOWNSAMPLING)
+        if height != width or tuple(moments.shape) != expected:
+            raise ValueError(f"{self.image_files[0]} ({height}x{width}) and {self.latent_files[0]} "
+                             f"{tuple(moments.shape)} do not fit: expected square images and latents {expected}")
+        return height
+
+    def __len__(self) -> int:
+        return len(self.latent_files)
+
+    def __getitem__(self, index: int):
+        image = load_image(os.path.join(self.images_dir, self.image_files[index]))
+        moments = load_moments(os.path.join(self.latents_dir, self.latent_files[index]))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), torch.tensor(self.labels[index])
+
+
+def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Posterior moments (N, 8, h, w) -> model-space latents (N, 4, h, w) = (mean + std * eps) * 0.18215 + 0."""
+    mean, std = moments.chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return vae_to_model_latents(mean + std * eps)

@@ -1,0 +1,77 @@
+"""Phase 2's warm start: copy a Phase-1 checkpoint's embedders, k blocks and projectors into a full SiT.
+
+Keys map by name (blocks.i -> blocks.{start + i}); every checkpoint tensor must land on a model tensor of the same
+shape and every embedder/projector of the model must be covered, or loading fails saying what does not fit.
+Everything else (blocks outside the warmed range, the final layer) keeps its fresh adaLN-Zero initialization.
+"""
+import re
+from typing import Dict
+
+import torch
+
+from erw.checkpoint import load_checkpoint
+from models.sit import SiT
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
+TRANSFERRED_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "pos_embed", "projectors.")
+
+
+def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int = 0,
+                expected_depth: int = None) -> str:
+    """Load Phase-1 weights from `path` into `model` in place; returns a one-line summary of what was loaded."""
+    ckpt = load_checkpoint(path)
+    args = ckpt.get("model_args") or {}
+    if not args.get("truncated"):
+        raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.truncated = True)")
+    if weights not in ("model", "ema"):
+        raise ValueError(f"--warmup-weights must be model or ema, got {weights!r}")
+    source: Dict[str, torch.Tensor] = ckpt[weights]
+    k = args["encoder_depth"]
+    depth = len(model.blocks)
+    if expected_depth is not None and expected_depth != k:
+        raise ValueError(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")
+    if start_layer < 0 or start_layer + k > depth:
+        raise ValueError(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
+                         f"not fit a {depth}-block model (--warmup-layers {start_layer})")
+    hidden, ckpt_hidden = model.pos_embed.shape[-1], source["pos_embed"].shape[-1]
+    if hidden != ckpt_hidden:
+        raise ValueError(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
+                         f"{hidden}-wide {model.__class__.__name__}")
+    ckpt_z = list(args.get("z_dims", []))
+    if ckpt_z != model.z_dims:
+        raise ValueError(f"{path} has projectors for teacher widths {ckpt_z}; this run's teachers give {model.z_dims}")
+
+    target = model.state_dict()
+    mapped = {}
+    for key, value in source.items():
+        match = _BLOCK_KEY.match(key)
+        new_key = f"blocks.{start_layer + int(match.group(1))}.{match.group(2)}" if match else key
+        if not match and not key.startswith(TRANSFERRED_PREFIXES):
+            raise ValueError(f"{path}: unexpected tensor {key} in a Phase-1 checkpoint")
+        if new_key not in target:
+            raise ValueError(f"{path}: {key} has no counterpart {new_key} in the model")
+        if target[new_key].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but the model's {new_key} is "
+                             f"{tuple(target[new_key].shape)}")
+        mapped[new_key] = value
+    uncovered = [k_ for k_ in target if k_.startswith(TRANSFERRED_PREFIXES) and k_ not in mapped]
+    if uncovered:
+        raise ValueError(f"{path} lacks {len(uncovered)} embedder/projector tensor(s) of the model: "
+                         f"{', '.join(uncovered[:5])}")
+    target.update(mapped)
+    model.load_state_dict(target, strict=True)
+    fresh = [i for i in range(depth) if not start_layer <= i < start_layer + k]
+    return (f"Warm start from {path} ({weights} weights, Phase-1 step {ckpt.get('step')}): embedders, "
+            f"{k} blocks -> blocks {start_layer}..{start_layer + k - 1}, {len(model.z_dims)} projector(s); "
+            f"fresh init: {len(fresh)} blocks ({_ranges(fresh)}) and the final layer")
+
+
+def _ranges(indices) -> str:
+    if not indices:
+        return "none"
+    parts, start = [], indices[0]
+    for a, b in zip(indices, indices[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}..{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(parts)
