@@ -8,10 +8,12 @@ the exact velocity of a Gaussian data distribution.
 Reproducibility: sample i draws its label, its starting noise and every SDE step's noise from its own
 torch.Generator seeded from (global seed, i), so a sample does not depend on which process made it, in which
 batch, or whether the run was interrupted. On the CPU the model and the VAE are evaluated one sample at a time
-by default (`micro_batch_size=1`), because CPU kernels round a row differently depending on the batch shape;
-then the output is bitwise independent of the batch size and the number of processes.
+by default (`micro_batch_size=1`), because CPU kernels round a row differently depending on the batch shape, and
+run_sampling uses one CPU thread, because with two threads on a loaded machine we saw decoded pixels change by one
+level from run to run; then the output is bitwise independent of the batch size and the number of processes.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -425,12 +427,19 @@ IDENTITY_KEYS = ("ckpt", "weights", "model_args", "path_type", "mode", "num_step
                  "guidance_low", "guidance_high", "global_seed", "label_mode", "vae", "precision")
 
 
-def setup_distributed() -> Tuple[int, int, torch.device]:
-    """(rank, world size, device). Joins a process group when WORLD_SIZE > 1 (torchrun / accelerate launch set
-    it): nccl on GPUs, gloo on the CPU."""
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def setup_distributed(device_kind: str = "auto") -> Tuple[int, int, torch.device]:
+    """(rank, world size, device); device_kind auto = cuda:LOCAL_RANK when there is a GPU, else cpu. Joins a
+    process group when WORLD_SIZE > 1 (torchrun / accelerate launch set it): nccl on GPUs, gloo on the CPU."""
+    if device_kind not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device_kind!r}")
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -444,6 +453,17 @@ def setup_distributed() -> Tuple[int, int, torch.device]:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int):
+    """Run the block with torch using num_threads CPU threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def apply_precision(precision: str) -> Optional[torch.dtype]:
@@ -508,7 +528,7 @@ def run_sampling(args: Dict[str, object]) -> str:
     Every process lists the finished PNGs before any process writes, then takes every world_size-th missing
     index; rank 0 assembles the .npz after a barrier.
     """
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args["device"])
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:
         raise ValueError("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
     if args["mode"] == "sde" and args["heun"]:
@@ -561,7 +581,8 @@ def run_sampling(args: Dict[str, object]) -> str:
                   "balanced labels differ by at most one per class")
     path = get_path(path_type)
     batch_size = args["per_proc_batch_size"]
-    with tqdm(total=len(todo), desc=f"Sampling ({world_size} proc)", unit="img", disable=rank != 0) as bar:
+    exact_cpu = cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    with exact_cpu, tqdm(total=len(todo), desc=f"Sampling ({world_size} proc)", unit="img", disable=rank != 0) as bar:
         for start in range(0, len(todo), batch_size):
             indices = todo[start:start + batch_size]
             noise, labels, generators = sample_inputs(args["global_seed"], indices, latent_shape,

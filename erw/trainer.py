@@ -101,6 +101,7 @@ class Trainer:
         if config["report_to"] == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")  # online only when the user asks for it
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # so that torchrun on CPUs forms a gloo group (tests, CI)
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
             mixed_precision=config["mixed_precision"],
             log_with=None if config["report_to"] == "none" else config["report_to"],
@@ -115,8 +116,8 @@ class Trainer:
                              f"({config['gradient_accumulation_steps']})")
         self.local_batch_size = per_process
         if config["allow_tf32"]:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
         if acc.is_main_process:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             if not config["resume"] and os.path.exists(os.path.join(self.ckpt_dir, "last.pt")):
