@@ -1,0 +1,529 @@
+"""ADM's evaluation suite (guided-diffusion/evaluations/evaluator.py) in PyTorch: Inception Score, FID, sFID,
+precision and recall of a sample batch against a reference batch, with the same numbers and output lines.
+
+    python evaluations/evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+
+Both files are .npz with images in `arr_0` (N, H, W, 3), values in [0, 255], any size and dtype (uint8 as written by
+the samplers). A file that also holds `mu`, `sigma`, `mu_s`, `sigma_s` (ADM's VIRTUAL_* reference batches) supplies
+its FID / sFID statistics from those keys; its images are still needed for precision/recall. Images are streamed in
+batches. Reference activations are cached on disk, keyed by the file's sha256 and the Inception weights.
+
+What is ADM's, on purpose: IS over all 1008 classes of the unbiased logits, consecutive splits of 5000 with no
+shuffling, mean over splits; FID with scipy's sqrtm, sigma1 = samples, the eps retry and the imaginary-part check;
+sFID on the 2023 spatial features in H, W, C order; precision/recall with k=3 on pool_3, squared distances in fp16
+(fp32 for a block whose fp16 result is not finite), radius = squared distance to the 3rd neighbour, `<=`.
+One deliberate difference: 0 * log(0) counts as 0 in IS (ADM gives NaN when a softmax output underflows to 0).
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import zipfile
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import scipy.linalg  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
+                                   file_sha256, load_inception, weights_id)
+
+IMAGES_KEY = "arr_0"
+STATS_KEYS = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),
+              "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+IS_SPLIT_SIZE = 5000         # ADM: consecutive chunks of 5000 samples
+PR_BATCH_SIZE = 10000        # ADM ManifoldEstimator row_batch_size = col_batch_size
+PR_NEIGHBOURHOOD = 3         # ADM nhood_sizes=(3,)
+FID_EPS = 1e-6
+CACHE_VERSION = 1            # bump when the cached activations would change
+RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weights random): every number below is "
+                          "meaningless; use the real weights for any result you report.")
+
+
+#################################################################################
+#                           Streaming .npz reading                              #
+#################################################################################
+
+class NpzArrayReader:
+    """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader).
+
+    Streams .npy format 1.0/2.0 C-order arrays (compressed or not); other layouts are loaded whole, as ADM does.
+    """
+
+    def __init__(self, path: str, key: str = IMAGES_KEY):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+        self.path, self.key = path, key
+        self._member = key + ".npy"
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{path}: not an .npz file (not a zip archive)") from None
+        with archive:
+            names = archive.namelist()
+            if self._member not in names:
+                keys = ", ".join(n[:-4] for n in names if n.endswith(".npy")) or "none"
+                raise ValueError(f"{path}: missing {key} in npz file (keys: {keys})")
+            with archive.open(self._member) as f:
+                header = self._read_header(f)
+        self._in_memory = None
+        if header is None:
+            with np.load(path) as data:
+                self._in_memory = data[key]
+            self.shape, self.dtype = self._in_memory.shape, self._in_memory.dtype
+        else:
+            self.shape, self.dtype = header
+
+    @staticmethod
+    def _read_header(f):
+        """(shape, dtype) for a streamable .npy member, None for one to load whole; leaves f at the data."""
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        if fortran_order or dtype.hasobject:
+            return None
+        return shape, dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def iter_batches(self, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yields (first row index, rows) with up to batch_size rows each."""
+        if self._in_memory is not None:
+            for start in range(0, len(self), batch_size):
+                yield start, self._in_memory[start:start + batch_size]
+            return
+        row_shape = self.shape[1:]
+        row_bytes = self.dtype.itemsize * int(np.prod(row_shape))
+        with zipfile.ZipFile(self.path) as archive, archive.open(self._member) as f:
+            self._read_header(f)
+            for start in range(0, len(self), batch_size):
+                rows = min(batch_size, len(self) - start)
+                buffer = bytearray()
+                while len(buffer) < rows * row_bytes:
+                    chunk = f.read(rows * row_bytes - len(buffer))
+                    if not chunk:
+                        raise ValueError(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
+                    buffer += chunk
+                yield start, np.frombuffer(buffer, dtype=self.dtype).reshape((rows,) + row_shape)
+
+
+def open_images(path: str) -> NpzArrayReader:
+    """The `arr_0` images of an .npz, checked to be a non-empty (N, H, W, 3) array of real numbers."""
+    reader = NpzArrayReader(path, IMAGES_KEY)
+    shape = reader.shape
+    if len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
+        raise ValueError(f"{path}: {IMAGES_KEY} must be non-empty RGB images (N, H, W, 3) in NHWC order, got shape "
+                         f"{shape}")
+    if reader.dtype.kind not in "uif":
+        raise ValueError(f"{path}: {IMAGES_KEY} must hold numbers in [0, 255] (uint8 as ADM samplers write), got "
+                         f"dtype {reader.dtype}")
+    return reader
+
+
+def check_image_values(images: np.ndarray, path: str, first_row: int) -> None:
+    """Raise naming the file and the row if a batch holds NaN/Inf or values outside [0, 255]."""
+    if images.dtype == np.uint8:
+        return
+    if images.dtype.kind == "f":
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():
+            row = first_row + int(np.argmin(finite))
+            raise ValueError(f"{path}: {IMAGES_KEY}[{row}] holds NaN or Inf")
+    low, high = images.min(), images.max()
+    if low < 0 or high > 255:
+        per_row = images.reshape(len(images), -1)
+        row = first_row + int(np.argmax((per_row.min(axis=1) < 0) | (per_row.max(axis=1) > 255)))
+        raise ValueError(f"{path}: {IMAGES_KEY}[{row}] has values outside [0, 255] (batch min {low}, max {high}); "
+                         f"the evaluator expects images in [0, 255], as ADM's uint8 samples")
+
+
+def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """{'pool': (mu, sigma), 'spatial': (mu_s, sigma_s)} from an .npz that holds `mu` (ADM), else None."""
+    with np.load(path) as data:
+        if "mu" not in data.files:
+            return None
+        stats = {}
+        for key, shape in STATS_KEYS.items():
+            if key not in data.files:
+                raise ValueError(f"{path}: holds mu but not {key}; ADM reference statistics are mu, sigma, mu_s, "
+                                 f"sigma_s")
+            stats[key] = data[key]
+            if stats[key].shape != shape:
+                raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
+    return {"pool": (stats["mu"], stats["sigma"]), "spatial": (stats["mu_s"], stats["sigma_s"])}
+
+
+def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
+    """Runs `iterator` in a background thread so that reading the next batch overlaps the network."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            items.put((None, error))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+#################################################################################
+#                         Activations and statistics                            #
+#################################################################################
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for convolutions and matmuls (on by default for cuDNN convs on Ampere+); restored on exit."""
+    saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@torch.inference_mode()
+def compute_activations(model, reader: NpzArrayReader, batch_size: int, device: torch.device,
+                        with_probs: bool, desc: str, progress: bool = True) -> Dict[str, np.ndarray]:
+    """Inception outputs for every image of `reader`, in file order: float32 numpy
+    {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
+    logits."""
+    n = len(reader)
+    out = {"pool": np.empty((n, POOL_DIM), np.float32), "spatial": np.empty((n, SPATIAL_DIM), np.float32)}
+    if with_probs:
+        out["probs"] = np.empty((n, NUM_CLASSES), np.float32)
+
+    def checked_batches():
+        for start, images in reader.iter_batches(batch_size):
+            check_image_values(images, reader.path, start)
+            yield start, torch.from_numpy(np.ascontiguousarray(images))
+
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    with exact_fp32():
+        for start, images in _prefetch(checked_batches()):
+            feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
+            end = start + len(images)
+            out["pool"][start:end] = feats.pool.cpu().numpy()
+            out["spatial"][start:end] = feats.spatial.cpu().numpy()
+            if with_probs:
+                out["probs"][start:end] = torch.softmax(feats.logits, dim=1).cpu().numpy()
+            bar.update(len(images))
+    bar.close()
+    return out
+
+
+def compute_statistics(activations: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 -> (mu (D,) float32, sigma (D, D) float64), exactly as ADM (np.mean, unbiased np.cov)."""
+    return np.mean(activations, axis=0), np.cov(activations, rowvar=False)
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "erw", "evaluator")
+
+
+def _atomic_write(path: str, write: Callable, suffix: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+#################################################################################
+#                                  Metrics                                      #
+#################################################################################
+
+def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """ADM's IS: probs (N, C) float32 softmax outputs, consecutive splits of `split_size` (the last one may be
+    smaller), no shuffling; exp(mean KL(p(y|x) || p(y))) per split, mean over splits."""
+    if len(probs) < split_size:
+        raise ValueError(f"Inception Score needs at least one split of {split_size} samples, got {len(probs)} "
+                         f"(lower the split size, e.g. --is-split-size, for small sample sets)")
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        kl = np.where(part > 0, kl, 0)  # the limit 0 * log 0 = 0
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    # Without `disp`, scipy returns only the root on every version (disp is deprecated in 1.16, removed in 1.18).
+    return scipy.linalg.sqrtm(matrix)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
+    """ADM/TTUR Frechet distance between N(mu1, sigma1) (samples) and N(mu2, sigma2) (reference)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean vectors have different lengths: {mu1.shape}, {mu2.shape}")
+    if sigma1.shape != sigma2.shape:
+        raise ValueError(f"covariances have different dimensions: {sigma1.shape}, {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's DistanceBlock: (n, D), (m, D) float32 -> (n, m) float32 squared distances max(|u|^2 - 2 u.v + |v|^2, 0)
+    evaluated in fp16 the way TF's GPU kernels do (fp16 squares, fp32-accumulated sums and matmul rounded to fp16,
+    fp16 add/sub), or in fp32 if any fp16 result is not finite."""
+    u16, v16 = u.half(), v.half()
+    norm_u = (u16 * u16).float().sum(1, keepdim=True).half()
+    norm_v = (v16 * v16).float().sum(1, keepdim=True).half()
+    dots = (u16.float() @ v16.float().t()).half()
+    dist = torch.clamp_min((norm_u - 2 * dots) + norm_v.t(), 0)
+    if torch.isfinite(dist).all():
+        return dist.float()
+    norm_u, norm_v = (u * u).sum(1, keepdim=True), (v * v).sum(1, keepdim=True)
+    return torch.clamp_min((norm_u - 2 * (u @ v.t())) + norm_v.t(), 0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch_size: int = PR_BATCH_SIZE,
+                   bar: Optional[tqdm] = None) -> torch.Tensor:
+    """(N, D) -> (N,) squared distance of each point to its k-th nearest neighbour (the point itself is 0th)."""
+    n = len(features)
+    radii = torch.empty(n, device=features.device)
+    for row in range(0, n, batch_size):
+        rows = features[row:row + batch_size]
+        block = torch.empty(len(rows), n, device=features.device)
+        for col in range(0, n, batch_size):
+            block[:, col:col + batch_size] = squared_distances(rows, features[col:col + batch_size])
+            if bar is not None:
+                bar.update(1)
+        radii[row:row + len(rows)] = block.kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, k: int = PR_NEIGHBOURHOOD,
+                     batch_size: int = PR_BATCH_SIZE, progress: bool = False) -> Tuple[float, float]:
+    """ADM's improved precision/recall (Kynkaanniemi et al.) on (N_ref, D) and (N_sample, D) float32 features.
+
+    precision = fraction of samples within some reference point's k-NN ball (d^2 <= radius^2);
+    recall = fraction of reference points within some sample's k-NN ball.
+    """
+    for name, feats in (("reference", ref_features), ("sample", sample_features)):
+        if len(feats) < k + 1:
+            raise ValueError(f"precision/recall with k={k} needs at least {k + 1} {name} images, got {len(feats)}")
+    n_ref, n_sample = len(ref_features), len(sample_features)
+    ref_blocks, sample_blocks = -(-n_ref // batch_size), -(-n_sample // batch_size)
+    bar = tqdm(total=ref_blocks ** 2 + sample_blocks ** 2 + ref_blocks * sample_blocks,
+               desc="precision/recall", unit="block", disable=not progress, file=sys.stderr)
+    ref_in = torch.zeros(n_ref, dtype=torch.bool, device=ref_features.device)
+    sample_in = torch.zeros(n_sample, dtype=torch.bool, device=ref_features.device)
+    with exact_fp32():  # the fp32 matmul inside squared_distances must not run in TF32
+        ref_radii = manifold_radii(ref_features, k, batch_size, bar)
+        sample_radii = manifold_radii(sample_features, k, batch_size, bar)
+        for row in range(0, n_ref, batch_size):
+            for col in range(0, n_sample, batch_size):
+                dist = squared_distances(ref_features[row:row + batch_size],
+                                         sample_features[col:col + batch_size])
+                ref_in[row:row + batch_size] |= (dist <= sample_radii[None, col:col + batch_size]).any(dim=1)
+                sample_in[col:col + batch_size] |= (dist <= ref_radii[row:row + batch_size, None]).any(dim=0)
+                bar.update(1)
+    bar.close()
+    # count / N in float64, which is what np.mean over ADM's boolean arrays gives
+    return int(sample_in.sum()) / n_sample, int(ref_in.sum()) / n_ref
+
+
+#################################################################################
+#                                 Evaluation                                    #
+#################################################################################
+
+def result_lines(results: dict) -> list:
+    """ADM's five result lines (print("Label:", value) formatting)."""
+    return [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}",
+            f"sFID: {results['sfid']}", f"Precision: {results['precision']}", f"Recall: {results['recall']}"]
+
+
+def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str] = None,
+             device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
+             pr_batch_size: int = PR_BATCH_SIZE, cache_dir: Optional[str] = None, use_cache: bool = True,
+             progress: bool = True, log: Optional[Callable[[str], None]] = print) -> dict:
+    """ADM metrics of `sample_batch` against `ref_batch` (.npz paths).
+
+    inception_weights: .pth path, None (torch hub cache) or 'random' (meaningless numbers). Returns
+    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}; `log` gets ADM's progress
+    and result lines (None: silent).
+    """
+    log = log or (lambda line: None)
+    if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
+        raise ValueError(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
+                         f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    ref_reader, sample_reader = open_images(ref_batch), open_images(sample_batch)
+    if len(sample_reader) < is_split_size:
+        raise ValueError(f"{sample_batch}: {len(sample_reader)} samples, fewer than one Inception-Score split of "
+                         f"{is_split_size} (ADM uses 50000 samples; lower --is-split-size for small sets)")
+    for path, reader in ((ref_batch, ref_reader), (sample_batch, sample_reader)):
+        if len(reader) < PR_NEIGHBOURHOOD + 1:
+            raise ValueError(f"{path}: {len(reader)} images; precision/recall needs at least "
+                             f"{PR_NEIGHBOURHOOD + 1}")
+    ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
+    timings, cache_state = {}, "off"
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    model = load_inception(inception_weights, device)
+    net_id = weights_id(inception_weights)
+    if inception_weights == RANDOM_WEIGHTS:
+        log(RANDOM_WEIGHTS_WARNING)
+    lap("load_inception")
+
+    log("computing reference batch activations...")
+    ref_acts, cache_path = None, None
+    if use_cache:
+        key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
+        cache_path = os.path.join(cache_dir or default_cache_dir(),
+                                  hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+        cache_state = "miss"
+        if os.path.isfile(cache_path):
+            with np.load(cache_path) as cached:
+                if cached["pool"].shape == (len(ref_reader), POOL_DIM):
+                    ref_acts = {"pool": cached["pool"], "spatial": cached["spatial"]}
+                    cache_state = "hit"
+    if ref_acts is None:
+        ref_acts = compute_activations(model, ref_reader, batch_size, device, with_probs=False,
+                                       desc="reference batch", progress=progress)
+        if cache_path is not None:
+            _atomic_write(cache_path, lambda f: np.savez(f, **ref_acts), ".npz")
+    lap("reference_activations")
+
+    log("computing/reading reference batch statistics...")
+    ref_stats = ref_file_stats or {name: compute_statistics(ref_acts[name]) for name in ("pool", "spatial")}
+    lap("reference_statistics")
+
+    log("computing sample batch activations...")
+    sample_acts = compute_activations(model, sample_reader, batch_size, device, with_probs=True,
+                                      desc="sample batch", progress=progress)
+    lap("sample_activations")
+
+    log("computing/reading sample batch statistics...")
+    sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name])
+                                         for name in ("pool", "spatial")}
+    lap("sample_statistics")
+
+    log("Computing evaluations...")
+    results = {"inception_score": inception_score(sample_acts["probs"], is_split_size)}
+    lap("inception_score")
+    results["fid"] = frechet_distance(*sample_stats["pool"], *ref_stats["pool"])
+    results["sfid"] = frechet_distance(*sample_stats["spatial"], *ref_stats["spatial"])
+    lap("fid_sfid")
+    results["precision"], results["recall"] = precision_recall(
+        torch.from_numpy(ref_acts["pool"]).to(device), torch.from_numpy(sample_acts["pool"]).to(device),
+        PR_NEIGHBOURHOOD, pr_batch_size, progress)
+    lap("precision_recall")
+    if inception_weights == RANDOM_WEIGHTS:
+        log(RANDOM_WEIGHTS_WARNING)
+    for line in result_lines(results):
+        log(line)
+
+    results["settings"] = {
+        "ref_batch": os.path.abspath(ref_batch), "sample_batch": os.path.abspath(sample_batch),
+        "num_ref": len(ref_reader), "num_samples": len(sample_reader),
+        "ref_statistics": "from ref_batch mu/sigma/mu_s/sigma_s" if ref_file_stats else "computed from arr_0",
+        "sample_statistics": "from sample_batch mu/sigma/mu_s/sigma_s" if sample_file_stats else "computed from arr_0",
+        "inception_weights": inception_weights or "torch hub cache", "inception_id": net_id,
+        "device": str(device), "batch_size": batch_size, "is_split_size": is_split_size,
+        "pr_batch_size": pr_batch_size, "pr_k": PR_NEIGHBOURHOOD, "activation_cache": cache_state,
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
+    }
+    if inception_weights == RANDOM_WEIGHTS:
+        results["warning"] = RANDOM_WEIGHTS_WARNING
+    results["timings_s"] = timings
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample_batch", help="sample .npz (arr_0 images, e.g. from sample_ddp.py)")
+    parser.add_argument("--json", default=None, help="also write the metrics and resolved settings to this file")
+    parser.add_argument("--inception-weights", default=None,
+                        help="pt_inception-2015-12-05-6726825d.pth path (default: the torch hub cache), or "
+                             "'random' for meaningless numbers (tests, demos)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (ADM: 64)")
+    parser.add_argument("--is-split-size", type=int, default=IS_SPLIT_SIZE,
+                        help="samples per Inception-Score split (ADM: 5000)")
+    parser.add_argument("--pr-batch-size", type=int, default=PR_BATCH_SIZE,
+                        help="rows/columns per precision/recall distance block (ADM: 10000)")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"where reference activations are cached (default: {default_cache_dir()})")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
+                           device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
+                           pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if args.json:
+        _atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()), ".json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Stable Diffusion VAE (diffusers AutoencoderKL): loading, pixels -> posterior moments, latents -> pixels.
+
+Latent spaces: the VAE's own latents z_vae; the diffusion model works on z = z_vae * SD_VAE_SCALE + SD_VAE_SHIFT
+(REPA's `latents_scale` / `latents_bias`). Datasets store the posterior moments [mean | std] of z_vae.
+"""
+import os
+
+import torch
+
+SD_VAE_SCALE = 0.18215
+SD_VAE_SHIFT = 0.0
+
+RANDOM_TINY_VAE = "random-tiny"
+RANDOM_TINY_SEED = 0
+# A random encoder's log-variance head is as large as its mean head (posterior std ~1 against a mean of ~0.2),
+# so sampled latents would be mostly noise. Trained SD-VAEs have a sharp posterior and latents whose scaled
+# values have about unit spread; the tiny VAE is given the same two properties so the demo data is learnable.
+RANDOM_TINY_MEAN_GAIN = 25.0
+RANDOM_TINY_POSTERIOR_STD = 0.05
+
+
+def _autoencoder_kl_class():
+    # diffusers takes seconds to import; code that only needs the constants above (the dataset) should not pay it.
+    from diffusers.models import AutoencoderKL
+    return AutoencoderKL
+
+
+def build_random_tiny_vae():
+    """Deterministic tiny AutoencoderKL: 8x downsampling (4 levels), 4 latent channels, 16-32 channels wide.
+
+    Built from a fixed seed without touching the caller's RNG, so every process gets identical weights.
+    """
+    AutoencoderKL = _autoencoder_kl_class()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TINY_SEED)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            scaling_factor=SD_VAE_SCALE,
+        )
+    latent_channels = vae.config.latent_channels
+    with torch.no_grad():
+        moments_conv = vae.quant_conv  # the last layer of encode(): output channels [mean (4) | logvar (4)]
+        moments_conv.weight[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
+        moments_conv.bias[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
+        moments_conv.weight[latent_channels:] = 0.0
+        moments_conv.bias[latent_channels:] = 2.0 * torch.log(torch.tensor(RANDOM_TINY_POSTERIOR_STD))
+    return vae
+
+
+def load_vae(name_or_path: str, allow_download: bool = False):
+    """A frozen AutoencoderKL in eval mode (float32, CPU): a local diffusers folder, a hub id, or "random-tiny".
+
+    A hub id is read from the local Hugging Face cache; it is fetched from the hub only with allow_download=True.
+    """
+    AutoencoderKL = _autoencoder_kl_class()
+    if name_or_path == RANDOM_TINY_VAE:
+        vae = build_random_tiny_vae()
+    elif os.path.isdir(name_or_path):
+        try:
+            vae = AutoencoderKL.from_pretrained(name_or_path)
+        except Exception as e:
+            raise RuntimeError(f"could not load a diffusers AutoencoderKL from the folder {name_or_path}: {e}") from e
+    elif os.path.exists(name_or_path):
+        raise ValueError(f"VAE path {name_or_path} is a file; pass a diffusers folder (config.json + weights), "
+                         f"a hub id such as stabilityai/sd-vae-ft-ema, or '{RANDOM_TINY_VAE}'")
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=not allow_download)
+        except Exception as e:
+            hint = ("it is neither a local folder nor in the local Hugging Face cache. Download it once with "
+                    f"`huggingface-cli download {name_or_path}` (or pass a local folder), or allow the download "
+                    "where the tool offers it (dataset_tools.py encode --allow-download)"
+                    if not allow_download else "the download failed (offline? HF_HUB_OFFLINE set?)")
+            raise RuntimeError(f"cannot load VAE '{name_or_path}': {hint}. Cause: {e}") from e
+    return vae.eval().requires_grad_(False)
+
+
+def _model_device_dtype(module: torch.nn.Module):
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) in [0, 255] -> float32 (N, 8, H/8, W/8) = [posterior mean | posterior std]."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"encode_moments expects uint8 images (N, 3, H, W), got shape {tuple(images.shape)}")
+    device, dtype = _model_device_dtype(vae)
+    x = images.to(device=device, dtype=torch.float32) / 127.5 - 1.0
+    posterior = vae.encode(x.to(dtype)).latent_dist
+    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+
+
+def vae_to_model_latents(z_vae: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the diffusion model's latent space."""
+    return z_vae * SD_VAE_SCALE + SD_VAE_SHIFT
+
+
+def model_to_vae_latents(z: torch.Tensor) -> torch.Tensor:
+    """The diffusion model's latent space -> VAE latents (inverse of vae_to_model_latents)."""
+    return (z - SD_VAE_SHIFT) / SD_VAE_SCALE
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Model-space latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU, channels last (the .npz layout)."""
+    device, dtype = _model_device_dtype(vae)
+    x = vae.decode(model_to_vae_latents(z.to(device=device, dtype=torch.float32)).to(dtype)).sample
+    # 127.5 * x + 128 then truncation = round(127.5 * (x + 1)) with halves up (DiT's sample_ddp.py convention).
+    pixels = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,540 @@
+"""Prepare training data in REPA/EDM2's format: ImageNet folder -> PNGs -> SD-VAE latents; or an offline demo set.
+
+    python preprocessing/dataset_tools.py convert --source IMAGENET/train --dest DATA/images --resolution 256
+    torchrun --nproc_per_node 8 preprocessing/dataset_tools.py encode --source DATA/images --dest DATA/vae-sd
+    python preprocessing/dataset_tools.py make-demo --dest data/demo
+
+Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
+    DATA/images/00000/img00000000.png, ...     + DATA/images/dataset.json {"labels": [["00000/img00000000.png", 17], ...]}
+    DATA/vae-sd/00000/img-mean-std-00000000.npy + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
+Each step writes its resolved settings to preprocess_settings.json in its output folder, and refuses to resume into
+a folder written with different settings.
+"""
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+from typing import List, Optional, Sequence, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import PIL.ImageDraw  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
+                      load_image, read_labels)
+from models.vae import RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
+
+SETTINGS_FILE = "preprocess_settings.json"
+DEMO_VAE_DIR = "vae"
+IMAGES_PER_FOLDER = 1000  # EDM2/REPA: img00001234.png lives in folder 00001
+
+
+#################################################################################
+#                         File names and atomic writes                          #
+#################################################################################
+
+def image_relpath(index: int) -> str:
+    """EDM2/REPA name of image `index`: 00012/img00012345.png."""
+    return f"{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+def latent_relpath(image_rel: str) -> str:
+    """The latent file of an image: 00012/img00012345.png -> 00012/img-mean-std-00012345.npy (other names: stem.npy).
+
+    Both names sort in the same order, which is how REPA's dataset pairs them.
+    """
+    folder, name = os.path.split(image_rel)
+    stem = os.path.splitext(name)[0]
+    match = re.fullmatch(r"img(\d+)", stem)
+    latent_name = f"img-mean-std-{match.group(1)}.npy" if match else f"{stem}.npy"
+    return f"{folder}/{latent_name}" if folder else latent_name
+
+
+def _atomic_write(path: str, write_fn, suffix: str) -> None:
+    """Write through a temp file in the same folder + os.replace: readers and resumes never see a partial file.
+
+    Temp names end in `.tmp`, which no reader of the data folders picks up.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_npy_atomic(array: np.ndarray, path: str) -> None:
+    _atomic_write(path, lambda f: np.save(f, array), ".npy")
+
+
+def save_png_atomic(array: np.ndarray, path: str, compress_level: int) -> None:
+    """uint8 (H, W, 3) -> PNG. compress_level 0 (EDM2's choice) trades disk for fast decoding in the data loader."""
+    image = PIL.Image.fromarray(array, "RGB")
+    _atomic_write(path, lambda f: image.save(f, format="png", compress_level=compress_level), ".png")
+
+
+def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf8")), ".json")
+
+
+def remove_stale_temp_files(root: str) -> int:
+    """Delete `.tmp` files an interrupted run left under `root`; returns how many."""
+    removed = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
+def check_or_write_settings(folder: str, settings: dict, must_match: Sequence[str]) -> None:
+    """Record `settings` in folder/preprocess_settings.json; on resume, refuse if any `must_match` key differs."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        differing = [f"{k}: {previous.get(k)!r} before, {settings.get(k)!r} now"
+                     for k in must_match if previous.get(k) != settings.get(k)]
+        if differing:
+            raise SystemExit(f"error: {folder} was written by an earlier run with other settings "
+                             f"({'; '.join(differing)}); use an empty destination or the same settings to resume")
+    save_json_atomic(settings, path, indent=1)
+
+
+def write_image_labels(images_dir: str, labels: List[Tuple[str, int]], class_names: Sequence[str]) -> None:
+    """DATA/images/dataset.json: EDM2's {"labels": [[png relpath, class], ...]} plus the class names."""
+    save_json_atomic({"labels": [list(entry) for entry in labels], "class_names": list(class_names)},
+                     os.path.join(images_dir, LABELS_FILE))
+
+
+#################################################################################
+#                                    convert                                    #
+#################################################################################
+
+def center_crop_arr(image: PIL.Image.Image, image_size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion image_datasets.py): PIL image -> uint8 (image_size, image_size, C).
+
+    Halve with BOX filtering while the short side is at least twice the target (cheap, alias-free downscaling),
+    BICUBIC-resize so the short side equals the target, then crop the center.
+    """
+    while min(image.size) >= 2 * image_size:
+        image = image.resize((image.width // 2, image.height // 2), resample=PIL.Image.Resampling.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)),
+                         resample=PIL.Image.Resampling.BICUBIC)
+    array = np.asarray(image)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return array[top:top + image_size, left:left + image_size]
+
+
+def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], int]:
+    """ImageNet-style folder -> (image paths relative to source, labels, class names, files outside class folders).
+
+    Classes are the sorted subfolder names (label k = k-th name); images are found recursively inside each.
+    """
+    if not os.path.isdir(source):
+        raise SystemExit(f"error: --source {source} is not a folder")
+    pil_extensions = tuple(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
+    class_names = sorted(e.name for e in os.scandir(source) if e.is_dir())
+    if not class_names:
+        raise SystemExit(f"error: --source {source} has no class subfolders (expected ImageNet's layout "
+                         f"SOURCE/<class>/<image>)")
+    stray = sum(1 for e in os.scandir(source) if e.is_file())
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for rel in list_files(os.path.join(source, name), pil_extensions):
+            files.append(f"{name}/{rel}")
+            labels.append(label)
+    if not files:
+        raise SystemExit(f"error: no images found in the class folders of {source}")
+    return files, labels, class_names, stray
+
+
+def _convert_one(task: Tuple[str, str, int, int]) -> Optional[str]:
+    """Crop/resize one source image into its PNG; returns an error message for an unreadable image, else None."""
+    source_path, dest_path, resolution, compress_level = task
+    if os.path.exists(dest_path):
+        return None
+    try:
+        with PIL.Image.open(source_path) as image:
+            array = center_crop_arr(image.convert("RGB"), resolution)
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    save_png_atomic(array, dest_path, compress_level)
+    return None
+
+
+def convert(args) -> None:
+    files, labels, class_names, stray = scan_class_folders(args.source)
+    if args.max_images is not None:
+        files, labels = files[:args.max_images], labels[:args.max_images]
+    os.makedirs(args.dest, exist_ok=True)
+    check_or_write_settings(args.dest, {
+        "command": "convert", "source": os.path.abspath(args.source), "resolution": args.resolution,
+        "transform": "center-crop-dhariwal (ADM center_crop_arr)", "max_images": args.max_images,
+        "compress_level": args.compress_level, "num_classes": len(class_names), "num_source_images": len(files),
+    }, must_match=("source", "resolution", "max_images"))
+    remove_stale_temp_files(args.dest)
+    print(f"convert: {len(files)} images in {len(class_names)} classes from {args.source} -> {args.dest} "
+          f"({args.resolution}x{args.resolution})")
+    if stray:
+        print(f"convert: ignoring {stray} file(s) at the top level of {args.source} (not inside a class folder)")
+
+    tasks = [(os.path.join(args.source, rel), os.path.join(args.dest, image_relpath(i)), args.resolution,
+              args.compress_level) for i, rel in enumerate(files)]
+    failures = []
+    progress = tqdm(total=len(tasks), desc="convert", unit="img")
+    if args.workers > 0:
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            results = pool.imap(_convert_one, tasks, chunksize=64)
+            failures = _collect_failures(results, files, args.source, progress)
+    else:
+        failures = _collect_failures(map(_convert_one, tasks), files, args.source, progress)
+    progress.close()
+
+    failed = {i for i, _ in failures}
+    written = [(image_relpath(i), labels[i]) for i in range(len(files)) if i not in failed]
+    write_image_labels(args.dest, written, class_names)
+    print(f"convert: wrote {len(written)} images and {os.path.join(args.dest, LABELS_FILE)}")
+    if failures:
+        print(f"convert: skipped {len(failures)} unreadable image(s) (listed above); their indices are left "
+              f"unused so the other file names do not depend on them")
+
+
+def _collect_failures(results, files, source, progress) -> List[Tuple[int, str]]:
+    failures = []
+    for index, error in enumerate(results):
+        if error is not None:
+            failures.append((index, error))
+            tqdm.write(f"convert: skipping unreadable image {os.path.join(source, files[index])}: {error}")
+        progress.update(1)
+    return failures
+
+
+#################################################################################
+#                                     encode                                    #
+#################################################################################
+
+def distributed_env() -> Tuple[int, int, int]:
+    """(rank, local_rank, world_size) as set by torchrun / accelerate launch; (0, 0, 1) when started plainly."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Loads the images to encode: item = (position in `files`, uint8 (3, H, W)); all must be size x size."""
+
+    def __init__(self, root: str, files: Sequence[str], size: int):
+        self.root, self.files, self.size = root, list(files), size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = os.path.join(self.root, self.files[index])
+        image = load_image(path)
+        if image.shape[1:] != (self.size, self.size):
+            raise ValueError(f"image {path} is {image.shape[2]}x{image.shape[1]}, but the first image is "
+                             f"{self.size}x{self.size}: all images of a dataset must have one size")
+        return index, torch.from_numpy(np.ascontiguousarray(image))
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: int,
+               max_images: Optional[int] = None, allow_download: bool = False, device_type: str = "auto") -> None:
+    """Encode source/*.png into dest/*.npy (float32 [mean | std]) and dest/dataset.json; resumable, data-parallel.
+
+    Each process (RANK of WORLD_SIZE) encodes images rank, rank + W, ...; finished files are skipped, so rerunning
+    the same command continues an interrupted run. Rank 0 writes dataset.json once every shard is done.
+    device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or "cpu".
+    """
+    rank, local_rank, world_size = distributed_env()
+    is_main = rank == 0
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but CUDA is not available")
+    if device_type == "cuda" or (device_type == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    try:
+        labels_path = os.path.join(source, LABELS_FILE)
+        if not os.path.isfile(labels_path):
+            raise SystemExit(f"error: {labels_path} not found; `convert` writes it (labels keyed by PNG path)")
+        image_labels = read_labels(labels_path)
+        files = list_files(source, IMAGE_EXTENSIONS)
+        if max_images is not None:
+            files = files[:max_images]
+        if not files:
+            raise SystemExit(f"error: no images under --source {source}")
+        unlabeled = [f for f in files if f not in image_labels]
+        if unlabeled:
+            raise SystemExit(f"error: {labels_path} has no label for {os.path.join(source, unlabeled[0])} "
+                             f"({len(unlabeled)} image(s) unlabeled)")
+        size = load_image(os.path.join(source, files[0])).shape[1]
+        if size % 8:
+            raise SystemExit(f"error: image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
+
+        if is_main:
+            os.makedirs(dest, exist_ok=True)
+            check_or_write_settings(dest, {
+                "command": "encode", "source": os.path.abspath(source), "vae": vae_name,
+                "moments": "float32 [posterior mean | posterior std] of the VAE latents (unscaled)",
+                "batch_size": batch_size, "world_size": world_size, "max_images": max_images,
+                "num_images": len(files), "resolution": size,
+            }, must_match=("vae", "source"))
+            remove_stale_temp_files(dest)
+        _barrier(world_size)
+
+        shard = files[rank::world_size]
+        pending = [f for f in shard if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
+        if is_main:
+            print(f"encode: {len(files)} images, {world_size} process(es) on {device.type}; "
+                  f"{len(shard) - len(pending)} of rank 0's {len(shard)} already done")
+        vae = load_vae(vae_name, allow_download=allow_download).to(device)
+        loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
+                        disable=not is_main)
+        for indices, images in loader:
+            moments = encode_moments(vae, images.to(device, non_blocking=True)).cpu().numpy()
+            for index, moment in zip(indices.tolist(), moments):
+                save_npy_atomic(moment, os.path.join(dest, latent_relpath(pending[index])))
+            progress.update(len(indices))
+        progress.close()
+        _barrier(world_size)
+
+        if is_main:
+            missing = [f for f in files if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
+            if missing:
+                raise SystemExit(f"error: {len(missing)} latent(s) missing after encoding, e.g. for {missing[0]}; "
+                                 f"rerun the same command to resume")
+            entries = [[latent_relpath(f), image_labels[f]] for f in files]
+            save_json_atomic({"labels": entries}, os.path.join(dest, LABELS_FILE))
+            print(f"encode: wrote {len(files)} latents and {os.path.join(dest, LABELS_FILE)}")
+        _barrier(world_size)
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def encode(args) -> None:
+    if not os.path.isdir(args.source):
+        raise SystemExit(f"error: --source {args.source} is not a folder")
+    run_encode(args.source, args.dest, args.vae, args.batch_size, args.workers, args.max_images,
+               args.allow_download, args.device)
+
+
+#################################################################################
+#                                   make-demo                                   #
+#################################################################################
+
+# One colour and one shape per class: either alone identifies the class.
+DEMO_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220),
+                (40, 220, 230), (255, 140, 20), (140, 70, 230), (245, 245, 245), (150, 110, 60)]
+DEMO_SHAPES = ["disc", "square", "triangle", "diamond", "plus", "ring", "hbar", "vbar", "cross", "star"]
+DEMO_SUPERSAMPLING = 4  # draw large, then BOX-downsample: antialiased edges like a photo's
+
+
+def _shape_polygons(shape: str, cx: float, cy: float, r: float, angle: float) -> List[List[Tuple[float, float]]]:
+    """Polygons (lists of points) drawing `shape` of radius r at (cx, cy), rotated by `angle` radians."""
+    def rotated(points):
+        c, s = np.cos(angle), np.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+    def regular(n, radius, phase=0.0):
+        return [(radius * np.cos(phase + 2 * np.pi * k / n), radius * np.sin(phase + 2 * np.pi * k / n))
+                for k in range(n)]
+
+    def rect(w, h):
+        return [(-w, -h), (w, -h), (w, h), (-w, h)]
+
+    if shape == "disc":
+        return [rotated(regular(48, r))]
+    if shape == "square":
+        return [rotated(rect(0.8 * r, 0.8 * r))]
+    if shape == "triangle":
+        return [rotated(regular(3, r, -np.pi / 2))]
+    if shape == "diamond":
+        return _shape_polygons("square", cx, cy, r, angle + np.pi / 4)
+    if shape == "plus":
+        return [rotated(rect(r, 0.3 * r)), rotated(rect(0.3 * r, r))]
+    if shape == "hbar":
+        return [rotated(rect(r, 0.35 * r))]
+    if shape == "vbar":
+        return [rotated(rect(0.35 * r, r))]
+    if shape == "cross":
+        return _shape_polygons("plus", cx, cy, r, angle + np.pi / 4)
+    if shape == "star":
+        points = [(r * (1.0 if k % 2 == 0 else 0.45) * np.cos(-np.pi / 2 + np.pi * k / 5),
+                   r * (1.0 if k % 2 == 0 else 0.45) * np.sin(-np.pi / 2 + np.pi * k / 5)) for k in range(10)]
+        return [rotated(points)]
+    raise ValueError(f"unknown demo shape {shape}")
+
+
+def demo_image(label: int, index: int, seed: int, resolution: int) -> np.ndarray:
+    """uint8 (resolution, resolution, 3): class `label`'s shape in its colour, jittered by (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    big = resolution * DEMO_SUPERSAMPLING
+    top, bottom = rng.uniform(0, 90, size=3), rng.uniform(0, 90, size=3)  # dark vertical gradient background
+    ramp = np.linspace(0.0, 1.0, big)[:, None, None]
+    background = (top * (1 - ramp) + bottom * ramp) * np.ones((1, big, 1))
+    image = PIL.Image.fromarray(background.astype(np.uint8), "RGB")
+    radius = big * rng.uniform(0.2, 0.32)
+    cx, cy = rng.uniform(radius, big - radius, size=2)
+    colour = tuple(int(v) for v in np.clip(np.array(DEMO_COLOURS[label]) + rng.integers(-25, 26, size=3), 0, 255))
+    draw = PIL.ImageDraw.Draw(image)
+    shape = DEMO_SHAPES[label]
+    angle = rng.uniform(-0.3, 0.3)
+    if shape == "ring":
+        outer = _shape_polygons("disc", cx, cy, radius, angle)[0]
+        inner = _shape_polygons("disc", cx, cy, 0.55 * radius, angle)[0]
+        draw.polygon(outer, fill=colour)
+        draw.polygon(inner, fill=tuple(int(v) for v in (top + bottom) / 2))
+    else:
+        for polygon in _shape_polygons(shape, cx, cy, radius, angle):
+            draw.polygon(polygon, fill=colour)
+    array = np.asarray(image.resize((resolution, resolution), resample=PIL.Image.Resampling.BOX)).astype(np.int16)
+    noise = rng.integers(-6, 7, size=array.shape)
+    return np.clip(array + noise, 0, 255).astype(np.uint8)
+
+
+def make_demo(args) -> None:
+    if distributed_env()[2] > 1:
+        raise SystemExit("error: make-demo runs as a single process (it is small); start it with plain python")
+    if not 2 <= args.num_classes <= len(DEMO_SHAPES):
+        raise SystemExit(f"error: --num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
+    if args.resolution % 16:
+        raise SystemExit(f"error: --resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
+                         f"got {args.resolution}")
+    images_dir = os.path.join(args.dest, IMAGES_DIR)
+    os.makedirs(images_dir, exist_ok=True)
+    num_images = args.num_classes * args.images_per_class
+    check_or_write_settings(images_dir, {
+        "command": "make-demo", "seed": args.seed, "resolution": args.resolution, "num_classes": args.num_classes,
+        "images_per_class": args.images_per_class, "num_images": num_images, "compress_level": 0,
+        "classes": "label k = DEMO_COLOURS[k] + DEMO_SHAPES[k]; image i has label i % num_classes",
+    }, must_match=("seed", "resolution", "num_classes", "images_per_class"))
+    remove_stale_temp_files(images_dir)
+    class_names = [f"{DEMO_SHAPES[k]}-{k}" for k in range(args.num_classes)]
+    labels = []
+    for index in tqdm(range(num_images), desc="make-demo images", unit="img"):
+        label = index % args.num_classes  # interleaved, so every prefix of the sorted files is class-balanced
+        path = os.path.join(images_dir, image_relpath(index))
+        if not os.path.isfile(path):
+            save_png_atomic(demo_image(label, index, args.seed, args.resolution), path, compress_level=0)
+        labels.append((image_relpath(index), label))
+    write_image_labels(images_dir, labels, class_names)
+    run_encode(images_dir, os.path.join(args.dest, LATENTS_DIR), args.vae, args.batch_size, workers=0,
+               device_type=args.device)
+    if args.vae == RANDOM_TINY_VAE:
+        vae_dir = os.path.join(args.dest, DEMO_VAE_DIR)
+        load_vae(args.vae).save_pretrained(vae_dir)
+        print(f"make-demo: saved the VAE that encoded the latents to {vae_dir} (point --vae there to decode)")
+    print(f"make-demo: {num_images} images, {args.num_classes} classes, {args.resolution}px in {args.dest}")
+
+
+#################################################################################
+#                                 command line                                  #
+#################################################################################
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,encode,make-demo}")
+
+    p = commands.add_parser("convert", formatter_class=formatter, help="ImageNet-style folder -> DATA/images PNGs",
+                            description="""\
+Convert an ImageNet-style folder (one subfolder per class; sorted class names give labels 0..K-1) into
+DEST/00000/img00000000.png ... with ADM's center crop (guided-diffusion center_crop_arr, what REPA/EDM2 call
+center-crop-dhariwal) and DEST/dataset.json {"labels": [[png relpath, class], ...], "class_names": [...]}.
+Unreadable images are reported by path and skipped (counted at the end); their indices stay unused.
+Rerunning the same command resumes (finished PNGs are kept).
+
+  python preprocessing/dataset_tools.py convert --source ILSVRC/Data/CLS-LOC/train --dest data/imagenet256/images""")
+    p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
+    p.add_argument("--dest", required=True, metavar="DIR", help="output images folder, e.g. DATA/images")
+    p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512 in the paper)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding/resizing processes (0 = in this process)")
+    p.add_argument("--compress-level", type=int, default=0, choices=range(10), metavar="0-9",
+                   help="PNG zlib level; 0 (EDM2's default) is largest on disk and fastest to load")
+    p.set_defaults(func=convert)
+
+    p = commands.add_parser("encode", formatter_class=formatter, help="DATA/images -> DATA/vae-sd latents",
+                            description="""\
+Encode every image of SOURCE (written by convert, with SOURCE/dataset.json) with the SD-VAE into
+DEST/00000/img-mean-std-00000000.npy (float32 8xH/8xW/8: posterior mean and std, unscaled) and
+DEST/dataset.json {"labels": [[npy relpath, class], ...]}. Batched, on GPU when there is one, resumable
+(finished .npy files are skipped; each is written atomically), and data-parallel under torchrun or
+accelerate launch (each process encodes a disjoint shard):
+
+  torchrun --nproc_per_node 8 preprocessing/dataset_tools.py encode --source DATA/images --dest DATA/vae-sd""")
+    p.add_argument("--source", required=True, metavar="DIR", help="images folder written by convert")
+    p.add_argument("--dest", required=True, metavar="DIR", help="output latents folder, e.g. DATA/vae-sd")
+    p.add_argument("--vae", "--model-url", default="stabilityai/sd-vae-ft-mse", metavar="NAME",
+                   help="diffusers VAE: local folder, hub id (read from the local cache), or random-tiny "
+                        "(default: %(default)s, as REPA)")
+    p.add_argument("--allow-download", action="store_true", help="fetch a hub --vae that is not cached locally")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per process")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers per process")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
+    p.set_defaults(func=encode)
+
+    p = commands.add_parser("make-demo", formatter_class=formatter, help="small generated dataset, fully offline",
+                            description="""\
+Write a small deterministic class-conditional dataset in the same format (DEST/images, DEST/vae-sd), encoded
+with --vae. Class k is a shape drawn in a colour of its own (disc, square, triangle, ...), with random position,
+size, rotation, background gradient and noise from (--seed, image index). With --vae random-tiny the VAE is also
+saved to DEST/vae so that later stages decode with exactly the VAE that encoded.
+
+  python preprocessing/dataset_tools.py make-demo --dest data/demo""")
+    p.add_argument("--dest", required=True, metavar="DIR", help="output data folder")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (64 -> 8x8 latents)")
+    p.add_argument("--num-classes", type=int, default=10, help=f"number of classes (2..{len(DEMO_SHAPES)})")
+    p.add_argument("--images-per-class", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default="random-tiny", metavar="NAME", help="VAE that encodes the latents")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where the VAE runs (auto: GPU when available)")
+    p.set_defaults(func=make_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

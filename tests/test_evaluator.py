@@ -1,0 +1,430 @@
+"""evaluations/evaluator.py: each ADM formula against a plain numpy/scipy recomputation or a closed form, the
+streaming .npz reader, input errors, evaluate() end to end and the CLI's output."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from evaluations import evaluator
+from evaluations.evaluator import (NpzArrayReader, check_image_values, compute_statistics, evaluate,
+                                   frechet_distance, inception_score, open_images, precision_recall,
+                                   read_statistics, squared_distances)
+from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, InceptionFeatures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+#################################################################################
+#                                Inception Score                                #
+#################################################################################
+
+def inception_score_reference(probs: np.ndarray, split_size: int) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) per consecutive split, in float64 with explicit loops; mean over splits."""
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size].astype(np.float64)
+        marginal = part.mean(axis=0)
+        kls = []
+        for row in part:
+            kls.append(sum(p * np.log(p / q) for p, q in zip(row, marginal) if p > 0))
+        scores.append(np.exp(np.mean(kls)))
+    return float(np.mean(scores))
+
+
+def test_inception_score_matches_numpy_recomputation():
+    logits = np.random.default_rng(0).normal(0, 3, (23, 10))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    for split in (5, 23):  # 5: four full splits and a last one of 3
+        assert inception_score(probs, split) == pytest.approx(inception_score_reference(probs, split), rel=1e-5)
+
+
+def test_inception_score_of_uniform_and_one_hot_predictions():
+    assert inception_score(np.full((12, NUM_CLASSES), 1 / NUM_CLASSES, np.float32), 6) == pytest.approx(1.0)
+    one_hot = np.eye(4, dtype=np.float32)[np.arange(12) % 4]   # every class equally often, exact zeros elsewhere
+    assert inception_score(one_hot, 12) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_inception_score_splits_are_consecutive_and_not_shuffled():
+    class_sorted = np.eye(2, dtype=np.float32)[np.repeat([0, 1], 6)]
+    assert inception_score(class_sorted, 6) == pytest.approx(1.0)   # each split holds a single class
+    assert inception_score(class_sorted, 12) == pytest.approx(2.0)
+
+
+def test_inception_score_needs_one_full_split():
+    with pytest.raises(ValueError, match="at least one split of 10 samples, got 9"):
+        inception_score(np.full((9, 3), 1 / 3, np.float32), 10)
+
+
+#################################################################################
+#                                  FID / sFID                                   #
+#################################################################################
+
+def fid_reference(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    diff = np.asarray(mu1, np.float64) - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def test_compute_statistics_is_float32_mean_and_unbiased_covariance():
+    acts = np.random.default_rng(1).normal(size=(50, 6)).astype(np.float32)
+    mu, sigma = compute_statistics(acts)
+    assert mu.dtype == np.float32 and sigma.dtype == np.float64
+    centered = acts.astype(np.float64) - acts.astype(np.float64).mean(0)
+    np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-10)
+
+
+def test_fid_of_identical_sets_is_zero():
+    mu, sigma = compute_statistics(np.random.default_rng(2).normal(size=(200, 16)).astype(np.float32))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_fid_of_two_gaussians_matches_closed_form():
+    rng = np.random.default_rng(3)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    var1, var2 = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
+    closed_form = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed_form, rel=1e-10)
+    # full covariances (the statistics of real activations), against the symmetric eigendecomposition route
+    mu1, sigma1 = compute_statistics(rng.normal(size=(300, 12)).astype(np.float32))
+    mu2, sigma2 = compute_statistics((rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) + 1).astype(np.float32))
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(fid_reference(mu1, sigma1, mu2, sigma2),
+                                                                       rel=1e-8)
+
+
+def test_fid_retries_with_eps_on_both_covariances_when_sqrtm_is_not_finite(monkeypatch):
+    rng = np.random.default_rng(4)
+    mu1, sigma1 = compute_statistics(rng.normal(size=(40, 5)).astype(np.float32))
+    mu2, sigma2 = compute_statistics(rng.normal(size=(40, 5)).astype(np.float32))
+    calls = []
+
+    def sqrtm_failing_once(matrix):
+        calls.append(matrix)
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else scipy.linalg.sqrtm(matrix)
+
+    monkeypatch.setattr(evaluator, "_sqrtm", sqrtm_failing_once)
+    with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
+        fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+    offset = np.eye(5) * 1e-6
+    np.testing.assert_array_equal(calls[1], (sigma1 + offset) @ (sigma2 + offset))
+    diff = mu1.astype(np.float64) - mu2
+    expected = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(
+        scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset)).real)
+    assert fid == pytest.approx(expected, rel=1e-7)  # ADM's mean difference is float32
+
+
+def test_fid_rejects_a_large_imaginary_component():
+    # sqrtm(diag(1, -1)) = diag(1, i): imaginary diagonal 1 > atol 1e-3
+    with pytest.raises(ValueError, match="Imaginary component 1.0"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
+
+
+def test_fid_rejects_mismatched_dimensions():
+    with pytest.raises(ValueError, match="different lengths"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+#################################################################################
+#                              Precision / recall                               #
+#################################################################################
+
+def squared_distances_fp16_reference(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """numpy float16 arithmetic as TF's GPU kernels run ADM's DistanceBlock: squares in fp16, sums and the matmul
+    accumulated in fp32 and rounded to fp16, add/sub in fp16; the whole block in fp32 if anything overflows."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm_u = np.sum(u16 * u16, axis=1, dtype=np.float32).astype(np.float16)[:, None]
+        norm_v = np.sum(v16 * v16, axis=1, dtype=np.float32).astype(np.float16)[None, :]
+        dots = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+        dist = np.maximum(norm_u - np.float16(2) * dots + norm_v, np.float16(0))
+    if np.isfinite(dist).all():
+        return dist.astype(np.float32)
+    u, v = u.astype(np.float32), v.astype(np.float32)
+    fp32 = (u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None, :]
+    return np.maximum(fp32, 0)
+
+
+def precision_recall_reference(ref: np.ndarray, sample: np.ndarray, k: int = 3):
+    """Brute force over all pairs: radius^2 = k-th smallest distance to the own set (self included at 0th)."""
+    ref_radii = np.sort(squared_distances_fp16_reference(ref, ref), axis=1)[:, k]
+    sample_radii = np.sort(squared_distances_fp16_reference(sample, sample), axis=1)[:, k]
+    cross = squared_distances_fp16_reference(ref, sample)
+    precision = np.mean([any(cross[i, j] <= ref_radii[i] for i in range(len(ref))) for j in range(len(sample))])
+    recall = np.mean([any(cross[i, j] <= sample_radii[j] for j in range(len(sample))) for i in range(len(ref))])
+    return float(precision), float(recall)
+
+
+def _quantized_features(rng, n, dim=16):
+    # multiples of 1/8 in [0, 4]: every fp32 sum is exact, so the only rounding is the fp16 one under test
+    return (rng.integers(0, 33, (n, dim)) / 8).astype(np.float32)
+
+
+def test_squared_distances_emulate_adm_fp16():
+    rng = np.random.default_rng(5)
+    u, v = _quantized_features(rng, 9), _quantized_features(rng, 11)
+    reference = squared_distances_fp16_reference(u, v)
+    exact = ((u[:, None, :].astype(np.float64) - v[None]) ** 2).sum(-1)
+    assert not np.array_equal(reference, exact.astype(np.float32))  # fp16 rounding changes some distances here
+    np.testing.assert_array_equal(squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy(), reference)
+
+
+def test_squared_distances_fall_back_to_fp32_when_fp16_overflows():
+    rng = np.random.default_rng(6)
+    u, v = rng.uniform(0, 400, (5, 8)).astype(np.float32), rng.uniform(0, 400, (7, 8)).astype(np.float32)
+    reference = squared_distances_fp16_reference(u, v)
+    assert np.abs(u).max() ** 2 > np.finfo(np.float16).max  # the fp16 path overflows here
+    np.testing.assert_allclose(squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy(), reference,
+                               rtol=1e-5, atol=1e-2)
+
+
+def test_precision_recall_matches_brute_force_with_ties():
+    rng = np.random.default_rng(7)
+    ref = rng.integers(0, 3, (23, 4)).astype(np.float32)      # a coarse grid: many equal distances
+    sample = rng.integers(0, 3, (31, 4)).astype(np.float32) + rng.choice([0, 1.5], (31, 4)).astype(np.float32)
+    expected = precision_recall_reference(ref, sample)
+    for batch_size in (7, 100):  # several row/column blocks, and one
+        assert precision_recall(torch.from_numpy(ref), torch.from_numpy(sample), 3, batch_size) == expected
+    # The data has ties on the radius: a strict `<` would give other numbers.
+    ref_radii = np.sort(squared_distances_fp16_reference(ref, ref), axis=1)[:, 3]
+    cross = squared_distances_fp16_reference(ref, sample)
+    assert (cross == ref_radii[:, None]).any()
+
+
+def test_precision_recall_matches_brute_force_on_quantized_features():
+    rng = np.random.default_rng(8)
+    ref, sample = _quantized_features(rng, 20), _quantized_features(rng, 26) * 0.9
+    expected = precision_recall_reference(ref, sample)
+    assert precision_recall(torch.from_numpy(ref), torch.from_numpy(sample), 3, 8) == expected
+
+
+def test_precision_recall_of_identical_and_of_far_apart_sets():
+    feats = torch.from_numpy(_quantized_features(np.random.default_rng(9), 15))
+    assert precision_recall(feats, feats.clone(), 3, 4) == (1.0, 1.0)
+    assert precision_recall(feats, feats + 100, 3, 4) == (0.0, 0.0)
+
+
+def test_precision_recall_needs_k_plus_one_points():
+    feats = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="at least 4 reference images, got 3"):
+        precision_recall(feats, torch.zeros(10, 4))
+
+
+#################################################################################
+#                            Reading the .npz files                             #
+#################################################################################
+
+@pytest.mark.parametrize("layout", ["uint8", "uint8-compressed", "float64", "big-endian-float32", "fortran"])
+def test_reader_streams_the_same_rows_as_np_load(tmp_path, layout):
+    images = np.random.default_rng(10).integers(0, 256, (11, 5, 7, 3))
+    images = {"uint8": images.astype(np.uint8), "uint8-compressed": images.astype(np.uint8),
+              "float64": images.astype(np.float64), "big-endian-float32": images.astype(">f4"),
+              "fortran": np.asfortranarray(images.astype(np.uint8))}[layout]
+    path = str(tmp_path / "images.npz")
+    (np.savez_compressed if layout.endswith("compressed") else np.savez)(path, images, np.arange(11))
+    reader = open_images(path)
+    assert reader.shape == images.shape and len(reader) == 11
+    for batch_size in (4, 11, 64):
+        batches = list(reader.iter_batches(batch_size))
+        assert [start for start, _ in batches] == list(range(0, 11, batch_size))
+        np.testing.assert_array_equal(np.concatenate([rows for _, rows in batches]), images)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"arr_1": np.zeros((2, 4, 4, 3), np.uint8)}, r"missing arr_0 in npz file \(keys: arr_1\)"),
+    ({"arr_0": np.zeros((2, 4, 4), np.uint8)}, r"\(N, H, W, 3\).*\(2, 4, 4\)"),
+    ({"arr_0": np.zeros((2, 4, 4, 4), np.uint8)}, r"\(N, H, W, 3\).*\(2, 4, 4, 4\)"),
+    ({"arr_0": np.zeros((0, 4, 4, 3), np.uint8)}, r"non-empty"),
+    ({"arr_0": np.zeros((2, 4, 4, 3), np.complex64)}, r"dtype complex64"),
+])
+def test_reader_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **content)
+    with pytest.raises(ValueError, match=rf"bad\.npz: .*{message}"):
+        open_images(str(path))
+
+
+def test_reader_rejects_a_file_that_is_not_an_npz(tmp_path):
+    (tmp_path / "x.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match=r"x\.npz: not an \.npz file"):
+        NpzArrayReader(str(tmp_path / "x.npz"))
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        NpzArrayReader(str(tmp_path / "missing.npz"))
+
+
+def test_image_values_outside_0_255_or_not_finite_are_refused():
+    images = np.full((4, 2, 2, 3), 100.0)
+    check_image_values(images, "a.npz", 0)
+    images[2, 1, 0, 0] = 255.5
+    with pytest.raises(ValueError, match=r"a\.npz: arr_0\[12\] has values outside \[0, 255\]"):
+        check_image_values(images, "a.npz", 10)
+    images[2, 1, 0, 0], images[3, 0, 0, 1] = 3, -1
+    with pytest.raises(ValueError, match=r"arr_0\[3\] has values outside"):
+        check_image_values(images.astype(np.int16), "a.npz", 0)
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"arr_0\[1\] holds NaN or Inf"):
+        check_image_values(images, "a.npz", 0)
+
+
+def test_statistics_are_read_only_when_mu_is_present_and_shapes_are_checked(tmp_path):
+    np.savez(tmp_path / "plain.npz", np.zeros((2, 4, 4, 3), np.uint8))
+    assert read_statistics(str(tmp_path / "plain.npz")) is None
+    np.savez(tmp_path / "bad.npz", np.zeros((2, 4, 4, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(3),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(ValueError, match=r"bad\.npz: sigma has shape \(3, 3\), expected \(2048, 2048\)"):
+        read_statistics(str(tmp_path / "bad.npz"))
+
+
+#################################################################################
+#                    evaluate() end to end with a stub network                  #
+#################################################################################
+
+STUB_DIMS = 6
+
+
+class StubInception(torch.nn.Module):
+    """Cheap stand-in for the Inception: features from per-channel means of the left and right image halves, in
+    the first STUB_DIMS dimensions (the rest exactly 0, so the covariances are block-diagonal)."""
+
+    def forward(self, images):
+        x = images.float()
+        half = x.shape[-1] // 2
+        feats = torch.cat([x[..., :half].mean((2, 3)), x[..., half:].mean((2, 3))], dim=1) / 32  # (N, 6)
+        pool = torch.zeros(len(x), POOL_DIM)
+        pool[:, :STUB_DIMS] = feats
+        spatial = torch.zeros(len(x), SPATIAL_DIM)
+        spatial[:, :STUB_DIMS] = feats.flip(1) ** 2
+        logits = torch.zeros(len(x), NUM_CLASSES)
+        logits[:, :STUB_DIMS] = 3 * feats
+        return InceptionFeatures(pool, spatial, logits)
+
+
+def block_sqrtm(matrix):
+    """sqrtm of a matrix that is zero outside its leading STUB_DIMS x STUB_DIMS block (exact for such matrices,
+    and quick, where scipy's sqrtm on 2048 x 2048 takes tens of seconds on a small CPU)."""
+    assert not matrix[STUB_DIMS:].any() and not matrix[:, STUB_DIMS:].any()
+    root = scipy.linalg.sqrtm(matrix[:STUB_DIMS, :STUB_DIMS])
+    out = np.zeros(matrix.shape, root.dtype)
+    out[:STUB_DIMS, :STUB_DIMS] = root
+    return out
+
+
+@pytest.fixture
+def stub_network(monkeypatch):
+    monkeypatch.setattr(evaluator, "load_inception", lambda weights, device: StubInception())
+    monkeypatch.setattr(evaluator, "_sqrtm", block_sqrtm)
+
+
+def test_evaluate_matches_recomputation_from_the_features(tmp_path, stub_network):
+    rng = np.random.default_rng(11)
+    ref_images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
+    sample_images = rng.uniform(0, 255, (20, 6, 10, 3))  # float64 and another size: both allowed
+    np.savez(tmp_path / "ref.npz", ref_images)
+    np.savez_compressed(tmp_path / "sample.npz", sample_images, np.arange(20))
+    lines = []
+    kwargs = dict(inception_weights="random", device="cpu", batch_size=3, is_split_size=6, pr_batch_size=7,
+                  cache_dir=str(tmp_path / "cache"), progress=False)
+    results = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=lines.append, **kwargs)
+
+    stub = StubInception()
+    ref_feats = stub(torch.from_numpy(ref_images).permute(0, 3, 1, 2))
+    sample_feats = stub(torch.from_numpy(sample_images).permute(0, 3, 1, 2))
+    probs = torch.softmax(sample_feats.logits, dim=1).numpy()
+    assert results["inception_score"] == pytest.approx(inception_score_reference(probs, 6), rel=1e-5)
+    for key, name in (("fid", "pool"), ("sfid", "spatial")):
+        ref_block = getattr(ref_feats, name).numpy()[:, :STUB_DIMS]
+        sample_block = getattr(sample_feats, name).numpy()[:, :STUB_DIMS]
+        expected = fid_reference(*compute_statistics(sample_block), *compute_statistics(ref_block))
+        assert results[key] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert (results["precision"], results["recall"]) == precision_recall_reference(
+        ref_feats.pool.numpy()[:, :STUB_DIMS], sample_feats.pool.numpy()[:, :STUB_DIMS])
+
+    assert lines[0] == lines[-6] == evaluator.RANDOM_WEIGHTS_WARNING
+    assert lines[-5:] == [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}",
+                          f"sFID: {results['sfid']}", f"Precision: {results['precision']}",
+                          f"Recall: {results['recall']}"]
+    assert results["settings"]["activation_cache"] == "miss"
+    assert results["settings"]["num_samples"] == 20 and results["settings"]["is_split_size"] == 6
+    again = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=None, **kwargs)
+    assert again["settings"]["activation_cache"] == "hit"
+    assert {k: again[k] for k in ("inception_score", "fid", "sfid", "precision", "recall")} == \
+        {k: results[k] for k in ("inception_score", "fid", "sfid", "precision", "recall")}
+
+
+def test_evaluate_refuses_bad_sample_sets(tmp_path, stub_network):
+    np.savez(tmp_path / "ref.npz", np.zeros((8, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "few.npz", np.zeros((5, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"few\.npz: 5 samples, fewer than one Inception-Score split of 5000"):
+        evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "few.npz"), inception_weights="random", log=None)
+    nan_images = np.full((6, 4, 4, 3), 7.0)
+    nan_images[4, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", nan_images)
+    with pytest.raises(ValueError, match=r"nan\.npz: arr_0\[4\] holds NaN or Inf"):
+        evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "nan.npz"), inception_weights="random",
+                 is_split_size=6, batch_size=4, use_cache=False, progress=False, log=None)
+
+
+#################################################################################
+#                 The CLI, with the real architecture (random weights)          #
+#################################################################################
+
+def _diagonal_sqrtm(matrix):
+    assert np.count_nonzero(matrix - np.diag(np.diagonal(matrix))) == 0
+    return np.diag(np.sqrt(np.diagonal(matrix)))
+
+
+def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys):
+    """Both files carry ADM statistics with diagonal covariances, so FID and sFID have a closed form (and the
+    2048-dim sqrtm is cheap); IS and precision/recall run through the random-weight Inception."""
+    rng = np.random.default_rng(12)
+    stats = {}
+    for name, n, size in (("ref", 4, (24, 20)), ("sample", 4, (17, 31))):
+        stats[name] = dict(mu=rng.normal(size=POOL_DIM), sigma=np.diag(rng.uniform(0.5, 2, POOL_DIM)),
+                           mu_s=rng.normal(size=SPATIAL_DIM), sigma_s=np.diag(rng.uniform(0.5, 2, SPATIAL_DIM)))
+        np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (n,) + size + (3,)).astype(np.uint8),
+                 **stats[name])
+    monkeypatch.setattr(evaluator, "_sqrtm", _diagonal_sqrtm)
+    evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--inception-weights", "random",
+                    "--is-split-size", "4", "--device", "cpu", "--json", str(tmp_path / "out" / "metrics.json"),
+                    "--cache-dir", str(tmp_path / "cache")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:6] == ["computing reference batch activations...",
+                          "computing/reading reference batch statistics...",
+                          "computing sample batch activations...",
+                          "computing/reading sample batch statistics...",
+                          "Computing evaluations..."]
+    labels = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert [line.split(": ")[0] for line in lines[-5:]] == labels
+    printed = {label: line.split(": ", 1)[1] for label, line in zip(labels, lines[-5:])}
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    for label, key in zip(labels, ("inception_score", "fid", "sfid", "precision", "recall")):
+        assert printed[label] == str(saved[key])
+
+    def closed_form(a, b, mu, sigma):  # sample first, as ADM calls it
+        var1, var2 = np.diagonal(stats[a][sigma]), np.diagonal(stats[b][sigma])
+        return np.sum((stats[a][mu] - stats[b][mu]) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert saved["fid"] == pytest.approx(closed_form("sample", "ref", "mu", "sigma"), rel=1e-9)
+    assert saved["sfid"] == pytest.approx(closed_form("sample", "ref", "mu_s", "sigma_s"), rel=1e-9)
+    assert 1.0 <= saved["inception_score"] <= 4.0  # at most the split size
+    assert saved["precision"] * 4 in (0, 1, 2, 3, 4) and saved["recall"] * 4 in (0, 1, 2, 3, 4)
+    assert saved["settings"]["ref_statistics"].startswith("from ref_batch")
+    assert saved["settings"]["inception_id"] == "random-seed0" and "meaningless" in saved["warning"]
+
+
+def test_cli_script_runs_standalone_and_reports_bad_input(tmp_path):
+    np.savez(tmp_path / "ref.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "sample.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"),
+                             str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")],
+                            capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert result.returncode == 1
+    assert re.search(r"error: .*ref\.npz: missing arr_0 in npz file \(keys: images\)", result.stderr)

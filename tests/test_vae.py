@@ -1,0 +1,66 @@
+"""models/vae.py: the tiny random VAE, pixel <-> latent conversions against plain recomputations, loading."""
+import numpy as np
+import pytest
+import torch
+
+from models.vae import (SD_VAE_SCALE, build_random_tiny_vae, decode_latents, encode_moments, load_vae)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_vae("random-tiny")
+
+
+def test_random_tiny_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    first, second = build_random_tiny_vae().state_dict(), build_random_tiny_vae().state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_load_vae_is_frozen_eval(vae):
+    assert not vae.training
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_encode_moments_matches_plain_posterior(vae):
+    images = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    moments = encode_moments(vae, images)
+    assert moments.shape == (3, 8, 4, 6) and moments.dtype == torch.float32
+    # The Gaussian posterior by hand: encoder -> quant_conv -> [mean | logvar], std = exp(logvar / 2).
+    with torch.no_grad():
+        x = images.double().div(255).mul(2).sub(1).float()
+        h = vae.quant_conv(vae.encoder(x))
+    mean, logvar = h[:, :4], h[:, 4:].clamp(-30.0, 20.0)
+    # The tiny VAE's means are O(5), so float32 rounding of the two pixel scalings shows at ~1e-5.
+    torch.testing.assert_close(moments[:, :4], mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(moments[:, 4:], torch.exp(0.5 * logvar), rtol=1e-4, atol=1e-6)
+
+
+def test_decode_latents_matches_plain_decoder(vae):
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    pixels = decode_latents(vae, z)
+    assert pixels.shape == (2, 32, 32, 3) and pixels.dtype == torch.uint8
+    with torch.no_grad():
+        x = vae.decoder(vae.post_quant_conv(z / SD_VAE_SCALE)).numpy()
+    reference = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # Equal up to ties at exact .5 and float rounding at the boundaries: allow one level, almost nowhere.
+    difference = np.abs(pixels.numpy().astype(int) - reference.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_saved_vae_reloads_identically(vae, tmp_path):
+    vae.save_pretrained(tmp_path / "vae")
+    reloaded = load_vae(str(tmp_path / "vae"))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(encode_moments(reloaded, images), encode_moments(vae, images), rtol=0, atol=0)
+
+
+def test_missing_vae_names_it(tmp_path):
+    with pytest.raises(RuntimeError, match="no-such-org/no-such-vae"):
+        load_vae("no-such-org/no-such-vae")
+    weight_file = tmp_path / "vae.safetensors"
+    weight_file.write_bytes(b"")
+    with pytest.raises(ValueError, match="vae.safetensors"):
+        load_vae(str(weight_file))
