@@ -1,6 +1,6 @@
 """Phase 2 of ERW, and the REPA / SiT baselines: velocity loss + lambda(s) * alignment on noisy latents.
 
-    accelerate launch train.py --config configs/sit_xl2_erw.yaml \
+    accelerate launch train.py --config configs/table1_2_sit_xl2_erw.yaml \
         --warmup-ckpt exps/sit-xl2-erw-warmup/checkpoints/last.pt
 
 With --warmup-ckpt the embedders, the k warmed blocks and the projector come from Phase 1 (placed at

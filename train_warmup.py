@@ -1,6 +1,6 @@
 """Phase 1 of ERW: align SiT blocks 0..k-1 (k = --warmup-depth) with a frozen teacher on clean latents.
 
-    accelerate launch train_warmup.py --config configs/sit_xl2_erw.yaml
+    accelerate launch train_warmup.py --config configs/table1_2_sit_xl2_erw.yaml
 
 Only the patch/time/class embedders, the first k blocks and the projector are built and trained; the model sees
 clean latents at t = 0 with their class labels, and the loss is the alignment loss alone (NT-Xent by default).

@@ -2,7 +2,7 @@
 
 Precedence: built-in defaults < the YAML file's top level < its section for the running phase (`warmup:` for
 train_warmup.py, `train:` for train.py) < command-line flags. One YAML file describes both phases of a paper
-setting. Keys are snake_case in YAML and --kebab-case on the command line (REPA's flag names where the concept is
+setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys are snake_case in YAML and --kebab-case on the command line (REPA's flag names where the concept is
 REPA's). Unknown keys and bad values are errors that name the key and the file.
 """
 import argparse
@@ -154,10 +154,13 @@ def _convert(option: Option, value: Any, where: str) -> Any:
     return value
 
 
-def load_yaml(path: str, phase: str) -> Dict[str, Any]:
-    """Read a config file: top-level keys, then the `phase` section on top. Every key must be known."""
+def _read_yaml(path: str, chain=()) -> Dict[str, Any]:
+    """Raw mapping of a config file, with `base: other.yaml` (relative to this file) merged underneath it:
+    top-level keys and each phase section override the base's key by key."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in chain:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -165,6 +168,20 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    base = _read_yaml(os.path.join(os.path.dirname(path), base_name), chain + (os.path.abspath(path),))
+    merged = {**base, **{k: v for k, v in raw.items() if k not in BOTH}}
+    for section in BOTH:
+        if section in base or section in raw:
+            merged[section] = {**(base.get(section) or {}), **(raw.get(section) or {})}
+    return merged
+
+
+def load_yaml(path: str, phase: str) -> Dict[str, Any]:
+    """Read a config file: top-level keys, then the `phase` section on top. Every key must be known."""
+    raw = _read_yaml(path)
     values: Dict[str, Any] = {}
     for section_name, section in [(None, raw), (phase, raw.get(phase) or {})]:
         where = path if section_name is None else f"{path} [{section_name}]"

@@ -10,6 +10,7 @@ function of (seed, epoch), so a resumed run repeats what an uninterrupted run wo
 model, EMA, optimizer, grad scaler, step, data position, RNG states and the resolved config.
 """
 import copy
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from erw.data import sample_latents
 from erw.losses import Objective
 
 CHECKPOINT_FORMAT = 1
+METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step, appended across resumes
 
 
 def derive_seed(*parts: int) -> int:
@@ -236,6 +238,9 @@ class Trainer:
                 record.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"],
                               images_per_sec=cfg["batch_size"] * window_steps / elapsed, step=step)
                 history.append(record)
+                if acc.is_main_process:
+                    with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "grad_norm") if k in record})
                 self.log(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))

@@ -110,9 +110,9 @@ def test_phase1_then_phase2_learns_and_writes_sample_grids(demo_data, phase1, tm
 
 
 @pytest.mark.parametrize("config,extra", [
-    ("sit_b2_repa.yaml", []),
+    ("table4_sit_b2_repa.yaml", []),
     ("sit_b2_sit.yaml", []),
-    ("sit_xl2_erw.yaml", ["--warmup-ckpt", "none", "--encoder-depth", "3"]),
+    ("table1_2_sit_xl2_erw.yaml", ["--warmup-ckpt", "none", "--encoder-depth", "3"]),
 ])
 def test_paper_configs_run_at_tiny_size(demo_data, tmp_path, config, extra):
     """Each paper config with only the size/data keys overridden: the baseline logic itself is exercised."""
@@ -128,7 +128,7 @@ def test_paper_configs_run_at_tiny_size(demo_data, tmp_path, config, extra):
         assert len(model.projectors) == 0 and "align_loss" not in result["history"][-1]
     else:
         assert len(model.projectors) == 1 and "align_loss" in result["history"][-1]
-    if config == "sit_b2_repa.yaml":
+    if config == "table4_sit_b2_repa.yaml":
         assert all(r["lambda"] == 0.5 for r in result["history"])
 
 

@@ -109,6 +109,17 @@ def test_config_precedence_defaults_yaml_section_flags():
     assert warmup["exp_name"] == "tiny-warmup" and "encoder_depth" not in warmup
 
 
+def test_base_config_is_edited_key_by_key():
+    base = resolve_config("train", ["--config", os.path.join(os.path.dirname(TINY_CONFIG),
+                                                                "table1_2_sit_xl2_erw.yaml")])
+    edit = resolve_config("train", ["--config", os.path.join(os.path.dirname(TINY_CONFIG),
+                                                                "table5_sit_xl2_teachers.yaml")])
+    assert (base["encoder_depth"], edit["encoder_depth"]) == (18, 8)          # train: section overridden
+    assert (base["warmup_depth"], edit["warmup_depth"]) == (5, 8)            # top level overridden
+    assert edit["proj_coeff"] == base["proj_coeff"] == 0.5                    # inherited from base's train:
+    assert edit["model"] == "SiT-XL/2" and edit["exp_name"] == "t5-sit-xl2"
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(Exception, match=str(missing)):

@@ -84,6 +84,18 @@ def test_score_for_point_mass_data(path_type):
     torch.testing.assert_close(path.velocity_to_score(v, x_t, t), score, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_one_time_for_the_whole_batch_equals_per_sample_times(path_type):
+    path = get_path(path_type)
+    x, noise, _ = _batch(seed=4)
+    t_scalar = torch.tensor(0.3, dtype=torch.float64)
+    t_batch = torch.full((x.shape[0],), 0.3, dtype=torch.float64)
+    for a, b in zip(path.interpolate(x, noise, t_scalar), path.interpolate(x, noise, t_batch)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    torch.testing.assert_close(path.velocity_to_score(noise, x, t_scalar), path.velocity_to_score(noise, x, t_batch),
+                               rtol=1e-15, atol=1e-15)
+
+
 def test_score_at_pure_noise_is_minus_x():
     # At t = 1 (alpha = 0) both paths give p_1 = N(0, I), whose score is -x, whatever the data.
     x_t = torch.randn(3, 2, 2, 2, dtype=torch.float64)
@@ -96,5 +108,5 @@ def test_score_at_pure_noise_is_minus_x():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="unknown path type 'gvp'"):
         get_path("gvp")
-    with pytest.raises(ValueError, match=r"t must have shape \(N,\)"):
+    with pytest.raises(ValueError, match=r"t must have shape \(N,\) = \(2,\) or be 0-dim"):
         get_path("linear").interpolate(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(3))

@@ -1,0 +1,91 @@
+"""Generate samples from a SiT checkpoint for FID: a folder of PNGs and one .npz (arr_0 uint8 (N, H, W, 3),
+arr_1 labels) that the ADM evaluator reads.
+
+    torchrun --nproc_per_node 8 sample_ddp.py --ckpt exps/NAME/checkpoints/0400000.pt --cfg-scale 1.8 \\
+        --guidance-high 0.7
+    accelerate launch sample_ddp.py --ckpt ...          # same thing
+    python sample_ddp.py --ckpt ...                      # one process
+
+Sample i depends only on (--global-seed, i) and the sampler settings, not on the number of processes or the batch
+size; rerunning an interrupted command skips the finished PNGs. REPA checkpoints load too: give REPA's model flags
+(--model, --encoder-depth, --projector-embed-dims, --qk-norm, --resolution, --num-classes).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from erw.sampling import (DEVICES, LABEL_MODES, MODES, PRECISIONS, REPA_MODEL_FLAG_DEFAULTS,  # noqa: E402
+                          WEIGHTS, run_sampling)
+from erw.transport import PATH_TYPES  # noqa: E402
+from models.sit import SiT_models  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("checkpoint and output")
+    io.add_argument("--ckpt", required=True, help="our checkpoint (has model_args) or a REPA checkpoint")
+    io.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA weights (default) or the raw model")
+    io.add_argument("--sample-dir", default="samples",
+                    help="PNGs go to SAMPLE_DIR/<run name>/, the .npz and the settings .json beside that folder")
+    io.add_argument("--vae", default=None,
+                    help="decoder: ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, a hub id or "
+                         "random-tiny; default: the VAE in our checkpoint's config, else ema (as the paper)")
+    io.add_argument("--allow-download", action="store_true",
+                    help="let a hub-id VAE download when it is not in the local Hugging Face cache")
+
+    model = parser.add_argument_group(
+        "model (REPA checkpoints only; our checkpoints carry their architecture, and these must then agree)")
+    model.add_argument("--model", choices=list(SiT_models), default=None,
+                       help=f"default {REPA_MODEL_FLAG_DEFAULTS['model']}")
+    model.add_argument("--resolution", type=int, default=None,
+                       help="image side; latents are resolution / 8 "
+                            f"(default {REPA_MODEL_FLAG_DEFAULTS['resolution']})")
+    model.add_argument("--num-classes", type=int, default=None,
+                       help=f"default {REPA_MODEL_FLAG_DEFAULTS['num_classes']}")
+    model.add_argument("--encoder-depth", type=int, default=None,
+                       help="block whose output feeds the projectors "
+                            f"(default {REPA_MODEL_FLAG_DEFAULTS['encoder_depth']})")
+    model.add_argument("--projector-embed-dims", default=None,
+                       help="teacher widths, comma-separated "
+                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
+    model.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="default off")
+
+    sampler = parser.add_argument_group("sampler")
+    sampler.add_argument("--mode", choices=MODES, default="sde",
+                         help="sde: Euler-Maruyama (SiT's default, as the paper); ode: Euler or Heun (--heun)")
+    sampler.add_argument("--num-steps", type=int, default=250, help="model evaluations per sample (Heun: 2N-1)")
+    sampler.add_argument("--heun", action="store_true", help="Heun instead of Euler (ODE only)")
+    sampler.add_argument("--path-type", choices=PATH_TYPES, default=None,
+                         help="interpolant; default: our checkpoint's training path, else linear")
+    sampler.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    sampler.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
+                         help="guidance only for t >= this (t = 1 is noise)")
+    sampler.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0,
+                         help="guidance only for t <= this")
+    sampler.add_argument("--global-seed", type=int, default=0, help="sample i is seeded by (global seed, i)")
+    sampler.add_argument("--label-mode", choices=LABEL_MODES, default="random",
+                         help="random: uniform per sample; balanced: label = i mod num_classes")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--num-fid-samples", type=int, default=50_000)
+    run.add_argument("--per-proc-batch-size", type=int, default=32)
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto: the GPU of this process (LOCAL_RANK) when there is one, else the CPU")
+    run.add_argument("--precision", choices=PRECISIONS, default="tf32",
+                     help="fp32, tf32 (TF32 matmuls, REPA's default) or bf16 (autocast for the SiT)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the SiT (about 1.7x faster on GPUs after one compilation per batch shape)")
+    run.add_argument("--micro-batch-size", type=int, default=None,
+                     help="rows per model/VAE call, 0 = the whole batch; default 1 on the CPU (with sampling on one "
+                          "CPU thread: bitwise independent of batch size and process count) and 0 on GPUs")
+    return parser
+
+
+def main(argv=None) -> str:
+    return run_sampling(vars(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
