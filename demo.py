@@ -140,7 +140,7 @@ def main(argv=None):
     from evaluations import cknna
     layers = ["--layers", args.cknna_layers] if args.cknna_layers else []
     cknna.main(["--ckpt", phase1_ckpt, phase2_ckpt, "--labels", "phase1", "phase2", "--data-dir", data_dir,
-                "--output-dir", out, "--device", "cpu", *layers])
+                "--output-dir", out, "--device", "cpu", "--num-workers", "0", *layers])
 
     loss_png = os.path.join(out, "losses.png")
     plot_losses(read_metrics(phase1_dir), read_metrics(phase2_dir), loss_png)

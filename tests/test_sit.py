@@ -42,7 +42,7 @@ def test_parameter_count_matches_published(name, expected):
 @pytest.mark.parametrize("name", sorted(SiT_models))
 def test_every_registry_entry_builds_and_runs_on_meta(name):
     with torch.device("meta"):
-        model = create_sit(name, input_size=32, num_classes=1000, z_dims=[768])
+        model = create_sit(name, input_size=32, num_classes=1000, z_dims=[768], encoder_depth=4)
         x = torch.empty(2, 4, 32, 32)
         v, zs = model(x, torch.empty(2), torch.zeros(2, dtype=torch.long))
     p = model.patch_size
