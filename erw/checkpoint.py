@@ -1,20 +1,22 @@
 """Checkpoint files: atomic writes, safe loads, and strict weight imports that say what is wrong."""
 import os
 import tempfile
-from typing import Mapping
+from typing import IO, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write `state` to `path` atomically: a crash leaves either the old file or the new one, never half."""
+def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
+    """Call write_fn on a binary temp file beside `path`, then rename it over `path`: a crash leaves the old file
+    or the new one, never half of one. Temp names are `.<name>.<random>.tmp`, which no reader of ours picks up
+    and preprocessing's resume cleans away."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -22,6 +24,11 @@ def save_checkpoint(state: dict, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """torch.save `state` to `path` atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict:

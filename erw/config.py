@@ -236,8 +236,5 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
 
 
 def dump_config(config: Dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    os.replace(tmp, path)
+    from erw.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))

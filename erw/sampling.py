@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from erw.checkpoint import load_checkpoint, load_state_dict_strict
+from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict
 from erw.transport import PATH_TYPES, Path, get_path
 from models.sit import SiT, create_sit
 
@@ -290,16 +289,8 @@ def finished_indices(folder: str) -> set:
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """uint8 (H, W, 3) -> PNG at path, atomically (temp file + rename), so a crash never leaves a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """uint8 (H, W, 3) -> PNG at path, atomically, so a crash never leaves a partial file."""
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def _read_png(path: str, shape: Optional[Tuple[int, ...]]) -> np.ndarray:
@@ -328,21 +319,17 @@ def write_npz(npz_path: str, folder: str, num_samples: int, labels: np.ndarray, 
     shape = first.shape
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *shape)}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npz_path)), prefix=".tmp-", suffix=".npz")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+
+    def write(file):
+        with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
             with archive.open(_zip_entry("arr_0.npy"), "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
                 for i in tqdm(range(num_samples), desc="Building .npz", disable=not show_progress):
                     f.write(_read_png(png_path(folder, i), shape).tobytes())
             with archive.open(_zip_entry("arr_1.npy"), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
-        os.replace(tmp, npz_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(npz_path, write)
 
 
 #################################################################################
@@ -519,13 +506,9 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
 
 
 def _write_json(path: str, data: Dict[str, object]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
 
 
-@torch.no_grad()
 def run_sampling(args: Dict[str, object]) -> str:
     """The whole sample_ddp.py run for this process; args = sample_ddp.py's flags as a dict. Returns the .npz path.
 

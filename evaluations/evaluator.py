@@ -21,7 +21,6 @@ import json
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -36,6 +35,7 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from erw.checkpoint import atomic_write  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    file_sha256, load_inception, weights_id)
 
@@ -260,20 +260,6 @@ def default_cache_dir() -> str:
     return os.path.join(base, "erw", "evaluator")
 
 
-def _atomic_write(path: str, write: Callable, suffix: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 #################################################################################
 #                                  Metrics                                      #
 #################################################################################
@@ -449,7 +435,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         ref_acts = compute_activations(model, ref_reader, batch_size, device, with_probs=False,
                                        desc="reference batch", progress=progress)
         if cache_path is not None:
-            _atomic_write(cache_path, lambda f: np.savez(f, **ref_acts), ".npz")
+            atomic_write(cache_path, lambda f: np.savez(f, **ref_acts))
     lap("reference_activations")
 
     log("computing/reading reference batch statistics...")
@@ -522,7 +508,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     if args.json:
-        _atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()), ".json")
+        atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
 
 
 if __name__ == "__main__":

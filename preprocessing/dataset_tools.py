@@ -21,7 +21,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
-import tempfile  # noqa: E402
 from typing import List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -30,6 +29,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from erw.checkpoint import atomic_write  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
 from models.vae import RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
@@ -60,36 +60,18 @@ def latent_relpath(image_rel: str) -> str:
     return f"{folder}/{latent_name}" if folder else latent_name
 
 
-def _atomic_write(path: str, write_fn, suffix: str) -> None:
-    """Write through a temp file in the same folder + os.replace: readers and resumes never see a partial file.
-
-    Temp names end in `.tmp`, which no reader of the data folders picks up.
-    """
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_npy_atomic(array: np.ndarray, path: str) -> None:
-    _atomic_write(path, lambda f: np.save(f, array), ".npy")
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def save_png_atomic(array: np.ndarray, path: str, compress_level: int) -> None:
     """uint8 (H, W, 3) -> PNG. compress_level 0 (EDM2's choice) trades disk for fast decoding in the data loader."""
     image = PIL.Image.fromarray(array, "RGB")
-    _atomic_write(path, lambda f: image.save(f, format="png", compress_level=compress_level), ".png")
+    atomic_write(path, lambda f: image.save(f, format="png", compress_level=compress_level))
 
 
 def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf8")), ".json")
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf8")))
 
 
 def remove_stale_temp_files(root: str) -> int:
