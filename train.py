@@ -8,36 +8,30 @@ With --warmup-ckpt the embedders, the k warmed blocks and the projector come fro
 counted from the start of this phase (--proj-decay none keeps it constant). Without a warm start and with
 --align-loss cosine --proj-decay none this is REPA; with --proj-coeff 0 it is plain SiT (no teacher is loaded).
 """
-from erw.config import TRAIN, resolve_config
-from erw.experiment import build_dataset, build_model_args, build_teachers
+from erw.config import TRAIN
+from erw.experiment import prepare_run
 from erw.losses import Objective
 from erw.sample_grid import SampleGridHook
-from erw.trainer import Trainer
 from erw.transport import get_path
 from erw.warm_start import load_warmup
-from models.sit import create_sit
 
 
 def main(argv=None):
-    config = resolve_config(TRAIN, argv, description=__doc__)
-    trainer = Trainer(config)
-    teachers = build_teachers(config, trainer.device, trainer.log)
-    dataset = build_dataset(config)
-    model_args = build_model_args(config, teachers)
-    model = create_sit(**model_args)
+    run = prepare_run(TRAIN, argv, __doc__)
+    config, model_args = run.config, run.model_args
     if config["warmup_ckpt"] and not config["resume"]:
-        trainer.log(load_warmup(model, config["warmup_ckpt"], config["warmup_weights"], config["warmup_layers"],
-                                expected_depth=config["warmup_depth"]))
+        run.trainer.log(load_warmup(run.model, config["warmup_ckpt"], config["warmup_weights"],
+                                    config["warmup_layers"], expected_depth=config["warmup_depth"]))
     elif not config["warmup_ckpt"]:
-        trainer.log("No warm start: every block starts from its fresh initialization (a baseline run)")
-    objective = Objective(velocity=True, align=config["align_loss"] if teachers else None,
+        run.trainer.log("No warm start: every block starts from its fresh initialization (a baseline run)")
+    objective = Objective(velocity=True, align=config["align_loss"] if run.teachers else None,
                           ntxent_temp=config["ntxent_temp"], path=get_path(config["path_type"]),
                           weighting=config["weighting"], proj_coeff=config["proj_coeff"],
                           proj_half_life=config["proj_half_life"], proj_decay=config["proj_decay"])
     latent_shape = (model_args["in_channels"], model_args["input_size"], model_args["input_size"])
     grids = SampleGridHook(config["vae"], config["sample_grid_size"], config["num_classes"], latent_shape,
                            config["sample_num_steps"], config["sampling_steps"], config["max_train_steps"])
-    return trainer.fit(model, model_args, objective, dataset, teachers, hooks=[grids])
+    return run.trainer.fit(run.model, model_args, objective, run.dataset, run.teachers, hooks=[grids])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Pieces both training entry points build the same way: teachers, the dataset and the model's arguments."""
-from typing import Any, Dict, List
+"""What both training entry points build the same way: config, trainer, teachers, dataset and model."""
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from erw.config import resolve_config
 from erw.data import ImageLatentDataset, check_data_dir
+from erw.trainer import Trainer
 from models.encoders import load_teachers
+from models.sit import SiT, create_sit
 
 LATENT_CHANNELS = 4
 VAE_DOWNSAMPLING = 8
@@ -65,3 +68,23 @@ def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) ->
         "use_rope": config["use_rope"],
         "truncated": warmup,
     }
+
+
+class Run(NamedTuple):
+    config: Dict[str, Any]
+    trainer: Trainer
+    teachers: List[torch.nn.Module]
+    dataset: ImageLatentDataset
+    model_args: Dict[str, Any]
+    model: SiT
+
+
+def prepare_run(phase: str, argv: Optional[Sequence[str]], description: str) -> Run:
+    """Resolve the config for `phase`, set up the trainer (experiment folder, accelerate), then build the teachers,
+    the dataset and the model, in that order (the model after the trainer has seeded torch)."""
+    config = resolve_config(phase, argv, description=description)
+    trainer = Trainer(config)
+    teachers = build_teachers(config, trainer.device, trainer.log)
+    dataset = build_dataset(config)
+    model_args = build_model_args(config, teachers)
+    return Run(config, trainer, teachers, dataset, model_args, create_sit(**model_args))

@@ -167,19 +167,19 @@ class Trainer:
             load_state_dict_strict(ema, ckpt["ema"], f"{last_path} [ema]")
             optimizer.load_state_dict(ckpt["opt"])
             step, micro_batch = ckpt["step"], ckpt["data_position"]["micro_batch"]
-            self._scaler_state = ckpt.get("scaler")
+            scaler_state = ckpt.get("scaler")
             torch.set_rng_state(ckpt["rng"]["torch"])
             if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             self.log(f"Resumed from {last_path} at step {step}")
         else:
-            self._scaler_state = None
+            scaler_state = None
 
         if cfg["compile"]:
             model = torch.compile(model)
         model, optimizer = acc.prepare(model, optimizer)
-        if self._scaler_state is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(self._scaler_state)
+        if scaler_state is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(scaler_state)
 
         sampler = ResumableShardSampler(len(dataset), self.local_batch_size, acc.process_index, acc.num_processes,
                                         cfg["seed"], start_micro_batch=micro_batch)
@@ -187,9 +187,10 @@ class Trainer:
                             num_workers=cfg["num_workers"], pin_memory=self.device.type == "cuda",
                             persistent_workers=cfg["num_workers"] > 0)
         if acc.is_main_process:
-            n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
-            self.log(f"{model_args['model']} ({'truncated to ' + str(len(acc.unwrap_model(model).blocks)) + ' blocks' if model_args.get('truncated') else 'full'}): "
-                     f"{n_params:,} parameters; {len(dataset):,} training items; "
+            unwrapped = acc.unwrap_model(model)
+            n_params = sum(p.numel() for p in unwrapped.parameters())
+            built = f"truncated to {len(unwrapped.blocks)} blocks" if model_args["truncated"] else "full"
+            self.log(f"{model_args['model']} ({built}): {n_params:,} parameters; {len(dataset):,} training items; "
                      f"global batch {cfg['batch_size']} = {acc.num_processes} processes x {self.local_batch_size} "
                      f"x {cfg['gradient_accumulation_steps']} accumulation")
             if cfg["report_to"] != "none":
