@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from erw.config import add_flags  # noqa: E402
 from erw.sampling import (DEVICES, LABEL_MODES, MODES, PRECISIONS, REPA_MODEL_FLAG_DEFAULTS,  # noqa: E402
                           WEIGHTS, run_sampling)
 from erw.transport import PATH_TYPES  # noqa: E402
-from models.sit import SiT_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,20 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group(
         "model (REPA checkpoints only; our checkpoints carry their architecture, and these must then agree)")
-    model.add_argument("--model", choices=list(SiT_models), default=None,
-                       help=f"default {REPA_MODEL_FLAG_DEFAULTS['model']}")
-    model.add_argument("--resolution", type=int, default=None,
-                       help="image side; latents are resolution / 8 "
-                            f"(default {REPA_MODEL_FLAG_DEFAULTS['resolution']})")
-    model.add_argument("--num-classes", type=int, default=None,
-                       help=f"default {REPA_MODEL_FLAG_DEFAULTS['num_classes']}")
-    model.add_argument("--encoder-depth", type=int, default=None,
-                       help="block whose output feeds the projectors "
-                            f"(default {REPA_MODEL_FLAG_DEFAULTS['encoder_depth']})")
+    add_flags(model, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
     model.add_argument("--projector-embed-dims", default=None,
                        help="teacher widths, comma-separated "
                             f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
-    model.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="default off")
 
     sampler = parser.add_argument_group("sampler")
     sampler.add_argument("--mode", choices=MODES, default="sde",

@@ -45,6 +45,9 @@ def _float(value):
     return float(value)
 
 
+_str_or_none.__name__, _bool.__name__, _int.__name__, _float.__name__ = "text", "boolean", "integer", "number"
+
+
 @dataclass(frozen=True)
 class Option:
     name: str                       # snake_case key; the flag is --name-with-dashes
@@ -200,19 +203,26 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
     return values
 
 
-def build_parser(phase: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case)")
-    for option in OPTIONS:
-        if phase not in option.phases:
-            continue
+def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
+    """Add the flags of config keys `names` to an argparse parser or group, as every entry point defines them
+    (same flag and help); each defaults to None, meaning "not given". typed=False leaves the values as strings
+    for resolve_config to check against the YAML's; typed=True converts and checks choices in argparse."""
+    for name in names:
+        option = OPTIONS_BY_NAME[name]
         kwargs = dict(dest=option.name, default=None, help=f"{option.help} (default: {option.default})")
         if option.type is _bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = option.name.upper()
+            if typed:
+                kwargs.update(type=option.type, choices=option.choices)
         parser.add_argument(option.flag, **kwargs)
+
+
+def build_parser(phase: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case)")
+    add_flags(parser, [o.name for o in OPTIONS if phase in o.phases])
     return parser
 
 

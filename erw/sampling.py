@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict
+from erw.config import OPTIONS_BY_NAME
 from erw.transport import PATH_TYPES, Path, get_path
 from models.sit import SiT, create_sit
 
@@ -337,8 +338,10 @@ def write_npz(npz_path: str, folder: str, num_samples: int, labels: np.ndarray, 
 #################################################################################
 
 # REPA's generate.py flags that describe the model; our checkpoints carry the same facts in "model_args".
-REPA_MODEL_FLAG_DEFAULTS = {"model": "SiT-XL/2", "resolution": 256, "num_classes": 1000, "encoder_depth": 8,
-                            "projector_embed_dims": "768", "qk_norm": False}
+# REPA's training defaults, which are also ours (erw/config.py), plus DINOv2-B's width for the projector.
+REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
+                               for name in ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")},
+                            "projector_embed_dims": "768"}
 
 
 def read_checkpoint(path: str) -> dict:
