@@ -4,13 +4,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from erw.config import resolve_config
-from erw.data import ImageLatentDataset, check_data_dir
+from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset, check_data_dir
 from erw.trainer import Trainer
 from models.encoders import load_teachers
 from models.sit import SiT, create_sit
 
-LATENT_CHANNELS = 4
-VAE_DOWNSAMPLING = 8
+LATENT_CHANNELS = MOMENT_CHANNELS // 2  # the stored moments are [mean | std] of the latent
 
 
 def uses_alignment(config: Dict[str, Any]) -> bool:
