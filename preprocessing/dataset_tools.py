@@ -29,7 +29,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import atomic_write  # noqa: E402
+from erw.checkpoint import atomic_write, remove_stale_temps  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
 from models.vae import RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
@@ -75,13 +75,10 @@ def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
 
 
 def remove_stale_temp_files(root: str) -> int:
-    """Delete `.tmp` files an interrupted run left under `root`; returns how many."""
-    removed = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(directory, name))
-                removed += 1
+    """Delete the temp files an interrupted run of ours left under `root` and say how many; returns that count."""
+    removed = remove_stale_temps(root, recursive=True)
+    if removed:
+        print(f"removed {removed} stale temp file(s) of an interrupted run under {root}")
     return removed
 
 

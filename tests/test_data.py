@@ -154,7 +154,7 @@ def test_encode_resumes_without_redoing_or_leaving_partial_files(encoded, monkey
     with pytest.raises(KeyboardInterrupt):
         _encode(converted, dest.name)
     assert len(list(dest.rglob("*.npy"))) == 3 and not (dest / "dataset.json").exists()
-    (dest / "00000" / ".img-mean-std-00000005.npy.x.npy.tmp").write_bytes(b"half")  # a crash's leftover
+    (dest / "00000" / ".img-mean-std-00000005.npy.k3x9_q2a.tmp").write_bytes(b"half")  # a crash's leftover
 
     monkeypatch.setattr(dataset_tools, "save_npy_atomic", real_save)
     sentinel = np.full((8, 4, 4), 7.0, dtype=np.float32)
