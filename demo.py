@@ -43,7 +43,9 @@ def stage(title):
 
 def run_phase(entry_point, args, exp_dir):
     """Run a training entry point, resuming it when an earlier demo run left a checkpoint."""
-    if os.path.isfile(os.path.join(exp_dir, "checkpoints", "last.pt")):
+    from erw.trainer import LAST_CHECKPOINT, numbered_checkpoints
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    if os.path.isfile(os.path.join(ckpt_dir, LAST_CHECKPOINT)) or numbered_checkpoints(ckpt_dir):
         args = [*args, "--resume"]
     entry_point.main(args)
 
@@ -81,8 +83,9 @@ def plot_losses(phase1, phase2, path):
     axes[1].plot(steps2, [r["align_loss"] for r in phase2], label="alignment")
     axes[1].set(title="Phase 2: losses", xlabel="step")
     axes[1].legend()
-    axes[2].plot(steps2, [r["lambda"] for r in phase2])
-    axes[2].set(title="Phase 2: lambda(s) = proj_coeff * 2^(-s / half-life)", xlabel="step")
+    # The record at step s holds lambda(s - 1), the weight of the update that produced it.
+    axes[2].plot([s - 1 for s in steps2], [r["lambda_used"] for r in phase2])
+    axes[2].set(title="Phase 2: lambda(s) = proj_coeff * 2^(-s / half-life)", xlabel="s (completed steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

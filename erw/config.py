@@ -8,7 +8,7 @@ REPA's). Unknown keys and bad values are errors that name the key and the file.
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -16,10 +16,17 @@ WARMUP, TRAIN = "warmup", "train"
 BOTH = (WARMUP, TRAIN)
 
 
-def _str_or_none(value):
+def _text(value):
+    # YAML turns `exp_name: [a, b]` or `data_dir: 2024` into non-strings; str() would accept them silently.
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__} {value!r} (quote it in YAML)")
+    return value
+
+
+def _text_or_none(value):
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
         return None
-    return str(value)
+    return _text(value)
 
 
 def _bool(value):
@@ -45,7 +52,21 @@ def _float(value):
     return float(value)
 
 
-_str_or_none.__name__, _bool.__name__, _int.__name__, _float.__name__ = "text", "boolean", "integer", "number"
+def _key_list(value):
+    """Config keys as a list: a YAML list, or one comma-separated string (flag); dashes read as underscores."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected config keys, comma-separated, got {value!r}")
+    keys = [v.strip().replace("-", "_") for v in value]
+    unknown = [k for k in keys if k not in OPTIONS_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}")
+    return keys
+
+
+_text.__name__, _text_or_none.__name__ = "text", "text"
+_bool.__name__, _int.__name__, _float.__name__, _key_list.__name__ = "boolean", "integer", "number", "key list"
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,9 @@ class Option:
     choices: Optional[Sequence[Any]] = None
     minimum: Optional[float] = None  # inclusive lower bound for numbers
     required: bool = False
+    # What --resume may change: run-control keys (how long, how often, where to) freely, with a log line; every
+    # other key changes what is trained or how, and a resume refuses it unless named in --resume-override.
+    run_control: bool = False
 
     @property
     def flag(self) -> str:
@@ -66,64 +90,72 @@ class Option:
 
 OPTIONS: List[Option] = [
     # --- experiment ---
-    Option("exp_name", _str_or_none, None, "experiment name: outputs go to OUTPUT_DIR/EXP_NAME", required=True),
-    Option("output_dir", str, "exps", "root folder of experiments"),
-    Option("resume", _bool, False, "continue from OUTPUT_DIR/EXP_NAME/checkpoints/last.pt (model, EMA, optimizer, "
-           "grad scaler, step, RNG, data position)"),
+    Option("exp_name", _text_or_none, None, "experiment name: outputs go to OUTPUT_DIR/EXP_NAME", required=True,
+           run_control=True),
+    Option("output_dir", _text, "exps", "root folder of experiments", run_control=True),
+    Option("resume", _bool, False, "continue from the newest intact checkpoint in OUTPUT_DIR/EXP_NAME/checkpoints "
+           "(model, EMA, optimizer, grad scaler, step, RNG, data position)", run_control=True),
+    Option("resume_override", _key_list, [], "keys (comma-separated) that --resume may change although they change "
+           "what is trained, e.g. learning_rate,batch_size; recorded in the run's config history",
+           run_control=True),
     Option("seed", _int, 0, "global seed; each step reseeds from (seed, rank, step)", minimum=0),
-    Option("report_to", str, "none", "experiment tracker (wandb stays offline unless WANDB_MODE=online)",
-           choices=("wandb", "tensorboard", "none")),
-    Option("log_every", _int, 10, "log losses, grad norm, lr and throughput every N steps", minimum=1),
+    Option("report_to", _text, "none", "experiment tracker (wandb stays offline unless WANDB_MODE=online)",
+           choices=("wandb", "tensorboard", "none"), run_control=True),
+    Option("log_every", _int, 10, "log losses, grad norm, lr and throughput every N steps", minimum=1,
+           run_control=True),
     # --- data ---
-    Option("data_dir", str, "data/imagenet256", "dataset folder: images/ and vae-sd/ (REPA layout)"),
+    Option("data_dir", _text, "data/imagenet256", "dataset folder: images/ and vae-sd/ (REPA layout)"),
     Option("resolution", _int, 256, "image side in pixels; latents are resolution / 8", minimum=8),
     Option("num_classes", _int, 1000, "number of classes (the null class for CFG is one more)", minimum=1),
-    Option("num_workers", _int, 4, "dataloader worker processes per GPU", minimum=0),
+    Option("num_workers", _int, 4, "dataloader worker processes per GPU", minimum=0, run_control=True),
     # --- model ---
-    Option("model", str, "SiT-XL/2", "SiT size and patch size, e.g. SiT-B/2, SiT-XL/2 (models/sit.py)"),
+    Option("model", _text, "SiT-XL/2", "SiT size and patch size, e.g. SiT-B/2, SiT-XL/2 (models/sit.py)"),
     Option("qk_norm", _bool, False, "LayerNorm on queries and keys"),
     Option("use_rope", _bool, False, "2D rotary position embedding in attention (paper appendix D: helps)"),
     Option("cfg_prob", _float, 0.1, "label dropout probability (trains the null class for CFG)", minimum=0.0),
     # --- teacher and alignment ---
-    Option("enc_type", _str_or_none, "dinov2-vit-b", "frozen teacher(s), comma-separated REPA names "
+    Option("enc_type", _text_or_none, "dinov2-vit-b", "frozen teacher(s), comma-separated REPA names "
            "(dinov2-vit-b, ..., random-vit-tiny); none = no alignment"),
-    Option("enc_weights", _str_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
+    Option("enc_weights", _text_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
     Option("warmup_depth", _int, 5, "Phase 1 trains blocks 0..k-1 with the projector on block k's output "
            "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", minimum=1),
-    Option("align_loss", str, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
+    Option("align_loss", _text, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
            choices=("ntxent", "cosine")),
     Option("ntxent_temp", _float, 0.1, "NT-Xent temperature tau", minimum=1e-6),
     Option("encoder_depth", _int, 8, "Phase 2 projector on the output of this block (1-based; paper table 3 "
            "'Proj. depth', 18 best for SiT-XL/2)", phases=(TRAIN,), minimum=1),
     Option("proj_coeff", _float, 0.5, "lambda0, the alignment weight at the start of Phase 2 (paper table 3)",
            phases=(TRAIN,), minimum=0.0),
-    Option("proj_decay", str, "exp", "lambda schedule: exp = proj_coeff * 2^(-s / proj_half_life), none = constant",
+    Option("proj_decay", _text, "exp", "lambda schedule: exp = proj_coeff * 2^(-s / proj_half_life), none = constant",
            phases=(TRAIN,), choices=("exp", "none")),
     Option("proj_half_life", _float, 50000.0, "half-life of lambda in Phase-2 steps (ERW release: 50K)",
            phases=(TRAIN,), minimum=1e-9),
     # --- warm start (Phase 2) ---
-    Option("warmup_ckpt", _str_or_none, None, "Phase-1 checkpoint to warm-start from (none = REPA / SiT baseline)",
+    Option("warmup_ckpt", _text_or_none, None, "Phase-1 checkpoint to warm-start from (none = REPA / SiT baseline)",
            phases=(TRAIN,)),
-    Option("warmup_weights", str, "model", "which Phase-1 weights to load", phases=(TRAIN,),
+    Option("warmup_weights", _text, "model", "which Phase-1 weights to load", phases=(TRAIN,),
            choices=("model", "ema")),
     Option("warmup_layers", _int, 0, "place the k warmed blocks at START..START+k-1 (paper table 4)",
            phases=(TRAIN,), minimum=0),
     # --- diffusion (Phase 2) ---
-    Option("path_type", str, "linear", "interpolant: linear (alpha=1-t, sigma=t) or cosine", phases=(TRAIN,),
+    Option("path_type", _text, "linear", "interpolant: linear (alpha=1-t, sigma=t) or cosine", phases=(TRAIN,),
            choices=("linear", "cosine")),
-    Option("weighting", str, "uniform", "training time distribution: uniform or lognormal (EDM sigmas)",
+    Option("weighting", _text, "uniform", "training time distribution: uniform or lognormal (EDM sigmas)",
            phases=(TRAIN,), choices=("uniform", "lognormal")),
-    Option("vae", str, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
-           phases=(TRAIN,)),
+    Option("vae", _text, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
+           phases=(TRAIN,), run_control=True),
     Option("sampling_steps", _int, 10000, "save a sample grid from the EMA model every N steps", phases=(TRAIN,),
-           minimum=1),
-    Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,), minimum=1),
-    Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,), minimum=1),
+           minimum=1, run_control=True),
+    Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,), minimum=1,
+           run_control=True),
+    Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,), minimum=1,
+           run_control=True),
     # --- optimisation ---
     Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", minimum=1),
     Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", minimum=1),
-    Option("max_train_steps", _int, 400000, "optimizer steps in this phase", minimum=0),
-    Option("checkpointing_steps", _int, 50000, "write checkpoints/NNNNNNN.pt every N steps", minimum=1),
+    Option("max_train_steps", _int, 400000, "optimizer steps in this phase", minimum=0, run_control=True),
+    Option("checkpointing_steps", _int, 50000, "write checkpoints/NNNNNNN.pt every N steps", minimum=1,
+           run_control=True),
     Option("learning_rate", _float, 1e-4, "AdamW learning rate (constant)", minimum=0.0),
     Option("adam_beta1", _float, 0.9, "AdamW beta1", minimum=0.0),
     Option("adam_beta2", _float, 0.999, "AdamW beta2", minimum=0.0),
@@ -131,12 +163,13 @@ OPTIONS: List[Option] = [
     Option("adam_epsilon", _float, 1e-8, "AdamW epsilon", minimum=0.0),
     Option("max_grad_norm", _float, 1.0, "gradient-norm clipping", minimum=0.0),
     Option("ema_decay", _float, 0.9999, "EMA decay per optimizer step", minimum=0.0),
-    Option("mixed_precision", str, "fp16", "autocast precision", choices=("no", "fp16", "bf16")),
+    Option("mixed_precision", _text, "fp16", "autocast precision", choices=("no", "fp16", "bf16")),
     Option("allow_tf32", _bool, False, "TF32 matmuls on Ampere+ GPUs"),
-    Option("compile", _bool, False, "torch.compile the model"),
+    Option("compile", _bool, False, "torch.compile the model", run_control=True),
 ]
 
 OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
+INVOCATION_KEYS = ("resume", "resume_override")  # describe this command, not the run: never compared on resume
 
 
 class ConfigError(ValueError):
@@ -144,7 +177,7 @@ class ConfigError(ValueError):
 
 
 def _convert(option: Option, value: Any, where: str) -> Any:
-    if value is None and option.type in (_str_or_none,):
+    if value is None and option.type in (_text_or_none,):
         return None
     try:
         value = option.type(value)
@@ -171,9 +204,15 @@ def _read_yaml(path: str, chain=()) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    for section in BOTH:
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"config file {path}: the '{section}' section must be a mapping of keys to values, "
+                              f"got {raw[section]!r}")
     base_name = raw.pop("base", None)
     if base_name is None:
         return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name, got {base_name!r}")
     base = _read_yaml(os.path.join(os.path.dirname(path), base_name), chain + (os.path.abspath(path),))
     merged = {**base, **{k: v for k, v in raw.items() if k not in BOTH}}
     for section in BOTH:
@@ -248,3 +287,16 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
 def dump_config(config: Dict[str, Any], path: str) -> None:
     from erw.checkpoint import atomic_write
     atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+
+
+def resume_changes(stored: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Tuple[Any, Any]],
+                                                                              Dict[str, Tuple[Any, Any]]]:
+    """Compare a checkpoint's config with this run's: ({training key: (old, new)}, {run-control key: (old, new)}).
+    Keys the checkpoint does not record (written before an option existed) are not compared."""
+    training, run_control = {}, {}
+    for name, new in current.items():
+        option = OPTIONS_BY_NAME.get(name)
+        if option is None or name in INVOCATION_KEYS or name not in stored or stored[name] == new:
+            continue
+        (run_control if option.run_control else training)[name] = (stored[name], new)
+    return training, run_control

@@ -157,6 +157,7 @@ class Objective:
             lam = self.weight(step)
             loss = loss + lam * align
             logs["align_loss"] = align.detach()
-            logs["lambda"] = torch.tensor(lam)
+            # The weight this call used, lambda(step): logged at step + 1, after the update it weighted.
+            logs["lambda_used"] = torch.tensor(lam)
         logs["loss"] = loss.detach()
         return loss, logs

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erw.checkpoint import atomic_write
 from erw.sampling import GuidedVelocity, sample_ode
 from models.vae import decode_latents, load_vae
 
@@ -44,7 +45,6 @@ class SampleGridHook:
                              self.num_steps)
         grid = image_grid(decode_latents(self.vae, latents.float()).cpu().numpy())
         path = os.path.join(trainer.exp_dir, "samples", f"{step:07d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(grid).save(path)
+        atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
         trainer.log_image("samples", grid, step)
         trainer.log(f"Saved sample grid {path}")

@@ -8,26 +8,50 @@ checkpoints and exact resume.
 Exact resume: every micro-batch reseeds torch from (seed, rank, micro-batch index) and the data order is a pure
 function of (seed, epoch), so a resumed run repeats what an uninterrupted run would do; the checkpoint holds
 model, EMA, optimizer, grad scaler, step, data position, RNG states and the resolved config.
+
+What the loop guarantees besides:
+- no update is ever applied from a non-finite gradient: the step is skipped and counted, as fp16's GradScaler does
+  (which also lowers its scale); a non-finite loss, or MAX_CONSECUTIVE_SKIPS skips in a row, stops the run;
+- a checkpoint never holds non-finite weights, and an error names the checkpoint that really is the last good one;
+- --resume continues from the newest intact checkpoint and refuses settings that would change what is trained
+  (erw/config.py: run_control), unless named in --resume-override; metrics.jsonl then drops records past that step;
+- SIGTERM / SIGUSR1 (cluster preemption) finish the current optimizer step, write a checkpoint and exit with
+  EXIT_PREEMPTED; rerunning the same command with --resume continues bit for bit.
 """
 import copy
+import datetime
 import json
 import logging
 import os
+import re
+import signal
+import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+import uuid
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from erw.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from erw.config import dump_config
+from erw.checkpoint import (atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps,
+                            save_checkpoint, temp_path_for)
+from erw.config import dump_config, resume_changes
 from erw.data import sample_latents
 from erw.losses import Objective
 
 CHECKPOINT_FORMAT = 1
-METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step, appended across resumes
+METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step; a resume drops the records past its step
+CONFIG_HISTORY_FILE = "config_history.yaml"  # every resume that changed a setting: what, from what, to what
+LAST_CHECKPOINT = "last.pt"
+_NUMBERED_CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": a requeue script can tell preemption from failure
+# fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
+# skips to reach any workable scale. More in a row means the gradients are broken, not the scale.
+MAX_CONSECUTIVE_SKIPS = 50
 
 
 def derive_seed(*parts: int) -> int:
@@ -90,8 +114,100 @@ def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
     return logger
 
 
+class PreemptionHandler:
+    """Within `with`, SIGTERM / SIGUSR1 only set a flag that the loop reads after each optimizer step, so a
+    scheduler's warning signal ends the run at a step boundary with a checkpoint instead of killing it mid-step."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> Optional[str]:
+        """The signal's name if any process received one (all processes agree, so they stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
+        if accelerator.reduce(flag, "sum").item() == 0:
+            return None
+        return self.received or "a preemption signal (on another process)"
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a scheduler signals the whole process group, and a worker killed by SIGTERM
+    would crash the loader before the main process could write its checkpoint."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
+    """(step, path) of checkpoints/NNNNNNN.pt, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(ckpt_dir, m.group(0)))
+             for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m]
+    return sorted(found)
+
+
+def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
+    """The newest checkpoint in ckpt_dir that loads, and its contents. Numbered files come first, newest first
+    (a crash between writing NNNNNNN.pt and linking last.pt leaves last.pt one checkpoint behind); last.pt only
+    when no numbered checkpoint is readable."""
+    candidates = [path for _, path in reversed(numbered_checkpoints(ckpt_dir))]
+    last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
+    if os.path.isfile(last):
+        candidates.append(last)
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as e:
+            log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
+    raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the records of `path` (metrics.jsonl) past `step`, and a last line cut short by a kill; returns how
+    many lines were dropped. A resumed run then logs those steps once, not twice."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    return len(lines) - len(kept)
+
+
+def non_finite_tensors(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 class Trainer:
-    """Sets up accelerate, the experiment folder and logging for a resolved config; `fit` runs the loop."""
+    """Sets up accelerate, the experiment folder and logging for a resolved config, and finds and checks the
+    checkpoint a --resume continues from; `fit` runs the loop."""
 
     def __init__(self, config: Dict[str, Any]):
         from accelerate import Accelerator
@@ -120,19 +236,83 @@ class Trainer:
         if config["allow_tf32"]:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
+        stale = 0
         if acc.is_main_process:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            if not config["resume"] and os.path.exists(os.path.join(self.ckpt_dir, "last.pt")):
-                raise FileExistsError(f"{self.exp_dir} already holds a run: pass --resume to continue it, or "
-                                      "choose another --exp-name")
-            dump_config(config, os.path.join(self.exp_dir, "config.yaml"))
+            # Before this run writes anything here: a temp file now can only be a killed run's leftover.
+            stale = sum(remove_stale_temps(d) for d in (self.exp_dir, self.ckpt_dir,
+                                                         os.path.join(self.exp_dir, "samples")))
         acc.wait_for_everyone()
         self.logger = setup_logger(self.exp_dir if acc.is_main_process else None)
+        if stale:
+            self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.exp_dir}")
         self.device = acc.device
+        self.last_good: Optional[str] = None  # the newest checkpoint known to hold finite weights
+        self.config_history: List[Dict[str, Any]] = []
+        self.resume_from: Optional[Dict[str, Any]] = None
+        if config["resume"]:
+            self._check_resume()
+        else:
+            if config["resume_override"]:
+                raise ValueError("--resume-override applies only together with --resume")
+            existing = [os.path.basename(p) for _, p in numbered_checkpoints(self.ckpt_dir)]
+            if os.path.isfile(os.path.join(self.ckpt_dir, LAST_CHECKPOINT)):
+                existing.append(LAST_CHECKPOINT)
+            if existing:
+                raise FileExistsError(
+                    f"{self.exp_dir} already holds a run ({', '.join(existing[-3:])} in {self.ckpt_dir}): pass "
+                    "--resume to continue it from its newest checkpoint, or choose another --exp-name")
+        if acc.is_main_process:
+            dump_config(config, os.path.join(self.exp_dir, "config.yaml"))
+            start = self.resume_from["step"] if self.resume_from else 0
+            dropped = truncate_metrics(os.path.join(self.exp_dir, METRICS_FILE), start)
+            if dropped:
+                self.log(f"Dropped {dropped} record(s) past step {start} from {METRICS_FILE} (logged by the run "
+                         "that was interrupted; this run logs those steps again)")
+        acc.wait_for_everyone()
         torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
+
+    def _check_resume(self) -> None:
+        """Find the checkpoint to continue from, and refuse settings that differ from the ones it was trained with
+        unless --resume-override names them. Sets resume_from, last_good and config_history."""
+        cfg = self.config
+        path, ckpt = find_resume_checkpoint(self.ckpt_dir, self.log)
+        stored = ckpt.get("config") or {}
+        if stored.get("phase") not in (None, cfg["phase"]):
+            raise ValueError(f"--resume: {path} is a {stored['phase']} checkpoint; this is the {cfg['phase']} "
+                             "phase (give each phase its own --exp-name)")
+        training, run_control = resume_changes(stored, cfg)
+        refused = {k: v for k, v in training.items() if k not in cfg["resume_override"]}
+        if refused:
+            raise ValueError(
+                f"--resume: {path} was trained with other settings:\n" +
+                "".join(f"  {k}: {old!r} in the checkpoint, {new!r} now\n" for k, (old, new) in refused.items()) +
+                "These change what is trained. Restore them, or pass --resume-override "
+                f"{','.join(refused)} to change them deliberately (recorded in {CONFIG_HISTORY_FILE}).")
+        self.log(f"Resuming from {path} (step {ckpt['step']}), the newest intact checkpoint in {self.ckpt_dir}")
+        for kind, changes in (("run-control setting", run_control), ("OVERRIDDEN training setting", training)):
+            for k, (old, new) in changes.items():
+                self.log(f"{kind} {k}: {old!r} -> {new!r}")
+        self.config_history = list(ckpt.get("config_history") or [])
+        if training or run_control:
+            self.config_history.append({
+                "step": ckpt["step"], "resumed_from": path, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "changed": {k: [old, new] for k, (old, new) in {**run_control, **training}.items()},
+                "overridden": sorted(training)})
+            if self.accelerator.is_main_process:
+                atomic_write(os.path.join(self.exp_dir, CONFIG_HISTORY_FILE),
+                             lambda f: f.write(yaml.safe_dump(self.config_history, sort_keys=False).encode()))
+        self.resume_from, self.last_good = ckpt, path
 
     def log(self, message: str) -> None:
         self.logger.info(message)
+
+    def fail(self, message: str) -> None:
+        """Log `message` with where the last good checkpoint is (to log.txt too), then raise FloatingPointError."""
+        message += (f". The last good checkpoint is {self.last_good}" if self.last_good
+                    else ". No checkpoint of this run was written yet")
+        self.log(f"ERROR: {message}")
+        raise FloatingPointError(message)
 
     def log_image(self, name: str, image, step: int) -> None:
         """uint8 (H, W, 3) image to the active tracker, if any (main process)."""
@@ -142,6 +322,40 @@ class Trainer:
             self.accelerator.get_tracker("wandb").log({name: wandb.Image(image)}, step=step)
         elif report_to == "tensorboard":
             self.accelerator.get_tracker("tensorboard").writer.add_image(name, image, step, dataformats="HWC")
+
+    def _load_resume_state(self, model, ema, optimizer, model_args, dataset) -> Tuple[int, int, int, Optional[dict]]:
+        """Load resume_from into model, EMA and optimizer; returns (step, micro-batch, skipped steps, scaler
+        state). The optimizer takes this run's hyperparameters, so that config.yaml states what is used."""
+        cfg, acc, ckpt = self.config, self.accelerator, self.resume_from
+        if ckpt.get("model_args") != model_args:
+            raise ValueError(f"--resume: {self.last_good} was written for model {ckpt.get('model_args')}, "
+                             f"this run builds {model_args}")
+        load_state_dict_strict(model, ckpt["model"], f"{self.last_good} [model]")
+        load_state_dict_strict(ema, ckpt["ema"], f"{self.last_good} [ema]")
+        optimizer.load_state_dict(ckpt["opt"])
+        for group in optimizer.param_groups:
+            group.update(lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+                         weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"])
+        position = ckpt["data_position"]
+        if position.get("dataset_len", len(dataset)) != len(dataset) and "data_dir" not in cfg["resume_override"]:
+            # The same folder name with other contents: the data order (a permutation of the items) changes.
+            raise ValueError(f"--resume: {self.last_good} was trained on {position['dataset_len']:,} items, but "
+                             f"{cfg['data_dir']} now holds {len(dataset):,}; restore the data, or pass "
+                             "--resume-override data_dir to continue on it deliberately")
+        micro_batch = position["micro_batch"]
+        old_world = position.get("world_size", acc.num_processes)
+        old_local = position.get("local_batch_size", self.local_batch_size)
+        if (old_world, old_local) != (acc.num_processes, self.local_batch_size):
+            # Continue after the same number of items; per-process random streams differ, so not bit for bit.
+            consumed = micro_batch * old_world * old_local
+            micro_batch = consumed // (acc.num_processes * self.local_batch_size)
+            self.log(f"Resumed on {acc.num_processes} process(es) x {self.local_batch_size} items (was {old_world} x "
+                     f"{old_local}): the data order continues after item {consumed:,} of the stream, but the run is "
+                     "not bit-identical to an uninterrupted one")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        return ckpt["step"], micro_batch, ckpt.get("skipped_steps", 0), ckpt.get("scaler")
 
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:
@@ -154,26 +368,11 @@ class Trainer:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
                                       betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                                       weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"])
-        step, micro_batch = 0, 0
-        last_path = os.path.join(self.ckpt_dir, "last.pt")
-        if cfg["resume"]:
-            if not os.path.isfile(last_path):
-                raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-            ckpt = load_checkpoint(last_path)
-            if ckpt.get("model_args") != model_args:
-                raise ValueError(f"--resume: {last_path} was written for model {ckpt.get('model_args')}, "
-                                 f"this run builds {model_args}")
-            load_state_dict_strict(model, ckpt["model"], f"{last_path} [model]")
-            load_state_dict_strict(ema, ckpt["ema"], f"{last_path} [ema]")
-            optimizer.load_state_dict(ckpt["opt"])
-            step, micro_batch = ckpt["step"], ckpt["data_position"]["micro_batch"]
-            scaler_state = ckpt.get("scaler")
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            self.log(f"Resumed from {last_path} at step {step}")
-        else:
-            scaler_state = None
+        step, micro_batch, skipped, scaler_state = 0, 0, 0, None
+        if self.resume_from is not None:
+            step, micro_batch, skipped, scaler_state = self._load_resume_state(model, ema, optimizer, model_args,
+                                                                                  dataset)
+            self.resume_from = None  # the weights now live in the model; free the loaded copy
 
         if cfg["compile"]:
             model = torch.compile(model)
@@ -185,7 +384,8 @@ class Trainer:
                                         cfg["seed"], start_micro_batch=micro_batch)
         loader = DataLoader(dataset, batch_size=self.local_batch_size, sampler=sampler, drop_last=True,
                             num_workers=cfg["num_workers"], pin_memory=self.device.type == "cuda",
-                            persistent_workers=cfg["num_workers"] > 0)
+                            persistent_workers=cfg["num_workers"] > 0,
+                            worker_init_fn=ignore_preemption_signals if cfg["num_workers"] > 0 else None)
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
             n_params = sum(p.numel() for p in unwrapped.parameters())
@@ -200,89 +400,122 @@ class Trainer:
                 for hook in hooks:
                     hook(self, step, ema)
 
-        state = dict(model=model, ema=ema, optimizer=optimizer, model_args=model_args)
+        state = dict(model=model, ema=ema, optimizer=optimizer, model_args=model_args, dataset_len=len(dataset))
         progress = tqdm(total=cfg["max_train_steps"], initial=step, desc=f"{cfg['phase']} {cfg['exp_name']}",
                         disable=not acc.is_main_process, dynamic_ncols=True)
         data_iter = iter(loader)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, consecutive_skips = time.perf_counter(), 0, 0
         history: List[Dict[str, float]] = []
         model.train()
-        while step < cfg["max_train_steps"]:
-            images, moments, labels = next(data_iter)
-            torch.manual_seed(derive_seed(cfg["seed"], acc.process_index, micro_batch))
-            images, moments, labels = (x.to(self.device, non_blocking=True) for x in (images, moments, labels))
-            latents = sample_latents(moments)
-            with torch.no_grad(), acc.autocast():
-                teacher_tokens = [teacher(images) for teacher in teachers]
-            with acc.accumulate(model):
-                loss, logs = objective(model, latents, labels, teacher_tokens, step)
-                loss_all = acc.gather(loss.detach().reshape(1))
-                if not torch.isfinite(loss_all).all():
-                    raise FloatingPointError(
-                        f"non-finite loss {loss_all.tolist()} at step {step} (micro-batch {micro_batch}); stopping. "
-                        f"The last good checkpoint is {last_path if os.path.exists(last_path) else 'none yet'}")
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_batch += 1
-            if not acc.sync_gradients:
-                continue
-            update_ema(ema, acc.unwrap_model(model), cfg["ema_decay"])
-            step += 1
-            window_steps += 1
-            progress.update(1)
-            if step % cfg["log_every"] == 0 or step == cfg["max_train_steps"]:
-                elapsed = time.perf_counter() - window_start
-                record = {k: acc.reduce(v.to(self.device).float(), "mean").item() for k, v in logs.items()}
-                record.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"],
-                              images_per_sec=cfg["batch_size"] * window_steps / elapsed, step=step)
-                history.append(record)
+        with PreemptionHandler() as preemption, progress:
+            while step < cfg["max_train_steps"]:
+                images, moments, labels = next(data_iter)
+                torch.manual_seed(derive_seed(cfg["seed"], acc.process_index, micro_batch))
+                images, moments, labels = (x.to(self.device, non_blocking=True) for x in (images, moments, labels))
+                latents = sample_latents(moments)
+                with torch.no_grad(), acc.autocast():
+                    teacher_tokens = [teacher(images) for teacher in teachers]
+                with acc.accumulate(model):
+                    loss, logs = objective(model, latents, labels, teacher_tokens, step)
+                    loss_all = acc.gather(loss.detach().reshape(1))
+                    if not torch.isfinite(loss_all).all():
+                        self.fail(f"non-finite loss {loss_all.tolist()} at step {step + 1} (micro-batch "
+                                  f"{micro_batch}); stopping")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+                        update_skipped = not torch.isfinite(grad_norm).item()
+                        if not update_skipped or acc.scaler is not None:
+                            optimizer.step()  # fp16: GradScaler skips a non-finite update itself, lowering its scale
+                    optimizer.zero_grad(set_to_none=True)
+                micro_batch += 1
+                if not acc.sync_gradients:
+                    continue
+                update_ema(ema, acc.unwrap_model(model), cfg["ema_decay"])
+                step += 1
+                window_steps += 1
+                progress.update(1)
+                if update_skipped:
+                    skipped, consecutive_skips = skipped + 1, consecutive_skips + 1
+                    scale = f"; fp16 loss scale now {acc.scaler.get_scale():g}" if acc.scaler is not None else ""
+                    self.log(f"step {step}: gradient norm {float(grad_norm)} is not finite: update skipped "
+                             f"({skipped} skipped so far{scale})")
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        self.fail(f"gradients were non-finite in {consecutive_skips} steps in a row (last: step "
+                                  f"{step}); stopping")
+                else:
+                    consecutive_skips = 0
+                if step % cfg["log_every"] == 0 or step == cfg["max_train_steps"]:
+                    elapsed = time.perf_counter() - window_start
+                    record = {k: acc.reduce(v.to(self.device).float(), "mean").item() for k, v in logs.items()}
+                    record.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"],
+                                  skipped_steps=skipped, images_per_sec=cfg["batch_size"] * window_steps / elapsed,
+                                  step=step)
+                    history.append(record)
+                    if acc.is_main_process:
+                        with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "grad_norm") if k in record})
+                    self.log(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
+                    window_start, window_steps = time.perf_counter(), 0
+                stop_signal = preemption.requested(acc)
+                if step % cfg["checkpointing_steps"] == 0 or step == cfg["max_train_steps"] or stop_signal:
+                    self.save(state, step, micro_batch, skipped)
                 if acc.is_main_process:
-                    with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "grad_norm") if k in record})
-                self.log(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
-                window_start, window_steps = time.perf_counter(), 0
-            if step % cfg["checkpointing_steps"] == 0 or step == cfg["max_train_steps"]:
-                self.save(state, step, micro_batch)
-            if acc.is_main_process:
-                for hook in hooks:
-                    hook(self, step, ema)
-        progress.close()
+                    for hook in hooks:
+                        hook(self, step, ema)
+                if stop_signal:
+                    self.log(f"Received {stop_signal}: stopped after step {step} and saved {self.last_good}; rerun "
+                             f"the same command with --resume to continue (exit code {EXIT_PREEMPTED})")
+                    acc.end_training()
+                    raise SystemExit(EXIT_PREEMPTED)
         acc.wait_for_everyone()
         acc.end_training()
         return {"step": step, "history": history, "model": acc.unwrap_model(model), "ema": ema}
 
-    def save(self, state: Dict[str, Any], step: int, micro_batch: int) -> None:
-        """checkpoints/NNNNNNN.pt and last.pt (a hard link to it, atomically replaced), main process only."""
+    def save(self, state: Dict[str, Any], step: int, micro_batch: int, skipped: int) -> None:
+        """checkpoints/NNNNNNN.pt and last.pt (a hard link to it, atomically replaced), main process only.
+        Refuses non-finite weights, so that every checkpoint on disk is a good one."""
         acc = self.accelerator
+        model_state = acc.unwrap_model(state["model"]).state_dict()
+        ema_state = state["ema"].state_dict()
+        bad = non_finite_tensors(model_state) + [f"ema.{k}" for k in non_finite_tensors(ema_state)]
+        if bad:  # every process holds the same weights, so every process stops here
+            self.fail(f"non-finite weights after step {step} ({', '.join(bad[:5])}"
+                      f"{' ...' if len(bad) > 5 else ''}); not saved")
         acc.wait_for_everyone()
+        path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
         if acc.is_main_process:
             ckpt = {
                 "format": CHECKPOINT_FORMAT,
-                "model": acc.unwrap_model(state["model"]).state_dict(),
-                "ema": state["ema"].state_dict(),
+                # Unique per save: a sample folder made from these weights is tied to this id, not to a path
+                # (last.pt moves on while training goes on).
+                "checkpoint_id": uuid.uuid4().hex,
+                "model": model_state,
+                "ema": ema_state,
                 "opt": state["optimizer"].state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "step": step,
-                "data_position": {"micro_batch": micro_batch},
+                "skipped_steps": skipped,
+                "data_position": {"micro_batch": micro_batch, "world_size": acc.num_processes,
+                                  "local_batch_size": self.local_batch_size, "dataset_len": state["dataset_len"]},
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 "config": self.config,
+                "config_history": self.config_history,
                 "model_args": state["model_args"],
             }
-            path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
             save_checkpoint(ckpt, path)
-            tmp = os.path.join(self.ckpt_dir, ".last.pt.tmp")
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            last, tmp = os.path.join(self.ckpt_dir, LAST_CHECKPOINT), temp_path_for(
+                os.path.join(self.ckpt_dir, LAST_CHECKPOINT))
             try:
                 os.link(path, tmp)
-            except OSError:  # file systems without hard links: write a second copy
-                save_checkpoint(ckpt, tmp)
-            os.replace(tmp, os.path.join(self.ckpt_dir, "last.pt"))
+                os.replace(tmp, last)
+            except OSError:  # file systems without hard links: a second copy, written atomically
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                save_checkpoint(ckpt, last)
             self.log(f"Saved checkpoint {path}")
+        self.last_good = path
         acc.wait_for_everyone()

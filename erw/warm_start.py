@@ -37,6 +37,13 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
     if hidden != ckpt_hidden:
         raise ValueError(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
                          f"{hidden}-wide {model.__class__.__name__}")
+    # Attention options add no shape a key check would catch (RoPE has no weights; q/k norms not in the checkpoint
+    # would start fresh), yet the warmed blocks were trained with or without them.
+    for name, flag in (("qk_norm", "--qk-norm"), ("use_rope", "--use-rope")):
+        trained, now = bool(args.get(name, False)), getattr(model, name)
+        if trained != now:
+            raise ValueError(f"{path} was trained with {name} = {trained}, but this run sets {flag} = {now}: "
+                             f"warmed blocks must keep their attention; {'drop' if now else 'add'} {flag}")
     ckpt_z = list(args.get("z_dims", []))
     if ckpt_z != model.z_dims:
         raise ValueError(f"{path} has projectors for teacher widths {ckpt_z}; this run's teachers give {model.z_dims}")

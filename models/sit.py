@@ -242,6 +242,7 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.truncated = truncated
         self.z_dims = list(z_dims)
+        self.qk_norm, self.use_rope = qk_norm, use_rope
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)

@@ -79,6 +79,16 @@ def test_warm_start_errors(tmp_path):
         load_warmup(fresh_full(), str(tmp_path / "nowhere.pt"))
 
 
+@pytest.mark.parametrize("name,flag", [("qk_norm", "--qk-norm"), ("use_rope", "--use-rope")])
+def test_warm_start_refuses_other_attention_options(tmp_path, name, flag):
+    """Neither option changes a shape the key check would catch, but the warmed blocks were trained without it."""
+    phase1_checkpoint(tmp_path / "p1.pt")                       # trained without qk-norm and RoPE
+    torch.manual_seed(1)
+    model = SiT(**ARCH, encoder_depth=3, z_dims=[24], **{name: True})
+    with pytest.raises(ValueError, match=f"trained with {name} = False, but this run sets {flag} = True"):
+        load_warmup(model, str(tmp_path / "p1.pt"))
+
+
 @pytest.fixture(scope="module")
 def phase1(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("phase1")
@@ -95,14 +105,18 @@ def test_phase1_then_phase2_learns_and_writes_sample_grids(demo_data, phase1, tm
     result = train.main(phase2_args(demo_data, tmp_path, phase1, "--max-train-steps", "60", "--log-every", "5",
                                     "--sampling-steps", "30", "--sample-num-steps", "4"))
     velocity = [r["velocity_loss"] for r in result["history"]]
-    lambdas = [r["lambda"] for r in result["history"]]
+    lambdas = {r["step"]: r["lambda_used"] for r in result["history"]}
     first, last = sum(velocity[:2]) / 2, sum(velocity[-2:]) / 2
     # The fresh final layer predicts v = 0, so the loss starts near E|eps - x|^2 ~ 2; 60 steps took the
     # average of the first two logs 1.81 -> 1.53 (-15%) for the last two here.
     assert velocity[0] > 1.8
     assert last < 0.9 * first, velocity
-    # The log after optimizer step n shows the lambda that step used: s = n - 1 (s counts from 0).
-    assert lambdas[0] == pytest.approx(0.5 * 2 ** (-4 / 100)) and lambdas[-1] == pytest.approx(0.5 * 2 ** (-59 / 100))
+    # The record at step n (after n updates) holds the weight of the update that produced it, the n-th, whose
+    # schedule argument is the n - 1 steps completed before it: lambda(0) = proj_coeff weights the first update.
+    # Rel 1e-6: a float32 tensor round trip of a float64 value (eps 1.2e-7), no accumulation.
+    assert "lambda" not in result["history"][0]
+    for n in (5, 60):
+        assert lambdas[n] == pytest.approx(0.5 * 2 ** (-(n - 1) / 100), rel=1e-6)
     samples = sorted(os.listdir(os.path.join(tmp_path, "tiny", "samples")))
     assert samples == ["0000000.png", "0000030.png", "0000060.png"]
     ckpt = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
@@ -129,7 +143,7 @@ def test_paper_configs_run_at_tiny_size(demo_data, tmp_path, config, extra):
     else:
         assert len(model.projectors) == 1 and "align_loss" in result["history"][-1]
     if config == "table4_sit_b2_repa.yaml":
-        assert all(r["lambda"] == 0.5 for r in result["history"])
+        assert all(r["lambda_used"] == 0.5 for r in result["history"])
 
 
 def test_phase2_resume_continues_exactly(demo_data, phase1, tmp_path):
@@ -151,9 +165,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, p
             return (loss * float("nan") if step == 4 else loss), logs
 
     monkeypatch.setattr(train, "Objective", NaNAtStep4)
-    with pytest.raises(FloatingPointError, match="at step 4"):
+    # Objective's step 4 is the 5th update: the log calls it step 5 (its record would be at step 5).
+    last_good = os.path.join(tmp_path, "tiny", "checkpoints", "0000004.pt")
+    with pytest.raises(FloatingPointError, match="at step 5") as error:
         train.main(phase2_args(demo_data, tmp_path, phase1, "--max-train-steps", "10", "--checkpointing-steps", "2",
                                "--sampling-steps", "1000", "--sample-num-steps", "2"))
+    assert str(error.value).endswith(f"The last good checkpoint is {last_good}")
+    with open(os.path.join(tmp_path, "tiny", "log.txt")) as f:
+        assert f"ERROR: non-finite loss [nan] at step 5 (micro-batch 4); stopping. The last good checkpoint is " \
+               f"{last_good}" in f.read()
     last = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values())
 

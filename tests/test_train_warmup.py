@@ -99,6 +99,24 @@ def test_bad_config_value_names_the_key(tmp_path):
         resolve_config("warmup", ["--config", str(bad)])
 
 
+def test_malformed_config_files_name_the_key(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("exp_name: x\nwarmup:\n  max_train_steps: 3\n")
+    edit = tmp_path / "edit.yaml"
+    edit.write_text("base: base.yaml\nwarmup: 5\n")
+    with pytest.raises(ConfigError, match="edit.yaml: the 'warmup' section must be a mapping"):
+        resolve_config("warmup", ["--config", str(edit)])
+    for value in ("[a, b]", "{name: x}", "2024", "true"):
+        edit.write_text(f"exp_name: {value}\n")
+        with pytest.raises(ConfigError, match="bad value .* for 'exp_name' .*expected text"):
+            resolve_config("warmup", ["--config", str(edit)])
+    edit.write_text("exp_name: '2024'\ndata_dir: [a]\n")
+    with pytest.raises(ConfigError, match="'data_dir'"):
+        resolve_config("warmup", ["--config", str(edit)])
+    edit.write_text("exp_name: '2024'\n")
+    assert resolve_config("warmup", ["--config", str(edit)])["exp_name"] == "2024"
+
+
 def test_config_precedence_defaults_yaml_section_flags():
     config = resolve_config("train", ["--config", TINY_CONFIG, "--proj-coeff", "0.25"])
     assert config["proj_coeff"] == 0.25          # flag over the train: section

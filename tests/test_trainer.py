@@ -1,0 +1,304 @@
+"""The shared training loop around the formulas: non-finite updates, checkpoints that are always good, resume with
+changed settings, old checkpoints, metrics.jsonl, temp files and file modes, preemption by a real signal."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import train_warmup
+from erw import trainer as trainer_module
+from erw.checkpoint import atomic_write, load_checkpoint
+from erw.losses import Objective
+from tests.conftest import ROOT, tiny_args
+from tests.test_train_warmup import _state_equal
+
+EXP = "tiny-warmup"  # configs/tiny.yaml's Phase-1 experiment name
+
+
+def _exp(tmp_path, name=EXP):
+    return os.path.join(tmp_path, name)
+
+
+def _ckpt(tmp_path, name, exp=EXP):
+    return os.path.join(tmp_path, exp, "checkpoints", name)
+
+
+def _log_text(tmp_path, exp=EXP):
+    with open(os.path.join(tmp_path, exp, "log.txt")) as f:
+        return f.read()
+
+
+def _metric_steps(tmp_path, exp=EXP):
+    with open(os.path.join(tmp_path, exp, trainer_module.METRICS_FILE)) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def _all_finite(state):
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), infinite backward: every gradient becomes inf or NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _objective_with_infinite_gradient(at_steps):
+    class InfiniteGradientObjective(Objective):
+        def __call__(self, model, latents, labels, teacher_tokens, step):
+            loss, logs = super().__call__(model, latents, labels, teacher_tokens, step)
+            return (_InfiniteGradient.apply(loss) if step in at_steps else loss), logs
+    return InfiniteGradientObjective
+
+
+# ------------------------------------------------------------------ non-finite gradients and weights (item 3)
+
+def test_infinite_gradient_with_finite_loss_skips_the_update_and_counts_it(demo_data, tmp_path, monkeypatch):
+    # Step index 4 is the 5th update, logged as step 5.
+    monkeypatch.setattr(train_warmup, "Objective", _objective_with_infinite_gradient({4}))
+    result = train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "7", "--log-every", "1",
+                                         "--checkpointing-steps", "1"))
+    before, skipped, after = (load_checkpoint(_ckpt(tmp_path, f"{s:07d}.pt")) for s in (4, 5, 7))
+    for ckpt in (before, skipped, after):
+        assert _all_finite(ckpt["model"]) and _all_finite(ckpt["ema"])
+    _state_equal(before["model"], skipped["model"], "model after the skipped update")
+    assert not all(torch.equal(skipped["model"][k], after["model"][k]) for k in after["model"])  # training went on
+    assert (before["skipped_steps"], skipped["skipped_steps"], after["skipped_steps"]) == (0, 1, 1)
+    records = {r["step"]: r for r in result["history"]}
+    assert records[5]["skipped_steps"] == 1 and records[4]["skipped_steps"] == 0
+    assert not torch.isfinite(torch.tensor(records[5]["grad_norm"]))
+    assert "step 5: gradient norm" in _log_text(tmp_path) and "update skipped" in _log_text(tmp_path)
+
+
+def test_non_finite_gradients_in_a_row_stop_naming_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    monkeypatch.setattr(train_warmup, "Objective", _objective_with_infinite_gradient(set(range(2, 100))))
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(last: step 5\)") as error:
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "20", "--checkpointing-steps", "2"))
+    # Steps 3 and 4 were skipped, so 0000004.pt holds step 2's weights: finite and the newest file on disk.
+    assert str(error.value).endswith(f"The last good checkpoint is {_ckpt(tmp_path, '0000004.pt')}")
+    assert "ERROR: gradients were non-finite in 3 steps in a row" in _log_text(tmp_path)
+    assert _all_finite(load_checkpoint(_ckpt(tmp_path, "last.pt"))["model"])
+
+
+def test_nan_weights_are_never_saved(demo_data, tmp_path, monkeypatch):
+    real_update = trainer_module.update_ema
+
+    def update_then_poison_at_step_3(ema, model, decay):  # the EMA update of the 3rd optimizer step
+        real_update(ema, model, decay)
+        update_then_poison_at_step_3.calls += 1
+        if update_then_poison_at_step_3.calls == 3:
+            with torch.no_grad():
+                next(ema.parameters()).view(-1)[0] = float("nan")
+    update_then_poison_at_step_3.calls = 0
+
+    monkeypatch.setattr(trainer_module, "update_ema", update_then_poison_at_step_3)
+    with pytest.raises(FloatingPointError, match="non-finite weights after step 3") as error:
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "1"))
+    assert "not saved" in str(error.value) and _ckpt(tmp_path, "0000002.pt") in str(error.value)
+    assert not os.path.exists(_ckpt(tmp_path, "0000003.pt"))
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 2
+
+
+# ------------------------------------------------------------------ resume with changed settings (item 5)
+
+def test_resume_refuses_changed_training_settings_and_keeps_config_yaml(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2"))
+    config_path = os.path.join(_exp(tmp_path), "config.yaml")
+    with open(config_path) as f:
+        before = f.read()
+    changed = ["--learning-rate", "1e6", "--batch-size", "16", "--seed", "3"]
+    with pytest.raises(ValueError, match="was trained with other settings") as error:
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--resume", *changed))
+    message = str(error.value)
+    for line in ("learning_rate: 0.001 in the checkpoint, 1000000.0 now", "batch_size: 32 in the checkpoint, 16 now",
+                 "seed: 0 in the checkpoint, 3 now", "--resume-override seed,batch_size,learning_rate"):
+        assert line in message
+    with open(config_path) as f:
+        assert f.read() == before  # config.yaml still states what the run uses
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 2  # nothing trained
+
+
+def test_resume_override_applies_and_records_the_change(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2"))
+    result = train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--log-every", "1", "--resume",
+                                         "--learning-rate", "0.02", "--resume-override", "learning-rate"))
+    assert [r["lr"] for r in result["history"]] == [0.02, 0.02]  # the new rate is the one used
+    ckpt = load_checkpoint(_ckpt(tmp_path, "last.pt"))
+    assert all(group["lr"] == 0.02 for group in ckpt["opt"]["param_groups"]) and ckpt["config"]["learning_rate"] == 0.02
+    with open(os.path.join(_exp(tmp_path), "config.yaml")) as f:
+        assert yaml.safe_load(f)["learning_rate"] == 0.02
+    with open(os.path.join(_exp(tmp_path), trainer_module.CONFIG_HISTORY_FILE)) as f:
+        history = yaml.safe_load(f)
+    assert history == ckpt["config_history"]
+    assert history[-1]["step"] == 2 and history[-1]["overridden"] == ["learning_rate"]
+    assert history[-1]["changed"]["learning_rate"] == [0.001, 0.02]
+    assert history[-1]["changed"]["max_train_steps"] == [2, 4] and "log_every" in history[-1]["changed"]
+    log = _log_text(tmp_path)
+    assert "OVERRIDDEN training setting learning_rate: 0.001 -> 0.02" in log
+    assert "run-control setting max_train_steps: 2 -> 4" in log
+
+
+def test_resume_override_without_resume_is_refused(demo_data, tmp_path):
+    with pytest.raises(ValueError, match="--resume-override applies only together with --resume"):
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--resume-override", "seed"))
+
+
+def test_resume_with_another_batch_size_continues_after_the_same_items(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2"))
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3", "--resume", "--batch-size", "16",
+                                "--resume-override", "batch_size"))
+    ckpt = load_checkpoint(_ckpt(tmp_path, "last.pt"))
+    # 2 steps x 32 items, then 1 x 16: the stream position is 80 items = 5 micro-batches of 16.
+    assert ckpt["data_position"] == {"micro_batch": 5, "world_size": 1, "local_batch_size": 16, "dataset_len": 160}
+    assert "continues after item 64 of the stream" in _log_text(tmp_path)
+
+
+def test_resume_refuses_a_data_folder_whose_contents_changed(tmp_path):
+    from preprocessing import dataset_tools
+    data = tmp_path / "data"
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "4"])
+    train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "1", "--batch-size", "8"))
+    shutil.rmtree(data)
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2"])
+    with pytest.raises(ValueError, match=f"trained on 40 items, but {data} now holds 20"):
+        train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "2", "--batch-size", "8", "--resume"))
+
+
+# ------------------------------------------------------------------ old checkpoints, metrics.jsonl (items 6, 9)
+
+def test_numbered_checkpoints_without_last_pt_are_not_overwritten(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "1",
+                                "--log-every", "1"))
+    os.remove(_ckpt(tmp_path, "last.pt"))
+    newest = load_checkpoint(_ckpt(tmp_path, "0000003.pt"))
+    with pytest.raises(FileExistsError, match="0000003.pt"):
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3"))
+    _state_equal(load_checkpoint(_ckpt(tmp_path, "0000003.pt"))["model"], newest["model"], "untouched")
+    assert _metric_steps(tmp_path) == [1, 2, 3]
+
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "1",
+                                "--log-every", "1", "--resume"))
+    assert f"Resuming from {_ckpt(tmp_path, '0000003.pt')} (step 3)" in _log_text(tmp_path)
+    assert _metric_steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "1"))
+    with open(_ckpt(tmp_path, "0000003.pt"), "wb") as f:  # last.pt is a hard link to it: both are broken
+        f.write(b"not a checkpoint")
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "1",
+                                "--resume"))
+    log = _log_text(tmp_path)
+    assert f"skipping unreadable checkpoint {_ckpt(tmp_path, '0000003.pt')}" in log
+    assert f"Resuming from {_ckpt(tmp_path, '0000002.pt')} (step 2)" in log
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
+
+
+def test_metrics_past_the_resumed_step_are_dropped(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "4",
+                                "--log-every", "1"))
+    # As if killed after logging step 6 but before its checkpoint, in the middle of writing a record.
+    os.remove(_ckpt(tmp_path, "0000006.pt"))
+    os.remove(_ckpt(tmp_path, "last.pt"))
+    with open(os.path.join(_exp(tmp_path), trainer_module.METRICS_FILE), "a") as f:
+        f.write('{"loss": 1.0, "st')
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "4",
+                                "--log-every", "1", "--resume"))
+    assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert "Dropped 3 record(s) past step 4" in _log_text(tmp_path)
+
+
+def test_stale_temp_files_are_removed_and_files_honour_the_umask(demo_data, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "1"))
+        ckpt_dir = os.path.dirname(_ckpt(tmp_path, "x"))
+        stale = [os.path.join(ckpt_dir, ".0000002.pt.k3x9_q2a.tmp"), os.path.join(ckpt_dir, ".last.pt.0a1b2c3d.tmp"),
+                 os.path.join(_exp(tmp_path), ".config.yaml.zz00yy11.tmp")]
+        kept = [os.path.join(ckpt_dir, "notes.tmp"), os.path.join(_exp(tmp_path), ".hidden.tmp")]
+        for path in stale + kept:
+            with open(path, "wb") as f:
+                f.write(b"left behind")
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2", "--resume"))
+        assert not any(os.path.exists(p) for p in stale) and all(os.path.exists(p) for p in kept)
+        assert f"Removed 3 stale temp file(s) that an interrupted run left in {_exp(tmp_path)}" in _log_text(tmp_path)
+        for path in (_ckpt(tmp_path, "0000002.pt"), os.path.join(_exp(tmp_path), "config.yaml")):
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+        os.umask(0o027)
+        atomic_write(str(tmp_path / "group.txt"), lambda f: f.write(b"x"))
+        assert os.stat(tmp_path / "group.txt").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+
+
+# ------------------------------------------------------------------ preemption by a real signal (item 10)
+
+def _train_warmup_cmd(demo_data, tmp_path, exp_name, *extra):
+    return [sys.executable, os.path.join(ROOT, "train_warmup.py"),
+            *tiny_args(demo_data, tmp_path, "--exp-name", exp_name, "--max-train-steps", "30",
+                       "--checkpointing-steps", "1000", "--log-every", "1", "--num-workers", "1", *extra)]
+
+
+def _run(cmd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every process: bit-for-bit comparable
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _start_and_signal(cmd, metrics_path, signum, to_group):
+    """Start cmd in its own session, wait until it has logged step 2, send signum, wait for the exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                if sum(1 for line in f if line.endswith("\n")) >= 2:
+                    break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
+    output = proc.communicate(timeout=300)[0]
+    return proc.returncode, output
+
+
+def test_sigterm_checkpoints_exits_and_resume_continues_bit_for_bit(demo_data, tmp_path):
+    straight = _run(_train_warmup_cmd(demo_data, tmp_path, "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cmd = _train_warmup_cmd(demo_data, tmp_path, "preempted")
+    # The whole process group, as SLURM signals it: the DataLoader worker gets SIGTERM too.
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", trainer_module.METRICS_FILE),
+                                     signal.SIGTERM, to_group=True)
+    assert code == trainer_module.EXIT_PREEMPTED, output[-3000:]
+    stopped = load_checkpoint(_ckpt(tmp_path, "last.pt", "preempted"))
+    assert 2 <= stopped["step"] < 30
+    assert f"Received SIGTERM: stopped after step {stopped['step']}" in _log_text(tmp_path, "preempted")
+    resumed = _run([*cmd, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final, reference = (load_checkpoint(_ckpt(tmp_path, "last.pt", e)) for e in ("preempted", "straight"))
+    assert final["step"] == reference["step"] == 30
+    for key in ("model", "ema", "opt", "data_position"):
+        _state_equal(reference[key], final[key], key)
+
+
+def test_sigusr1_also_checkpoints_and_exits(demo_data, tmp_path):
+    cmd = _train_warmup_cmd(demo_data, tmp_path, "usr1", "--num-workers", "0")
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "usr1", trainer_module.METRICS_FILE),
+                                     signal.SIGUSR1, to_group=False)
+    assert code == trainer_module.EXIT_PREEMPTED, output[-3000:]
+    step = load_checkpoint(_ckpt(tmp_path, "last.pt", "usr1"))["step"]
+    assert f"Received SIGUSR1: stopped after step {step}" in _log_text(tmp_path, "usr1")
