@@ -14,6 +14,7 @@ level from run to run; then the output is bitwise independent of the batch size 
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict
+from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps
 from erw.config import OPTIONS_BY_NAME
 from erw.transport import PATH_TYPES, Path, get_path
 from models.sit import SiT, create_sit
@@ -353,6 +354,46 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+# The trainer writes a fresh id into every checkpoint it saves (NNNNNNN.pt and its last.pt link share it). It becomes
+# part of a sample folder's name, so it must be a plain token, and long enough not to be shared by chance.
+_CHECKPOINT_ID = re.compile(r"[0-9A-Za-z_-]{8,}")
+# sha256 runs at about 1 GB/s: above this many bytes the hash takes long enough to deserve a progress bar.
+_HASH_PROGRESS_BYTES = 256 * 2 ** 20
+
+
+def state_dict_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
+    """sha256 over the tensors in sorted key order: each key's name, dtype, shape and raw bytes. It identifies the
+    weights themselves, whatever file, path or checkpoint layout holds them."""
+    tensors = [(name, state_dict[name].detach().cpu().contiguous()) for name in sorted(state_dict)]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    digest = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights (checkpoint has no checkpoint_id)",
+              disable=not show_progress or total < _HASH_PROGRESS_BYTES) as bar:
+        for name, t in tensors:
+            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+            bar.update(t.numel() * t.element_size())
+    return digest.hexdigest()
+
+
+def weights_id(ckpt: dict, weights: str, ckpt_path: str, show_progress: bool = False) -> str:
+    """What a sample folder is tied to: "<checkpoint_id>/<weights>" for checkpoints that carry an id, else
+    "sha256:<hash of ckpt[weights]>/<weights>" (REPA's and our older checkpoints)."""
+    checkpoint_id = ckpt.get("checkpoint_id")
+    if checkpoint_id is None:
+        return f"sha256:{state_dict_sha256(ckpt[weights], show_progress)}/{weights}"
+    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID.fullmatch(checkpoint_id):
+        raise ValueError(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
+                         "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
+    return f"{checkpoint_id}/{weights}"
+
+
+def checkpoint_step(ckpt: dict) -> Optional[int]:
+    """The training step of our checkpoints ("step") and REPA's ("steps"); None when the checkpoint has none."""
+    step = ckpt.get("step", ckpt.get("steps"))
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _z_dims(flag_value: str) -> List[int]:
     try:
         return [int(z) for z in flag_value.split(",") if z.strip()]
@@ -378,14 +419,16 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
     return implied
 
 
-def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None
-                        ) -> Tuple[SiT, Dict[str, object]]:
+def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
     """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly.
 
     Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree.
     REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags (missing ones take
     REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" | "repa",
-    "model_args", "path_type" and "vae" (from our checkpoint's config, else None)}.
+    "model_args", "path_type" and "vae" (from our checkpoint's config, else None), "weights_id" (see weights_id;
+    hashing a checkpoint without checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress), "step"
+    (checkpoint_step)}.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -411,7 +454,8 @@ def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optio
         raise ValueError(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     model = create_sit(**model_args)
     load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
-    info["model_args"] = model_args
+    info.update(model_args=model_args, weights_id=weights_id(ckpt, weights, ckpt_path, show_progress),
+                step=checkpoint_step(ckpt))
     return model.eval().requires_grad_(False), info
 
 
@@ -419,8 +463,10 @@ def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optio
 #                         Multi-process generation run                          #
 #################################################################################
 
-# Settings that change the images: a sample folder may only be resumed with the same values.
-IDENTITY_KEYS = ("ckpt", "weights", "model_args", "path_type", "mode", "num_steps", "heun", "cfg_scale",
+# Settings that change the images: a sample folder may only be resumed with the same values. The weights count by
+# their id, not by the checkpoint's path: last.pt is replaced as training goes on, and NNNNNNN.pt and the last.pt
+# linked to it are the same weights.
+IDENTITY_KEYS = ("weights_id", "weights", "model_args", "path_type", "mode", "num_steps", "heun", "cfg_scale",
                  "guidance_low", "guidance_high", "global_seed", "label_mode", "vae", "precision")
 
 
@@ -447,6 +493,24 @@ def setup_distributed(device_kind: str = "auto") -> Tuple[int, int, torch.device
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_from_ranks(obj: object) -> List[object]:
+    """[rank 0's obj, rank 1's obj, ...]; [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def check_same_weights(ids_by_rank: Sequence[str], ckpt_path: str) -> None:
+    """Every process loads the checkpoint itself; refuse unless all of them got the same weights."""
+    if len(set(ids_by_rank)) > 1:
+        listing = ", ".join(f"rank {rank}: {i}" for rank, i in enumerate(ids_by_rank))
+        raise RuntimeError(f"the processes loaded different weights from {ckpt_path} ({listing}): the file was "
+                           "replaced while they read it, as last.pt is whenever training saves; sample a numbered "
+                           "checkpoint (checkpoints/NNNNNNN.pt) instead")
 
 
 @contextlib.contextmanager
@@ -478,16 +542,27 @@ def resolve_vae_name(vae_flag: Optional[str], checkpoint_vae: Optional[str]) -> 
     return f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
 
 
+def short_weights_id(full_id: str) -> str:
+    """The first 8 characters of a checkpoint id or weight hash: "3f2a9c1b" from "3f2a9c1b.../ema" or
+    "sha256:3f2a9c1b.../ema"."""
+    return full_id.split("/")[0].split(":")[-1][:8]
+
+
 def sample_folder_name(settings: Dict[str, object]) -> str:
-    """REPA-style descriptive folder name; settings not in it are still checked on resume (IDENTITY_KEYS)."""
+    """REPA-style descriptive folder name; settings not in it are still checked on resume (IDENTITY_KEYS).
+
+    The weights appear as the training step (when the checkpoint has one) and the short weights id, not as the
+    checkpoint's file name: e.g. SiT-XL-2-step0400000-3f2a9c1b-ema-size-256-..., so sampling last.pt after
+    training moved it on starts another folder instead of adding to the one of the older weights."""
     model = str(settings["model_args"]["model"]).replace("/", "-")
-    ckpt = os.path.splitext(os.path.basename(settings["ckpt"]))[0]
+    step = settings["checkpoint_step"]
+    weights = (f"step{step:07d}-" if step is not None else "") + short_weights_id(settings["weights_id"])
     vae = os.path.basename(str(settings["vae"]).rstrip("/"))
     mode = settings["mode"] + ("-heun" if settings["heun"] else "")
     cfg = f"cfg-{settings['cfg_scale']}"
     if settings["cfg_scale"] > 1.0:
         cfg += f"-{settings['guidance_low']}-{settings['guidance_high']}"
-    return (f"{model}-{ckpt}-{settings['weights']}-size-{settings['resolution']}-vae-{vae}-{mode}-"
+    return (f"{model}-{weights}-{settings['weights']}-size-{settings['resolution']}-vae-{vae}-{mode}-"
             f"{settings['num_steps']}-{cfg}-seed-{settings['global_seed']}")
 
 
@@ -501,11 +576,39 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
     with open(settings_path) as f:
         previous = json.load(f)
     current = json.loads(json.dumps(settings))  # the same JSON round trip as the stored copy (tuples -> lists)
+    if previous.get("weights_id") != current["weights_id"]:
+        raise RuntimeError(f"{folder} holds samples of the weights {previous.get('weights_id') or '(not recorded)'} "
+                           f"(from {previous.get('ckpt')}), but this run's weights are {current['weights_id']} "
+                           f"(from {current['ckpt']}); one .npz must come from one set of weights: use another "
+                           "--sample-dir, or delete the folder to sample it again")
     diffs = [f"{k}: {previous.get(k)!r} before, {current[k]!r} now" for k in IDENTITY_KEYS
              if previous.get(k) != current[k]]
     if diffs:
         raise RuntimeError(f"{folder} was sampled with other settings ({'; '.join(diffs)}); use another "
                            "--sample-dir or delete the folder")
+
+
+def unfinished_runs_of_other_weights(sample_dir: str, settings: Dict[str, object]) -> List[Dict[str, object]]:
+    """Settings of the unfinished runs in sample_dir that sampled the same checkpoint path with the same settings
+    when it held other weights: what a rerun from last.pt finds after training replaced it."""
+    found = []
+    if not os.path.isdir(sample_dir):
+        return found
+    current = json.loads(json.dumps(settings))
+    for name in sorted(os.listdir(sample_dir)):
+        folder = os.path.join(sample_dir, name[: -len(".json")])
+        if not name.endswith(".json") or not os.path.isdir(folder) or os.path.exists(folder + ".npz"):
+            continue
+        try:
+            with open(folder + ".json") as f:
+                previous = json.load(f)
+        except (OSError, ValueError):  # only a note: a file that is not one of our settings files is skipped
+            continue
+        if (isinstance(previous, dict) and previous.get("ckpt") == current["ckpt"]
+                and previous.get("weights_id") not in (None, current["weights_id"])
+                and all(previous.get(k) == current[k] for k in IDENTITY_KEYS if k != "weights_id")):
+            found.append({**previous, "sample_folder": folder})
+    return found
 
 
 def _write_json(path: str, data: Dict[str, object]) -> None:
@@ -515,7 +618,12 @@ def _write_json(path: str, data: Dict[str, object]) -> None:
 def run_sampling(args: Dict[str, object]) -> str:
     """The whole sample_ddp.py run for this process; args = sample_ddp.py's flags as a dict. Returns the .npz path.
 
-    Every process lists the finished PNGs before any process writes, then takes every world_size-th missing
+    A sample folder belongs to the weights that made it (weights_id in its settings .json and, shortened, in its
+    name with the step), never to the checkpoint's path: rerunning with a last.pt that training has since replaced
+    samples into a new folder (and says which unfinished folder it left), and a folder whose recorded weights
+    differ from this run's is refused. Every process loads the checkpoint itself, so all must report the same
+    weights id. Rank 0 removes the temp files an interrupted run left (this run's PNG folder, its .npz and .json),
+    then every process lists the finished PNGs before any process writes and takes every world_size-th missing
     index; rank 0 assembles the .npz after a barrier.
     """
     rank, world_size, device = setup_distributed(args["device"])
@@ -525,7 +633,8 @@ def run_sampling(args: Dict[str, object]) -> str:
     autocast_dtype = apply_precision(args["precision"])
 
     model_flags = {k: args[k] for k in REPA_MODEL_FLAG_DEFAULTS}
-    model, info = load_sampling_model(args["ckpt"], args["weights"], model_flags)
+    model, info = load_sampling_model(args["ckpt"], args["weights"], model_flags, show_progress=rank == 0)
+    check_same_weights(gather_from_ranks(info["weights_id"]), args["ckpt"])
     model.to(device)
     if args["compile"]:
         # Fuses the memory-bound elementwise ops between the matmuls: SiT-XL/2 bf16 forward 0.112 s -> 0.066 s
@@ -543,7 +652,8 @@ def run_sampling(args: Dict[str, object]) -> str:
     latent_shape = (model.in_channels, latent_size, latent_size)
 
     settings = {**args, "ckpt": os.path.abspath(args["ckpt"]), "checkpoint_format": info["format"],
-                "model_args": info["model_args"], "path_type": path_type, "resolution": latent_size * 8,
+                "weights_id": info["weights_id"], "checkpoint_step": info["step"], "model_args": info["model_args"],
+                "path_type": path_type, "resolution": latent_size * 8,
                 "vae": resolve_vae_name(args["vae"], info["vae"]), "micro_batch_size": micro_batch_size,
                 "world_size": world_size, "device": device.type, "torch_version": torch.__version__}
     folder = os.path.join(args["sample_dir"], sample_folder_name(settings))
@@ -552,11 +662,27 @@ def run_sampling(args: Dict[str, object]) -> str:
     check_resumable(settings_path, folder, settings)
     _barrier()  # everyone has read the old settings before rank 0 replaces them
     if rank == 0:
+        step = "no step recorded" if info["step"] is None else f"step {info['step']}"
+        print(f"Weights {info['weights_id']} ({step}) from {settings['ckpt']}")
+        for old in unfinished_runs_of_other_weights(args["sample_dir"], settings):
+            old_step, numbered = old.get("checkpoint_step"), None
+            if isinstance(old_step, int):
+                numbered = os.path.join(os.path.dirname(settings["ckpt"]), f"{old_step:07d}.pt")
+            print(f"note: {old['sample_folder']} ({len(finished_indices(old['sample_folder']))} samples, unfinished) "
+                  f"was sampled from this checkpoint path when it held other weights ({old['weights_id']}"
+                  f"{'' if old_step is None else f' of step {old_step}'}); this run samples the weights it holds "
+                  "now into their own folder. To finish that one, sample the numbered checkpoint it came from"
+                  + (f" (--ckpt {numbered})." if numbered and os.path.isfile(numbered) else "."))
         os.makedirs(folder, exist_ok=True)
+        # Before any process writes here: a temp of a write in progress looks the same. In the shared
+        # --sample-dir only this run's own .npz and .json temps are ours to remove.
+        removed = (remove_stale_temps(folder)
+                   + remove_stale_temps(args["sample_dir"], targets=[os.path.basename(npz_path),
+                                                                     os.path.basename(settings_path)]))
+        if removed:
+            print(f"removed {removed} temp file{'s' if removed != 1 else ''} an interrupted run left in {folder} "
+                  "and beside it")
         _write_json(settings_path, settings)
-        for name in os.listdir(folder):  # temp files of PNGs an interrupted run did not finish
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
     _barrier()
 
     from models.vae import decode_latents, load_vae  # diffusers is only needed once a run gets this far

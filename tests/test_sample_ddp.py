@@ -1,10 +1,12 @@
 """sample_ddp.py end to end on the CPU with a tiny SiT and the tiny random VAE: the .npz does not depend on the
-batch size or the number of processes (byte for byte), an interrupted run resumes to the same file, and
-checkpoints of both layouts load strictly."""
+batch size or the number of processes (byte for byte), an interrupted run resumes to the same file, a sample folder
+belongs to the weights that made it (never to a checkpoint path), and checkpoints of both layouts load strictly."""
 import argparse
 import os
+import re
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ NUM_SAMPLES = 7
 # SDE with the CFG interval active for part of the steps, so both model batch shapes occur.
 RUN_FLAGS = ["--num-fid-samples", str(NUM_SAMPLES), "--num-steps", "6", "--cfg-scale", "1.5", "--guidance-high", "0.7",
              "--vae", "random-tiny", "--device", "cpu"]
+REPA_FLAGS = {"model": "SiT-Tiny/2", "resolution": 64, "num_classes": 10, "encoder_depth": 1,
+              "projector_embed_dims": "32", "qk_norm": False}
+CHECKPOINT_ID = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,14 +45,22 @@ def _random_state_dict(model, seed):
     return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.state_dict().items()}
 
 
+def _save_ours(path, weights, step, checkpoint_id=None):
+    """Our checkpoint layout; checkpoint_id as the trainer writes it (None: an older checkpoint without one)."""
+    ckpt = {**weights, "opt": {}, "step": step, "config": {"path_type": "linear", "vae": "random-tiny"},
+            "model_args": MODEL_ARGS}
+    if checkpoint_id is not None:
+        ckpt["checkpoint_id"] = checkpoint_id
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     model = create_sit(**MODEL_ARGS)
     weights = {"model": _random_state_dict(model, 1), "ema": _random_state_dict(model, 2)}
-    ours = str(root / "0000010.pt")
-    save_checkpoint({**weights, "opt": {}, "step": 10, "config": {"path_type": "linear", "vae": "random-tiny"},
-                     "model_args": MODEL_ARGS}, ours)
+    ours = _save_ours(root / "0000010.pt", weights, 10, CHECKPOINT_ID)
     repa = str(root / "repa.pt")
     # REPA's train.py layout, including its pickled argparse.Namespace.
     torch.save({**weights, "opt": {}, "args": argparse.Namespace(model="SiT-Tiny/2", encoder_depth=1)}, repa)
@@ -55,7 +68,8 @@ def checkpoints(tmp_path_factory):
     truncated = create_sit(**{**MODEL_ARGS, "truncated": True})
     save_checkpoint({"model": truncated.state_dict(), "ema": truncated.state_dict(),
                      "model_args": {**MODEL_ARGS, "truncated": True}}, warmup)
-    return {"ours": ours, "repa": repa, "warmup": warmup, "weights": weights}
+    other_weights = {"model": _random_state_dict(model, 3), "ema": _random_state_dict(model, 4)}
+    return {"ours": ours, "repa": repa, "warmup": warmup, "weights": weights, "other_weights": other_weights}
 
 
 def _run(ckpt, sample_dir, *flags):
@@ -75,6 +89,24 @@ def _read(path):
         return f.read()
 
 
+def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
+    """Run until `after` PNGs are saved, then stop as Ctrl-C would. Returns the saved PNGs' paths."""
+    real_save = erw.sampling.save_png
+    saved = []
+
+    def crash(image, path):
+        if len(saved) == after:
+            raise KeyboardInterrupt("simulated interruption")
+        real_save(image, path)
+        saved.append(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(erw.sampling, "save_png", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _run(ckpt, sample_dir, *flags)
+    return saved
+
+
 def test_npz_layout_labels_and_settings(reference):
     npz, _ = reference
     with np.load(npz) as data:
@@ -89,6 +121,10 @@ def test_npz_layout_labels_and_settings(reference):
 
 
 def test_batch_size_does_not_change_the_npz(checkpoints, reference, tmp_path):
+    # Byte equality is sound on any one CPU: on the CPU the sampler runs the model and the VAE one sample at a
+    # time (micro-batch 1) on one thread, so every float32 kernel sees the same shapes whatever the batch size or
+    # process count; the float64 sampler state only goes through elementwise + - * / (correctly rounded in any
+    # vector width) and per-sample generators. A float32 op on batch-shaped tensors would break this.
     npz = _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "5")
     assert _read(npz) == reference[1]
 
@@ -104,31 +140,111 @@ def test_two_processes_give_the_same_npz(checkpoints, reference, tmp_path):
     assert _read(npz) == reference[1]
 
 
-def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_path, monkeypatch):
-    real_save = erw.sampling.save_png
-    saved = []
-
-    def crash_after_four(image, path):
-        if len(saved) == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        real_save(image, path)
-        saved.append(path)
-
-    monkeypatch.setattr(erw.sampling, "save_png", crash_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
+def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_path, monkeypatch, capsys):
+    _interrupted_run(monkeypatch, checkpoints["ours"], tmp_path, 4, "--per-proc-batch-size", "3")
     npz = os.path.join(tmp_path, os.path.basename(reference[0]))
     assert not os.path.exists(npz)
     folder = npz[: -len(".npz")]
-    with open(os.path.join(folder, ".tmp-left-by-a-crash.png"), "wb") as f:
-        f.write(b"partial")
+    run = os.path.basename(folder)
+    # What atomic_write leaves when a run dies mid-write (`.<final name>.<8 random characters>.tmp`): a PNG, the
+    # .npz being assembled, the settings .json. Another job's .npz temp in the shared --sample-dir may be in use.
+    stale = [os.path.join(folder, ".000005.png.k3x9q2ab.tmp"), os.path.join(tmp_path, f".{run}.npz.0a1b2c3d.tmp"),
+             os.path.join(tmp_path, f".{run}.json.x_y1z2w3.tmp")]
+    other_job = os.path.join(tmp_path, ".another-run.npz.0a1b2c3d.tmp")
+    for path in stale + [other_job]:
+        with open(path, "wb") as f:
+            f.write(b"partial")
 
+    real_save = erw.sampling.save_png
     made = []
     monkeypatch.setattr(erw.sampling, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    capsys.readouterr()
     _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
     assert _read(npz) == reference[1]
-    assert not any(name.startswith(".tmp-") for name in os.listdir(folder))
+    assert [p for p in stale if os.path.exists(p)] == [] and os.path.exists(other_job)
+    assert "removed 3 temp files" in capsys.readouterr().out
+
+
+def test_rerun_after_last_pt_moved_on_never_mixes_two_models(checkpoints, tmp_path, monkeypatch, capsys):
+    # Issue 12: an interrupted run from last.pt is rerun after training replaced last.pt with a newer checkpoint.
+    last = os.path.join(tmp_path, "checkpoints", "last.pt")
+    _save_ours(last, checkpoints["weights"], 4, "a" * 32)
+    saved = _interrupted_run(monkeypatch, last, tmp_path / "samples", 4, "--per-proc-batch-size", "3")
+    old_folder = os.path.dirname(saved[0])
+    _save_ours(last, checkpoints["other_weights"], 8, "b" * 32)
+    capsys.readouterr()
+    npz = _run(last, tmp_path / "samples", "--per-proc-batch-size", "3")
+    out = capsys.readouterr().out
+
+    fresh = _run(_save_ours(tmp_path / "elsewhere" / "0000008.pt", checkpoints["other_weights"], 8, "b" * 32),
+                 tmp_path / "fresh")
+    assert _read(npz) == _read(fresh)  # every row from the new weights
+    assert npz[: -len(".npz")] != old_folder and "-step0000008-bbbbbbbb-ema-" in os.path.basename(npz)
+    assert sorted(os.listdir(old_folder)) == [f"{i:06d}.png" for i in range(4)]  # the old run is left as it was
+    assert "a" * 32 + "/ema" in out and old_folder in out  # and the rerun says where it went and why
+
+
+def test_the_same_weights_under_another_name_resume_the_same_folder(checkpoints, reference, tmp_path,
+                                                                     monkeypatch):
+    # last.pt is a hard link to the newest numbered checkpoint: sampling either one samples the same weights.
+    _interrupted_run(monkeypatch, checkpoints["ours"], tmp_path, 4, "--per-proc-batch-size", "3")
+    last = os.path.join(tmp_path, "checkpoints", "last.pt")
+    os.makedirs(os.path.dirname(last))
+    os.link(checkpoints["ours"], last)
+    real_save = erw.sampling.save_png
+    made = []
+    monkeypatch.setattr(erw.sampling, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    npz = _run(last, tmp_path, "--per-proc-batch-size", "3")
+    assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
+    assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
+
+
+def test_a_checkpoint_without_id_is_known_by_its_weights(checkpoints, tmp_path):
+    # REPA's and our older checkpoints carry no checkpoint_id: overwriting one in place (same path, same step)
+    # with other weights must not extend the folder of the old weights.
+    ckpt = _save_ours(tmp_path / "old.pt", checkpoints["weights"], 10)
+    first = _run(ckpt, tmp_path / "samples", "--num-fid-samples", "2")
+    _save_ours(ckpt, checkpoints["other_weights"], 10)
+    npz = _run(ckpt, tmp_path / "samples", "--num-fid-samples", "3")
+    fresh = _run(_save_ours(tmp_path / "copy.pt", checkpoints["other_weights"], 10), tmp_path / "fresh",
+                 "--num-fid-samples", "3")
+    assert npz != first
+    assert os.path.basename(npz) == os.path.basename(fresh) and _read(npz) == _read(fresh)
+
+
+def test_weights_id_names_the_weights_and_which_set(checkpoints, tmp_path):
+    _, info = load_sampling_model(checkpoints["ours"], "ema")
+    assert info["weights_id"] == f"{CHECKPOINT_ID}/ema" and info["step"] == 10
+    no_id = _save_ours(tmp_path / "no-id.pt", checkpoints["weights"], 10)
+    ids = {w: load_sampling_model(no_id, w)[1]["weights_id"] for w in ("ema", "model")}
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}/ema", ids["ema"]) and ids["model"].endswith("/model")
+    assert ids["ema"].split("/")[0] != ids["model"].split("/")[0]
+    # Only the weights count: the same EMA weights in REPA's layout (no step there) have the same id.
+    _, repa_info = load_sampling_model(checkpoints["repa"], "ema", REPA_FLAGS)
+    assert repa_info["weights_id"] == ids["ema"] and repa_info["step"] is None
+    ema = {k: v.clone() for k, v in checkpoints["weights"]["ema"].items()}
+    key = sorted(ema)[0]
+    ema[key].view(-1)[-1] = torch.nextafter(ema[key].view(-1)[-1], torch.tensor(float("inf")))  # one bit
+    changed = _save_ours(tmp_path / "changed.pt", {**checkpoints["weights"], "ema": ema}, 10)
+    assert load_sampling_model(changed, "ema")[1]["weights_id"] != ids["ema"]
+
+
+def test_a_folder_is_never_extended_with_other_weights(checkpoints, tmp_path):
+    # Two checkpoint ids alike in the 8 characters a folder name shows: the full id in the settings decides.
+    ckpt = _save_ours(tmp_path / "last.pt", checkpoints["weights"], 10, "12345678" + "a" * 24)
+    _run(ckpt, tmp_path / "samples", "--num-fid-samples", "1")
+    _save_ours(ckpt, checkpoints["other_weights"], 10, "12345678" + "b" * 24)
+    with pytest.raises(RuntimeError, match=r"12345678a{24}/ema.*12345678b{24}/ema"):
+        _run(ckpt, tmp_path / "samples", "--num-fid-samples", "2")
+
+
+def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monkeypatch):
+    # last.pt can be replaced between two ranks' loads: stand in a second rank that read the newer file.
+    monkeypatch.setattr(erw.sampling, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
+    with pytest.raises(RuntimeError, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
+        _run(checkpoints["ours"], tmp_path / "samples")
+    assert not os.path.exists(tmp_path / "samples")  # refused before anything was written
 
 
 def test_resume_with_other_settings_is_refused(checkpoints, reference, tmp_path):
@@ -157,8 +273,7 @@ def test_our_checkpoint_loads_the_chosen_weights(checkpoints, weights):
 
 
 def test_repa_checkpoint_loads_strictly_from_repa_flags(checkpoints):
-    flags = {"model": "SiT-Tiny/2", "resolution": 64, "num_classes": 10, "encoder_depth": 1,
-             "projector_embed_dims": "32", "qk_norm": False}
+    flags = REPA_FLAGS
     model, info = load_sampling_model(checkpoints["repa"], "ema", flags)
     assert info["format"] == "repa" and info["model_args"]["input_size"] == 8
     for key, value in checkpoints["weights"]["ema"].items():

@@ -94,6 +94,8 @@ def test_sde_steps_match_a_hand_computation(path_type):
         if i < 2:
             expected = expected + torch.sqrt(2 * sigma * abs(dt)) * torch.randn(
                 expected.shape, generator=step_noise, dtype=torch.float64)
+    # float64 (eps 2.2e-16) on both sides, three steps on O(1) values; the sampler gets the score from v, dividing
+    # by sigma >= 0.04, so the two differ by <~ 100 eps64 ~ 2e-14: rtol=atol=1e-10 still sees any wrong factor.
     torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -103,6 +105,10 @@ def test_per_sample_step_noise_makes_rows_independent_of_the_batch():
     labels = torch.zeros(5, dtype=torch.int64)
     path = get_path("cosine")
     batched = sample_sde(velocity, noise, labels, 20, path, [torch.Generator().manual_seed(i) for i in range(5)])
+    # Exact equality is sound here: the chain is float64 +, -, *, / (correctly rounded whatever the vector width)
+    # plus sin/cos/sqrt of the times on (N,) tensors of 5 and 1 elements, both below the length where torch's
+    # vectorised loops start (2 vectors: 8 doubles with AVX2, 16 with AVX-512), so both go through the same scalar
+    # code; each row's noise comes from its own generator with the same shape.
     for i in (0, 3):
         alone = sample_sde(velocity, noise[i:i + 1], labels[i:i + 1], 20, path, [torch.Generator().manual_seed(i)])
         assert torch.equal(alone[0], batched[i])
@@ -146,6 +152,8 @@ def test_cfg_evaluations_and_batch_sizes_follow_the_interval(mode, heun):
     for (batch, t, y), t_expected in zip(model.calls, call_times):
         guided = low <= t_expected <= high
         assert batch == (2 * n if guided else n)
+        # float64 defaults (rtol=atol=1e-7): the model sees t in float32 (rounding 6e-8 relative); grid steps
+        # are 0.1 apart.
         torch.testing.assert_close(t.double(), torch.full((batch,), t_expected, dtype=torch.float64))
         expected_labels = torch.cat([labels, torch.full((n,), 10)]) if guided else labels
         assert torch.equal(y, expected_labels)
@@ -160,7 +168,7 @@ def test_guidance_formula_on_all_channels():
     # cond = label, uncond = null label 10: 10 + 1.5 * (label - 10), on every channel.
     expected = (10 + 1.5 * (labels.double() - 10)).view(2, 1, 1, 1).expand(2, 4, 2, 2)
     assert v.dtype == torch.float64
-    torch.testing.assert_close(v, expected)
+    torch.testing.assert_close(v, expected)  # small integers and 1.5 (l - 10): exact in float32 and float64
     no_guidance = GuidedVelocity(model, cfg_scale=1.0)
     model.calls.clear()
     no_guidance(torch.zeros(2, 4, 2, 2), torch.full((2,), 0.5), labels)
@@ -173,6 +181,7 @@ def test_micro_batches_cover_every_row():
     labels = torch.tensor([1, 2, 3])
     v = velocity(torch.zeros(3, 4, 2, 2), torch.full((3,), 0.5), labels)
     assert [c[0] for c in model.calls] == [2, 2, 2]  # 6 rows (cond + uncond) in chunks of 2
+    # exact: small integers in float32
     torch.testing.assert_close(v, (10 + 2.0 * (labels.float() - 10)).view(3, 1, 1, 1).expand(3, 4, 2, 2))
 
 
