@@ -5,7 +5,8 @@
     DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...]}
 
 Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
-latent's relative path. Everything is checked once at construction, so a broken folder fails before training.
+latent's relative path. The folder is checked once at construction, so a broken folder fails before training, and
+each item's shapes when it is read, so that a stray file mid-dataset is named.
 """
 import json
 import os
@@ -47,14 +48,26 @@ def list_files(root: str, extensions) -> List[str]:
 
 
 def read_labels(path: str) -> dict:
-    """{relative path: int class} from an EDM2/REPA dataset.json."""
+    """{relative path: int class} from an EDM2/REPA dataset.json; refuses non-integer labels and a file labelled
+    twice with different classes."""
     try:
         with open(path, "r") as f:
             entries = json.load(f)["labels"]
-        return {str(relpath): int(label) for relpath, label in entries}
+        pairs = [(str(relpath), label) for relpath, label in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
                          f"{e}") from e
+    labels = {}
+    for relpath, label in pairs:
+        # int() would read 3.7 as class 3, and bool is an int subclass: both would train on a wrong class silently.
+        if type(label) is not int:
+            raise ValueError(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
+                             f"fix the file or regenerate it with `preprocessing/dataset_tools.py` (which writes ints)")
+        if labels.setdefault(relpath, label) != label:
+            raise ValueError(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
+                             f"right cannot be told from the file: fix it or regenerate it with "
+                             f"`preprocessing/dataset_tools.py`")
+    return labels
 
 
 def _pair_key(relpath: str) -> Tuple[str, str]:
@@ -103,7 +116,8 @@ def load_moments(path: str) -> np.ndarray:
 class ImageLatentDataset(Dataset):
     """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path.
 
-    Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution.
+    Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, and the
+    shapes every item must have (the first item's): image_shape (3, R, R), moments_shape (8, R/8, R/8).
     """
 
     def __init__(self, data_dir: str):
@@ -119,6 +133,11 @@ class ImageLatentDataset(Dataset):
         self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
         self.num_classes = int(self.labels.max()) + 1
         self.resolution = self._check_first_item()
+        # Every item must have the first one's shapes. __getitem__ compares them (a tuple comparison, nothing read),
+        # so that a stray file is named instead of failing in default_collate as "stack expects ... equal size".
+        self.image_shape = (3, self.resolution, self.resolution)
+        latent_size = self.resolution // VAE_DOWNSAMPLING
+        self.moments_shape = (MOMENT_CHANNELS, latent_size, latent_size)
 
     def _check_pairs(self) -> None:
         images = {_pair_key(f): f for f in self.image_files}
@@ -157,7 +176,8 @@ class ImageLatentDataset(Dataset):
         return values
 
     def _check_first_item(self) -> int:
-        image, moments, _ = self[0]
+        image = load_image(os.path.join(self.images_dir, self.image_files[0]))
+        moments = load_moments(os.path.join(self.latents_dir, self.latent_files[0]))
         _, height, width = image.shape
         expected = (MOMENT_CHANNELS, height // VAE_DOWNSAMPLING, width // VAE_DOWNSAMPLING)
         if height != width or tuple(moments.shape) != expected:
@@ -169,8 +189,17 @@ class ImageLatentDataset(Dataset):
         return len(self.latent_files)
 
     def __getitem__(self, index: int):
-        image = load_image(os.path.join(self.images_dir, self.image_files[index]))
-        moments = load_moments(os.path.join(self.latents_dir, self.latent_files[index]))
+        image_path = os.path.join(self.images_dir, self.image_files[index])
+        latent_path = os.path.join(self.latents_dir, self.latent_files[index])
+        image, moments = load_image(image_path), load_moments(latent_path)
+        if image.shape != self.image_shape:
+            raise RuntimeError(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
+                               f"first image {self.image_files[0]}; delete it and its latent and rerun "
+                               f"`preprocessing/dataset_tools.py convert` and `encode` (they redo only missing files)")
+        if moments.shape != self.moments_shape:
+            raise RuntimeError(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
+                               f"for {self.resolution}-px images; delete it and rerun "
+                               f"`preprocessing/dataset_tools.py encode` (it redoes only missing files)")
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), torch.tensor(self.labels[index])
 
 

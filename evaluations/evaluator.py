@@ -3,10 +3,13 @@ precision and recall of a sample batch against a reference batch, with the same 
 
     python evaluations/evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
 
-Both files are .npz with images in `arr_0` (N, H, W, 3), values in [0, 255], any size and dtype (uint8 as written by
-the samplers). A file that also holds `mu`, `sigma`, `mu_s`, `sigma_s` (ADM's VIRTUAL_* reference batches) supplies
-its FID / sFID statistics from those keys; its images are still needed for precision/recall. Images are streamed in
-batches. Reference activations are cached on disk, keyed by the file's sha256 and the Inception weights.
+Both files are .npz with images in `arr_0` (N, H, W, 3), uint8, any size: what ADM's reference batches and our
+samplers hold. Other dtypes are refused from the .npy header, before any image is read: float images in [0, 1] would
+otherwise give meaningless numbers (FID ~6000) instead of an error. A file that also holds `mu`, `sigma`, `mu_s`,
+`sigma_s` (ADM's VIRTUAL_* reference batches) supplies its FID / sFID statistics from those keys; its images are
+still needed for precision/recall. Images are streamed in batches. Reference activations are cached on disk, keyed
+by the file's sha256 and the Inception weights. Every output path (--json, --cache-dir) is checked to be writable
+before any work starts.
 
 What is ADM's, on purpose: IS over all 1008 classes of the unbiased logits, consecutive splits of 5000 with no
 shuffling, mean over splits; FID with scipy's sqrtm, sigma1 = samples, the eps retry and the imaginary-part check;
@@ -35,7 +38,7 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import atomic_write  # noqa: E402
+from erw.checkpoint import atomic_write, temp_path_for  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    file_sha256, load_inception, weights_id)
 
@@ -47,6 +50,7 @@ PR_BATCH_SIZE = 10000        # ADM ManifoldEstimator row_batch_size = col_batch_
 PR_NEIGHBOURHOOD = 3         # ADM nhood_sizes=(3,)
 FID_EPS = 1e-6
 CACHE_VERSION = 1            # bump when the cached activations would change
+UINT8_CONVERSION = "np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"  # [0, 1] floats -> what ADM reads
 RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weights random): every number below is "
                           "meaningless; use the real weights for any result you report.")
 
@@ -58,7 +62,8 @@ RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weight
 class NpzArrayReader:
     """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader).
 
-    Streams .npy format 1.0/2.0 C-order arrays (compressed or not); other layouts are loaded whole, as ADM does.
+    Streams .npy format 1.0/2.0 C-order arrays (compressed or not); other layouts are loaded whole, as ADM does, on
+    the first iter_batches for formats 1.0/2.0 (so that shape and dtype can be checked from the header alone).
     """
 
     def __init__(self, path: str, key: str = IMAGES_KEY):
@@ -79,15 +84,19 @@ class NpzArrayReader:
                 header = self._read_header(f)
         self._in_memory = None
         if header is None:
-            with np.load(path) as data:
-                self._in_memory = data[key]
-            self.shape, self.dtype = self._in_memory.shape, self._in_memory.dtype
+            self._in_memory = self._load_whole()
+            self.shape, self.dtype, self._streamable = self._in_memory.shape, self._in_memory.dtype, False
         else:
-            self.shape, self.dtype = header
+            self.shape, self.dtype, self._streamable = header
+
+    def _load_whole(self) -> np.ndarray:
+        with np.load(self.path) as data:
+            return data[self.key]
 
     @staticmethod
     def _read_header(f):
-        """(shape, dtype) for a streamable .npy member, None for one to load whole; leaves f at the data."""
+        """(shape, dtype, streamable) of a format 1.0/2.0 .npy member, leaving f at the data; None for other
+        formats."""
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
@@ -95,16 +104,16 @@ class NpzArrayReader:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
         else:
             return None
-        if fortran_order or dtype.hasobject:
-            return None
-        return shape, dtype
+        return shape, dtype, not (fortran_order or dtype.hasobject)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def iter_batches(self, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Yields (first row index, rows) with up to batch_size rows each."""
-        if self._in_memory is not None:
+        if not self._streamable:
+            if self._in_memory is None:
+                self._in_memory = self._load_whole()
             for start in range(0, len(self), batch_size):
                 yield start, self._in_memory[start:start + batch_size]
             return
@@ -124,33 +133,41 @@ class NpzArrayReader:
 
 
 def open_images(path: str) -> NpzArrayReader:
-    """The `arr_0` images of an .npz, checked to be a non-empty (N, H, W, 3) array of real numbers."""
+    """The `arr_0` images of an .npz, checked from the header to be a non-empty uint8 (N, H, W, 3) array."""
     reader = NpzArrayReader(path, IMAGES_KEY)
     shape = reader.shape
     if len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
         raise ValueError(f"{path}: {IMAGES_KEY} must be non-empty RGB images (N, H, W, 3) in NHWC order, got shape "
                          f"{shape}")
-    if reader.dtype.kind not in "uif":
-        raise ValueError(f"{path}: {IMAGES_KEY} must hold numbers in [0, 255] (uint8 as ADM samplers write), got "
-                         f"dtype {reader.dtype}")
+    # Only uint8 has one meaning: a float array may be in [0, 1] or [0, 255], and guessing gave FID 6174.
+    if reader.dtype != np.uint8:
+        raise ValueError(f"{path}: {IMAGES_KEY} has dtype {reader.dtype}; the evaluator reads uint8 images in "
+                         f"[0, 255], as ADM's reference batches and sample_ddp.py hold them. Convert images in [0, 1] "
+                         f"with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype(np.uint8)), or "
+                         f"write the .npz with sample_ddp.py")
     return reader
 
 
-def check_image_values(images: np.ndarray, path: str, first_row: int) -> None:
-    """Raise naming the file and the row if a batch holds NaN/Inf or values outside [0, 255]."""
-    if images.dtype == np.uint8:
-        return
-    if images.dtype.kind == "f":
-        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
-        if not finite.all():
-            row = first_row + int(np.argmin(finite))
-            raise ValueError(f"{path}: {IMAGES_KEY}[{row}] holds NaN or Inf")
-    low, high = images.min(), images.max()
-    if low < 0 or high > 255:
-        per_row = images.reshape(len(images), -1)
-        row = first_row + int(np.argmax((per_row.min(axis=1) < 0) | (per_row.max(axis=1) > 255)))
-        raise ValueError(f"{path}: {IMAGES_KEY}[{row}] has values outside [0, 255] (batch min {low}, max {high}); "
-                         f"the evaluator expects images in [0, 255], as ADM's uint8 samples")
+def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choose another path") -> None:
+    """Raise ValueError naming `flag` and `path` unless the file `path` (with `folder`, the folder) can be written
+    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name
+    pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing."""
+    target = os.path.abspath(path)
+    if not folder and os.path.isdir(target):
+        raise ValueError(f"{flag} {path} is a folder, not a file; {hint}")
+    existing = target if folder else os.path.dirname(target)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path} cannot be written: {existing} is not a folder; {hint}")
+    # A real write, not os.access: permission bits say yes to root where e.g. a root-squashed NFS mount says no.
+    probe = temp_path_for(os.path.join(existing, os.path.basename(target)))
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be written: creating a file in {existing} failed "
+                         f"({error.strerror or error}); {hint}") from None
 
 
 def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -231,14 +248,13 @@ def compute_activations(model, reader: NpzArrayReader, batch_size: int, device: 
     if with_probs:
         out["probs"] = np.empty((n, NUM_CLASSES), np.float32)
 
-    def checked_batches():
+    def batches():
         for start, images in reader.iter_batches(batch_size):
-            check_image_values(images, reader.path, start)
             yield start, torch.from_numpy(np.ascontiguousarray(images))
 
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr)
     with exact_fp32():
-        for start, images in _prefetch(checked_batches()):
+        for start, images in _prefetch(batches()):
             feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
             end = start + len(images)
             out["pool"][start:end] = feats.pool.cpu().numpy()
@@ -392,6 +408,9 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
         raise ValueError(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
                          f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
+    cache_dir = cache_dir or default_cache_dir()
+    if use_cache:
+        check_writable(cache_dir, "--cache-dir", folder=True, hint="pass another --cache-dir, or --no-cache")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
@@ -423,8 +442,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     ref_acts, cache_path = None, None
     if use_cache:
         key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
-        cache_path = os.path.join(cache_dir or default_cache_dir(),
-                                  hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+        cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
         cache_state = "miss"
         if os.path.isfile(cache_path):
             with np.load(cache_path) as cached:
@@ -502,6 +520,8 @@ def main(argv=None):
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     args = parser.parse_args(argv)
     try:
+        if args.json:
+            check_writable(args.json, "--json")
         results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
                            device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
                            pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)

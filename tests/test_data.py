@@ -1,6 +1,8 @@
 """preprocessing/dataset_tools.py and erw/data.py: ADM crop, convert -> encode -> dataset, resume, checks, DDP."""
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,8 +17,10 @@ from models.vae import SD_VAE_SCALE, load_vae
 from preprocessing import dataset_tools
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The same image encoded in batches of different sizes: CPU conv kernels may round differently (the tiny VAE's
-# latents are O(5), so float32 differences reach ~2e-5).
+# The same image encoded in batches of different sizes (or with other thread counts): CPU conv kernels may round
+# differently. Against a float64 forward, the tiny VAE's float32 means (|m| up to ~17) are off by <= 2e-5, about
+# 10 eps32 |m|; two float32 encodings differ by at most twice that. rtol=atol=1e-4 is >= 2.5x that everywhere
+# (measured differences: 2e-5), and a wrong pixel scaling or posterior moves the moments by >= 1e-2.
 BATCHING_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -235,6 +239,64 @@ def test_corrupt_files_are_named_when_read(tmp_path):
         dataset[2]
 
 
+def _copy_of_demo_data(demo_data, tmp_path):
+    """A private copy of the session's demo dataset (64 px, latents (8, 8, 8)), safe to damage."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_data, root)
+    return root
+
+
+def test_wrong_shape_latent_mid_dataset_is_named_by_the_loader(demo_data, tmp_path):
+    root = _copy_of_demo_data(demo_data, tmp_path)
+    dataset = ImageLatentDataset(str(root))
+    bad = root / "vae-sd" / dataset.latent_files[37]
+    np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=0)
+    with pytest.raises(RuntimeError) as raised:
+        for _ in loader:
+            pass
+    message = str(raised.value)
+    assert str(bad) in message and "(8, 4, 4)" in message and "(8, 8, 8)" in message and "encode" in message
+    dataset[36], dataset[38]  # its neighbours still read
+
+
+def test_wrong_size_image_mid_dataset_is_named_by_the_loader(demo_data, tmp_path):
+    root = _copy_of_demo_data(demo_data, tmp_path)
+    dataset = ImageLatentDataset(str(root))
+    bad = root / "images" / dataset.image_files[50]
+    random_image(32, 32, seed=1).save(bad)
+    with pytest.raises(RuntimeError) as raised:
+        dataset[50]
+    message = str(raised.value)
+    assert str(bad) in message and "(3, 32, 32)" in message and "(3, 64, 64)" in message and "convert" in message
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(48, 56)), batch_size=8)
+    with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("label,shown", [(3.7, "3.7"), (1.0, "1.0"), (True, "true"), ("1", '"1"'), (None, "null")])
+def test_labels_that_are_not_integers_are_refused(tmp_path, label, shown):
+    labels = _write_tiny_dataset(tmp_path)
+    labels[2][1] = label
+    with open(tmp_path / "vae-sd/dataset.json", "w") as f:
+        json.dump({"labels": labels}, f)
+    with pytest.raises(ValueError, match=rf"dataset\.json.*00000/img-mean-std-00000002\.npy.*{re.escape(shown)}"):
+        ImageLatentDataset(str(tmp_path))
+
+
+def test_a_file_labelled_twice_differently_is_refused(tmp_path):
+    labels = _write_tiny_dataset(tmp_path)
+    relpath, label = labels[1]
+    with open(tmp_path / "vae-sd/dataset.json", "w") as f:
+        json.dump({"labels": labels + [[relpath, 1 - label]]}, f)
+    with pytest.raises(ValueError, match=rf"dataset\.json.*{re.escape(relpath)}.*twice.*{label}.*{1 - label}"):
+        ImageLatentDataset(str(tmp_path))
+    with open(tmp_path / "vae-sd/dataset.json", "w") as f:  # listed twice with the same label: harmless
+        json.dump({"labels": labels + [[relpath, label]]}, f)
+    dataset = ImageLatentDataset(str(tmp_path))
+    assert [int(dataset[i][2]) for i in range(len(dataset))] == [y for _, y in labels]
+
+
 def test_check_data_dir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         check_data_dir(str(tmp_path / "nowhere"))
@@ -248,11 +310,12 @@ def test_sample_latents_is_scaled_reparameterisation():
     std = torch.rand(3, 4, 2, 2)
     z = sample_latents(torch.cat([mean, std], 1), generator=torch.Generator().manual_seed(5))
     eps = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(z, (mean + std * eps) * 0.18215)
+    torch.testing.assert_close(z, (mean + std * eps) * 0.18215)  # float32 defaults: the same 3 roundings
     assert SD_VAE_SCALE == 0.18215
     # Statistically: many draws of one posterior N(2, 0.5^2) have its scaled mean and std.
     moments = torch.cat([torch.full((20000, 4, 1, 1), 2.0), torch.full((20000, 4, 1, 1), 0.5)], dim=1)
     draws = sample_latents(moments)
+    # statistical: 80000 draws, standard errors 3e-4 (mean) and 2e-4 (std); 0.005 is > 15 of them
     assert abs(draws.mean().item() - 2.0 * 0.18215) < 0.005 and abs(draws.std().item() - 0.5 * 0.18215) < 0.005
 
 

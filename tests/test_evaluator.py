@@ -12,12 +12,14 @@ import scipy.linalg
 import torch
 
 from evaluations import evaluator
-from evaluations.evaluator import (NpzArrayReader, check_image_values, compute_statistics, evaluate,
-                                   frechet_distance, inception_score, open_images, precision_recall,
-                                   read_statistics, squared_distances)
+from evaluations.evaluator import (NpzArrayReader, compute_statistics, evaluate, frechet_distance, inception_score,
+                                   open_images, precision_recall, read_statistics, squared_distances)
 from evaluations.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, InceptionFeatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tolerances follow from the dtype (float32 eps = 1.19e-7, float64 eps = 2.2e-16), the magnitudes and the number of
+# roundings: float32 results differ in their last bits from one CPU to another (BLAS kernels, summation order).
+EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
 
 
 #################################################################################
@@ -40,18 +42,27 @@ def inception_score_reference(probs: np.ndarray, split_size: int) -> float:
 def test_inception_score_matches_numpy_recomputation():
     logits = np.random.default_rng(0).normal(0, 3, (23, 10))
     probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    # ADM's IS runs in float32: per row, KL = sum_c p (log p - log q) has error <~ eps sum_c p (|log p| + |log q| + 3)
+    # <~ 10 eps here (entropies and cross-entropies of a few nats), and exp turns that absolute error of the mean KL
+    # into the same relative error of IS: rel = 84 eps = 1e-5 leaves room (measured: 1.4e-7).
     for split in (5, 23):  # 5: four full splits and a last one of 3
         assert inception_score(probs, split) == pytest.approx(inception_score_reference(probs, split), rel=1e-5)
 
 
 def test_inception_score_of_uniform_and_one_hot_predictions():
-    assert inception_score(np.full((12, NUM_CLASSES), 1 / NUM_CLASSES, np.float32), 6) == pytest.approx(1.0)
+    # float32: the marginal of 6 equal rows is p within 2 ulps, so log p - log q is 0 up to 2 eps plus the two logs'
+    # roundings (ulp(6.9) / 2 each): <= 7.2e-7 per class, weighted by p and summed (sum p = 1), then exp:
+    # IS = 1 within 8e-7 at worst: abs=2e-6 (any real error in the formula moves IS by O(1)).
+    assert inception_score(np.full((12, NUM_CLASSES), 1 / NUM_CLASSES, np.float32), 6) == pytest.approx(1.0, abs=2e-6)
     one_hot = np.eye(4, dtype=np.float32)[np.arange(12) % 4]   # every class equally often, exact zeros elsewhere
+    # KL = -log 0.25 exactly up to float32 roundings of the log, the mean and exp: <~ 4 eps = 5e-7 relative.
     assert inception_score(one_hot, 12) == pytest.approx(4.0, rel=1e-6)
 
 
 def test_inception_score_splits_are_consecutive_and_not_shuffled():
     class_sorted = np.eye(2, dtype=np.float32)[np.repeat([0, 1], 6)]
+    # Exact: a single-class split has marginal = p, KL = 0, IS = exp(0) = 1. Mixed: log 0.5 and exp in float32,
+    # <~ 3 eps = 4e-7 relative, inside approx's default rel=1e-6.
     assert inception_score(class_sorted, 6) == pytest.approx(1.0)   # each split holds a single class
     assert inception_score(class_sorted, 12) == pytest.approx(2.0)
 
@@ -74,17 +85,35 @@ def fid_reference(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
+def fid_tolerance(mu1, mu2, expected, float64_rel=1e-9) -> float:
+    """Absolute tolerance of an ADM FID against a float64 recomputation. ADM takes the mean difference in float32
+    (the means' dtype): rounding each of the d components costs <= eps32 relative on its square, and the float32
+    dot product (d products, d - 1 additions) <= d eps32 / 2 of sum diff^2 in any summation order, so
+    (d + 1) eps32 |mu1 - mu2|^2 bounds it; the covariance part is float64 (sqrtm vs eigendecompositions), within
+    float64_rel of the value."""
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return (len(diff) + 1) * EPS32 * float(diff @ diff) + float64_rel * abs(expected)
+
+
 def test_compute_statistics_is_float32_mean_and_unbiased_covariance():
     acts = np.random.default_rng(1).normal(size=(50, 6)).astype(np.float32)
     mu, sigma = compute_statistics(acts)
     assert mu.dtype == np.float32 and sigma.dtype == np.float64
     centered = acts.astype(np.float64) - acts.astype(np.float64).mean(0)
-    np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=1e-6)
-    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-10)
+    # mu: a float32 mean of n = 50 values is within (n - 1) eps32 / 2 * mean|x| + ulp/2 of the exact one in any
+    # summation order; the means are small (0.07 .. 0.44) against |x| ~ 0.7, so the bound is absolute:
+    # n eps32 mean|x| = 4.3e-6 (dividing by n - 1 instead would be off by mu / 49 >= 1.4e-3).
+    np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=0,
+                               atol=len(acts) * EPS32 * float(np.abs(acts).mean()))
+    # sigma: float64 sums of 50 products of O(1) values on both sides: <= 50 eps64 max|x|^2 = 1e-13 absolute.
+    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-10,
+                               atol=len(acts) * EPS64 * float(np.abs(acts).max()) ** 2)
 
 
 def test_fid_of_identical_sets_is_zero():
     mu, sigma = compute_statistics(np.random.default_rng(2).normal(size=(200, 16)).astype(np.float32))
+    # The mean term is exactly 0; 2 tr(S) - 2 tr(sqrtm(S S)) in float64 with tr(S) ~ 16 and cond(S) < 10 is
+    # ~1e-13 off 0; 1e-8 leaves room (a missing factor 2 would give ~16).
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
@@ -93,12 +122,16 @@ def test_fid_of_two_gaussians_matches_closed_form():
     mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
     var1, var2 = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
     closed_form = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    # float64 means and diagonal covariances: sums of 8 terms, ~10 eps64 relative; rel=1e-10.
     assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed_form, rel=1e-10)
     # full covariances (the statistics of real activations), against the symmetric eigendecomposition route
     mu1, sigma1 = compute_statistics(rng.normal(size=(300, 12)).astype(np.float32))
     mu2, sigma2 = compute_statistics((rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) + 1).astype(np.float32))
-    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(fid_reference(mu1, sigma1, mu2, sigma2),
-                                                                       rel=1e-8)
+    # Here the means are float32 (as ADM's are): the mean term |mu1 - mu2|^2 = 11.4 is good to (d + 1) eps32,
+    # 1.8e-5 (1.5e-7 of the FID, 117); the float64 matrix square roots (cond(S2) ~ 2000) to ~1e-12 relative.
+    expected = fid_reference(mu1, sigma1, mu2, sigma2)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(
+        expected, rel=0, abs=fid_tolerance(mu1, mu2, expected, float64_rel=1e-8))
 
 
 def test_fid_retries_with_eps_on_both_covariances_when_sqrtm_is_not_finite(monkeypatch):
@@ -115,11 +148,15 @@ def test_fid_retries_with_eps_on_both_covariances_when_sqrtm_is_not_finite(monke
     with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
         fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     offset = np.eye(5) * 1e-6
-    np.testing.assert_array_equal(calls[1], (sigma1 + offset) @ (sigma2 + offset))
+    product = (sigma1 + offset) @ (sigma2 + offset)
+    # float64 products of 5 terms: two BLAS calls (np.dot there, @ here) may sum them in another order, <= 5 eps64
+    # |S1| |S2| apart; leaving out either 1e-6 offset moves entries by ~1e-6 |S|.
+    np.testing.assert_allclose(calls[1], product, rtol=0, atol=1e-12 * np.abs(product).max())
     diff = mu1.astype(np.float64) - mu2
-    expected = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(
-        scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset)).real)
-    assert fid == pytest.approx(expected, rel=1e-7)  # ADM's mean difference is float32
+    expected = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(scipy.linalg.sqrtm(product).real)
+    # ADM's mean difference is float32: (d + 1) eps32 |mu1 - mu2|^2 = 3.4e-7 (4e-7 of the FID); the rest is the
+    # same float64 sqrtm of the same matrix.
+    assert fid == pytest.approx(expected, rel=0, abs=fid_tolerance(mu1, mu2, expected))
 
 
 def test_fid_rejects_a_large_imaginary_component():
@@ -182,8 +219,13 @@ def test_squared_distances_fall_back_to_fp32_when_fp16_overflows():
     u, v = rng.uniform(0, 400, (5, 8)).astype(np.float32), rng.uniform(0, 400, (7, 8)).astype(np.float32)
     reference = squared_distances_fp16_reference(u, v)
     assert np.abs(u).max() ** 2 > np.finfo(np.float16).max  # the fp16 path overflows here
-    np.testing.assert_allclose(squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy(), reference,
-                               rtol=1e-5, atol=1e-2)
+    # Both sides evaluate |u|^2 - 2 u.v + |v|^2 in float32 (torch's and numpy's BLAS, which sum in their own
+    # orders). Each is within (D + 3) eps32 (|u| + |v|)^2 of the exact distance (D = 8 products per sum, three more
+    # roundings), a cancellation that reaches ~2 for |u|, |v| ~ 650; so within twice that of each other. The fp16
+    # path would be off by ~1e-3 (|u| + |v|)^2 ~ 2e3, or infinite.
+    bound = 2 * (8 + 3) * EPS32 * (np.linalg.norm(u, axis=1)[:, None] + np.linalg.norm(v, axis=1)[None, :]) ** 2
+    ours = squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy()
+    assert np.all(np.abs(ours - reference) <= bound), np.abs(ours - reference).max()
 
 
 def test_precision_recall_matches_brute_force_with_ties():
@@ -202,6 +244,9 @@ def test_precision_recall_matches_brute_force_with_ties():
 def test_precision_recall_matches_brute_force_on_quantized_features():
     rng = np.random.default_rng(8)
     ref, sample = _quantized_features(rng, 20), _quantized_features(rng, 26) * 0.9
+    # Exact equality: the x 0.9 features are no longer multiples of 1/8, and their float32 sums are not exact, but
+    # each exact sum lies >= 2.3e-6 (relative, ~20 eps32) from an fp16 rounding boundary, more than a float32 sum
+    # of 16 positive terms can move in any order (7.5 eps32): torch's and numpy's BLAS give the same fp16 values.
     expected = precision_recall_reference(ref, sample)
     assert precision_recall(torch.from_numpy(ref), torch.from_numpy(sample), 3, 8) == expected
 
@@ -230,7 +275,7 @@ def test_reader_streams_the_same_rows_as_np_load(tmp_path, layout):
               "fortran": np.asfortranarray(images.astype(np.uint8))}[layout]
     path = str(tmp_path / "images.npz")
     (np.savez_compressed if layout.endswith("compressed") else np.savez)(path, images, np.arange(11))
-    reader = open_images(path)
+    reader = NpzArrayReader(path)  # the reader streams any dtype; open_images then admits only uint8
     assert reader.shape == images.shape and len(reader) == 11
     for batch_size in (4, 11, 64):
         batches = list(reader.iter_batches(batch_size))
@@ -260,18 +305,16 @@ def test_reader_rejects_a_file_that_is_not_an_npz(tmp_path):
         NpzArrayReader(str(tmp_path / "missing.npz"))
 
 
-def test_image_values_outside_0_255_or_not_finite_are_refused():
-    images = np.full((4, 2, 2, 3), 100.0)
-    check_image_values(images, "a.npz", 0)
-    images[2, 1, 0, 0] = 255.5
-    with pytest.raises(ValueError, match=r"a\.npz: arr_0\[12\] has values outside \[0, 255\]"):
-        check_image_values(images, "a.npz", 10)
-    images[2, 1, 0, 0], images[3, 0, 0, 1] = 3, -1
-    with pytest.raises(ValueError, match=r"arr_0\[3\] has values outside"):
-        check_image_values(images.astype(np.int16), "a.npz", 0)
-    images[1, 0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match=r"arr_0\[1\] holds NaN or Inf"):
-        check_image_values(images, "a.npz", 0)
+def test_images_that_are_not_uint8_are_refused_from_the_header_without_loading_them(tmp_path, monkeypatch):
+    path = tmp_path / "fortran.npz"
+    np.savez(path, np.asfortranarray(np.zeros((4, 8, 8, 3), np.float32)))  # a layout the reader loads whole
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the images were loaded before their dtype was checked")
+
+    monkeypatch.setattr(evaluator.np, "load", no_load)
+    with pytest.raises(ValueError, match=r"fortran\.npz: arr_0 has dtype float32"):
+        open_images(str(path))
 
 
 def test_statistics_are_read_only_when_mu_is_present_and_shapes_are_checked(tmp_path):
@@ -326,7 +369,7 @@ def stub_network(monkeypatch):
 def test_evaluate_matches_recomputation_from_the_features(tmp_path, stub_network):
     rng = np.random.default_rng(11)
     ref_images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
-    sample_images = rng.uniform(0, 255, (20, 6, 10, 3))  # float64 and another size: both allowed
+    sample_images = rng.integers(0, 256, (20, 6, 10, 3)).astype(np.uint8)  # another size: allowed
     np.savez(tmp_path / "ref.npz", ref_images)
     np.savez_compressed(tmp_path / "sample.npz", sample_images, np.arange(20))
     lines = []
@@ -338,12 +381,19 @@ def test_evaluate_matches_recomputation_from_the_features(tmp_path, stub_network
     ref_feats = stub(torch.from_numpy(ref_images).permute(0, 3, 1, 2))
     sample_feats = stub(torch.from_numpy(sample_images).permute(0, 3, 1, 2))
     probs = torch.softmax(sample_feats.logits, dim=1).numpy()
+    # The stub's features are per-image means of uint8 pixels (integer sums, exact in float32 in any order, then one
+    # division): the same bits in evaluate()'s batches of 3 as here. IS: float32, as in the test above.
     assert results["inception_score"] == pytest.approx(inception_score_reference(probs, 6), rel=1e-5)
     for key, name in (("fid", "pool"), ("sfid", "spatial")):
         ref_block = getattr(ref_feats, name).numpy()[:, :STUB_DIMS]
         sample_block = getattr(sample_feats, name).numpy()[:, :STUB_DIMS]
-        expected = fid_reference(*compute_statistics(sample_block), *compute_statistics(ref_block))
-        assert results[key] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        (mu1, sigma1), (mu2, sigma2) = compute_statistics(sample_block), compute_statistics(ref_block)
+        expected = fid_reference(mu1, sigma1, mu2, sigma2)
+        # ADM's float32 mean difference against float64 here (see fid_tolerance): <= 5e-6 on the sFID of 15
+        assert results[key] == pytest.approx(expected, rel=0, abs=fid_tolerance(mu1, mu2, expected))
+    # Exact: the fp16 rounding of every float32 sum here is at least 11 eps32 (relative) from an fp16 rounding
+    # boundary, more than a float32 sum of 6 positive products can move (3 eps32), so torch's and numpy's BLAS
+    # give the same fp16 distances.
     assert (results["precision"], results["recall"]) == precision_recall_reference(
         ref_feats.pool.numpy()[:, :STUB_DIMS], sample_feats.pool.numpy()[:, :STUB_DIMS])
 
@@ -364,12 +414,39 @@ def test_evaluate_refuses_bad_sample_sets(tmp_path, stub_network):
     np.savez(tmp_path / "few.npz", np.zeros((5, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match=r"few\.npz: 5 samples, fewer than one Inception-Score split of 5000"):
         evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "few.npz"), inception_weights="random", log=None)
-    nan_images = np.full((6, 4, 4, 3), 7.0)
-    nan_images[4, 0, 0, 0] = np.nan
-    np.savez(tmp_path / "nan.npz", nan_images)
-    with pytest.raises(ValueError, match=r"nan\.npz: arr_0\[4\] holds NaN or Inf"):
-        evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "nan.npz"), inception_weights="random",
-                 is_split_size=6, batch_size=4, use_cache=False, progress=False, log=None)
+
+
+@pytest.fixture
+def inception_loads(monkeypatch):
+    """The stub network, with a record of every load: what evaluate() refuses, it must refuse before this work."""
+    loads = []
+
+    def load(weights, device):
+        loads.append(weights)
+        return StubInception()
+
+    monkeypatch.setattr(evaluator, "load_inception", load)
+    monkeypatch.setattr(evaluator, "_sqrtm", block_sqrtm)
+    return loads
+
+
+UINT8_HINT = "np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"
+
+
+@pytest.mark.parametrize("bad_file", ["ref", "sample"])
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1), (np.float64, 255), (np.uint16, 255), (np.int64, 255)])
+def test_images_that_are_not_uint8_are_refused_before_any_work(tmp_path, inception_loads, bad_file, dtype, scale):
+    """Float images in [0, 1] once gave FID 6174 without a word; ADM's batches and our samplers hold uint8."""
+    images = np.random.default_rng(13).integers(0, 256, (6, 8, 8, 3))
+    for name in ("ref", "sample"):
+        np.savez(tmp_path / f"{name}.npz",
+                 (images / 255 * scale).astype(dtype) if name == bad_file else images.astype(np.uint8))
+    with pytest.raises(ValueError) as raised:
+        evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), inception_weights="random", device="cpu",
+                 is_split_size=6, use_cache=False, progress=False, log=None)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / bad_file}.npz: arr_0 has dtype {np.dtype(dtype)}") and UINT8_HINT in message
+    assert inception_loads == []
 
 
 #################################################################################
@@ -412,6 +489,7 @@ def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys):
     def closed_form(a, b, mu, sigma):  # sample first, as ADM calls it
         var1, var2 = np.diagonal(stats[a][sigma]), np.diagonal(stats[b][sigma])
         return np.sum((stats[a][mu] - stats[b][mu]) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    # float64 statistics from the files, diagonal covariances: sums of 2048 terms, <= 2048 eps64 = 5e-13 relative
     assert saved["fid"] == pytest.approx(closed_form("sample", "ref", "mu", "sigma"), rel=1e-9)
     assert saved["sfid"] == pytest.approx(closed_form("sample", "ref", "mu_s", "sigma_s"), rel=1e-9)
     assert 1.0 <= saved["inception_score"] <= 4.0  # at most the split size
@@ -428,3 +506,40 @@ def test_cli_script_runs_standalone_and_reports_bad_input(tmp_path):
                             capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert result.returncode == 1
     assert re.search(r"error: .*ref\.npz: missing arr_0 in npz file \(keys: images\)", result.stderr)
+
+
+def _cli_inputs(tmp_path, n=6):
+    """Two small uint8 batches and the flags that evaluate them with the stub network."""
+    images = np.random.default_rng(14).integers(0, 256, (n, 8, 8, 3)).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", images)
+    np.savez(tmp_path / "sample.npz", images[::-1])
+    return [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--inception-weights", "random", "--device",
+            "cpu", "--is-split-size", str(n)]
+
+
+@pytest.mark.parametrize("target", ["afile/metrics.json", "afile/sub/metrics.json", "adir"])
+def test_unwritable_json_is_refused_before_any_work(tmp_path, inception_loads, target):
+    (tmp_path / "afile").write_text("a file, not a folder")  # a parent that is a file fails even for root
+    (tmp_path / "adir").mkdir()
+    args = _cli_inputs(tmp_path) + ["--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as raised:
+        evaluator.main(args + ["--json", str(tmp_path / target)])
+    assert "--json" in str(raised.value.code) and str(tmp_path / target) in str(raised.value.code)
+    assert inception_loads == [] and not (tmp_path / "cache").exists()
+    assert (tmp_path / "afile").read_text() == "a file, not a folder" and not list((tmp_path / "adir").iterdir())
+    # A folder that does not exist yet is fine, and the write probe leaves nothing behind.
+    evaluator.main(args + ["--json", str(tmp_path / "new" / "sub" / "metrics.json")])
+    assert os.listdir(tmp_path / "new" / "sub") == ["metrics.json"] and len(os.listdir(tmp_path / "cache")) == 1
+
+
+@pytest.mark.parametrize("target", ["afile/cache", "afile"])
+def test_unwritable_cache_dir_is_refused_before_any_work(tmp_path, inception_loads, target):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    args = _cli_inputs(tmp_path) + ["--cache-dir", str(tmp_path / target), "--json", str(tmp_path / "m.json")]
+    with pytest.raises(SystemExit) as raised:
+        evaluator.main(args)
+    assert "--cache-dir" in str(raised.value.code) and str(tmp_path / target) in str(raised.value.code)
+    assert inception_loads == [] and not (tmp_path / "m.json").exists()
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
+    evaluator.main(args + ["--no-cache"])  # a cache that is not used is not checked
+    assert json.load(open(tmp_path / "m.json"))["settings"]["activation_cache"] == "off"
