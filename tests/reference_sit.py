@@ -33,8 +33,9 @@ class RefTimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.frequency_embedding_size // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs[None]
+        dtype = self.mlp[0].weight.dtype  # float32 as in REPA; float64 when the tests run the reference in float64
+        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=dtype) / half)
+        args = t[:, None].to(dtype) * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 

@@ -117,11 +117,15 @@ def test_random_teacher_is_deterministic_frozen_and_preprocesses_like_repa():
     images = _images(3, 64, seed=1)
     tokens = first(images)
     assert tokens.shape == (3, 16, first.embed_dim)  # 4x4 tokens = SiT/2 on 8x8 latents
+    # Exact: two teachers built alike, the same inputs and shapes, so the same kernels and bits on one CPU.
     torch.testing.assert_close(second(images), tokens, rtol=0, atol=0)
     first.train()
     assert not first.training and not first.vit.training
     with torch.no_grad():
         reference = first.vit.forward_features(_reference_preprocess(images, 56))[:, 1:]
+    # The same ViT with the same batch shape (same kernels) on inputs that differ only by the float32 rounding of
+    # the normalisation (<= 2 ulps, ~2e-7 on |x| <= 2.6): measured 1.4e-6 on tokens |t| <= 3.9. rtol=atol=1e-5 is
+    # >= 7x that; a wrong mean/std, resize mode or /256 moves tokens by >= 1e-2.
     torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expects images"):
         first(_images(1, 32))
@@ -134,6 +138,10 @@ def test_official_dinov2_weights_give_the_source_models_tokens(official_vits):
     images = _images(2, 64, seed=2)
     with torch.no_grad():
         reference = model.patch_tokens(_reference_preprocess(images, 56), grid=4)
+    # Two float32 implementations (timm's fused attention and GELU here, plain ones in the reference) of a 12-block,
+    # 384-wide ViT: against a float64 forward each is off by up to 2.3e-5 on tokens |t| <= 5.4 (~35 eps32 |t|:
+    # sums of up to 1536 products per layer), and they differ from each other by 3.3e-6 here. rtol=atol=1e-4 is
+    # >= 4x the full float32 error; a misplaced weight or a wrong LayerScale/pos-embed moves tokens by O(0.1).
     torch.testing.assert_close(teacher(images), reference, rtol=1e-4, atol=1e-4)
 
 
@@ -144,7 +152,7 @@ def test_weights_found_in_torch_hub_cache(official_vits, monkeypatch):
     images = _images(1, 64, seed=3)
     with torch.no_grad():
         reference = model.patch_tokens(_reference_preprocess(images, 56), grid=4)
-    torch.testing.assert_close(teacher(images), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher(images), reference, rtol=1e-4, atol=1e-4)  # as in the test above
 
 
 def test_swiglu_official_keys_map_to_timm_giant_layout():
@@ -157,6 +165,7 @@ def test_swiglu_official_keys_map_to_timm_giant_layout():
     encoders.load_dinov2_weights(vit, model.state_dict(), what="test giant")
     x = _reference_preprocess(_images(2, 64, seed=4), 56)
     with torch.no_grad():
+        # As above for a 2-block, 48-wide model: each float32 forward within 3.3e-6 of a float64 one (|t| <= 3.7).
         torch.testing.assert_close(vit.forward_features(x)[:, 1:], model.patch_tokens(x, grid=4),
                                    rtol=1e-4, atol=1e-4)
 
@@ -172,9 +181,10 @@ def test_timm_safetensors_layout_loads(tmp_path):
     loaded = teacher.vit.state_dict()
     for key, value in state.items():
         if key != "pos_embed":
-            assert torch.equal(loaded[key], value), key
+            assert torch.equal(loaded[key], value), key  # copied weights: exact
     grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
     resampled = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True).flatten(2).transpose(1, 2)
+    # float32 defaults (rtol 1.3e-6, atol 1e-5): the same bicubic resampling call on the same float32 input
     torch.testing.assert_close(loaded["pos_embed"], torch.cat([state["pos_embed"][:, :1], resampled], dim=1))
 
 

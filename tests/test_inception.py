@@ -48,6 +48,9 @@ def test_resize_matches_tf1_formula(in_size, out_size):
     images = rng.integers(0, 256, (2,) + in_size + (3,)).astype(np.uint8)
     ours = resize_bilinear_tf1(_nchw(images), out_size).permute(0, 2, 3, 1).numpy()
     reference = np.stack([tf1_resize_reference(image, *out_size) for image in images])
+    # Both evaluate the TF1 formula in float32 on values <= 255: a handful of roundings of ulp(255) = 1.5e-5 each,
+    # and weights dx, dy that may differ by an ulp (x 255 = 1.5e-5); atol=1e-4 covers ~6 such ulps. The
+    # half-pixel kernel below differs by > 1.
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
     # Not the half-pixel kernel of F.interpolate (what pytorch-fid uses), which the TF graph does not run.
     half_pixel = F.interpolate(_nchw(images), size=out_size, mode="bilinear", align_corners=False)
@@ -57,14 +60,14 @@ def test_resize_matches_tf1_formula(in_size, out_size):
 def test_resize_to_same_size_is_identity():
     images = np.random.default_rng(1).integers(0, 256, (1, 299, 299, 3)).astype(np.uint8)
     out = resize_bilinear_tf1(_nchw(images), (299, 299))
-    assert torch.equal(out, _nchw(images))
+    assert torch.equal(out, _nchw(images))  # scale 1: dx = dy = 0 exactly, a + (b - a) * 0 = a
 
 
 def test_resize_matches_torch_fidelity():
     tf_compat = pytest.importorskip("torch_fidelity.interpolate_compat_tensorflow")
     x = torch.randint(0, 256, (2, 3, 45, 71), generator=torch.Generator().manual_seed(2)).float()
     expected = tf_compat.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
-    torch.testing.assert_close(resize_bilinear_tf1(x, (299, 299)), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(resize_bilinear_tf1(x, (299, 299)), expected, rtol=0, atol=1e-4)  # as above
 
 
 #################################################################################
@@ -163,6 +166,10 @@ def shared():
 
 
 def _assert_features_close(ours, pool, spatial, logits):
+    # Two float32 implementations of a 94-conv network. Against a float64 forward of the torchvision tree, each
+    # feature set is off by <= 2e-6 of its largest entry (eps32 times ~20: sums of up to 2048 x 9 products per
+    # conv, BN folded or not, in other orders), so rtol=1e-4 with atol = 1e-4 of the largest entry is ~50x the
+    # float32 error (measured ratio 0.017); a swapped branch, a wrong pool or padding changes features by O(1).
     for name, mine, theirs in (("pool", ours.pool, pool), ("spatial", ours.spatial, spatial),
                                ("logits", ours.logits, logits)):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()), msg=name)

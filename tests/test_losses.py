@@ -11,6 +11,11 @@ from erw.losses import Objective, align_weight, alignment_loss, cosine_loss, ntx
 from erw.transport import get_path
 from tests.dist_utils import run_distributed
 
+# Tolerances below follow from the dtype: float32 eps = 1.19e-7, float64 eps = 2.2e-16 (relative rounding of one
+# operation), times the magnitudes involved and the number of roundings. float32 results may differ in their last
+# bits from one CPU to another (vector width, BLAS kernels, summation order), so no float32 bound relies on luck.
+EPS32 = torch.finfo(torch.float32).eps
+
 
 def ntxent_reference(h, y, tau):
     """NT-Xent written from its definition with loops: per position p, image i's positive is j = i."""
@@ -32,22 +37,35 @@ def test_ntxent_matches_direct_reference():
     h, y = torch.randn(5, 3, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
     for tau in (0.1, 0.5):
         ours = ntxent_loss(h, y, tau).item()
-        assert ours == pytest.approx(ntxent_reference(h.numpy(), y.numpy(), tau), rel=1e-5)
+        # float64 on both sides: logits |l| <= 1/tau = 10, a log-sum-exp over 5 of them, loss ~5, so each side is
+        # within a few ulp(10) ~ 1e-14 of the exact value; rel=1e-10 leaves room and catches any wrong term.
+        assert ours == pytest.approx(ntxent_reference(h.numpy(), y.numpy(), tau), rel=1e-10)
 
 
 def test_ntxent_aligned_and_separated_is_near_zero():
     B, T, D = 8, 4, 16
     y = torch.eye(D)[:B].unsqueeze(1).repeat(1, T, 1)              # orthogonal across images
+    expected = math.log(1 + (B - 1) * math.exp(-10))               # 3.2e-4
+    # The loss is a log-sum-exp (~10.0003) minus the positive logit (10): a cancellation that keeps about
+    # ulp(lse) absolute error. In float64 that is ~2e-15, i.e. ~1e-11 relative: rel=1e-9.
+    loss64 = ntxent_loss(y.double(), y.double(), temperature=0.1).item()
+    assert loss64 == pytest.approx(expected, rel=1e-9)
+    # In float32 (training's dtype) ulp(10) = 9.5e-7, i.e. ~3e-3 relative, and where in it the result lands depends
+    # on the CPU's kernels (an AMD EPYC gave 3.1782e-4 against 3.1775e-4 here). Bound: half an ulp of the lse
+    # (4.8e-7) and of the sum 1 + 7 e^-10 (6e-8) plus the exp/log roundings, < 1e-6; abs=2e-6 (0.6 %) still fails
+    # on a wrong temperature or a missing factor (x2, x0.5).
     loss = ntxent_loss(y.clone(), y, temperature=0.1).item()
-    assert loss == pytest.approx(math.log(1 + (B - 1) * math.exp(-10)), rel=1e-4)
+    assert loss == pytest.approx(expected, abs=2e-6)
     assert loss < 1e-3
 
 
 def test_ntxent_identical_tokens_across_images_is_log_b():
     B = 6
-    h = torch.randn(1, 4, 8).repeat(B, 1, 1)
-    y = torch.randn(1, 4, 8).repeat(B, 1, 1)
-    assert ntxent_loss(h, y, 0.1).item() == pytest.approx(math.log(B), rel=1e-6)
+    h = torch.randn(1, 4, 8, dtype=torch.float64).repeat(B, 1, 1)
+    y = torch.randn(1, 4, 8, dtype=torch.float64).repeat(B, 1, 1)
+    # float64: logits |l| <= 10 are equal within each row, log-sum-exp - l = log 6 with ~ulp(10) ~ 2e-15 error
+    # (float32 would leave ulp(10) = 9.5e-7, i.e. 5e-7 relative, too close to a 1e-6 bound).
+    assert ntxent_loss(h, y, 0.1).item() == pytest.approx(math.log(B), rel=1e-12)
 
 
 def test_ntxent_shape_mismatch_is_a_clear_error():
@@ -58,10 +76,14 @@ def test_ntxent_shape_mismatch_is_a_clear_error():
 def test_cosine_loss_is_negative_mean_cosine():
     g = torch.Generator().manual_seed(1)
     h, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
-    hn, yn = h.numpy(), y.numpy()
+    hn, yn = h.numpy().astype(np.float64), y.numpy().astype(np.float64)   # the reference in float64
     cos = (hn * yn).sum(-1) / (np.linalg.norm(hn, axis=-1) * np.linalg.norm(yn, axis=-1))
-    assert cosine_loss(h, y).item() == pytest.approx(-cos.mean(), rel=1e-5)
-    assert alignment_loss("cosine", [h, h], [y, y]).item() == pytest.approx(-cos.mean(), rel=1e-5)
+    # cosine_loss runs in float32: each cosine (two norms and a dot of D = 4 terms, two divisions) is within
+    # ~(D + 6) eps of the exact one, |cos| <= 1, and the mean of 15 adds <= 15 eps: 25 eps = 3e-6 absolute. The
+    # mean cosine is 0.097 here, so a relative bound would rest on that value: abs = 50 eps = 6e-6 still catches a
+    # flipped sign or a sum instead of a mean.
+    assert cosine_loss(h, y).item() == pytest.approx(-cos.mean(), abs=50 * EPS32)
+    assert alignment_loss("cosine", [h, h], [y, y]).item() == pytest.approx(-cos.mean(), abs=50 * EPS32)
 
 
 def _ntxent_two_process_worker(rank, world_size, x, w, y, out_dir):
@@ -90,11 +112,15 @@ def test_ntxent_two_processes_equal_one_process(tmp_path):
     loss.backward()
     run_distributed(_ntxent_two_process_worker, 2, x, w, y, str(tmp_path))
     result = torch.load(tmp_path / "result.pt")
+    # float64 throughout: the two ways (4 + 4 rows gathered, gradients all-reduced, vs 8 rows) differ only in
+    # summation order, ~10 eps64 ~ 2e-15 relative on O(1) values; 1e-10 leaves room, and a rank's missing
+    # gradient contribution would show at O(1).
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(result["grad"], weight.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_lambda_schedule_halves_every_half_life():
+    # Python floats (float64): 2 ** x is within an ulp or two, far inside approx's default rel=1e-6.
     assert align_weight(0, 0.5, 1000, "exp") == pytest.approx(0.5)
     assert align_weight(1000, 0.5, 1000, "exp") == pytest.approx(0.25)
     assert align_weight(2000, 0.5, 1000, "exp") == pytest.approx(0.125)
@@ -108,10 +134,12 @@ def test_lognormal_times_follow_the_edm_mapping(path_type, t_of_sigma):
     torch.manual_seed(0)
     t = sample_time(40000, "lognormal", get_path(path_type)).numpy()
     # sigma = exp(N(0,1)): its 16%, 50% and 84% quantiles are e^-1, 1, e^1; t is monotone in sigma.
+    # A statistical bound, not a rounding one: the standard error of a sample quantile of 40000 draws is
+    # sqrt(q (1 - q) / n) / pdf(z) <= 0.008 in z, times dt/dz <= 0.32: <= 0.002 in t; abs=0.01 is 5 of those.
     for q, z in ((0.1587, -1.0), (0.5, 0.0), (0.8413, 1.0)):
         assert np.quantile(t, q) == pytest.approx(t_of_sigma(math.exp(z)), abs=0.01)
     u = sample_time(40000, "uniform", get_path(path_type)).numpy()
-    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01  # 0.01 = 7 standard errors (0.0014)
 
 
 class RecordingModel(torch.nn.Module):
@@ -133,6 +161,8 @@ def test_phase1_objective_uses_clean_latents_at_t0_and_alignment_only():
     loss, logs = Objective(velocity=False, align="ntxent", ntxent_temp=0.2)(model, latents, labels, [teacher], 7)
     x, t, y, _ = model.calls[0]
     assert torch.equal(x, latents) and torch.equal(t, torch.zeros(4)) and torch.equal(y, labels)
+    # The same float32 computation on the same inputs (0 + 1.0 * mean of one loss is exact): approx's default
+    # rel=1e-6 is over 8 ulps.
     assert loss.item() == pytest.approx(ntxent_loss(proj, teacher, 0.2).item())
     assert "velocity_loss" not in logs
 
@@ -153,8 +183,13 @@ def test_phase2_objective_is_velocity_plus_decayed_alignment():
     noise = torch.randn_like(latents)
     tt = t_ref.view(-1, 1, 1, 1)
     torch.testing.assert_close(t, t_ref)
+    # float32 defaults (rtol 1.3e-6, atol 1e-5): three roundings of O(1) values, ~4e-7 at most.
     torch.testing.assert_close(x_t, (1 - tt) * latents + tt * noise)
-    velocity_mse = ((noise - latents) ** 2).mean()                 # model predicts 0; target = eps - x
+    velocity_mse = ((noise.double() - latents.double()) ** 2).mean()  # model predicts 0; target = eps - x
     expected = velocity_mse + 0.25 * cosine_loss(proj, teacher)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert logs["lambda"].item() == pytest.approx(0.25)
+    # The objective's MSE is a float32 mean of 64 non-negative terms: within ~66 eps (63 additions, the square,
+    # the division, the final sum) = 7.9e-6 relative of the float64 one above whatever the summation order (the
+    # cosine term is the same float32 computation on both sides): rel = 100 eps = 1.2e-5. A wrong lambda moves
+    # the loss by ~2e-2 relative here.
+    assert loss.item() == pytest.approx(expected.item(), rel=100 * EPS32)
+    assert logs["lambda_used"].item() == pytest.approx(0.25)

@@ -1,4 +1,6 @@
 """models/sit.py against published parameter counts, a REPA-style second implementation and closed forms."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -63,13 +65,18 @@ def test_state_dict_matches_repa_reference_and_outputs_agree():
     ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
     assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
     ref.load_state_dict(ours_sd, strict=True)
+    ref = copy.deepcopy(ref).double()  # the reference in float64: ~1e-15 from exact
     x, t, y = inputs()
     with torch.no_grad():
         v, zs = ours(x, t, y)
-        v_ref, zs_ref = ref(x, t, y)
-    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+        v_ref, zs_ref = ref(x.double(), t.double(), y)
+    # Our float32 forward against the float64 reference: 4 blocks of width 64 (sums of <= 256 products, softmax,
+    # LayerNorm) leave float32 rounding of ~1e-6 on |v| <= 3.3 (measured 1.6e-6, ~4 eps32 |v|; zs 4e-7 on
+    # |z| <= 0.8). rtol=atol=1e-5 is 6x that and ~1e-5 of the outputs' scale: a wrong modulation, gate or head
+    # split moves them by O(0.1).
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5, check_dtype=False)
     for z, z_ref in zip(zs, zs_ref):
-        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5, check_dtype=False)
 
 
 def test_repa_key_names_are_the_documented_ones():
@@ -90,6 +97,9 @@ def test_repa_key_names_are_the_documented_ones():
 def test_pos_embed_matches_numpy_mae_reference():
     for dim, grid in [(64, 4), (384, 16), (1152, 16)]:
         ours = get_2d_sincos_pos_embed(dim, grid).numpy()
+        # Both tables are computed in float64 (numpy's and torch's sin/cos agree to ~1e-16 on arguments <= 15);
+        # ours is then stored as float32, half an ulp = 6e-8 on values in [-1, 1]. atol=1e-6 leaves room; a
+        # swapped sin/cos or a wrong frequency moves entries by O(1).
         np.testing.assert_allclose(ours, np_2d_sincos_pos_embed(dim, grid), rtol=0, atol=1e-6)
 
 
@@ -105,6 +115,7 @@ def test_fresh_blocks_are_identity_maps():
     model = tiny()
     x, t, y = inputs()
     feats = model.forward_features(x, t, y, layers=[0, 4])
+    # Exact: every block adds gate * f(x) with gate exactly 0 (adaLN-Zero), and x + 0 = x in any dtype.
     torch.testing.assert_close(feats[4], feats[0], rtol=0, atol=0)
 
 
@@ -121,6 +132,8 @@ def test_truncated_model_equals_full_model_up_to_block_k():
         h_full = full.forward_features(x, t, y, layers=[2])[2]
         h_trunc = trunc.forward_features(x, t, y, layers=[2])[2]
     assert v is None
+    # Exact: blocks 0..1 are the same float32 computation on the same weights, inputs and shapes in both models,
+    # hence the same kernels and the same bits on any one CPU.
     torch.testing.assert_close(h_trunc, h_full, rtol=0, atol=0)
     tokens = (TINY["input_size"] // TINY["patch_size"]) ** 2
     for z_t, z_f, dim in zip(zs_trunc, zs_full, TINY["z_dims"]):
@@ -150,7 +163,7 @@ def test_label_dropout_only_in_training():
     assert 0.35 < frac_null < 0.65                              # 200 Bernoulli(0.5) draws
     table = model.y_embedder.embedding_table.weight
     model.eval()
-    torch.testing.assert_close(model.y_embedder(labels, train=False), table[labels])
+    torch.testing.assert_close(model.y_embedder(labels, train=False), table[labels])  # lookups: exact
     model.train()
     emb = model.y_embedder(labels, train=True)
     is_null = (emb == table[10]).all(dim=1)
@@ -163,7 +176,7 @@ def test_forced_drop_uses_the_null_class():
     force = torch.tensor([1, 0, 1, 0])
     emb = model.y_embedder(labels, train=False, force_drop_ids=force)
     table = model.y_embedder.embedding_table.weight
-    torch.testing.assert_close(emb, table[torch.tensor([10, 2, 10, 4])])
+    torch.testing.assert_close(emb, table[torch.tensor([10, 2, 10, 4])])  # lookups: exact
     # Passing the null index directly is the same thing (how samplers build the unconditional half).
     torch.testing.assert_close(model.y_embedder(torch.tensor([10]), train=False), table[10:11])
 
@@ -190,7 +203,7 @@ def test_unpatchify_inverts_patchify():
     x = torch.randn(2, 4, 8, 8)
     # Patchify by hand in the (p, q, c) order the final layer emits.
     patches = x.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 16)
-    torch.testing.assert_close(model.unpatchify(patches), x, rtol=0, atol=0)
+    torch.testing.assert_close(model.unpatchify(patches), x, rtol=0, atol=0)  # a permutation: exact
 
 
 def test_rope_attention_depends_only_on_relative_position():
@@ -203,8 +216,12 @@ def test_rope_attention_depends_only_on_relative_position():
     # Same offset (+1 row, +2 cols) from two different origins gives the same score ...
     s1 = rq[idx(0, 0)] @ rk[idx(1, 2)]
     s2 = rq[idx(2, 1)] @ rk[idx(3, 3)]
-    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
-    # ... and position 0 is the identity rotation.
+    # Equal in exact arithmetic; in float32 each score takes other cos/sin entries (rounded to float32), two
+    # rotations (2 products and a sum per channel) and a dot of 8 terms: within ~14 eps32 |q| |k| of exact each.
+    # |q| |k| = 6.9 here: 2 x 14 eps |q| |k| = 2.3e-5; a wrong relative rotation moves the score by O(|q| |k|).
+    bound = 2 * 14 * torch.finfo(torch.float32).eps * float(q.norm() * k.norm())
+    torch.testing.assert_close(s1, s2, rtol=0, atol=bound)
+    # ... and position 0 is the identity rotation (cos 0 = 1, sin 0 = 0 exactly: exact).
     torch.testing.assert_close(rq[0], q)
 
 

@@ -6,6 +6,10 @@ import torch
 
 from erw.transport import get_path
 
+# Everything here is float64 (eps 2.2e-16) on values of at most ~5: a few roundings are ~1e-15, so atol=1e-12
+# means "equal up to rounding" with room, and still fails on any wrong coefficient (an O(1) change).
+EPS64 = torch.finfo(torch.float64).eps
+
 # Closed forms written out independently of the module: (alpha, sigma, d_alpha, d_sigma) as functions of t.
 CLOSED_FORMS = {
     "linear": (lambda t: 1 - t, lambda t: t, lambda t: -torch.ones_like(t), lambda t: torch.ones_like(t)),
@@ -47,6 +51,8 @@ def test_velocity_target_is_time_derivative_of_x_t(path_type):
     x_plus, _ = path.interpolate(x, noise, t + h)
     x_minus, _ = path.interpolate(x, noise, t - h)
     _, v = path.interpolate(x, noise, t)
+    # Central difference: truncation h^2 / 6 |d^3 x_t / dt^3| <~ 1e-12 * (pi/2)^3 * 5 / 6 ~ 3e-12, rounding
+    # eps64 |x_t| / h ~ 1e-9: atol=1e-8 (a wrong derivative is off by O(1)).
     torch.testing.assert_close((x_plus - x_minus) / (2 * h), v, rtol=0, atol=1e-8)
 
 
@@ -57,6 +63,7 @@ def test_d_alpha_sigma_are_derivatives(path_type):
     h = 1e-6
     (a_plus, s_plus), (a_minus, s_minus) = path.alpha_sigma(t + h), path.alpha_sigma(t - h)
     d_alpha, d_sigma = path.d_alpha_sigma(t)
+    # as above with |alpha|, |sigma| <= 1: truncation <~ 1e-12, rounding <~ eps64 / h = 2e-10
     torch.testing.assert_close((a_plus - a_minus) / (2 * h), d_alpha, rtol=0, atol=1e-8)
     torch.testing.assert_close((s_plus - s_minus) / (2 * h), d_sigma, rtol=0, atol=1e-8)
 
@@ -68,6 +75,7 @@ def test_score_of_the_conditional_velocity_is_minus_eps_over_sigma(path_type):
     x, noise, t = _batch(seed=2)
     x_t, v = path.interpolate(x, noise, t)
     sigma = CLOSED_FORMS[path_type][1](t)[:, None, None, None]
+    # Eliminating x cancels terms of size ~5 before dividing by sigma >= 0.05: <~ 10 eps64 * 5 / 0.05 = 2e-13.
     torch.testing.assert_close(path.velocity_to_score(v, x_t, t), -noise / sigma, rtol=1e-9, atol=1e-9)
 
 
@@ -81,6 +89,7 @@ def test_score_for_point_mass_data(path_type):
     tb = t[:, None, None, None]
     v = d_alpha(tb) * x0 + d_sigma(tb) * (x_t - alpha(tb) * x0) / sigma(tb)
     score = -(x_t - alpha(tb) * x0) / sigma(tb) ** 2
+    # |score| <~ 5 / sigma^2 ~ 2e3: float64 rounding <~ 10 eps64 |score| ~ 5e-12, inside rtol=1e-9.
     torch.testing.assert_close(path.velocity_to_score(v, x_t, t), score, rtol=1e-9, atol=1e-9)
 
 
@@ -90,10 +99,14 @@ def test_one_time_for_the_whole_batch_equals_per_sample_times(path_type):
     x, noise, _ = _batch(seed=4)
     t_scalar = torch.tensor(0.3, dtype=torch.float64)
     t_batch = torch.full((x.shape[0],), 0.3, dtype=torch.float64)
+    # Mathematically equal. The 0-dim and the (6,) times may reach sin/cos through different kernels (scalar or
+    # vectorised, which can differ by an ulp), so allow 1-ulp coefficients carried through a few float64
+    # operations: |x|, |noise| <= 4, so <~ 8 eps64 * 8 = 1.4e-14 for x_t and v; the score also divides by
+    # sigma (alpha d_sigma - d_alpha sigma) >= 0.3: 1e-13. Broadcasting the wrong time would be off by O(1).
     for a, b in zip(path.interpolate(x, noise, t_scalar), path.interpolate(x, noise, t_batch)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS64)
     torch.testing.assert_close(path.velocity_to_score(noise, x, t_scalar), path.velocity_to_score(noise, x, t_batch),
-                               rtol=1e-15, atol=1e-15)
+                               rtol=0, atol=1e-13)
 
 
 def test_score_at_pure_noise_is_minus_x():

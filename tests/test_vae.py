@@ -33,7 +33,10 @@ def test_encode_moments_matches_plain_posterior(vae):
         x = images.double().div(255).mul(2).sub(1).float()
         h = vae.quant_conv(vae.encoder(x))
     mean, logvar = h[:, :4], h[:, 4:].clamp(-30.0, 20.0)
-    # The tiny VAE's means are O(5), so float32 rounding of the two pixel scalings shows at ~1e-5.
+    # The same float32 encoder on inputs that differ only by the rounding of the two pixel scalings (<= 2 ulps).
+    # The means reach |m| ~ 17 and the encoder's own float32 error against a float64 forward is ~1.4e-5 (~7 eps32
+    # |m|); measured difference 1.7e-5. rtol=atol=1e-4 is >= 5x that; a wrong scaling (/255 for /127.5, no -1)
+    # moves the means by O(1). std = exp(logvar / 2) ~ 0.05: a few roundings, ~1e-8; atol=1e-6.
     torch.testing.assert_close(moments[:, :4], mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(moments[:, 4:], torch.exp(0.5 * logvar), rtol=1e-4, atol=1e-6)
 
@@ -54,6 +57,7 @@ def test_saved_vae_reloads_identically(vae, tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     reloaded = load_vae(str(tmp_path / "vae"))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    # Exact: the same weights, inputs and shapes, so the same kernels and bits on any one CPU.
     torch.testing.assert_close(encode_moments(reloaded, images), encode_moments(vae, images), rtol=0, atol=0)
 
 
