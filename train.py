@@ -27,7 +27,8 @@ def main(argv=None):
     objective = Objective(velocity=True, align=config["align_loss"] if run.teachers else None,
                           ntxent_temp=config["ntxent_temp"], path=get_path(config["path_type"]),
                           weighting=config["weighting"], proj_coeff=config["proj_coeff"],
-                          proj_half_life=config["proj_half_life"], proj_decay=config["proj_decay"])
+                          proj_half_life=config["proj_half_life"], proj_decay=config["proj_decay"],
+                          class_dropout_prob=config["cfg_prob"])
     latent_shape = (model_args["in_channels"], model_args["input_size"], model_args["input_size"])
     grids = SampleGridHook(config["vae"], config["sample_grid_size"], config["num_classes"], latent_shape,
                            config["sample_num_steps"], config["sampling_steps"], config["max_train_steps"])

@@ -13,7 +13,8 @@ from erw.losses import Objective
 
 def main(argv=None):
     run = prepare_run(WARMUP, argv, __doc__)
-    objective = Objective(velocity=False, align=run.config["align_loss"], ntxent_temp=run.config["ntxent_temp"])
+    objective = Objective(velocity=False, align=run.config["align_loss"], ntxent_temp=run.config["ntxent_temp"],
+                          class_dropout_prob=run.config["cfg_prob"])
     return run.trainer.fit(run.model, run.model_args, objective, run.dataset, run.teachers)
 
 

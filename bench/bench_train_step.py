@@ -3,7 +3,8 @@
     python bench/bench_train_step.py --model SiT-B/2 --batch-size 8 --impl ours repa-reference
 
 `repa-reference` is tests/reference_sit.py, a REPA-style SiT built from timm blocks, timed on the same inputs so
-the two implementations are compared side by side in one process.
+the two implementations are compared side by side in one process. Each takes its own training loop's optimizer:
+fused AdamW for ours (erw/trainer.py), torch's default (foreach) AdamW for REPA's train.py.
 """
 import argparse
 import json
@@ -32,9 +33,9 @@ def build(impl, model_name, input_size, z_dim, encoder_depth):
                   num_classes=1000, encoder_depth=encoder_depth, z_dims=(z_dim,))
 
 
-def time_steps(model, batch_size, input_size, z_dim, steps, warmup, device):
+def time_steps(model, batch_size, input_size, z_dim, steps, warmup, device, fused):
     model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0, fused=fused)
     g = torch.Generator().manual_seed(0)
     tokens = (input_size // model.patch_size) ** 2
     x = torch.randn(batch_size, 4, input_size, input_size, generator=g).to(device)
@@ -77,9 +78,11 @@ def main():
     for impl in args.impl:
         torch.manual_seed(0)
         model = build(impl, args.model, input_size, 768, args.encoder_depth)
-        times = time_steps(model, args.batch_size, input_size, 768, args.steps, args.warmup, device)
+        times = time_steps(model, args.batch_size, input_size, 768, args.steps, args.warmup, device,
+                           fused=impl == "ours")
         median = statistics.median(times)
-        results.append({"impl": impl, "model": args.model, "batch_size": args.batch_size, "device": str(device),
+        results.append({"impl": impl, "optimizer": "fused AdamW" if impl == "ours" else "AdamW (foreach)",
+                        "model": args.model, "batch_size": args.batch_size, "device": str(device),
                         "threads": torch.get_num_threads(), "steps": args.steps,
                         "sec_per_step": round(median, 4), "images_per_sec": round(args.batch_size / median, 3),
                         "all_step_secs": [round(s, 4) for s in times]})

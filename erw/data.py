@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from erw.batch_random import BatchRandom
 from models.vae import vae_to_model_latents
 
 IMAGES_DIR = "images"
@@ -114,15 +115,18 @@ def load_moments(path: str) -> np.ndarray:
 
 
 class ImageLatentDataset(Dataset):
-    """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path.
+    """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path;
+    with load_images=False the image is an empty uint8 (0,) tensor and no PNG is read.
 
     Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, and the
     shapes every item must have (the first item's): image_shape (3, R, R), moments_shape (8, R/8, R/8).
     """
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, load_images: bool = True):
         check_data_dir(data_dir)
         self.data_dir = data_dir
+        # Only a teacher looks at the pixels; a run without one (plain SiT) would decode every PNG for nothing.
+        self.load_images = load_images
         self.images_dir = os.path.join(data_dir, IMAGES_DIR)
         self.latents_dir = os.path.join(data_dir, LATENTS_DIR)
         self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
@@ -191,8 +195,9 @@ class ImageLatentDataset(Dataset):
     def __getitem__(self, index: int):
         image_path = os.path.join(self.images_dir, self.image_files[index])
         latent_path = os.path.join(self.latents_dir, self.latent_files[index])
-        image, moments = load_image(image_path), load_moments(latent_path)
-        if image.shape != self.image_shape:
+        image = load_image(image_path) if self.load_images else np.zeros((0,), dtype=np.uint8)
+        moments = load_moments(latent_path)
+        if self.load_images and image.shape != self.image_shape:
             raise RuntimeError(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
                                f"first image {self.image_files[0]}; delete it and its latent and rerun "
                                f"`preprocessing/dataset_tools.py convert` and `encode` (they redo only missing files)")
@@ -203,8 +208,13 @@ class ImageLatentDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), torch.tensor(self.labels[index])
 
 
-def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Posterior moments (N, 8, h, w) -> model-space latents (N, 4, h, w) = (mean + std * eps) * 0.18215 + 0."""
+def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] = None,
+                   rng: Optional[BatchRandom] = None) -> torch.Tensor:
+    """Posterior moments (N, 8, h, w) -> model-space latents (N, 4, h, w) = (mean + std * eps) * 0.18215 + 0.
+    eps comes from `rng` (training: the same for an image whatever the process count), else `generator`."""
     mean, std = moments.chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if rng is not None:
+        eps = rng.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    else:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return vae_to_model_latents(mean + std * eps)

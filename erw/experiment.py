@@ -39,7 +39,7 @@ def build_teachers(config: Dict[str, Any], device, log) -> List[torch.nn.Module]
 def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
     """The training set, checked against --resolution and --num-classes."""
     check_data_dir(config["data_dir"])
-    dataset = ImageLatentDataset(config["data_dir"])
+    dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config))
     if dataset.resolution != config["resolution"]:
         raise ValueError(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "
                          f"{config['resolution']}")

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from erw.batch_random import BatchRandom
 from erw.transport import Path
 
 
@@ -56,19 +57,22 @@ def ntxent_loss(h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.T
     if h.shape != y.shape:
         raise ValueError(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape "
                          "(token count or width): check resolution, patch size and teacher")
-    dtype = torch.promote_types(h.dtype, torch.float32)  # half-precision projections: the loss in fp32
-    h = F.normalize(h.to(dtype), dim=-1)
-    y = F.normalize(y.to(dtype), dim=-1)
-    rank, _ = _world()
-    h_all = gather_rows(h, differentiable=True)
-    y_all = gather_rows(y, differentiable=False)
-    B, T, _ = h.shape
-    logits_hy = torch.einsum("itd,jtd->tij", h, y_all) / temperature    # (T, B, B_global)
-    logits_yh = torch.einsum("itd,jtd->tij", y, h_all) / temperature
-    target = (torch.arange(B, device=h.device) + rank * B).repeat(T)     # (T * B,), position-major like logits
-    loss_hy = F.cross_entropy(logits_hy.reshape(T * B, -1), target)
-    loss_yh = F.cross_entropy(logits_yh.reshape(T * B, -1), target)
-    return 0.5 * (loss_hy + loss_yh)
+    # Logits up to 1/tau = 10 need float32: bf16 would leave them ~0.04 off. Autocast around the training step
+    # would turn the einsums into half-precision matmuls, so it is switched off here.
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        h = F.normalize(h.to(dtype), dim=-1)
+        y = F.normalize(y.to(dtype), dim=-1)
+        rank, _ = _world()
+        h_all = gather_rows(h, differentiable=True)
+        y_all = gather_rows(y, differentiable=False)
+        B, T, _ = h.shape
+        logits_hy = torch.einsum("itd,jtd->tij", h, y_all) / temperature    # (T, B, B_global)
+        logits_yh = torch.einsum("itd,jtd->tij", y, h_all) / temperature
+        target = (torch.arange(B, device=h.device) + rank * B).repeat(T)     # (T * B,), position-major like logits
+        loss_hy = F.cross_entropy(logits_hy.reshape(T * B, -1), target)
+        loss_yh = F.cross_entropy(logits_yh.reshape(T * B, -1), target)
+        return 0.5 * (loss_hy + loss_yh)
 
 
 def cosine_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,13 +106,14 @@ def align_weight(step: int, proj_coeff: float, proj_half_life: float, proj_decay
     raise ValueError(f"unknown proj_decay {proj_decay!r}; choose exp or none")
 
 
-def sample_time(n: int, weighting: str, path: Path, device=None) -> torch.Tensor:
+def sample_time(n: int, weighting: str, path: Path, device=None, rng: Optional[BatchRandom] = None) -> torch.Tensor:
     """Training times t (n,) in (0, 1): uniform, or lognormal EDM sigmas mapped onto the path
     (sigma = exp(N(0,1)); linear: t = sigma / (1 + sigma); cosine: t = 2/pi * atan(sigma))."""
+    rng = rng or BatchRandom()
     if weighting == "uniform":
-        return torch.rand(n, device=device)
+        return rng.rand((n,), device=device)
     if weighting == "lognormal":
-        sigma = torch.randn(n, device=device).exp()
+        sigma = rng.randn((n,), device=device).exp()
         if path.name == "linear":
             return sigma / (1 + sigma)
         if path.name == "cosine":
@@ -119,11 +124,14 @@ def sample_time(n: int, weighting: str, path: Path, device=None) -> torch.Tensor
 
 class Objective:
     """The loss of one phase. Phase 1 (`velocity=False`): clean latents at t = 0, alignment only, lambda = 1.
-    Phase 2 (`velocity=True`): noisy latents on `path`, velocity MSE + lambda(s) * alignment."""
+    Phase 2 (`velocity=True`): noisy latents on `path`, velocity MSE + lambda(s) * alignment.
+
+    Every random draw (times, noise, which labels drop to the null class with probability class_dropout_prob) comes
+    from the BatchRandom passed in, so that it does not depend on the number of processes."""
 
     def __init__(self, velocity: bool, align: Optional[str], ntxent_temp: float = 0.1, path: Optional[Path] = None,
                  weighting: str = "uniform", proj_coeff: float = 1.0, proj_half_life: float = 1.0,
-                 proj_decay: str = "none"):
+                 proj_decay: str = "none", class_dropout_prob: float = 0.0):
         if velocity and path is None:
             raise ValueError("the velocity loss needs a path")
         if not velocity and align is None:
@@ -131,6 +139,7 @@ class Objective:
         self.velocity, self.align, self.ntxent_temp = velocity, align, ntxent_temp
         self.path, self.weighting = path, weighting
         self.proj_coeff, self.proj_half_life, self.proj_decay = proj_coeff, proj_half_life, proj_decay
+        self.class_dropout_prob = class_dropout_prob
 
     def weight(self, step: int) -> float:
         if not self.velocity:
@@ -138,19 +147,23 @@ class Objective:
         return align_weight(step, self.proj_coeff, self.proj_half_life, self.proj_decay)
 
     def __call__(self, model, latents: torch.Tensor, labels: torch.Tensor, teacher_tokens: List[torch.Tensor],
-                 step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                 step: int, rng: Optional[BatchRandom] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """latents (N, C, H, W), labels (N,), teacher_tokens [(N, T, D)] -> (loss, {name: detached scalar})."""
+        rng = rng or BatchRandom()
         n = latents.shape[0]
         logs: Dict[str, torch.Tensor] = {}
+        # Label dropout for classifier-free guidance, drawn here rather than inside the model (see class doc).
+        drop = (rng.rand((n,), device=labels.device) < self.class_dropout_prob).long()
         if self.velocity:
-            t = sample_time(n, self.weighting, self.path, latents.device)
-            noise = torch.randn_like(latents)
+            t = sample_time(n, self.weighting, self.path, latents.device, rng)
+            noise = rng.randn(latents.shape, device=latents.device, dtype=latents.dtype)
             x_t, target = self.path.interpolate(latents, noise, t)
-            pred, projections = model(x_t, t, labels, return_projections=self.align is not None)
+            pred, projections = model(x_t, t, labels, force_drop_ids=drop,
+                                      return_projections=self.align is not None)
             loss = F.mse_loss(pred.float(), target.float())
             logs["velocity_loss"] = loss.detach()
         else:
-            _, projections = model(latents, torch.zeros(n, device=latents.device), labels)
+            _, projections = model(latents, torch.zeros(n, device=latents.device), labels, force_drop_ids=drop)
             loss = latents.new_zeros((), dtype=torch.float32)
         if self.align is not None:
             align = alignment_loss(self.align, projections, teacher_tokens, self.ntxent_temp)

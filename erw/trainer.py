@@ -2,16 +2,19 @@
 
 What differs between Phase 1 and Phase 2 (which blocks exist, input noise level, loss terms, lambda schedule,
 sample grids) arrives as data: the model, an `Objective` (erw/losses.py) and optional step hooks. The loop owns
-everything else: accelerate (DDP, mixed precision, gradient accumulation), AdamW, clipping, EMA, logging,
-checkpoints and exact resume.
+everything else: DDP and gradient accumulation (accelerate), mixed precision (erw/precision.py), fused AdamW,
+clipping, EMA, logging, checkpoints and exact resume.
 
-Exact resume: every micro-batch reseeds torch from (seed, rank, micro-batch index) and the data order is a pure
-function of (seed, epoch), so a resumed run repeats what an uninterrupted run would do; the checkpoint holds
-model, EMA, optimizer, grad scaler, step, data position, RNG states and the resolved config.
+Exact resume: every micro-batch reseeds torch from (seed, micro-batch index), every random draw belongs to an image
+of the global batch (erw/batch_random.py) and the data order is a pure function of (seed, epoch), so a resumed run
+repeats what an uninterrupted run would do, on any number of processes; the checkpoint holds model, EMA, optimizer,
+loss scale, step, data position, RNG states and the resolved config.
 
-What the loop guarantees besides:
-- no update is ever applied from a non-finite gradient: the step is skipped and counted, as fp16's GradScaler does
-  (which also lowers its scale); a non-finite loss, or MAX_CONSECUTIVE_SKIPS skips in a row, stops the run;
+No step waits for the GPU: losses, gradient norms and skipped updates stay on the device (StepHealth) and are read
+at log steps and before every checkpoint. What the loop guarantees besides:
+- no update is ever applied from a non-finite gradient: it is skipped on the device and counted, as fp16's
+  GradScaler does (which also lowers its scale); a non-finite loss, or MAX_CONSECUTIVE_SKIPS skips in a row, stops
+  the run at the next check;
 - a checkpoint never holds non-finite weights, and an error names the checkpoint that really is the last good one;
 - --resume continues from the newest intact checkpoint and refuses settings that would change what is trained
   (erw/config.py: run_control), unless named in --resume-override; metrics.jsonl then drops records past that step;
@@ -32,15 +35,18 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from erw.checkpoint import (atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps,
                             save_checkpoint, temp_path_for)
+from erw.batch_random import BatchRandom
 from erw.config import dump_config, resume_changes
 from erw.data import sample_latents
 from erw.losses import Objective
+from erw.precision import MixedPrecision
 
 CHECKPOINT_FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step; a resume drops the records past its step
@@ -52,6 +58,11 @@ EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": a requeue scri
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
 # skips to reach any workable scale. More in a row means the gradients are broken, not the scale.
 MAX_CONSECUTIVE_SKIPS = 50
+# Batches each loader worker keeps ready: absorbs slow reads (a cold file system) without adding throughput. What
+# sets throughput is --num-workers: one worker decodes a 256-px PNG (compress level 0) in ~0.5 ms and loads its
+# latent in ~0.07 ms, ~1000 items/s with file reads and collation; the fastest step we train, SiT-B/2 Phase 2 at
+# 40% of an H100's bf16 peak, consumes ~2200 images/s per GPU (README: data loading), so 4 workers keep up.
+PREFETCH_BATCHES = 4
 
 
 def derive_seed(*parts: int) -> int:
@@ -116,16 +127,21 @@ def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
 
 class PreemptionHandler:
     """Within `with`, SIGTERM / SIGUSR1 only set a flag that the loop reads after each optimizer step, so a
-    scheduler's warning signal ends the run at a step boundary with a checkpoint instead of killing it mid-step."""
+    scheduler's warning signal ends the run at a step boundary with a checkpoint instead of killing it mid-step.
+    With several processes the flags are combined over a CPU (gloo) group every step, which never waits for the
+    GPU; enter the handler on every process (creating that group is collective)."""
 
     def __init__(self):
         self.received: Optional[str] = None
         self._previous = {}
+        self._group = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
             for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         return self
 
     def __exit__(self, *exc):
@@ -136,14 +152,55 @@ class PreemptionHandler:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def requested(self, accelerator) -> Optional[str]:
+    def requested(self) -> Optional[str]:
         """The signal's name if any process received one (all processes agree, so they stop at the same step)."""
-        if accelerator.num_processes == 1:
+        if self._group is None:
             return self.received
-        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
-        if accelerator.reduce(flag, "sum").item() == 0:
+        flag = torch.tensor([int(self.received is not None)])
+        dist.all_reduce(flag, group=self._group)
+        if flag.item() == 0:
             return None
         return self.received or "a preemption signal (on another process)"
+
+
+class StepHealth:
+    """What went wrong since the last check, kept on the device so that a step never waits for the host: the
+    first step with a non-finite loss, skipped updates (non-finite gradients) in total and the longest run of them
+    in a row. `check` reads it with one host sync (and, with several processes, one all-reduce); the loop checks at
+    log steps, before every checkpoint and at the end."""
+
+    NONE = 2 ** 62  # "no bad loss yet": larger than any step, so that the earliest bad step wins a min-reduce
+
+    def __init__(self, device, skipped: int):
+        self.device = device
+        self.first_bad_loss = torch.tensor(self.NONE, device=device)
+        self.skipped = torch.tensor(skipped, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.longest_run = torch.zeros((), dtype=torch.long, device=device)
+        self.last_skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    # Python numbers enter as kernel arguments (clamp, masked_fill): a tensor made from one would be a host-to-device
+    # copy, which waits for the GPU.
+    def note_loss(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_loss = torch.where(bad, self.first_bad_loss.clamp(max=step), self.first_bad_loss)
+
+    def note_update(self, applied: torch.Tensor, step: int) -> None:
+        skipped = (~applied).long()
+        self.skipped += skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
+        self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
+        self.last_skipped = self.last_skipped.masked_fill(~applied, step)
+
+    def check(self, accelerator) -> Dict[str, int]:
+        """{first_bad_loss (NONE if none), skipped, longest_run, last_skipped}; the run counter restarts."""
+        values = torch.stack([self.first_bad_loss, self.skipped, self.longest_run, self.last_skipped])
+        if accelerator.num_processes > 1:  # a bad loss may be one process's; the update counters agree already
+            dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        first_bad_loss, skipped, longest_run, last_skipped = values.tolist()
+        self.longest_run = self.in_a_row.clone()
+        return dict(first_bad_loss=first_bad_loss, skipped=skipped, longest_run=longest_run,
+                    last_skipped=last_skipped)
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
@@ -221,7 +278,7 @@ class Trainer:
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # so that torchrun on CPUs forms a gloo group (tests, CI)
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
-            mixed_precision=config["mixed_precision"],
+            mixed_precision="no",  # erw/precision.py owns autocast and loss scaling, on the CPU too
             log_with=None if config["report_to"] == "none" else config["report_to"],
             project_config=ProjectConfiguration(project_dir=self.exp_dir,
                                                 logging_dir=os.path.join(self.exp_dir, "logs")),
@@ -247,6 +304,7 @@ class Trainer:
         if stale:
             self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.exp_dir}")
         self.device = acc.device
+        self.precision = MixedPrecision(config["mixed_precision"], self.device)
         self.last_good: Optional[str] = None  # the newest checkpoint known to hold finite weights
         self.config_history: List[Dict[str, Any]] = []
         self.resume_from: Optional[Dict[str, Any]] = None
@@ -323,9 +381,9 @@ class Trainer:
         elif report_to == "tensorboard":
             self.accelerator.get_tracker("tensorboard").writer.add_image(name, image, step, dataformats="HWC")
 
-    def _load_resume_state(self, model, ema, optimizer, model_args, dataset) -> Tuple[int, int, int, Optional[dict]]:
-        """Load resume_from into model, EMA and optimizer; returns (step, micro-batch, skipped steps, scaler
-        state). The optimizer takes this run's hyperparameters, so that config.yaml states what is used."""
+    def _load_resume_state(self, model, ema, optimizer, model_args, dataset) -> Tuple[int, int, int]:
+        """Load resume_from into model, EMA, optimizer and loss scaler; returns (step, micro-batch, skipped
+        steps). The optimizer takes this run's hyperparameters, so that config.yaml states what is used."""
         cfg, acc, ckpt = self.config, self.accelerator, self.resume_from
         if ckpt.get("model_args") != model_args:
             raise ValueError(f"--resume: {self.last_good} was written for model {ckpt.get('model_args')}, "
@@ -336,6 +394,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group.update(lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                          weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"])
+        self.precision.load_state_dict(ckpt.get("scaler"))
         position = ckpt["data_position"]
         if position.get("dataset_len", len(dataset)) != len(dataset) and "data_dir" not in cfg["resume_override"]:
             # The same folder name with other contents: the data order (a permutation of the items) changes.
@@ -345,46 +404,78 @@ class Trainer:
         micro_batch = position["micro_batch"]
         old_world = position.get("world_size", acc.num_processes)
         old_local = position.get("local_batch_size", self.local_batch_size)
-        if (old_world, old_local) != (acc.num_processes, self.local_batch_size):
-            # Continue after the same number of items; per-process random streams differ, so not bit for bit.
+        if old_local * old_world != self.local_batch_size * acc.num_processes:
+            # Continue after the same number of items of the data stream; the global batches differ from then on.
             consumed = micro_batch * old_world * old_local
             micro_batch = consumed // (acc.num_processes * self.local_batch_size)
-            self.log(f"Resumed on {acc.num_processes} process(es) x {self.local_batch_size} items (was {old_world} x "
-                     f"{old_local}): the data order continues after item {consumed:,} of the stream, but the run is "
-                     "not bit-identical to an uninterrupted one")
+            self.log(f"Global micro-batch {acc.num_processes} x {self.local_batch_size} (was {old_world} x "
+                     f"{old_local}): the data order continues after item {consumed:,} of the stream")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        return ckpt["step"], micro_batch, ckpt.get("skipped_steps", 0), ckpt.get("scaler")
+        return ckpt["step"], micro_batch, ckpt.get("skipped_steps", 0)
+
+    def _check_health(self, health: StepHealth, step: int, checked_until: int) -> None:
+        """Read what the steps since `checked_until` left on the device; stop on a non-finite loss or on
+        MAX_CONSECUTIVE_SKIPS skipped updates in a row, and log skipped updates."""
+        found = health.check(self.accelerator)
+        if found["first_bad_loss"] != StepHealth.NONE:
+            self.fail(f"non-finite loss at step {found['first_bad_loss']} (found at step {step}; its update was "
+                      "skipped); stopping")
+        if found["longest_run"] >= MAX_CONSECUTIVE_SKIPS:
+            self.fail(f"gradients were non-finite in {found['longest_run']} steps in a row (last: step "
+                      f"{found['last_skipped']}); stopping")
+        new = found["skipped"] - self._skipped_logged
+        if new:
+            scaler = self.precision.scaler
+            scale = f"; fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
+            self.log(f"steps {checked_until + 1}..{step}: {new} update(s) skipped for a non-finite gradient (last at "
+                     f"step {found['last_skipped']}); {found['skipped']} skipped so far{scale}")
+        self._skipped_logged = found["skipped"]
+
+    def _apply_update(self, optimizer, applied: torch.Tensor) -> None:
+        """One AdamW step, or none where `applied` is False, decided on the device: fused AdamW skips its update (and
+        its step count) when `found_inf` is set, which is how GradScaler skips fp16 overflows without a host sync."""
+        scaler = self.precision.scaler
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # found_inf from its own unscale_: the same non-finite gradients
+            scaler.update()
+            return
+        optimizer.grad_scale, optimizer.found_inf = None, (~applied).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
 
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:
         """Train `model` for config["max_train_steps"] optimizer steps. `hooks` are called as
         hook(trainer, step, ema) on the main process after step 0 and every optimizer step."""
-        cfg, acc = self.config, self.accelerator
+        cfg, acc, precision = self.config, self.accelerator, self.precision
         hooks = hooks or []
         model.to(self.device)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
+        # Fused AdamW: one kernel for all parameters, and the device-side skip _apply_update relies on.
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
                                       betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
-                                      weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"])
-        step, micro_batch, skipped, scaler_state = 0, 0, 0, None
+                                      weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"], fused=True)
+        step, micro_batch, skipped = 0, 0, 0
         if self.resume_from is not None:
-            step, micro_batch, skipped, scaler_state = self._load_resume_state(model, ema, optimizer, model_args,
-                                                                                  dataset)
+            step, micro_batch, skipped = self._load_resume_state(model, ema, optimizer, model_args, dataset)
             self.resume_from = None  # the weights now live in the model; free the loaded copy
-
+        self.log(f"Precision: {precision.describe()}")
         if cfg["compile"]:
-            model = torch.compile(model)
-        model, optimizer = acc.prepare(model, optimizer)
-        if scaler_state is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(scaler_state)
+            compile_blocks(model, teachers)
+            self.log(f"torch.compile: the {len(model.blocks)} SiT blocks and the teachers' blocks, in place (keys "
+                     "unchanged); the first step compiles, a minute or more")
+        model = acc.prepare(model)
 
         sampler = ResumableShardSampler(len(dataset), self.local_batch_size, acc.process_index, acc.num_processes,
                                         cfg["seed"], start_micro_batch=micro_batch)
         loader = DataLoader(dataset, batch_size=self.local_batch_size, sampler=sampler, drop_last=True,
                             num_workers=cfg["num_workers"], pin_memory=self.device.type == "cuda",
                             persistent_workers=cfg["num_workers"] > 0,
+                            prefetch_factor=PREFETCH_BATCHES if cfg["num_workers"] > 0 else None,
                             worker_init_fn=ignore_preemption_signals if cfg["num_workers"] > 0 else None)
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
@@ -403,31 +494,32 @@ class Trainer:
         state = dict(model=model, ema=ema, optimizer=optimizer, model_args=model_args, dataset_len=len(dataset))
         progress = tqdm(total=cfg["max_train_steps"], initial=step, desc=f"{cfg['phase']} {cfg['exp_name']}",
                         disable=not acc.is_main_process, dynamic_ncols=True)
+        rng = BatchRandom(acc.process_index, acc.num_processes)
+        health, self._skipped_logged, checked_until = StepHealth(self.device, skipped), skipped, step
         data_iter = iter(loader)
-        window_start, window_steps, consecutive_skips = time.perf_counter(), 0, 0
+        window_start, window_steps = time.perf_counter(), 0
         history: List[Dict[str, float]] = []
         model.train()
         with PreemptionHandler() as preemption, progress:
             while step < cfg["max_train_steps"]:
                 images, moments, labels = next(data_iter)
-                torch.manual_seed(derive_seed(cfg["seed"], acc.process_index, micro_batch))
+                torch.manual_seed(derive_seed(cfg["seed"], micro_batch))  # the same on every process: BatchRandom
                 images, moments, labels = (x.to(self.device, non_blocking=True) for x in (images, moments, labels))
-                latents = sample_latents(moments)
-                with torch.no_grad(), acc.autocast():
+                latents = sample_latents(moments, rng=rng)
+                with torch.no_grad(), precision.autocast():
                     teacher_tokens = [teacher(images) for teacher in teachers]
                 with acc.accumulate(model):
-                    loss, logs = objective(model, latents, labels, teacher_tokens, step)
-                    loss_all = acc.gather(loss.detach().reshape(1))
-                    if not torch.isfinite(loss_all).all():
-                        self.fail(f"non-finite loss {loss_all.tolist()} at step {step + 1} (micro-batch "
-                                  f"{micro_batch}); stopping")
-                    acc.backward(loss)
+                    with precision.autocast():
+                        loss, logs = objective(model, latents, labels, teacher_tokens, step, rng)
+                    health.note_loss(loss, step + 1)
+                    precision.scaler.scale(loss / cfg["gradient_accumulation_steps"]).backward()
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-                        update_skipped = not torch.isfinite(grad_norm).item()
-                        if not update_skipped or acc.scaler is not None:
-                            optimizer.step()  # fp16: GradScaler skips a non-finite update itself, lowering its scale
-                    optimizer.zero_grad(set_to_none=True)
+                        precision.scaler.unscale_(optimizer)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+                        applied = torch.isfinite(grad_norm)
+                        self._apply_update(optimizer, applied)
+                        health.note_update(applied, step + 1)
+                        optimizer.zero_grad(set_to_none=True)
                 micro_batch += 1
                 if not acc.sync_gradients:
                     continue
@@ -435,22 +527,18 @@ class Trainer:
                 step += 1
                 window_steps += 1
                 progress.update(1)
-                if update_skipped:
-                    skipped, consecutive_skips = skipped + 1, consecutive_skips + 1
-                    scale = f"; fp16 loss scale now {acc.scaler.get_scale():g}" if acc.scaler is not None else ""
-                    self.log(f"step {step}: gradient norm {float(grad_norm)} is not finite: update skipped "
-                             f"({skipped} skipped so far{scale})")
-                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                        self.fail(f"gradients were non-finite in {consecutive_skips} steps in a row (last: step "
-                                  f"{step}); stopping")
-                else:
-                    consecutive_skips = 0
-                if step % cfg["log_every"] == 0 or step == cfg["max_train_steps"]:
+                log_due = step % cfg["log_every"] == 0 or step == cfg["max_train_steps"]
+                stop_signal = preemption.requested()
+                save_due = step % cfg["checkpointing_steps"] == 0 or step == cfg["max_train_steps"] or stop_signal
+                if log_due or save_due:
+                    self._check_health(health, step, checked_until)
+                    checked_until = step
+                if log_due:
                     elapsed = time.perf_counter() - window_start
                     record = {k: acc.reduce(v.to(self.device).float(), "mean").item() for k, v in logs.items()}
-                    record.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"],
-                                  skipped_steps=skipped, images_per_sec=cfg["batch_size"] * window_steps / elapsed,
-                                  step=step)
+                    record.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"],
+                                  skipped_steps=self._skipped_logged,
+                                  images_per_sec=cfg["batch_size"] * window_steps / elapsed, step=step)
                     history.append(record)
                     if acc.is_main_process:
                         with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
@@ -459,9 +547,8 @@ class Trainer:
                     progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "grad_norm") if k in record})
                     self.log(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
                     window_start, window_steps = time.perf_counter(), 0
-                stop_signal = preemption.requested(acc)
-                if step % cfg["checkpointing_steps"] == 0 or step == cfg["max_train_steps"] or stop_signal:
-                    self.save(state, step, micro_batch, skipped)
+                if save_due:
+                    self.save(state, step, micro_batch, self._skipped_logged)
                 if acc.is_main_process:
                     for hook in hooks:
                         hook(self, step, ema)
@@ -495,7 +582,7 @@ class Trainer:
                 "model": model_state,
                 "ema": ema_state,
                 "opt": state["optimizer"].state_dict(),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "scaler": self.precision.state_dict(),
                 "step": step,
                 "skipped_steps": skipped,
                 "data_position": {"micro_batch": micro_batch, "world_size": acc.num_processes,
@@ -519,3 +606,14 @@ class Trainer:
             self.log(f"Saved checkpoint {path}")
         self.last_good = path
         acc.wait_for_everyone()
+
+
+def compile_blocks(model: torch.nn.Module, teachers: List[torch.nn.Module]) -> None:
+    """torch.compile the transformer blocks in place ("regional" compilation): the blocks hold nearly all of the
+    FLOPs, identical blocks share one compiled graph (compile time does not grow with depth), and compiling in
+    place leaves the state-dict keys as they are (wrapping adds "_orig_mod.")."""
+    for block in model.blocks:
+        block.compile()
+    for teacher in teachers:
+        for block in teacher.vit.blocks:
+            block.compile()

@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch
 
-from erw.checkpoint import load_checkpoint
+from erw.checkpoint import load_checkpoint, plain_state_dict
 from models.sit import SiT
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -25,7 +25,7 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
         raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.truncated = True)")
     if weights not in ("model", "ema"):
         raise ValueError(f"--warmup-weights must be model or ema, got {weights!r}")
-    source: Dict[str, torch.Tensor] = ckpt[weights]
+    source: Dict[str, torch.Tensor] = plain_state_dict(ckpt[weights])
     k = args["encoder_depth"]
     depth = len(model.blocks)
     if expected_depth is not None and expected_depth != k:

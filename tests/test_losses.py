@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from erw.batch_random import BatchRandom
 from erw.losses import Objective, align_weight, alignment_loss, cosine_loss, ntxent_loss, sample_time
 from erw.transport import get_path
 from tests.dist_utils import run_distributed
@@ -149,8 +150,9 @@ class RecordingModel(torch.nn.Module):
         super().__init__()
         self.velocity, self.projection, self.calls = velocity, projection, []
 
-    def forward(self, x, t, y, return_projections=True):
+    def forward(self, x, t, y, force_drop_ids=None, return_projections=True):
         self.calls.append((x, t, y, return_projections))
+        self.force_drop_ids = force_drop_ids
         return self.velocity, [self.projection] if return_projections else []
 
 
@@ -174,15 +176,17 @@ def test_phase2_objective_is_velocity_plus_decayed_alignment():
     path = get_path("linear")
     model = RecordingModel(torch.zeros(4, 4, 2, 2), proj)
     objective = Objective(velocity=True, align="cosine", path=path, proj_coeff=0.5, proj_half_life=10,
-                          proj_decay="exp")
+                          proj_decay="exp", class_dropout_prob=0.1)
     torch.manual_seed(3)
     loss, logs = objective(model, latents, labels, [teacher], step=10)
     x_t, t, _, _ = model.calls[0]
-    torch.manual_seed(3)                                             # replay the same draws
+    torch.manual_seed(3)                                             # replay the same draws, in the same order
+    drop_ref = (torch.rand(4) < 0.1).long()  # seed 3: 0.004, 0.106, 0.286, 0.027
     t_ref = torch.rand(4)
     noise = torch.randn_like(latents)
     tt = t_ref.view(-1, 1, 1, 1)
     torch.testing.assert_close(t, t_ref)
+    assert torch.equal(model.force_drop_ids, drop_ref) and 0 < drop_ref.sum() < 4  # labels to drop, drawn here
     # float32 defaults (rtol 1.3e-6, atol 1e-5): three roundings of O(1) values, ~4e-7 at most.
     torch.testing.assert_close(x_t, (1 - tt) * latents + tt * noise)
     velocity_mse = ((noise.double() - latents.double()) ** 2).mean()  # model predicts 0; target = eps - x
@@ -193,3 +197,19 @@ def test_phase2_objective_is_velocity_plus_decayed_alignment():
     # the loss by ~2e-2 relative here.
     assert loss.item() == pytest.approx(expected.item(), rel=100 * EPS32)
     assert logs["lambda_used"].item() == pytest.approx(0.25)
+
+
+def test_batch_random_rows_do_not_depend_on_the_process_count():
+    """The sampler deals a global micro-batch round-robin (local row i of rank r = global row i * world + r): each
+    process's draws must be those rows of the single-process draw from the same seed, for every draw in turn."""
+    def draws(rank, world):
+        torch.manual_seed(11)
+        rng = BatchRandom(rank, world)
+        return rng.randn((6 // world, 2, 3)), rng.rand((6 // world,)), sample_time(6 // world, "uniform",
+                                                                                   get_path("linear"), rng=rng)
+
+    single = draws(0, 1)
+    for world in (2, 3):
+        for rank in range(world):
+            for mine, full in zip(draws(rank, world), single):
+                assert torch.equal(mine, full[rank::world])

@@ -160,20 +160,21 @@ def test_phase2_resume_continues_exactly(demo_data, phase1, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, phase1, tmp_path, monkeypatch):
     class NaNAtStep4(Objective):
-        def __call__(self, model, latents, labels, teacher_tokens, step):
-            loss, logs = super().__call__(model, latents, labels, teacher_tokens, step)
+        def __call__(self, model, latents, labels, teacher_tokens, step, rng=None):
+            loss, logs = super().__call__(model, latents, labels, teacher_tokens, step, rng)
             return (loss * float("nan") if step == 4 else loss), logs
 
     monkeypatch.setattr(train, "Objective", NaNAtStep4)
-    # Objective's step 4 is the 5th update: the log calls it step 5 (its record would be at step 5).
+    # Objective's step 4 is the 5th update: the log calls it step 5 (its record would be at step 5). The loss is
+    # checked on the device and read before the next checkpoint (step 6), which is then not written.
     last_good = os.path.join(tmp_path, "tiny", "checkpoints", "0000004.pt")
-    with pytest.raises(FloatingPointError, match="at step 5") as error:
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5 \(found at step 6") as error:
         train.main(phase2_args(demo_data, tmp_path, phase1, "--max-train-steps", "10", "--checkpointing-steps", "2",
                                "--sampling-steps", "1000", "--sample-num-steps", "2"))
     assert str(error.value).endswith(f"The last good checkpoint is {last_good}")
     with open(os.path.join(tmp_path, "tiny", "log.txt")) as f:
-        assert f"ERROR: non-finite loss [nan] at step 5 (micro-batch 4); stopping. The last good checkpoint is " \
-               f"{last_good}" in f.read()
+        assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); stopping. The last " \
+               f"good checkpoint is {last_good}" in f.read()
     last = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values())
 

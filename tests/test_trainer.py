@@ -58,8 +58,8 @@ class _InfiniteGradient(torch.autograd.Function):
 
 def _objective_with_infinite_gradient(at_steps):
     class InfiniteGradientObjective(Objective):
-        def __call__(self, model, latents, labels, teacher_tokens, step):
-            loss, logs = super().__call__(model, latents, labels, teacher_tokens, step)
+        def __call__(self, model, latents, labels, teacher_tokens, step, rng=None):
+            loss, logs = super().__call__(model, latents, labels, teacher_tokens, step, rng)
             return (_InfiniteGradient.apply(loss) if step in at_steps else loss), logs
     return InfiniteGradientObjective
 
@@ -80,17 +80,20 @@ def test_infinite_gradient_with_finite_loss_skips_the_update_and_counts_it(demo_
     records = {r["step"]: r for r in result["history"]}
     assert records[5]["skipped_steps"] == 1 and records[4]["skipped_steps"] == 0
     assert not torch.isfinite(torch.tensor(records[5]["grad_norm"]))
-    assert "step 5: gradient norm" in _log_text(tmp_path) and "update skipped" in _log_text(tmp_path)
+    assert "steps 5..5: 1 update(s) skipped for a non-finite gradient (last at step 5); 1 skipped so far" \
+        in _log_text(tmp_path)
 
 
 def test_non_finite_gradients_in_a_row_stop_naming_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
     monkeypatch.setattr(train_warmup, "Objective", _objective_with_infinite_gradient(set(range(2, 100))))
-    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(last: step 5\)") as error:
+    # Updates 3, 4, 5, ... are skipped. The device-side count is read before each checkpoint: 2 in a row at step 4
+    # (0000004.pt holds step 2's weights, finite), 4 in a row at step 6: stop, and 0000006.pt is not written.
+    with pytest.raises(FloatingPointError, match=r"4 steps in a row \(last: step 6\)") as error:
         train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "20", "--checkpointing-steps", "2"))
-    # Steps 3 and 4 were skipped, so 0000004.pt holds step 2's weights: finite and the newest file on disk.
     assert str(error.value).endswith(f"The last good checkpoint is {_ckpt(tmp_path, '0000004.pt')}")
-    assert "ERROR: gradients were non-finite in 3 steps in a row" in _log_text(tmp_path)
+    assert "ERROR: gradients were non-finite in 4 steps in a row" in _log_text(tmp_path)
+    assert not os.path.exists(_ckpt(tmp_path, "0000006.pt"))
     assert _all_finite(load_checkpoint(_ckpt(tmp_path, "last.pt"))["model"])
 
 
