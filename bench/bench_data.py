@@ -23,13 +23,10 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from erw.data import ImageLatentDataset, sample_latents  # noqa: E402
+from models.vae import SD_VAE_CONFIG  # noqa: E402
 from preprocessing import dataset_tools  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# stabilityai/sd-vae-ft-mse's config.json (architecture only).
-SD_VAE_ARCH = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                   layers_per_block=2, latent_channels=4, norm_num_groups=32, scaling_factor=0.18215)
 
 
 def bench_dataloader(data_dir: str, batch_size: int, workers: int, batches: int, device: torch.device) -> dict:
@@ -77,7 +74,7 @@ def bench_encode(work_dir: str, vae: str, resolution: int, num_images: int, batc
     if vae == "sd-arch":
         from diffusers.models import AutoencoderKL
         vae_dir = os.path.join(work_dir, "sd-arch-vae")
-        AutoencoderKL(**SD_VAE_ARCH).save_pretrained(vae_dir)
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae_dir)
         vae_name = vae_dir
     else:
         vae_name = vae

@@ -8,10 +8,11 @@ Weights, in this order: an explicit file (`--enc-weights`: the official `dinov2_
 `model.safetensors`), the torch hub checkpoint folder, the Hugging Face cache of timm's `*.lvd142m` model, else an
 error that names the file to get and the flag that takes it. Nothing is ever downloaded.
 """
+import functools
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -39,6 +40,9 @@ RANDOM_TEACHER = "random-vit-tiny"
 RANDOM_TEACHER_SEED = 0
 # LayerScale starts at 1 instead of DINOv2's 1e-5: with 1e-5 the random blocks would be near-identity maps.
 RANDOM_TEACHER_ARCH = dict(embed_dim=64, depth=2, num_heads=2, init_values=1.0)
+# "random-dinov2-vit-b" etc.: the real DINOv2 architecture, random weights, nothing loaded (GPU tests, benchmarks).
+# The name starts with "random" so that the training code warns about it like about random-vit-tiny.
+RANDOM_DINOV2_PATTERN = r"random-dinov2-vit-([sblg])"
 
 
 def teacher_input_size(resolution: int) -> int:
@@ -53,14 +57,22 @@ def teacher_input_size(resolution: int) -> int:
     return side
 
 
+@functools.lru_cache(maxsize=None)
+def _imagenet_mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as float32 (1, 3, 1, 1) tensors on `device`, made once per device: building them from
+    Python lists at every step would be a host-to-device copy that synchronizes the GPU with the host."""
+    with torch.inference_mode(False):  # plain tensors even if first asked for under inference mode
+        return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
+                torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+
+
 def preprocess_for_teacher(images: torch.Tensor, input_size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 (N, 3, input_size, input_size): /255, ImageNet normalisation, bicubic resize.
 
     Normalise-then-resize and no clamping, in REPA's order (train.py `preprocess_raw_image`).
     """
     x = images.float() / 255.0
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_mean_std(x.device)
     x = (x - mean) / std
     return F.interpolate(x, size=(input_size, input_size), mode="bicubic")
 
@@ -192,16 +204,47 @@ def build_random_teacher(resolution: int) -> Teacher:
     return Teacher(RANDOM_TEACHER, vit, resolution)
 
 
+@functools.lru_cache(maxsize=1)
+def _random_dinov2_weights(size: str, resolution: int) -> Dict[str, torch.Tensor]:
+    """The random weights of build_random_dinov2, drawn once per process: timm's initialisation of ViT-B takes
+    seconds, and GPU tests and benchmarks build the teacher once per run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TEACHER_SEED)
+        vit = timm.create_model(DINOV2_MODELS[size][0], pretrained=False, num_classes=0,
+                                img_size=teacher_input_size(resolution), init_values=1.0)
+    return vit.state_dict()
+
+
+def build_random_dinov2(size: str, resolution: int) -> Teacher:
+    """DINOv2 ViT-{s,b,l,g}/14 built by timm exactly as `dinov2-vit-<size>` builds it (same modules, shapes and
+    FLOPs), randomly initialised from a fixed seed and never loaded: for GPU tests and benchmarks, offline.
+
+    LayerScale starts at 1 instead of DINOv2's 1e-5 (as in random-vit-tiny), so that the random blocks are not
+    near-identity maps; this changes initial values only, not the architecture.
+    """
+    name = f"random-dinov2-vit-{size}"
+    with torch.device("meta"):
+        vit = timm.create_model(DINOV2_MODELS[size][0], pretrained=False, num_classes=0,
+                                img_size=teacher_input_size(resolution), init_values=1.0)
+    weights = {k: v.clone() for k, v in _random_dinov2_weights(size, resolution).items()}  # never shared
+    vit.load_state_dict(weights, strict=True, assign=True)
+    logger.warning("teacher %s has RANDOM weights (GPU tests/benchmarks only; its features mean nothing)", name)
+    return Teacher(name, vit, resolution)
+
+
 def build_teacher(name: str, resolution: int, weights: Optional[str] = None) -> Teacher:
-    """One teacher by REPA name ("dinov2-vit-b", ...) or "random-vit-tiny", with weights as in the module doc."""
-    if name == RANDOM_TEACHER:
+    """One teacher by REPA name ("dinov2-vit-b", ...), "random-vit-tiny" or "random-dinov2-vit-b" (the real
+    architecture with random weights), with weights as in the module doc."""
+    random_dinov2 = re.fullmatch(RANDOM_DINOV2_PATTERN, name)
+    if name == RANDOM_TEACHER or random_dinov2:
         if weights:
-            raise ValueError(f"teacher {RANDOM_TEACHER} is random by definition; it takes no --enc-weights "
-                             f"(got {weights})")
-        return build_random_teacher(resolution)
+            raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
+        return build_random_dinov2(random_dinov2.group(1), resolution) if random_dinov2 else \
+            build_random_teacher(resolution)
     match = re.fullmatch(r"dinov2-vit-([sblg])", name)
     if match is None:
-        known = ", ".join([f"dinov2-vit-{s}" for s in DINOV2_MODELS] + [RANDOM_TEACHER])
+        known = ", ".join([f"dinov2-vit-{s}" for s in DINOV2_MODELS] + [RANDOM_TEACHER] +
+                          [f"random-dinov2-vit-{s}" for s in DINOV2_MODELS])
         raise ValueError(f"unknown teacher '{name}' in --enc-type; known: {known}")
     size = match.group(1)
     path = weights or _cached_dinov2_weights(size)

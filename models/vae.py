@@ -18,6 +18,25 @@ RANDOM_TINY_SEED = 0
 RANDOM_TINY_MEAN_GAIN = 25.0
 RANDOM_TINY_POSTERIOR_STD = 0.05
 
+# A VAE of SD-VAE's exact architecture with random weights, for GPU tests and benchmarks: it costs what
+# stabilityai/sd-vae-ft-mse / -ema cost, downloads nothing, and its images mean nothing.
+RANDOM_SD_VAE = "random-sd-vae"
+RANDOM_SD_VAE_SEED = 0
+# stabilityai/sd-vae-ft-mse's (= sd-vae-ft-ema's) config.json: architecture only. 83,653,863 parameters.
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=SD_VAE_SCALE,
+)
+
 
 def _autoencoder_kl_class():
     # diffusers takes seconds to import; code that only needs the constants above (the dataset) should not pay it.
@@ -54,14 +73,26 @@ def build_random_tiny_vae():
     return vae
 
 
+def build_random_sd_vae():
+    """AutoencoderKL with SD-VAE's architecture (SD_VAE_CONFIG: 8x downsampling, 4 latent channels), random weights
+    from a fixed seed, without touching the caller's RNG: every process gets identical weights."""
+    AutoencoderKL = _autoencoder_kl_class()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SD_VAE_SEED)
+        return AutoencoderKL(**SD_VAE_CONFIG)
+
+
 def load_vae(name_or_path: str, allow_download: bool = False):
-    """A frozen AutoencoderKL in eval mode (float32, CPU): a local diffusers folder, a hub id, or "random-tiny".
+    """A frozen AutoencoderKL in eval mode (float32, CPU): a local diffusers folder, a hub id, "random-tiny", or
+    "random-sd-vae" (SD-VAE's architecture, random weights).
 
     A hub id is read from the local Hugging Face cache; it is fetched from the hub only with allow_download=True.
     """
     AutoencoderKL = _autoencoder_kl_class()
     if name_or_path == RANDOM_TINY_VAE:
         vae = build_random_tiny_vae()
+    elif name_or_path == RANDOM_SD_VAE:
+        vae = build_random_sd_vae()
     elif os.path.isdir(name_or_path):
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path)

@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
+def pytest_configure(config):
+    # tests/test_gpu.py: GPU minutes, opt-in with `pytest -m gpu`, skipped without CUDA.
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; opt-in with `pytest -m gpu` (bench/gpu_suite.py)")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """The generated demo dataset (10 classes x 16 images, 64 px, random tiny VAE), made once per session."""

@@ -214,3 +214,42 @@ def test_mismatched_weights_are_refused(official_vits, tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"broken\.pth[\s\S]*missing keys.*blocks\.11\.norm2\.weight"):
         load_teachers("dinov2-vit-s", 64, enc_weights=str(tmp_path / "broken.pth"))
+
+
+def test_random_dinov2_is_the_real_architecture_with_random_weights():
+    """random-dinov2-vit-b: timm's DINOv2-B/14 exactly as dinov2-vit-b builds it (same tensors and shapes), random
+    weights, a name starting with "random" (the trainer warns about those), never any weights file."""
+    import timm
+    (teacher,) = load_teachers("random-dinov2-vit-b", 256)
+    assert teacher.name == "random-dinov2-vit-b" and teacher.embed_dim == 768 and teacher.num_tokens == 256
+    with torch.device("meta"):
+        real = timm.create_model(encoders.DINOV2_MODELS["b"][0], pretrained=False, num_classes=0, img_size=224)
+    shapes = lambda module: {k: v.shape for k, v in module.state_dict().items()}  # noqa: E731
+    assert shapes(teacher.vit) == shapes(real)
+    tokens = teacher(_images(1, 256))
+    assert tokens.shape == (1, 256, 768) and torch.isfinite(tokens).all()
+    with pytest.raises(ValueError, match="takes no --enc-weights"):
+        load_teachers("random-dinov2-vit-b", 256, enc_weights="a.pth")
+
+
+def test_random_dinov2_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    encoders._random_dinov2_weights.cache_clear()
+    (first,) = load_teachers("random-dinov2-vit-s", 64)
+    encoders._random_dinov2_weights.cache_clear()  # a second draw, as another process makes it
+    second, third = load_teachers("random-dinov2-vit-s,random-dinov2-vit-s", 64)  # third: from the cache
+    assert torch.equal(torch.random.get_rng_state(), state)
+    images = _images(2, 64, seed=3)
+    # Same weights, same inputs and shapes on one CPU: the same kernels and bits.
+    torch.testing.assert_close(first(images), second(images), rtol=0, atol=0)
+    torch.testing.assert_close(third(images), second(images), rtol=0, atol=0)
+    assert not any(p.is_meta for p in third.parameters())
+    assert third.vit.cls_token.data_ptr() != second.vit.cls_token.data_ptr()  # equal weights, never shared
+
+
+def test_normalisation_constants_are_made_once_per_device():
+    # A per-call torch.tensor(..., device=cuda) would be a synchronizing host-to-device copy at every training step.
+    mean, std = encoders._imagenet_mean_std(torch.device("cpu"))
+    assert encoders._imagenet_mean_std(torch.device("cpu"))[0] is mean
+    torch.testing.assert_close(mean.flatten(), torch.tensor(IMAGENET_MEAN), rtol=0, atol=0)
+    torch.testing.assert_close(std.flatten(), torch.tensor(IMAGENET_STD), rtol=0, atol=0)

@@ -68,3 +68,21 @@ def test_missing_vae_names_it(tmp_path):
     weight_file.write_bytes(b"")
     with pytest.raises(ValueError, match="vae.safetensors"):
         load_vae(str(weight_file))
+
+
+def test_random_sd_vae_has_sd_vae_architecture_and_shapes():
+    """random-sd-vae: SD-VAE's AutoencoderKL (sd-vae-ft-mse config, 83.65M parameters), random weights from a fixed
+    seed that leaves the global RNG alone; 8x downsampling to 4 latent channels."""
+    from models.vae import build_random_sd_vae
+    state = torch.random.get_rng_state()
+    vae = load_vae("random-sd-vae")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512) and vae.config.latent_channels == 4
+    assert vae.config.scaling_factor == SD_VAE_SCALE and not vae.training
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert encode_moments(vae, images).shape == (1, 8, 8, 8)  # [mean | std] of (1, 4, 8, 8) latents
+    pixels = decode_latents(vae, torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+    assert pixels.shape == (1, 32, 32, 3) and pixels.dtype == torch.uint8
+    again = build_random_sd_vae().state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in vae.state_dict().items())

@@ -1,0 +1,320 @@
+"""GPU tests: the fast path is the tested path. Opt-in, `python -m pytest -m gpu tests/test_gpu.py` (minutes on one
+H100; bench/gpu_suite.py runs them first); skipped without CUDA, and on a GPU machine unless `-m gpu` selects them.
+
+The real architectures with random weights at 256 px (32x32 latents), through the public entry points only:
+SiT-B/2 with the DINOv2-B/14 teacher (`random-dinov2-vit-b`), SD-VAE's architecture (`random-sd-vae`) and the
+evaluator's Inception network (`--inception-weights random`), on the generated demo data at 256 px.
+
+- Phase 1 -> Phase 2 warm start -> resume, in bf16 and fp16, each eager and with --compile: losses finite and
+  falling; N + M steps straight = N steps, then --resume for M (bit for bit when the GPU is deterministic).
+- Between log and checkpoint steps, a training step never synchronizes the GPU with the host.
+- sample_ddp.py end to end into an .npz; the evaluator on the GPU agrees with the same evaluation on the CPU.
+"""
+import gc
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# The paper's SiT-B/2 setting (table 4: ERW depth 8, projector on block 8), made small where it costs time only.
+CONFIG = os.path.join(ROOT, "configs", "table4_sit_b2_erw.yaml")
+RESOLUTION, TEACHER, DEVICE = 256, "random-dinov2-vit-b", "cuda"
+DATA_ENV = "ERW_GPU_DATA"          # bench/gpu_suite.py passes the demo data it made, so it is made once
+DEADLINE_ENV = "ERW_GPU_DEADLINE"  # and a time.time() after which tests that would not finish are skipped
+BATCH = 32
+BIG = 10 ** 6                      # "never" for log / checkpoint / sample-grid intervals
+# Learning rate 3e-4 (3x the paper's): the Phase-2 velocity loss then falls clearly within 40 steps. Both losses
+# were checked on the CPU with SiT-B/2 and the DINOv2-B teacher at 64 px (same data, fp32): Phase 1 (NT-Xent over 32
+# images, ln 32 = 3.47 at start) 3.43 -> 2.70 in 40 steps at lr 1e-4; Phase 2 velocity loss (the fresh final layer
+# predicts v = 0: E|eps - x|^2 ~ 2 at start) 1.90 at step 4 -> 1.47-1.63 over steps 28-40 at lr 3e-4.
+LR = "3e-4"
+P1_STEPS, P1_LOG = 60, 5
+N, M, P2_LOG = 20, 20, 2          # Phase 2: N + M steps straight; N, then --resume to N + M
+# Required fall: the mean of the last third of the logged losses at least 10 % below the mean of the first two
+# records (the CPU runs above fell by 20-25 %). Each record is one batch of 32 (velocity loss: +-4 % batch to batch).
+FALL = 0.10
+SYNC_START, SYNC_STOP = 5, 35      # micro-batches watched for host syncs, after the first steps' one-time work
+SYNC_PROBES = {}                   # (precision, compiled) -> the ObjectiveProbe of that chain's watched run
+CHAINS = [("bf16", False), ("fp16", False), ("bf16", True), ("fp16", True)]
+CHAIN_IDS = [f"{p}-{'compile' if c else 'eager'}" for p, c in CHAINS]
+# Seconds each test takes on one H100 (eager, compiled), estimated; a test that would end past the deadline is skipped.
+ESTIMATE_S = {"test_phase1_phase2_resume": (40, 80), "test_training_steps_do_not_synchronize": (0, 0),
+              "test_sample_ddp_with_sd_vae_architecture": (20, 20), "test_evaluator_on_gpu_matches_cpu": (25, 25)}
+
+
+def plan():
+    """[(test, estimated seconds on one H100, what it runs)] in run order, for bench/gpu_suite.py --dry-run."""
+    chain = (f"SiT-B/2 + {TEACHER}, {RESOLUTION} px, batch {BATCH}, lr {LR}: Phase 1 {P1_STEPS} steps -> Phase 2 "
+             f"{N + M} steps straight, twice (the second watched for host syncs over steps {SYNC_START + 1}.."
+             f"{SYNC_STOP}), and {N} steps then --resume to {N + M}")
+    rows = [("test_sample_ddp_with_sd_vae_architecture", "2-step SiT-B/2 checkpoint -> sample_ddp.py: 40 samples, "
+             "10 SDE steps, CFG 1.5 on t <= 0.7, bf16, random-sd-vae -> .npz"),
+            ("test_evaluator_on_gpu_matches_cpu", "random Inception, 48 samples vs 64 references: activations and "
+             "metrics on the GPU vs the CPU")]
+    rows = [(name, ESTIMATE_S[name][0], what) for name, what in rows]
+    for (precision, compiled), test_id in zip(CHAINS, CHAIN_IDS):
+        rows.append((f"test_phase1_phase2_resume[{test_id}]", ESTIMATE_S["test_phase1_phase2_resume"][compiled],
+                     f"{precision}, {'--compile' if compiled else 'eager'}; {chain}"))
+    rows.append(("test_training_steps_do_not_synchronize[*]", 0, "checks the watched runs of the four chains"))
+    return rows
+
+
+def _estimate(request) -> float:
+    callspec = getattr(request.node, "callspec", None)
+    compiled = bool(callspec and callspec.params.get("compiled"))
+    return ESTIMATE_S.get(request.node.originalname, (60, 60))[compiled]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _opt_in(request):
+    """Before any module fixture (the data): these tests cost GPU minutes, so `pytest tests` skips them."""
+    if "gpu" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("GPU tests are opt-in (minutes of GPU time): select them with `pytest -m gpu`")
+
+
+@pytest.fixture(autouse=True)
+def _within_budget(request):
+    deadline = float(os.environ.get(DEADLINE_ENV, "inf"))
+    needed = _estimate(request)
+    if needed and time.time() + needed > deadline:
+        pytest.skip(f"bench/gpu_suite.py's time budget has less than the ~{needed:.0f} s this test needs")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The demo dataset at 256 px (10 classes x 16 images), encoded on the GPU."""
+    from bench.gpu_suite import make_demo_data
+    given = os.environ.get(DATA_ENV)
+    if given:
+        return given
+    return make_demo_data(str(tmp_path_factory.mktemp("demo-256")))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Experiment folders for one test (checkpoints: up to ~10 GB), in RAM-backed /dev/shm when it has room, so the
+    runs do not wait for a disk; removed afterwards."""
+    import tempfile
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and shutil.disk_usage(shm).free > 24 * 2 ** 30:
+        folder = tempfile.mkdtemp(prefix="erw-gpu-test-", dir=shm)
+    else:
+        folder = str(tmp_path / "runs")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _common(data, out, precision, compiled):
+    return ["--config", CONFIG, "--data-dir", data, "--output-dir", str(out), "--resolution", str(RESOLUTION),
+            "--enc-type", TEACHER, "--batch-size", str(BATCH), "--learning-rate", LR,
+            "--mixed-precision", precision, "--compile" if compiled else "--no-compile",
+            "--num-workers", "4", "--report-to", "none",
+            "--checkpointing-steps", str(BIG)]
+
+
+def _phase2(data, warmup_ckpt):
+    # Sample grids decode with the demo's own tiny VAE: the grid at step 0 and at the end, 4 images, 2 steps.
+    return ["--warmup-ckpt", warmup_ckpt or "none", "--vae", os.path.join(data, "vae"), "--sampling-steps", str(BIG),
+            "--sample-grid-size", "4", "--sample-num-steps", "2"]
+
+
+def _train(entry, argv):
+    """Run an entry point in this process, compiled code from earlier runs forgotten as in a new process; return its
+    log records, and free the GPU for the next run."""
+    import torch._dynamo
+    torch._dynamo.reset()  # in-memory compile caches only: inductor's cache on disk stays
+    result = entry.main(argv)
+    history = result["history"]
+    del result
+    gc.collect()
+    torch.cuda.empty_cache()
+    return history
+
+
+def _fail_on_recompile_limit(monkeypatch):
+    """Past torch._dynamo's recompile limit a function silently runs eagerly: in these tests it is an error."""
+    import torch._dynamo
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+
+
+def _check_learns(history, key, fall, what):
+    """Every logged loss finite (not grad_norm: an fp16 step that overflows logs inf and is skipped); `key` falls."""
+    bad = [(r["step"], k, v) for r in history for k, v in r.items() if k.endswith("loss") and not math.isfinite(v)]
+    assert history and not bad, f"{what}: non-finite losses (step, name, value): {bad}"
+    values = [r[key] for r in history]
+    first, last = np.mean(values[:2]), np.mean(values[-max(1, len(values) // 3):])
+    assert last < (1 - fall) * first, f"{what}: {key} did not fall by {fall:.0%}: {[round(v, 4) for v in values]}"
+    skipped = history[-1].get("skipped_steps", 0)
+    assert skipped <= history[-1]["step"] // 4, f"{what}: {skipped} of {history[-1]['step']} updates skipped"
+
+
+def _tensors(tree, prefix=""):
+    """Flatten a checkpoint entry (state dicts, optimizer state, scaler state) to {path: tensor or value}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _tensors(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _tensors(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _bitwise_equal(a, b):
+    fa, fb = _tensors(a), _tensors(b)
+    if fa.keys() != fb.keys():
+        return False
+    return all(torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k] for k, x in fa.items())
+
+
+def _distance(a, b):
+    """L2 distance between two model state dicts over all floating-point tensors, in float64."""
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in a if a[k].is_floating_point()))
+
+
+def _check_resume(out, straight_history, resumed_history):
+    """N + M straight against N then --resume M. GPU kernels are deterministic for fixed shapes unless they
+    accumulate with atomics (e.g. some attention backward kernels), so two identical straight runs measure the GPU's
+    run-to-run noise first. Equal: the resumed run must equal them bit for bit (model, EMA, optimizer, loss scale)
+    and log the same losses. Not equal: the resumed run may differ from the straight one by no more than 3x what two
+    straight runs differ by, measured as a fraction of how far the weights moved in the last M steps; a resume that
+    loses state (optimizer moments, loss scale, RNG, data position) moves the weights differently by a fraction ~1."""
+    from erw.checkpoint import load_checkpoint
+    last = lambda name: load_checkpoint(os.path.join(out, name, "checkpoints", "last.pt"))  # noqa: E731
+    straight, straight2, resumed = last("straight"), last("straight2"), last("halves")
+    assert straight["step"] == resumed["step"] == N + M
+    keys = [k for k in ("model", "ema", "opt", "scaler") if straight.get(k) is not None]
+    if all(_bitwise_equal(straight[k], straight2[k]) for k in keys):
+        for k in keys:
+            assert _bitwise_equal(straight[k], resumed[k]), f"deterministic GPU, but the resumed {k} differs"
+        logged = {r["step"]: r for r in straight_history}
+        for record in resumed_history:
+            for key in [k for k in record if k.endswith("loss") or k == "grad_norm"]:
+                assert record[key] == logged[record["step"]][key], (record["step"], key)
+        return
+    at_n = load_checkpoint(os.path.join(out, "halves", "checkpoints", f"{N:07d}.pt"))["model"]
+    moved = _distance(straight["model"], at_n)
+    noise = _distance(straight["model"], straight2["model"]) / moved
+    off = _distance(straight["model"], resumed["model"]) / moved
+    assert noise < 0.2, f"two identical runs differ by {noise:.3g} of the last M steps' update: too noisy to check"
+    assert off <= 3 * noise, f"resumed run off by {off:.3g} of the update; identical runs differ by {noise:.3g}"
+
+
+def test_sample_ddp_with_sd_vae_architecture(data, runs):
+    """A SiT-B/2 checkpoint from train.py sampled by sample_ddp.py (SDE, CFG interval, bf16), decoded by SD-VAE's
+    architecture: the .npz the evaluator reads, arr_0 uint8 (N, 256, 256, 3), N PNGs, arr_1 labels."""
+    import sample_ddp
+    import train
+    _train(train, _common(data, runs, "bf16", False) + _phase2(data, None) + [
+        "--exp-name", "ckpt", "--max-train-steps", "2", "--log-every", "1", "--vae", "random-sd-vae"])
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # --precision sets them
+    try:
+        num = 40  # not a multiple of the batch: the last batch is a partial one
+        npz = sample_ddp.main(["--ckpt", os.path.join(runs, "ckpt", "checkpoints", "last.pt"),
+                               "--sample-dir", os.path.join(runs, "samples"), "--num-fid-samples", str(num),
+                               "--per-proc-batch-size", "16", "--num-steps", "10", "--cfg-scale", "1.5",
+                               "--guidance-high", "0.7", "--precision", "bf16", "--vae", "random-sd-vae"])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with np.load(npz) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (num, RESOLUTION, RESOLUTION, 3)
+    assert images.std() > 0  # decoded content, not one constant
+    assert labels.shape == (num,) and 0 <= labels.min() and labels.max() < 1000
+    pngs = [f for f in os.listdir(npz[: -len(".npz")]) if f.endswith(".png")]
+    assert len(pngs) == num
+
+
+def _synthetic_npz(path, n, seed):
+    """Images with structure at several scales (smooth colour fields + noise), so Inception features spread."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (n, 8, 8, 3))
+    smooth = np.kron(coarse, np.ones((1, 32, 32, 1)))
+    images = np.clip(smooth + rng.normal(0, 30, (n, 256, 256, 3)), 0, 255).astype(np.uint8)
+    np.savez(path, arr_0=images)
+    return str(path)
+
+
+def test_evaluator_on_gpu_matches_cpu(tmp_path):
+    """The evaluator's network and the whole evaluation (random Inception weights) on the GPU against the CPU. Both
+    run the network in exact float32 (TF32 off), so activations differ by summation order only: ~1e-6 of their scale,
+    required <= 1e-4 (TF32 would give ~1e-3). Metrics: the CPU-measured effect of 1e-4 relative noise on the
+    activations of 48 / 64 images was 3.5e-6 relative on FID; required: IS, FID and sFID within 1e-4 relative,
+    precision and recall within one sample (a k-NN radius test can flip for a point on a boundary)."""
+    from evaluations import evaluator
+    from evaluations.inception import load_inception
+    ref, samples = _synthetic_npz(tmp_path / "ref.npz", 64, 0), _synthetic_npz(tmp_path / "samples.npz", 48, 1)
+    acts = {}
+    for device in (DEVICE, "cpu"):
+        acts[device] = evaluator.compute_activations(load_inception("random", device), evaluator.open_images(samples),
+                                                     16, torch.device(device), with_probs=True, desc=device,
+                                                     progress=False)
+    for key in ("pool", "spatial", "probs"):
+        scale = float(np.abs(acts["cpu"][key]).max())
+        diff = float(np.abs(acts[DEVICE][key] - acts["cpu"][key]).max())
+        assert diff <= 1e-4 * scale, f"{key}: GPU and CPU activations differ by {diff:.3g} (scale {scale:.3g})"
+    results = {}
+    for device in (DEVICE, "cpu"):
+        out = tmp_path / f"{device}.json"
+        evaluator.main([ref, samples, "--inception-weights", "random", "--device", device, "--no-cache",
+                        "--is-split-size", "24", "--json", str(out)])
+        with open(out) as f:
+            results[device] = json.load(f)
+    gpu, cpu = results[DEVICE], results["cpu"]
+    for key in ("inception_score", "fid", "sfid"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-4), key
+    assert abs(gpu["precision"] - cpu["precision"]) <= 1 / 48 + 1e-9
+    assert abs(gpu["recall"] - cpu["recall"]) <= 1 / 64 + 1e-9
+
+
+@pytest.mark.parametrize("precision,compiled", CHAINS, ids=CHAIN_IDS)
+def test_phase1_phase2_resume(data, runs, precision, compiled, monkeypatch):
+    """Phase 1 (P1_STEPS) -> Phase 2 warm-started from its last.pt: N + M steps straight, the same again (watched for
+    host syncs, see test_training_steps_do_not_synchronize), and N steps then --resume to N + M."""
+    import train
+    import train_warmup
+    from bench.loop_probe import ObjectiveProbe, probing
+    from torch._dynamo.utils import counters
+    _fail_on_recompile_limit(monkeypatch)
+    graphs_before = counters["stats"]["unique_graphs"]
+    common = _common(data, runs, precision, compiled)
+    phase1 = _train(train_warmup, common + ["--exp-name", "p1", "--max-train-steps", str(P1_STEPS),
+                                            "--log-every", str(P1_LOG)])
+    if compiled:
+        assert counters["stats"]["unique_graphs"] > graphs_before, "--compile compiled nothing"
+    phase2 = common + _phase2(data, os.path.join(runs, "p1", "checkpoints", "last.pt"))
+    straight = _train(train, phase2 + ["--exp-name", "straight", "--max-train-steps", str(N + M),
+                                       "--log-every", str(P2_LOG)])
+    # The second straight run measures the GPU's run-to-run noise. It logs only at its end (log_every is run-control,
+    # it changes nothing that is trained), so that its steps SYNC_START..SYNC_STOP can be watched for host syncs.
+    probe = ObjectiveProbe(SYNC_START, SYNC_STOP, watch_syncs=True)
+    with probing(train, probe):
+        _train(train, phase2 + ["--exp-name", "straight2", "--max-train-steps", str(N + M), "--log-every", str(BIG)])
+    SYNC_PROBES[(precision, compiled)] = probe
+    _train(train, phase2 + ["--exp-name", "halves", "--max-train-steps", str(N), "--log-every", str(P2_LOG)])
+    resumed = _train(train, phase2 + ["--exp-name", "halves", "--max-train-steps", str(N + M), "--resume",
+                                      "--log-every", str(P2_LOG)])
+    _check_learns(phase1, "loss", FALL, f"Phase 1 {precision}")
+    _check_learns(straight, "velocity_loss", FALL, f"Phase 2 {precision}")
+    _check_resume(runs, straight, resumed)
+
+
+@pytest.mark.parametrize("precision,compiled", CHAINS, ids=CHAIN_IDS)
+def test_training_steps_do_not_synchronize(precision, compiled):
+    """CUDA sync debug mode over micro-batches SYNC_START..SYNC_STOP of a Phase-2 run (teacher, NT-Xent, EMA,
+    clipping, fp16 loss scaling; run by test_phase1_phase2_resume) that logs and checkpoints only at its end: no
+    operation in that window may wait for the GPU (.item(), a blocking device-to-host or pageable host-to-device
+    copy, nonzero, synchronize)."""
+    probe = SYNC_PROBES.get((precision, compiled))
+    if probe is None:
+        pytest.skip("test_phase1_phase2_resume did not get as far as the watched run")
+    assert probe.seconds is not None, "the watched window was never reached"
+    assert not probe.sync_warnings, (f"{len(probe.sync_warnings)} host synchronization(s) in {probe.steps} training "
+                                     f"steps without logging or checkpointing, at: " + "; ".join(probe.sync_sites()))
