@@ -1,16 +1,23 @@
-"""The whole ERW pipeline on an embedded default, offline, on a CPU, in minutes:
+"""ERW end to end on an embedded default, offline, on a CPU, in a few minutes:
 
-    generated demo dataset (10 classes of coloured shapes, 64 px, random tiny VAE)
-    -> Phase 1 (train_warmup.py)  -> Phase 2 (train.py, warm-started from Phase 1)
-    -> sample_ddp.py (Euler-Maruyama) -> ADM metrics (evaluations/evaluator.py) -> CKNNA by layer
+    demo data (10 classes of coloured shapes, 64 px, encoded by the demo VAE)       data/demo (configs/tiny.yaml's)
+    -> Phase 1 (train_warmup.py: blocks 0..1 aligned to the demo teacher)            exps/demo/phase1
+    -> Phase 2 (train.py: warm-started, velocity + decaying alignment)                exps/demo/phase2
+    -> sample_ddp.py (Euler-Maruyama, classifier-free guidance)                      exps/demo/samples
+    -> class accuracy and FD-demo of the samples (evaluations/demo_metrics.py)       exps/demo/demo_metrics.json,
+                                                                                     exps/demo/samples_by_class.png
+    -> CKNNA by layer, Phase 1 vs Phase 2                                            exps/demo/cknna.{json,png}
 
-    python demo.py            # resumes whatever an earlier run left in exps/demo
+    python demo.py            # resumes whatever an earlier run left; finished stages are not redone
     python demo.py --fresh    # deletes exps/demo first
+    python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW at the same step budget
 
-The teacher, the VAE and the Inception network have RANDOM weights (nothing is downloaded): the mechanics are
-real, the numbers are not comparable to the paper's. Everything lands in exps/demo/.
+The demo's VAE, teacher and classifier are small networks trained on such images by assets/demo/train_components.py
+and shipped with the repository: the VAE decodes real shapes, the teacher's tokens carry the class, and the
+classifier tells whether a sample shows the class it was asked for. The numbers are the demo's own, not the
+paper's: FD-demo is a Frechet distance in the classifier's feature space, not ImageNet FID. --adm-metrics adds the
+ADM suite with a RANDOM Inception network (it checks the plumbing only).
 """
-import argparse
 import json
 import os
 import shutil
@@ -20,25 +27,45 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    from erw.cli import ArgumentParser
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join("exps", "demo"), help="output folder")
+    parser.add_argument("--data-dir", default=os.path.join("data", "demo"),
+                        help="demo data folder (configs/tiny.yaml's data_dir)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     parser.add_argument("--images-per-class", type=int, default=32, help="demo dataset size per class (10 classes)")
-    parser.add_argument("--phase1-steps", type=int, default=150)
-    parser.add_argument("--phase2-steps", type=int, default=400)
-    parser.add_argument("--num-samples", type=int, default=320, help="samples for the metrics")
+    parser.add_argument("--phase1-steps", type=int, default=150, help="Phase-1 optimizer steps")
+    parser.add_argument("--phase2-steps", type=int, default=1500, help="Phase-2 optimizer steps")
+    parser.add_argument("--num-samples", type=int, default=200, help="samples for the metrics (balanced classes)")
     parser.add_argument("--sample-steps", type=int, default=50, help="Euler-Maruyama steps (the paper uses 250)")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--cknna-layers", default=None, help="comma-separated layers (default: all)")
-    return parser.parse_args(argv)
+    parser.add_argument("--adm-metrics", action="store_true",
+                        help="also run the ADM suite (FID, IS, ...) with a RANDOM Inception: plumbing only")
+    parser.add_argument("--table", action="store_true", help="run the SiT / REPA / ERW comparison instead")
+    parser.add_argument("--table-steps", type=int, default=2000,
+                        help="--table: optimizer steps per method, ERW's warmup included")
+    parser.add_argument("--table-evals", type=int, default=4, help="--table: evaluations along each run")
+    return parser
 
 
 def stage(title):
     print(f"\n=== {title} ===", flush=True)
-    return time.perf_counter()
+
+
+def make_data(data_dir: str, images_per_class: int) -> str:
+    """The demo dataset and its reference batch (both resume: finished files are kept). Returns the .npz path."""
+    from preprocessing import dataset_tools
+    dataset_tools.main(["make-demo", "--dest", data_dir, "--images-per-class", str(images_per_class)])
+    reference = os.path.join(data_dir, "reference.npz")
+    if not os.path.isfile(reference):
+        dataset_tools.main(["reference", "--data-dir", data_dir, "--out", reference])
+    return reference
 
 
 def run_phase(entry_point, args, exp_dir):
@@ -48,16 +75,62 @@ def run_phase(entry_point, args, exp_dir):
     if os.path.isfile(os.path.join(ckpt_dir, LAST_CHECKPOINT)) or numbered_checkpoints(ckpt_dir):
         args = [*args, "--resume"]
     entry_point.main(args)
+    return os.path.join(ckpt_dir, LAST_CHECKPOINT)
 
 
-def reference_batch(data_dir: str, path: str) -> str:
-    """The demo dataset's images as an ADM reference batch (arr_0: uint8 N x H x W x 3)."""
-    if not os.path.isfile(path):
-        from erw.data import ImageLatentDataset
-        dataset = ImageLatentDataset(data_dir)
-        images = np.stack([dataset[i][0].permute(1, 2, 0).numpy() for i in range(len(dataset))])
-        np.savez(path, arr_0=images)
-    return path
+def sample(ckpt: str, sample_dir: str, num_samples: int, num_steps: int, cfg_scale: float) -> str:
+    """Balanced-label samples from the EMA weights; returns the .npz (resumes; a new checkpoint, a new folder)."""
+    import sample_ddp
+    return sample_ddp.main(["--ckpt", ckpt, "--sample-dir", sample_dir, "--num-fid-samples", str(num_samples),
+                            "--num-steps", str(num_steps), "--cfg-scale", str(cfg_scale), "--label-mode", "balanced",
+                            "--per-proc-batch-size", "100", "--micro-batch-size", "0", "--device", "cpu",
+                            "--precision", "fp32"])
+
+
+def cached_json(path: str, key: dict, compute):
+    """compute() once per key: the result is stored in `path` with the key and reused while the key matches."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("key") == key:
+            return stored["result"]
+    result = compute()
+    from erw.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(json.dumps({"key": key, "result": result}, indent=1).encode()))
+    return result
+
+
+def evaluate_checkpoint(ckpt: str, reference_npz: str, sample_dir: str, args, path: str) -> dict:
+    """Sample from `ckpt` and compute class accuracy and FD-demo, once per (checkpoint id, sampler settings): the
+    result is kept in `path`, so a rerun neither samples nor measures again."""
+    from erw.checkpoint import load_checkpoint
+    key = {"checkpoint_id": load_checkpoint(ckpt)["checkpoint_id"], "num_samples": args.num_samples,
+           "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+
+    def compute():
+        from evaluations.demo_metrics import demo_metrics
+        sample_npz = sample(ckpt, sample_dir, args.num_samples, args.sample_steps, args.cfg_scale)
+        with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
+            return {**demo_metrics(ref["arr_0"], samples["arr_0"], samples["arr_1"]), "samples": sample_npz}
+    return cached_json(path, key, compute)
+
+
+def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: int = 4) -> None:
+    """One row per class: `per_class` real images, then the first `per_class` samples generated for that class."""
+    from PIL import Image
+
+    from erw.checkpoint import atomic_write
+    with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
+        rows = []
+        for c in range(int(ref["arr_1"].max()) + 1):
+            blank = np.zeros_like(ref["arr_0"][0])
+            real = list(ref["arr_0"][ref["arr_1"] == c][:per_class])
+            generated = list(samples["arr_0"][samples["arr_1"] == c][:per_class])
+            row = real + [blank] * (per_class - len(real)) + [blank[:, :8]] + generated + \
+                [blank] * (per_class - len(generated))
+            rows.append(np.concatenate(row, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def read_metrics(exp_dir: str):
@@ -71,95 +144,178 @@ def read_metrics(exp_dir: str):
     return [records[s] for s in sorted(records)]
 
 
-def plot_losses(phase1, phase2, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in phase1], [r["align_loss"] for r in phase1])
-    axes[0].set(title="Phase 1: NT-Xent alignment (clean latents)", xlabel="step", ylabel="loss")
+def _figure(columns: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(5 * columns, 4))
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, columns)
+
+
+def _save(figure, path: str) -> None:
+    from erw.checkpoint import atomic_write
+    figure.tight_layout()
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
+
+
+def losses_figure(phase1, phase2):
+    """Phase 1's NT-Xent, Phase 2's losses (which one carries lambda said in the legend) and lambda(s)."""
+    figure, axes = _figure(3)
+    axes[0].plot([r["step"] for r in phase1], [r["align_loss"] for r in phase1], label="NT-Xent (weight 1)")
+    axes[0].set(title="Phase 1: alignment on clean latents", xlabel="Phase-1 step", ylabel="loss")
     steps2 = [r["step"] for r in phase2]
-    axes[1].plot(steps2, [r["velocity_loss"] for r in phase2], label="velocity")
-    axes[1].plot(steps2, [r["align_loss"] for r in phase2], label="alignment")
-    axes[1].set(title="Phase 2: losses", xlabel="step")
-    axes[1].legend()
+    axes[1].plot(steps2, [r["velocity_loss"] for r in phase2], label="velocity loss (weight 1)")
+    axes[1].plot(steps2, [r["align_loss"] for r in phase2], label="alignment loss (unweighted)")
+    axes[1].plot(steps2, [r["loss"] for r in phase2], label="total = velocity + lambda(s) x alignment")
+    axes[1].set(title="Phase 2: losses", xlabel="Phase-2 step", ylabel="loss")
     # The record at step s holds lambda(s - 1), the weight of the update that produced it.
-    axes[2].plot([s - 1 for s in steps2], [r["lambda_used"] for r in phase2])
-    axes[2].set(title="Phase 2: lambda(s) = proj_coeff * 2^(-s / half-life)", xlabel="s (completed steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    axes[2].plot([s - 1 for s in steps2], [r["lambda_used"] for r in phase2], label="lambda(s), the alignment weight")
+    axes[2].set(title="Phase 2: lambda(s) = proj_coeff x 2^(-s / half-life)", xlabel="s (completed Phase-2 steps)",
+                ylabel="lambda")
+    for axis in axes:
+        axis.legend()
+        axis.grid(alpha=0.3)
+    return figure
+
+
+TABLE_METHODS = ("SiT", "REPA", "ERW")
+
+
+def run_table(args, start: float) -> dict:
+    """SiT vs REPA vs ERW on the demo data: the same seeds and the same number of optimizer steps for each (ERW's
+    warmup counts), evaluated --table-evals times along the way. Writes table.md, table.json and table.png."""
+    import train
+    import train_warmup
+    from erw.trainer import numbered_checkpoints
+    if args.table_steps % (2 * args.table_evals):
+        raise ValueError(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
+                         f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
+    every = args.table_steps // args.table_evals
+    warmup = every  # ERW spends the first evaluation interval on Phase 1 (no generator exists yet there)
+    out = os.path.join(args.out, "table")
+    reference = make_data(args.data_dir, args.images_per_class)
+    common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out]
+    phase2 = {
+        "SiT": ["--enc-type", "none", "--warmup-ckpt", "none", "--max-train-steps", str(args.table_steps)],
+        "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none",
+                 "--max-train-steps", str(args.table_steps)],
+        "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", "last.pt"),
+                "--max-train-steps", str(args.table_steps - warmup)],
+    }
+    offsets = {"SiT": 0, "REPA": 0, "ERW": warmup}
+    stage(f"table: ERW Phase 1, {warmup} steps")
+    run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)],
+              os.path.join(out, "ERW-warmup"))
+    curves = {}
+    for method in TABLE_METHODS:
+        stage(f"table: {method}, {args.table_steps - offsets[method]} Phase-2 steps")
+        exp_dir = os.path.join(out, method)
+        run_phase(train, [*common, "--exp-name", method, "--checkpointing-steps", str(every), *phase2[method]],
+                  exp_dir)
+        curves[method] = []
+        for step, ckpt in numbered_checkpoints(os.path.join(exp_dir, "checkpoints")):
+            metrics = evaluate_checkpoint(ckpt, reference, os.path.join(out, "samples"), args,
+                                          os.path.join(exp_dir, f"demo_metrics-{step:07d}.json"))
+            curves[method].append({"total_steps": step + offsets[method], **metrics})
+    lines = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy |", "|---|---|---|---|"]
+    for method in TABLE_METHODS:
+        last = curves[method][-1]
+        lines.append(f"| {method} | {last['total_steps']} | {last['fd_demo']:.2f} | {last['class_accuracy']:.1%} |")
+    table = "\n".join(lines)
+    from erw.checkpoint import atomic_write
+    atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
+    atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
+    _save(table_figure(curves), os.path.join(out, "table.png"))
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\n=== SiT vs REPA vs ERW on the demo data, {args.table_steps} optimizer steps each "
+          f"({minutes:.1f} min) ===\n{table}\n  curves: {os.path.join(out, 'table.png')}, {os.path.join(out, 'table.json')}")
+    return {"curves": curves, "table": table, "minutes": minutes}
+
+
+def table_figure(curves: dict):
+    """FD-demo and class accuracy against the optimizer step (ERW's warmup steps included), one line per method."""
+    figure, axes = _figure(2)
+    for method, points in curves.items():
+        steps = [p["total_steps"] for p in points]
+        axes[0].plot(steps, [p["fd_demo"] for p in points], marker="o", label=method)
+        axes[1].plot(steps, [100 * p["class_accuracy"] for p in points], marker="o", label=method)
+    axes[0].set(title="FD-demo (demo classifier features; lower is better)", ylabel="FD-demo")
+    axes[1].set(title="class accuracy of samples (chance 10%)", ylabel="accuracy (%)")
+    for axis in axes:
+        axis.set_xlabel("optimizer steps (ERW: warmup included)")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    return figure
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    if args.table:
+        return run_table(args, start)
     out = args.out
-    if args.fresh and os.path.isdir(out):
-        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    data_dir = os.path.join(out, "data")
-    vae_dir = os.path.join(data_dir, "vae")
-    print("ERW demo: the teacher, the VAE and the Inception network have RANDOM weights; the pipeline is real, "
-          "the numbers are not the paper's.")
+    print("ERW demo: the VAE, teacher and classifier are small networks trained on the demo images "
+          "(assets/demo); the numbers are the demo's own, not the paper's.")
 
-    from preprocessing import dataset_tools
-    stage("1/6 demo dataset")
-    dataset_tools.main(["make-demo", "--dest", data_dir, "--images-per-class", str(args.images_per_class)])
+    stage("1/5 demo dataset and reference batch")
+    reference = make_data(args.data_dir, args.images_per_class)
 
     import train
     import train_warmup
-    common = ["--config", TINY_CONFIG, "--data-dir", data_dir, "--output-dir", out]
-    stage("2/6 Phase 1: warm up blocks 0..k-1 against the teacher")
+    common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out]
+    stage("2/5 Phase 1: align blocks 0..k-1 with the demo teacher on clean latents")
     phase1_dir = os.path.join(out, "phase1")
-    run_phase(train_warmup, [*common, "--exp-name", "phase1", "--max-train-steps", str(args.phase1_steps),
-                             "--checkpointing-steps", str(args.phase1_steps)], phase1_dir)
-    phase1_ckpt = os.path.join(phase1_dir, "checkpoints", "last.pt")
+    phase1_ckpt = run_phase(train_warmup, [*common, "--exp-name", "phase1", "--max-train-steps",
+                                           str(args.phase1_steps)], phase1_dir)
 
-    stage("3/6 Phase 2: full model, velocity + decaying alignment, warm-started")
+    stage("3/5 Phase 2: full model, velocity + decaying alignment, warm-started")
     phase2_dir = os.path.join(out, "phase2")
-    run_phase(train, [*common, "--exp-name", "phase2", "--warmup-ckpt", phase1_ckpt, "--vae", vae_dir,
-                      "--max-train-steps", str(args.phase2_steps), "--checkpointing-steps", str(args.phase2_steps),
-                      "--sampling-steps", str(args.phase2_steps)], phase2_dir)
-    phase2_ckpt = os.path.join(phase2_dir, "checkpoints", "last.pt")
+    phase2_ckpt = run_phase(train, [*common, "--exp-name", "phase2", "--warmup-ckpt", phase1_ckpt,
+                                    "--max-train-steps", str(args.phase2_steps)], phase2_dir)
 
-    stage("4/6 sampling (sample_ddp.py, Euler-Maruyama SDE, EMA weights)")
-    import sample_ddp
-    sample_npz = sample_ddp.main(["--ckpt", phase2_ckpt, "--vae", vae_dir, "--sample-dir", os.path.join(out, "samples"),
-                                  "--num-fid-samples", str(args.num_samples), "--num-steps", str(args.sample_steps),
-                                  "--per-proc-batch-size", "64", "--label-mode", "balanced", "--device", "cpu",
-                                  "--precision", "fp32"])
+    stage("4/5 sampling (sample_ddp.py: Euler-Maruyama, EMA weights, classifier-free guidance), then class "
+          "accuracy and FD-demo (demo classifier)")
+    metrics = evaluate_checkpoint(phase2_ckpt, reference, os.path.join(out, "samples"), args,
+                                  os.path.join(out, "demo_metrics.json"))
+    sample_npz = metrics["samples"]
+    print(f"class accuracy {metrics['class_accuracy']:.1%} (chance 10%), FD-demo {metrics['fd_demo']:.2f}")
+    samples_png = os.path.join(out, "samples_by_class.png")
+    write_class_grid(reference, sample_npz, samples_png)
+    if args.adm_metrics:
+        from evaluations.evaluator import evaluate
+        adm = cached_json(os.path.join(out, "adm_metrics.json"), {"samples": sample_npz}, lambda: evaluate(
+            reference, sample_npz, inception_weights="random", device="cpu", batch_size=32,
+            is_split_size=min(args.num_samples, 100), cache_dir=os.path.join(out, "cache")))
+        print(f"ADM suite with a RANDOM Inception (plumbing only): FID {adm['fid']:.2f}")
 
-    stage("5/6 ADM metrics (RANDOM Inception weights: meaningless numbers)")
-    from evaluations.evaluator import evaluate
-    ref_npz = reference_batch(data_dir, os.path.join(out, "reference.npz"))
-    metrics = evaluate(ref_npz, sample_npz, inception_weights="random", device="cpu", batch_size=32,
-                       is_split_size=min(args.num_samples, 100), cache_dir=os.path.join(out, "cache"))
-    metrics_path = os.path.join(out, "metrics.json")
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=1)
-
-    stage("6/6 CKNNA by layer: Phase 1 vs Phase 2")
+    stage("5/5 CKNNA by layer: Phase 1 vs Phase 2")
     from evaluations import cknna
-    layers = ["--layers", args.cknna_layers] if args.cknna_layers else []
-    cknna.main(["--ckpt", phase1_ckpt, phase2_ckpt, "--labels", "phase1", "phase2", "--data-dir", data_dir,
-                "--output-dir", out, "--device", "cpu", "--num-workers", "0", *layers])
+    cknna_json = os.path.join(out, "cknna.json")
+    if not (os.path.isfile(cknna_json) and os.path.getmtime(cknna_json) > os.path.getmtime(phase2_ckpt)):
+        layers = ["--layers", args.cknna_layers] if args.cknna_layers else []
+        cknna.main(["--ckpt", phase1_ckpt, phase2_ckpt, "--labels", "phase1", "phase2", "--data-dir", args.data_dir,
+                    "--output-dir", out, "--device", "cpu", "--num-workers", "0", *layers])
 
     loss_png = os.path.join(out, "losses.png")
-    plot_losses(read_metrics(phase1_dir), read_metrics(phase2_dir), loss_png)
+    _save(losses_figure(read_metrics(phase1_dir), read_metrics(phase2_dir)), loss_png)
     grids = sorted(os.listdir(os.path.join(phase2_dir, "samples")))
     minutes = (time.perf_counter() - start) / 60
     print(f"\n=== ERW demo done in {minutes:.1f} min ===")
+    print(f"  class accuracy {metrics['class_accuracy']:.1%} of {metrics['num_samples']} samples (chance 10%); "
+          f"FD-demo {metrics['fd_demo']:.2f} (demo classifier features; not ImageNet FID)")
     print(f"  checkpoints   {phase1_ckpt}\n                {phase2_ckpt}")
     print(f"  sample grids  {os.path.join(phase2_dir, 'samples', grids[0])} (start of Phase 2), "
           f"{os.path.join(phase2_dir, 'samples', grids[-1])} (end)")
+    print(f"  samples       {sample_npz}\n                {samples_png} (one row per class: 4 real images, then 4 "
+          "samples)")
     print(f"  loss curves   {loss_png}")
-    print(f"  samples       {sample_npz}")
-    print(f"  metrics       {metrics_path}: FID {metrics['fid']:.2f}, IS {metrics['inception_score']:.2f} "
-          f"(random Inception: meaningless)")
-    print(f"  CKNNA         {os.path.join(out, 'cknna.json')}, {os.path.join(out, 'cknna.png')}")
+    print(f"  CKNNA         {cknna_json}, {os.path.join(out, 'cknna.png')}")
     return {"metrics": metrics, "minutes": minutes}
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from erw.cli import run_main
+    run_main(main)

@@ -7,8 +7,10 @@ arr_1 labels) that the ADM evaluator reads.
     python sample_ddp.py --ckpt ...                      # one process
 
 Sample i depends only on (--global-seed, i) and the sampler settings, not on the number of processes or the batch
-size; rerunning an interrupted command skips the finished PNGs. REPA checkpoints load too: give REPA's model flags
-(--model, --encoder-depth, --projector-embed-dims, --qk-norm, --resolution, --num-classes).
+size; rerunning an interrupted command skips the finished PNGs. Pixels are written as REPA writes them
+(--pixel-rounding, recorded in the settings .json; a folder is never resumed with the other convention). The
+generation loop (erw/generation.py) is the one train.py's in-training FID runs. REPA checkpoints load too: give
+REPA's model flags (--model, --encoder-depth, --projector-embed-dims, --qk-norm, --resolution, --num-classes).
 
 A sample folder belongs to the weights that made it, not to the --ckpt path: its name carries the training step
 and the first 8 characters of the weights id (SAMPLE_DIR/SiT-XL-2-step0400000-3f2a9c1b-ema-size-256-...), and its
@@ -26,14 +28,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from erw.config import add_flags  # noqa: E402
-from erw.sampling import (DEVICES, LABEL_MODES, MODES, PRECISIONS, REPA_MODEL_FLAG_DEFAULTS,  # noqa: E402
-                          WEIGHTS, run_sampling)
+from erw.cli import ArgumentParser, run_main  # noqa: E402
+from erw.generation import (DEVICES, LABEL_MODES, PRECISIONS, WEIGHTS, add_repa_model_flags,  # noqa: E402
+                            run_sampling)
+from erw.samplers import MODES  # noqa: E402
 from erw.transport import PATH_TYPES  # noqa: E402
+from models.vae import PIXEL_ROUNDINGS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("checkpoint and output")
     io.add_argument("--ckpt", required=True, help="our checkpoint (has model_args) or a REPA checkpoint")
     io.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA weights (default) or the raw model")
@@ -44,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "random-tiny; default: the VAE in our checkpoint's config, else ema (as the paper)")
     io.add_argument("--allow-download", action="store_true",
                     help="let a hub-id VAE download when it is not in the local Hugging Face cache")
+    io.add_argument("--pixel-rounding", choices=PIXEL_ROUNDINGS, default="repa",
+                    help="repa: clamp(255 * (x + 1) / 2) truncated to uint8, as REPA's generate.py and ADM write "
+                         "samples (the pixels the paper's FIDs are computed on); dit: clamp(127.5 x + 128) "
+                         "truncated, i.e. rounded, as DiT's sample_ddp.py (one level higher on ~half the pixels)")
 
-    model = parser.add_argument_group(
-        "model (REPA checkpoints only; our checkpoints carry their architecture, and these must then agree)")
-    add_flags(model, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
-    model.add_argument("--projector-embed-dims", default=None,
-                       help="teacher widths, comma-separated "
-                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
+    add_repa_model_flags(parser, "model (REPA checkpoints only; our checkpoints carry their architecture, and these "
+                                 "must then agree)")
 
     sampler = parser.add_argument_group("sampler")
     sampler.add_argument("--mode", choices=MODES, default="sde",
@@ -69,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="random: uniform per sample; balanced: label = i mod num_classes")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--num-fid-samples", type=int, default=50_000)
-    run.add_argument("--per-proc-batch-size", type=int, default=32)
+    run.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in all (the paper's FIDs: 50K)")
+    run.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per batch on each process")
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="auto: the GPU of this process (LOCAL_RANK) when there is one, else the CPU")
     run.add_argument("--precision", choices=PRECISIONS, default="tf32",
@@ -88,4 +92,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

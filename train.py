@@ -7,13 +7,17 @@ With --warmup-ckpt the embedders, the k warmed blocks and the projector come fro
 --warmup-layers START..START+k-1); the rest starts fresh. lambda(s) = proj_coeff * 2^(-s / proj_half_life) with s
 counted from the start of this phase (--proj-decay none keeps it constant). Without a warm start and with
 --align-loss cosine --proj-decay none this is REPA; with --proj-coeff 0 it is plain SiT (no teacher is loaded).
+With --fid-every N it logs FID, sFID and IS of the EMA weights every N steps and at the end
+(evaluations/training_fid.py).
 """
+from erw.cli import run_main
 from erw.config import TRAIN
 from erw.experiment import prepare_run
 from erw.losses import Objective
 from erw.sample_grid import SampleGridHook
 from erw.transport import get_path
 from erw.warm_start import load_warmup
+from evaluations.training_fid import build_fid_hook
 
 
 def main(argv=None):
@@ -32,8 +36,10 @@ def main(argv=None):
     latent_shape = (model_args["in_channels"], model_args["input_size"], model_args["input_size"])
     grids = SampleGridHook(config["vae"], config["sample_grid_size"], config["num_classes"], latent_shape,
                            config["sample_num_steps"], config["sampling_steps"], config["max_train_steps"])
-    return run.trainer.fit(run.model, model_args, objective, run.dataset, run.teachers, hooks=[grids])
+    fid = build_fid_hook(config, run.trainer)  # None unless --fid-every
+    return run.trainer.fit(run.model, model_args, objective, run.dataset, run.teachers,
+                           hooks=[grids] + ([fid] if fid else []))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

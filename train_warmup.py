@@ -6,6 +6,7 @@ Only the patch/time/class embedders, the first k blocks and the projector are bu
 clean latents at t = 0 with their class labels, and the loss is the alignment loss alone (NT-Xent by default).
 Its checkpoints/last.pt is what train.py --warmup-ckpt reads.
 """
+from erw.cli import run_main
 from erw.config import WARMUP
 from erw.experiment import prepare_run
 from erw.losses import Objective
@@ -19,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

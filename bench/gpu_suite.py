@@ -58,6 +58,11 @@ LOG_EVERY, TRAIN_STEPS = 10, 40     # windows: 1-10 warm-up/compile, then 3 time
 BIG = 10 ** 6                       # "never" for checkpoint / sample-grid intervals
 SAMPLER = dict(model="SiT-XL/2", num_steps=250, batch_size=32, mode="sde", cases=("no-cfg", "cfg-interval"))
 EVALUATOR = dict(n_samples=50_000, n_ref=10_000, image_size=256, batch_size=64)
+# One in-training FID as --fid-num-samples 10000 --fid-num-steps 50 runs it, timed on 512 of the samples (a full one
+# would take ~7 of the suite's 8 minutes on one GPU) and extrapolated, for 1 and for 8 GPUs. Estimated ~60 s: ~25 s
+# of sampling at the sampler part's rate, the rest the two 2048 x 2048 sqrtm of FID and sFID on the CPU.
+FID = dict(model="SiT-XL/2", num_samples=512, extrapolate_to=10_000, gpus_for_estimate=8, num_steps=50, mode="sde",
+           precision="bf16", batch_size=BATCH)
 OPTIONAL_PACKAGES = {"timm": "teacher", "diffusers": "VAE", "accelerate": "trainer", "triton": "--compile on GPUs",
                      "scipy": "FID", "flash_attn": "not needed: attention goes through torch SDPA"}
 GPU_TESTS = os.path.join("tests", "test_gpu.py")
@@ -67,7 +72,7 @@ def make_demo_data(dest: str) -> str:
     """The generated demo dataset at 256 px (preprocessing/dataset_tools.py make-demo; the VAE on the GPU)."""
     from preprocessing import dataset_tools
     dataset_tools.main(["make-demo", "--dest", dest, "--resolution", str(RESOLUTION),
-                        "--images-per-class", str(DEMO_IMAGES_PER_CLASS)])
+                        "--images-per-class", str(DEMO_IMAGES_PER_CLASS), "--vae", "random-tiny"])
     return dest
 
 
@@ -215,7 +220,8 @@ def _training_argv(ctx: Context, settings: Dict[str, Any], out: str, name: str) 
             "--max-train-steps", str(TRAIN_STEPS), "--log-every", str(LOG_EVERY),
             "--checkpointing-steps", str(BIG), "--compile" if settings["compile"] else "--no-compile"]
     if settings["phase"] == 2:
-        argv += ["--warmup-ckpt", "none", "--vae", os.path.join(ctx.data, "vae"), "--sampling-steps", str(BIG),
+        argv += ["--warmup-ckpt", "none", "--encoder-depth", str(settings["encoder_depth"]),
+                 "--vae", os.path.join(ctx.data, "vae"), "--sampling-steps", str(BIG),
                  "--sample-grid-size", "4", "--sample-num-steps", "2"]
     return argv
 
@@ -268,30 +274,29 @@ def _throughput(ctx: Context, images_per_sec: float, per_image: float, precision
 def run_sampler(ctx: Context, part: Part) -> Dict[str, Any]:
     """bench/bench_sampler.py's cases on SiT-XL/2 (latent sampler, no VAE decode), bf16 autocast."""
     from bench.bench_sampler import CFG_CASES, run_case
-    from erw.sampling import apply_precision
+    from erw.generation import precision_scope
     from models.sit import create_sit
     s = part.settings
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     device = torch.device(ctx.device)
     try:
-        autocast_dtype = apply_precision("bf16")
-        with device:  # random init on the GPU: the weights do not change the speed
-            model = create_sit(s["model"], input_size=RESOLUTION // 8, num_classes=1000, z_dims=[])
-        model = model.eval().requires_grad_(False)
-        row = flops.sit_forward_flops(model, with_projectors=False)["total"]
-        args = argparse.Namespace(input_size=RESOLUTION // 8, mode=s["mode"], heun=False, num_steps=s["num_steps"],
-                                  batch_size=s["batch_size"], batches=1, micro_batch_size=0,
-                                  noise_source="per-sample")
-        cases = {}
-        for case in CFG_CASES:
-            if case[0] in s["cases"]:
-                with torch.no_grad():
-                    r = run_case(model, device, args, case, autocast_dtype)
-                per_sample = r["model_rows_per_sample"] * row
-                cases[case[0]] = {**r, "images_per_sec": round(r["samples_per_s"], 2), "flops_per_image": per_sample,
-                                  **_throughput(ctx, r["samples_per_s"], per_sample, "bf16")}
+        with precision_scope("bf16") as autocast_dtype:
+            with device:  # random init on the GPU: the weights do not change the speed
+                model = create_sit(s["model"], input_size=RESOLUTION // 8, num_classes=1000, z_dims=[])
+            model = model.eval().requires_grad_(False)
+            row = flops.sit_forward_flops(model, with_projectors=False)["total"]
+            args = argparse.Namespace(input_size=RESOLUTION // 8, mode=s["mode"], heun=False,
+                                      num_steps=s["num_steps"], batch_size=s["batch_size"], batches=1,
+                                      micro_batch_size=0, noise_source="per-sample")
+            cases = {}
+            for case in CFG_CASES:
+                if case[0] in s["cases"]:
+                    with torch.no_grad():
+                        r = run_case(model, device, args, case, autocast_dtype)
+                    per_sample = r["model_rows_per_sample"] * row
+                    cases[case[0]] = {**r, "images_per_sec": round(r["samples_per_s"], 2),
+                                      "flops_per_image": per_sample,
+                                      **_throughput(ctx, r["samples_per_s"], per_sample, "bf16")}
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         _free_gpu()
     return {"measured_with": "bench/bench_sampler.py run_case", "flops_per_model_row": row, "cases": cases}
 
@@ -316,6 +321,52 @@ def run_evaluator(ctx: Context, part: Part) -> Dict[str, Any]:
             "images_per_sec_means": "Inception activations of samples + reference, per second of those two stages",
             "end_to_end_samples_per_sec": round(s["n_samples"] / r["evaluate_s"], 1), "flops_per_image": per_image,
             **(_throughput(ctx, images / network_s, per_image, "fp32") if network_s else {})}
+
+
+def run_fid(ctx: Context, part: Part) -> Dict[str, Any]:
+    """One in-training FID (evaluations/training_fid.py FidHook.measure: generation, SD-VAE decode, Inception, FID,
+    sFID, IS) of SiT-XL/2, random weights, on a subset of the samples; a full 10K-sample FID costs the subset's
+    per-sample time x 10K (/ the GPU count) plus the fixed metric time, which is what this part reports."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from evaluations.inception import POOL_DIM, SPATIAL_DIM
+    from evaluations.training_fid import FidHook
+    from models.sit import create_sit
+    s = part.settings
+    device = torch.device(ctx.device)
+    workdir = tempfile.mkdtemp(prefix="fid-", dir=ctx.work)
+    try:
+        # Reference statistics in the file, as ADM's VIRTUAL_imagenet256_labeled.npz holds them: no reference pass.
+        ref = os.path.join(workdir, "ref.npz")
+        np.savez(ref, np.zeros((4, RESOLUTION, RESOLUTION, 3), np.uint8), mu=np.zeros(POOL_DIM),
+                 sigma=np.eye(POOL_DIM), mu_s=np.zeros(SPATIAL_DIM), sigma_s=np.eye(SPATIAL_DIM))
+        config = {"fid_ref": ref, "fid_every": 1, "max_train_steps": 1, "fid_num_samples": s["num_samples"],
+                  "fid_num_steps": s["num_steps"], "fid_mode": s["mode"], "fid_precision": s["precision"], "seed": 0,
+                  "path_type": "linear", "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0,
+                  "inception_weights": "random", "vae": "random-sd-vae"}
+        trainer = SimpleNamespace(accelerator=SimpleNamespace(process_index=0, num_processes=1, is_main_process=True),
+                                  device=device, local_batch_size=s["batch_size"], log=print)
+        hook = FidHook(config, trainer)
+        with device:  # random init on the GPU: the weights do not change the speed
+            model = create_sit(s["model"], input_size=RESOLUTION // 8, num_classes=1000, z_dims=[])
+        model = model.eval().requires_grad_(False)
+        row = flops.sit_forward_flops(model, with_projectors=False)["total"]
+        r = hook.measure(model, desc="FID benchmark")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _free_gpu()
+    per_sample_s = r["fid_sample_seconds"] / s["num_samples"]
+    metrics_s = r["fid_seconds"] - r["fid_sample_seconds"]
+    n, gpus = s["extrapolate_to"], s["gpus_for_estimate"]
+    per_image = s["num_steps"] * row  # SiT forwards only (no CFG); the VAE and the Inception are not counted
+    return {"measured_with": "evaluations/training_fid.py FidHook.measure", "samples_timed": s["num_samples"],
+            "sample_seconds": r["fid_sample_seconds"], "metrics_seconds": round(metrics_s, 2),
+            "images_per_sec": round(1 / per_sample_s, 2), "flops_per_image": per_image,
+            "flops_per_image_means": f"{s['num_steps']} {s['model']} forwards (VAE decode and Inception not counted)",
+            f"estimate_{n // 1000}k_1gpu_s": round(n * per_sample_s + metrics_s, 1),
+            f"estimate_{n // 1000}k_{gpus}gpu_s": round(n / gpus * per_sample_s + metrics_s, 1),
+            **_throughput(ctx, 1 / per_sample_s, per_image, s["precision"])}
 
 
 def _train_part(name, model, phase, compile_, estimate_s, optional=False, **extra):
@@ -343,7 +394,10 @@ PARTS = [
     Part("evaluator-50k", "bench", 75, f"ADM evaluator end to end: {EVALUATOR['n_samples']} samples + "
          f"{EVALUATOR['n_ref']} reference images, Inception batch {EVALUATOR['batch_size']}", EVALUATOR,
          run_evaluator),
-    # Last and optional: the others fill the 8 minutes; it runs when they leave room, or alone with --only.
+    # Last and optional: the others fill the 8 minutes; these run when they leave room, or alone with --only.
+    Part("fid-xl2-10k", "bench", 60, f"in-training FID of SiT-XL/2 ({FID['num_steps']} SDE steps, {FID['precision']}, "
+         f"SD-VAE, Inception) timed on {FID['num_samples']} samples, extrapolated to {FID['extrapolate_to']:,}",
+         FID, run_fid, optional=True),
     _train_part("train-xl2-phase2-compile", "SiT-XL/2", 2, True, 70, optional=True, encoder_depth=18),
 ]
 
@@ -399,6 +453,9 @@ def markdown_table(report: Dict[str, Any]) -> str:
                 note = f"{r['model_rows_per_sample']:.0f} model rows per sample"
             elif "evaluate_s" in r:
                 note = f"evaluate() {r['evaluate_s']} s end to end ({r['end_to_end_samples_per_sec']} samples/s)"
+            elif "samples_timed" in r:
+                note = "; ".join(f"{k[len('estimate_'):-2].replace('_', ' on ')}: {v} s" for k, v in r.items()
+                                 if k.startswith("estimate_")) + f" (metrics {r['metrics_seconds']} s)"
             gflop = f"{r['flops_per_image'] / 1e9:.1f}" if r.get("flops_per_image") else "-"
             lines.append(f"| {name} | {p['status']} | {p.get('elapsed_s', '-')} ({p['estimate_s']:.0f}) | "
                          f"{r.get('images_per_sec', '-')} | {gflop} | {r.get('achieved_tflops', '-')} | {mfu_text} | "

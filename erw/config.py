@@ -65,8 +65,25 @@ def _key_list(value):
     return keys
 
 
+AUTO = "auto"
+
+
+def _depth_or_auto(value):
+    """A block number >= 1, or "auto" (resolved by resolve_encoder_depth once the whole config is known)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        depth = _int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer >= 1 or {AUTO}, got {value!r}") from None
+    if depth < 1:
+        raise ValueError(f"expected an integer >= 1 or {AUTO}, got {value!r}")
+    return depth
+
+
 _text.__name__, _text_or_none.__name__ = "text", "text"
 _bool.__name__, _int.__name__, _float.__name__, _key_list.__name__ = "boolean", "integer", "number", "key list"
+_depth_or_auto.__name__ = "integer or auto"
 
 
 @dataclass(frozen=True)
@@ -122,8 +139,9 @@ OPTIONS: List[Option] = [
     Option("align_loss", _text, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
            choices=("ntxent", "cosine")),
     Option("ntxent_temp", _float, 0.1, "NT-Xent temperature tau", minimum=1e-6),
-    Option("encoder_depth", _int, 8, "Phase 2 projector on the output of this block (1-based; paper table 3 "
-           "'Proj. depth', 18 best for SiT-XL/2)", phases=(TRAIN,), minimum=1),
+    Option("encoder_depth", _depth_or_auto, 8, "Phase 2 projector on the output of this block (1-based; paper table "
+           "3 'Proj. depth', 18 best for SiT-XL/2); auto = warmup_layers + warmup_depth, the output of the last "
+           "warmed block (table 4's 'Depth X-Y'; needs --warmup-ckpt)", phases=(TRAIN,)),
     Option("proj_coeff", _float, 0.5, "lambda0, the alignment weight at the start of Phase 2 (paper table 3)",
            phases=(TRAIN,), minimum=0.0),
     Option("proj_decay", _text, "exp", "lambda schedule: exp = proj_coeff * 2^(-s / proj_half_life), none = constant",
@@ -150,6 +168,30 @@ OPTIONS: List[Option] = [
            run_control=True),
     Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,), minimum=1,
            run_control=True),
+    # --- in-training FID (Phase 2): evaluations/training_fid.py, with sample_ddp.py's generation code ---
+    Option("fid_every", _int, 0, "every N steps and at the end of training, sample --fid-num-samples images from the "
+           "EMA weights on all processes and log FID, sFID and IS against --fid-ref (0 = off)", phases=(TRAIN,),
+           minimum=0, run_control=True),
+    Option("fid_num_samples", _int, 10000, "samples per in-training FID (a reduced FID, as appendix D's search; the "
+           "paper's reported FIDs use 50K)", phases=(TRAIN,), minimum=2, run_control=True),
+    Option("fid_num_steps", _int, 50, "sampler steps of the in-training FID (sample_ddp.py --num-steps; the paper's "
+           "FIDs use 250)", phases=(TRAIN,), minimum=1, run_control=True),
+    Option("fid_mode", _text, "sde", "sampler of the in-training FID: sde (Euler-Maruyama, the paper's) or ode "
+           "(Euler) (sample_ddp.py --mode)", phases=(TRAIN,), choices=("sde", "ode"), run_control=True),
+    Option("fid_precision", _text, "tf32", "precision of the in-training FID's sampler: fp32, tf32 or bf16 "
+           "(sample_ddp.py --precision)", phases=(TRAIN,), choices=("fp32", "tf32", "bf16"), run_control=True),
+    Option("fid_ref", _text_or_none, None, "reference batch .npz of the in-training FID, e.g. ADM's "
+           "VIRTUAL_imagenet256_labeled.npz (its mu/sigma when it holds them, else statistics of its images, "
+           "cached)", phases=(TRAIN,), run_control=True),
+    Option("inception_weights", _text_or_none, None, "Inception of the in-training FID: the "
+           "pt_inception-2015-12-05-6726825d.pth file, none = the torch hub cache, or random (meaningless numbers; "
+           "tests)", phases=(TRAIN,), run_control=True),
+    Option("cfg_scale", _float, 1.0, "classifier-free guidance scale of the in-training FID (1 = none; REPA's flag)",
+           phases=(TRAIN,), minimum=1.0, run_control=True),
+    Option("guidance_low", _float, 0.0, "in-training FID: guidance only for t >= this (REPA's flag)",
+           phases=(TRAIN,), minimum=0.0, run_control=True),
+    Option("guidance_high", _float, 1.0, "in-training FID: guidance only for t <= this (REPA's flag; 0.7 in REPA's "
+           "best setting)", phases=(TRAIN,), minimum=0.0, run_control=True),
     # --- optimisation ---
     Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", minimum=1),
     Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", minimum=1),
@@ -248,7 +290,8 @@ def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
     for resolve_config to check against the YAML's; typed=True converts and checks choices in argparse."""
     for name in names:
         option = OPTIONS_BY_NAME[name]
-        kwargs = dict(dest=option.name, default=None, help=f"{option.help} (default: {option.default})")
+        choices = f"choices: {', '.join(map(str, option.choices))}; " if option.choices else ""
+        kwargs = dict(dest=option.name, default=None, help=f"{option.help} ({choices}default: {option.default})")
         if option.type is _bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -259,8 +302,10 @@ def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
 
 
 def build_parser(phase: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case)")
+    from erw.cli import ArgumentParser
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case; "
+                        "default: none, built-in defaults)")
     add_flags(parser, [o.name for o in OPTIONS if phase in o.phases])
     return parser
 
@@ -281,7 +326,27 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
         raise ConfigError(f"missing required setting(s): {', '.join(missing)} (set in --config or on the command line)")
     config["config"] = config_path
     config["phase"] = phase
+    if phase == TRAIN:
+        resolve_encoder_depth(config)
     return config
+
+
+def resolve_encoder_depth(config: Dict[str, Any]) -> None:
+    """Turn encoder_depth "auto" into warmup_layers + warmup_depth in place, and record where the number came from
+    in config["encoder_depth_source"] ("auto: warmup_layers S + warmup_depth k", or "given").
+
+    auto is the output of the last warmed block: the k blocks of Phase 1 sit at S..S+k-1 (0-based), and the head
+    reads block S+k-1's output, which is block S+k in REPA's 1-based count (the paper's table 4, "Depth X-Y": the
+    loss on layer Y's output). Only a warm-started Phase 2 has warmed blocks to point at."""
+    if config["encoder_depth"] != AUTO:
+        config["encoder_depth_source"] = "given"
+        return
+    if config["warmup_ckpt"] is None:
+        raise ConfigError(f"--encoder-depth {AUTO} puts the head after the last warmed block, so it needs a warm "
+                          "start: give --warmup-ckpt (Phase 1's last.pt), or a block number for --encoder-depth")
+    config["encoder_depth"] = config["warmup_layers"] + config["warmup_depth"]
+    config["encoder_depth_source"] = (f"{AUTO}: warmup_layers {config['warmup_layers']} + warmup_depth "
+                                      f"{config['warmup_depth']}")
 
 
 def dump_config(config: Dict[str, Any], path: str) -> None:

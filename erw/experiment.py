@@ -1,4 +1,5 @@
 """What both training entry points build the same way: config, trainer, teachers, dataset and model."""
+import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -7,7 +8,7 @@ from erw.config import resolve_config
 from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset, check_data_dir
 from erw.trainer import Trainer
 from models.encoders import load_teachers
-from models.sit import SiT, create_sit
+from models.sit import SiT, SiT_models, create_sit
 
 LATENT_CHANNELS = MOMENT_CHANNELS // 2  # the stored moments are [mean | std] of the latent
 
@@ -69,6 +70,28 @@ def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) ->
     }
 
 
+def check_inputs(config: Dict[str, Any]) -> None:
+    """What can be checked before anything is built or written, named by the user's flags: block counts against the
+    model's depth (the model itself would only name its own constructor argument) and the Phase-1 checkpoint a
+    warm start needs."""
+    warmup_ckpt = config.get("warmup_ckpt")
+    if warmup_ckpt and not config["resume"] and not os.path.isfile(warmup_ckpt):
+        raise FileNotFoundError(f"--warmup-ckpt {warmup_ckpt} does not exist: run Phase 1 first (train_warmup.py "
+                                "with the same --config), or pass --warmup-ckpt none for a baseline without warmup")
+    if config["model"] not in SiT_models:
+        raise ValueError(f"--model {config['model']} is not one of {', '.join(SiT_models)}")
+    with torch.device("meta"):  # the architecture without allocating it
+        depth = SiT_models[config["model"]](z_dims=[]).depth
+    checks = []
+    if config["phase"] == "warmup" or warmup_ckpt:  # a run without warm start never reads --warmup-depth
+        checks.append(("--warmup-depth", config["warmup_depth"]))
+    if config["phase"] != "warmup" and uses_alignment(config):
+        checks.append(("--encoder-depth", config["encoder_depth"]))
+    for flag, value in checks:
+        if not 1 <= value <= depth:
+            raise ValueError(f"{flag} {value} is outside 1..{depth}: {config['model']} has {depth} blocks")
+
+
 class Run(NamedTuple):
     config: Dict[str, Any]
     trainer: Trainer
@@ -82,6 +105,7 @@ def prepare_run(phase: str, argv: Optional[Sequence[str]], description: str) -> 
     """Resolve the config for `phase`, set up the trainer (experiment folder, accelerate), then build the teachers,
     the dataset and the model, in that order (the model after the trainer has seeded torch)."""
     config = resolve_config(phase, argv, description=description)
+    check_inputs(config)
     trainer = Trainer(config)
     teachers = build_teachers(config, trainer.device, trainer.log)
     dataset = build_dataset(config)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from erw.checkpoint import atomic_write
-from erw.sampling import GuidedVelocity, sample_ode
+from erw.samplers import GuidedVelocity, sample_ode
 from models.vae import decode_latents, load_vae
 
 SAMPLE_GRID_SEED = 0

@@ -109,8 +109,19 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
 
+class TqdmHandler(logging.StreamHandler):
+    """Console logging through tqdm.write, which clears the progress bar, prints the line and redraws the bar, so
+    that log lines and the bar never share a line."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own contract: report a failed emit, never raise from it
+            self.handleError(record)
+
+
 def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
-    """Console + exp_dir/log.txt on the main process; silent elsewhere (exp_dir None)."""
+    """Console (tqdm-aware) + exp_dir/log.txt on the main process; silent elsewhere (exp_dir None)."""
     logger = logging.getLogger("erw")
     logger.handlers.clear()
     logger.propagate = False
@@ -118,7 +129,7 @@ def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
         logger.addHandler(logging.NullHandler())
         return logger
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(exp_dir, "log.txt"))):
+    for handler in (TqdmHandler(), logging.FileHandler(os.path.join(exp_dir, "log.txt"))):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -372,6 +383,21 @@ class Trainer:
         self.log(f"ERROR: {message}")
         raise FloatingPointError(message)
 
+    def log_metrics(self, record: Dict[str, Any]) -> None:
+        """Append `record` to metrics.jsonl (main process) and send its values to the tracker at record["step"]."""
+        if self.accelerator.is_main_process:
+            with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def _run_hooks(self, hooks: List[Callable], step: int, ema: torch.nn.Module) -> None:
+        """Each hook on the main process; one with `all_processes = True` on every process (it does collective work:
+        the in-training FID samples its share on each). A hook decides itself, in Python, whether it is due, so a
+        step on which none is due never waits for the GPU."""
+        for hook in hooks:
+            if self.accelerator.is_main_process or getattr(hook, "all_processes", False):
+                hook(self, step, ema)
+
     def log_image(self, name: str, image, step: int) -> None:
         """uint8 (H, W, 3) image to the active tracker, if any (main process)."""
         report_to = self.config["report_to"]
@@ -450,7 +476,7 @@ class Trainer:
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:
         """Train `model` for config["max_train_steps"] optimizer steps. `hooks` are called as
-        hook(trainer, step, ema) on the main process after step 0 and every optimizer step."""
+        hook(trainer, step, ema) after step 0 and every optimizer step (see _run_hooks)."""
         cfg, acc, precision = self.config, self.accelerator, self.precision
         hooks = hooks or []
         model.to(self.device)
@@ -487,9 +513,8 @@ class Trainer:
             if cfg["report_to"] != "none":
                 acc.init_trackers(project_name="ERW", config=cfg,
                                   init_kwargs={"wandb": {"name": cfg["exp_name"]}} if cfg["report_to"] == "wandb" else {})
-            if step == 0:
-                for hook in hooks:
-                    hook(self, step, ema)
+        if step == 0:
+            self._run_hooks(hooks, step, ema)
 
         state = dict(model=model, ema=ema, optimizer=optimizer, model_args=model_args, dataset_len=len(dataset))
         progress = tqdm(total=cfg["max_train_steps"], initial=step, desc=f"{cfg['phase']} {cfg['exp_name']}",
@@ -540,23 +565,18 @@ class Trainer:
                                   skipped_steps=self._skipped_logged,
                                   images_per_sec=cfg["batch_size"] * window_steps / elapsed, step=step)
                     history.append(record)
-                    if acc.is_main_process:
-                        with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                    acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    self.log_metrics(record)
                     progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "grad_norm") if k in record})
                     self.log(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
                     window_start, window_steps = time.perf_counter(), 0
                 if save_due:
                     self.save(state, step, micro_batch, self._skipped_logged)
-                if acc.is_main_process:
-                    for hook in hooks:
-                        hook(self, step, ema)
-                if stop_signal:
+                if stop_signal:  # before the hooks: an in-training FID due now would outlast the grace period
                     self.log(f"Received {stop_signal}: stopped after step {step} and saved {self.last_good}; rerun "
                              f"the same command with --resume to continue (exit code {EXIT_PREEMPTED})")
                     acc.end_training()
                     raise SystemExit(EXIT_PREEMPTED)
+                self._run_hooks(hooks, step, ema)
         acc.wait_for_everyone()
         acc.end_training()
         return {"step": step, "history": history, "model": acc.unwrap_model(model), "ema": ema}

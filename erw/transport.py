@@ -2,7 +2,7 @@
 
     x_t = alpha_t * x + sigma_t * eps,     v_t = d_alpha_t * x + d_sigma_t * eps  (the training target)
 
-Training draws (x_t, v) from `Path.interpolate`; the samplers in erw/sampling.py integrate the
+Training draws (x_t, v) from `Path.interpolate`; the samplers in erw/samplers.py integrate the
 velocity from t = 1 to t = 0 and, for the SDE, turn it into a score with `Path.velocity_to_score`.
 """
 import math

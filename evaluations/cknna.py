@@ -8,11 +8,17 @@ appendix C.1) and linear CKA (Kornblith et al., 2019), as a JSON table and a PNG
 
 writes exps/cknna/cknna.json = {"settings": {...}, "results": {label: {layer: {"cknna": c, "cka": c}}}} and
 exps/cknna/cknna.png. The data folder, teacher and interpolant default to what the checkpoints were trained with.
-Checkpoints are ours (train_warmup.py / train.py: architecture in "model_args"); a Phase-1 checkpoint holds only
-its k warmed blocks, so only layers 1..k exist there.
+Checkpoints are ours (train_warmup.py / train.py: architecture in "model_args"; a Phase-1 checkpoint holds only its
+k warmed blocks, so only layers 1..k exist there) or REPA's, described by REPA's model flags as sample_ddp.py takes
+them (--model, --resolution, --num-classes, --encoder-depth, --projector-embed-dims, --qk-norm); the flags describe
+the REPA checkpoints of the list only (ours carry their architecture), and a REPA checkpoint names no data or
+teacher, so --data-dir and --enc-type come from the flags or from our checkpoints in the same call. E.g.
+
+    python evaluations/cknna.py --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
+        --model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768 --data-dir data/imagenet256-val
 
 Features, for n images (a subset of the data folder drawn from --seed; all of it when it holds fewer than
---num-images). Image i gets its own generator (erw.sampling.sample_generator(seed, i)), from which its latent
+--num-images). Image i gets its own generator (erw.generation.sample_generator(seed, i)), from which its latent
 z_i = sample_latents(posterior moments) and then its noise eps_i are drawn, so every checkpoint sees the same inputs
 whatever the batch size or device.
   SiT, layer l:  x_i = mean over the T tokens of model.forward_features(x_t, t, y, [l])[l], the hidden state after
@@ -60,12 +66,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import load_state_dict_strict  # noqa: E402
+from erw.checkpoint import atomic_write  # noqa: E402
+from erw.cli import ArgumentParser, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
-from erw.sampling import DEVICES, WEIGHTS, read_checkpoint, sample_generator  # noqa: E402
+from erw.generation import (DEVICES, REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model,  # noqa: E402
+                            sample_generator)
 from erw.transport import PATH_TYPES, get_path  # noqa: E402
 from models.encoders import load_teachers  # noqa: E402
-from models.sit import SiT, create_sit  # noqa: E402
+from models.sit import SiT  # noqa: E402
 
 DEFAULT_TOPK = 10               # appendix C.1 / REPA: k = 10
 DEFAULT_NUM_IMAGES = 10_000     # appendix C.1: 10,000 random ImageNet validation images
@@ -254,29 +262,13 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
 class AnalysedCheckpoint:
     label: str
     path: str
+    format: str                     # "erw" (ours) or "repa"
     model: SiT
     model_args: Dict
-    config: Dict
+    config: Dict                    # our checkpoint's training config; {} for REPA's
     step: Optional[int]
     layers: List[int]
     path_type: str
-
-
-def load_analysis_model(path: str, weights: str) -> tuple:
-    """(SiT in eval mode with `weights` loaded strictly, model_args, training config, step) from one of our
-    checkpoints; Phase-1 (truncated) checkpoints included."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    ckpt = read_checkpoint(path)
-    if "model_args" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model_args': only checkpoints written by train_warmup.py or "
-                         f"train.py are supported (keys: {', '.join(sorted(ckpt))})")
-    if weights not in ckpt:
-        raise ValueError(f"checkpoint {path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    model = create_sit(**ckpt["model_args"])
-    load_state_dict_strict(model, ckpt[weights], f"{path} ['{weights}']")
-    return (model.eval().requires_grad_(False), dict(ckpt["model_args"]), dict(ckpt.get("config") or {}),
-            ckpt.get("step"))
 
 
 def default_label(path: str) -> str:
@@ -341,12 +333,14 @@ def extract_features(checkpoints: List[AnalysedCheckpoint], teacher: torch.nn.Mo
 #################################################################################
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ckpt", nargs="+", required=True,
                         help="one or more checkpoints of train_warmup.py / train.py, drawn on one plot")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one name per --ckpt for the table and plot (default: EXP/STEP from the path)")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA weights (default) or the raw model")
+    add_repa_model_flags(parser, "model (REPA checkpoints only, as in sample_ddp.py; our checkpoints carry their "
+                                 "architecture)")
     parser.add_argument("--data-dir", default=None,
                         help="dataset folder (images/ + vae-sd/); default: the checkpoints' training data_dir")
     parser.add_argument("--enc-type", default=None,
@@ -365,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outlier-quantile", type=float, default=DEFAULT_OUTLIER_QUANTILE,
                         help="clamp features at this mean per-row |.| quantile before normalising (1 = no clamp)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the subset and each image's latent and noise")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per SiT and teacher call")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader worker processes")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     parser.add_argument("--output-dir", default="exps/cknna",
@@ -374,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_checkpoints(paths: Sequence[str], labels: Optional[Sequence[str]], weights: str,
-                     layers: Optional[List[int]], path_type: Optional[str]) -> List[AnalysedCheckpoint]:
+                     layers: Optional[List[int]], path_type: Optional[str],
+                     repa_model_flags: Optional[Dict] = None) -> List[AnalysedCheckpoint]:
     if labels is None:
         labels = [default_label(p) for p in paths]
     elif len(labels) != len(paths):
@@ -383,7 +378,8 @@ def load_checkpoints(paths: Sequence[str], labels: Optional[Sequence[str]], weig
         raise ValueError(f"labels must be distinct, got {list(labels)} (name them with --labels)")
     checkpoints = []
     for path, label in zip(paths, labels):
-        model, model_args, config, step = load_analysis_model(path, weights)
+        model, info = load_model(path, weights, repa_model_flags, flags_for_ours=False)
+        config = info["config"]
         available = list(range(1, len(model.blocks) + 1)) if layers is None else \
             [layer for layer in layers if layer <= len(model.blocks)]
         if not available:
@@ -391,15 +387,17 @@ def load_checkpoints(paths: Sequence[str], labels: Optional[Sequence[str]], weig
         if layers is not None and len(available) < len(layers):
             print(f"{label}: {path} has {len(model.blocks)} blocks; layers {available[0]}..{available[-1]} of "
                   f"--layers are analysed there")
-        checkpoints.append(AnalysedCheckpoint(label, path, model, model_args, config, step, available,
+        checkpoints.append(AnalysedCheckpoint(label, path, info["format"], model, info["model_args"], config,
+                                              info["step"], available,
                                               path_type or config.get("path_type") or DEFAULT_PATH_TYPE))
     return checkpoints
 
 
-def plot_alignment(results: Dict[str, Dict[int, Dict[str, float]]], title: str, path: str) -> None:
-    """CKNNA and linear CKA against the layer, one line per checkpoint, as a PNG."""
+def alignment_figure(results: Dict[str, Dict[int, Dict[str, float]]], title: str):
+    """CKNNA and linear CKA against the layer, one line per checkpoint (a matplotlib Figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(figure)
@@ -407,13 +405,20 @@ def plot_alignment(results: Dict[str, Dict[int, Dict[str, float]]], title: str, 
         for label, by_layer in results.items():
             layers = sorted(by_layer)
             axis.plot(layers, [by_layer[layer][metric] for layer in layers], marker="o", label=label)
-        axis.set_xlabel("SiT layer (block)")
+        axis.set_xlabel("SiT layer (output of block l, 1-based)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole blocks
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_alignment(results: Dict[str, Dict[int, Dict[str, float]]], title: str, path: str) -> None:
+    """alignment_figure as a PNG."""
+    figure = alignment_figure(results, title)
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
 
 
 def main(argv=None) -> dict:
@@ -425,7 +430,9 @@ def main(argv=None) -> dict:
         raise ValueError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size}, "
                          f"{args.num_workers}")
     device = resolve_device(args.device)
-    checkpoints = load_checkpoints(args.ckpt, args.labels, args.weights, parse_layers(args.layers), args.path_type)
+    repa_model_flags = {name: getattr(args, name) for name in REPA_MODEL_FLAG_DEFAULTS}
+    checkpoints = load_checkpoints(args.ckpt, args.labels, args.weights, parse_layers(args.layers), args.path_type,
+                                   repa_model_flags)
 
     data_dir = setting_from_checkpoints("data_dir", args.data_dir, checkpoints, "--data-dir")
     if data_dir is None:
@@ -462,8 +469,8 @@ def main(argv=None) -> dict:
                                  "cka": linear_cka(feats, target.feats)}
 
     settings = {
-        "checkpoints": {c.label: {"path": c.path, "step": c.step, "layers": c.layers, "path_type": c.path_type,
-                                  "model_args": c.model_args} for c in checkpoints},
+        "checkpoints": {c.label: {"path": c.path, "format": c.format, "step": c.step, "layers": c.layers,
+                                  "path_type": c.path_type, "model_args": c.model_args} for c in checkpoints},
         "weights": args.weights, "data_dir": str(data_dir), "dataset_size": len(dataset),
         "num_images": len(indices), "num_images_requested": args.num_images, "seed": args.seed,
         "enc_type": enc_type, "enc_weights": enc_weights, "t": args.t, "topk": args.topk,
@@ -475,8 +482,7 @@ def main(argv=None) -> dict:
     output = {"settings": settings, "results": results}
     os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, JSON_NAME)
-    with open(json_path, "w") as f:
-        json.dump(output, f, indent=2, allow_nan=True)
+    atomic_write(json_path, lambda f: f.write(json.dumps(output, indent=2, allow_nan=True).encode()))
     title = f"{enc_type}, t = {args.t}, n = {len(indices)}, k = {args.topk}"
     plot_path = os.path.join(args.output_dir, PLOT_NAME)
     plot_alignment(results, title, plot_path)
@@ -490,4 +496,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

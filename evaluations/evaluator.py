@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from erw.checkpoint import atomic_write, temp_path_for  # noqa: E402
+from erw.cli import ArgumentParser, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    file_sha256, load_inception, weights_id)
 
@@ -238,30 +239,31 @@ def exact_fp32():
 
 
 @torch.inference_mode()
+def inception_features(model, images, device: torch.device, with_probs: bool) -> Dict[str, np.ndarray]:
+    """Inception outputs of one batch of uint8 images (N, H, W, 3) (numpy or torch): float32 numpy
+    {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
+    logits. TF32 off: the TF graph's numbers are float32's."""
+    images = torch.as_tensor(np.ascontiguousarray(images))
+    with exact_fp32():
+        feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
+        out = {"pool": feats.pool.cpu().numpy(), "spatial": feats.spatial.cpu().numpy()}
+        if with_probs:
+            out["probs"] = torch.softmax(feats.logits, dim=1).cpu().numpy()
+    return out
+
+
 def compute_activations(model, reader: NpzArrayReader, batch_size: int, device: torch.device,
                         with_probs: bool, desc: str, progress: bool = True) -> Dict[str, np.ndarray]:
-    """Inception outputs for every image of `reader`, in file order: float32 numpy
-    {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
-    logits."""
+    """inception_features of every image of `reader`, in file order, batch_size images at a time."""
     n = len(reader)
     out = {"pool": np.empty((n, POOL_DIM), np.float32), "spatial": np.empty((n, SPATIAL_DIM), np.float32)}
     if with_probs:
         out["probs"] = np.empty((n, NUM_CLASSES), np.float32)
-
-    def batches():
-        for start, images in reader.iter_batches(batch_size):
-            yield start, torch.from_numpy(np.ascontiguousarray(images))
-
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr)
-    with exact_fp32():
-        for start, images in _prefetch(batches()):
-            feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
-            end = start + len(images)
-            out["pool"][start:end] = feats.pool.cpu().numpy()
-            out["spatial"][start:end] = feats.spatial.cpu().numpy()
-            if with_probs:
-                out["probs"][start:end] = torch.softmax(feats.logits, dim=1).cpu().numpy()
-            bar.update(len(images))
+    for start, images in _prefetch(reader.iter_batches(batch_size)):
+        for name, values in inception_features(model, images, device, with_probs).items():
+            out[name][start:start + len(images)] = values
+        bar.update(len(images))
     bar.close()
     return out
 
@@ -274,6 +276,27 @@ def compute_statistics(activations: np.ndarray) -> Tuple[np.ndarray, np.ndarray]
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "erw", "evaluator")
+
+
+def reference_activations(model, ref_batch: str, reader: NpzArrayReader, net_id: str, device: torch.device,
+                          batch_size: int, cache_dir: Optional[str], progress: bool = True
+                          ) -> Tuple[Dict[str, np.ndarray], str]:
+    """Pool and spatial activations of the reference batch, and "hit" | "miss" | "off": read from the cache in
+    cache_dir when an earlier run left them there (keyed by the file's sha256, the Inception weights and the device
+    type), else computed and, with a cache_dir, written there. cache_dir None: no cache."""
+    cache_path = None
+    if cache_dir is not None:
+        key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
+        cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+        if os.path.isfile(cache_path):
+            with np.load(cache_path) as cached:
+                if cached["pool"].shape == (len(reader), POOL_DIM):
+                    return {"pool": cached["pool"], "spatial": cached["spatial"]}, "hit"
+    acts = compute_activations(model, reader, batch_size, device, with_probs=False, desc="reference batch",
+                               progress=progress)
+    if cache_path is not None:
+        atomic_write(cache_path, lambda f: np.savez(f, **acts))
+    return acts, "off" if cache_path is None else "miss"
 
 
 #################################################################################
@@ -423,7 +446,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
             raise ValueError(f"{path}: {len(reader)} images; precision/recall needs at least "
                              f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
-    timings, cache_state = {}, "off"
+    timings = {}
     clock = time.perf_counter()
 
     def lap(name):
@@ -434,26 +457,11 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
 
     model = load_inception(inception_weights, device)
     net_id = weights_id(inception_weights)
-    if inception_weights == RANDOM_WEIGHTS:
-        log(RANDOM_WEIGHTS_WARNING)
     lap("load_inception")
 
     log("computing reference batch activations...")
-    ref_acts, cache_path = None, None
-    if use_cache:
-        key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
-        cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-        cache_state = "miss"
-        if os.path.isfile(cache_path):
-            with np.load(cache_path) as cached:
-                if cached["pool"].shape == (len(ref_reader), POOL_DIM):
-                    ref_acts = {"pool": cached["pool"], "spatial": cached["spatial"]}
-                    cache_state = "hit"
-    if ref_acts is None:
-        ref_acts = compute_activations(model, ref_reader, batch_size, device, with_probs=False,
-                                       desc="reference batch", progress=progress)
-        if cache_path is not None:
-            atomic_write(cache_path, lambda f: np.savez(f, **ref_acts))
+    ref_acts, cache_state = reference_activations(model, ref_batch, ref_reader, net_id, device, batch_size,
+                                                  cache_dir if use_cache else None, progress)
     lap("reference_activations")
 
     log("computing/reading reference batch statistics...")
@@ -480,7 +488,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         torch.from_numpy(ref_acts["pool"]).to(device), torch.from_numpy(sample_acts["pool"]).to(device),
         PR_NEIGHBOURHOOD, pr_batch_size, progress)
     lap("precision_recall")
-    if inception_weights == RANDOM_WEIGHTS:
+    if inception_weights == RANDOM_WEIGHTS:  # once, next to the numbers it is about
         log(RANDOM_WEIGHTS_WARNING)
     for line in result_lines(results):
         log(line)
@@ -501,11 +509,11 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     return results
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images, e.g. from sample_ddp.py)")
-    parser.add_argument("--json", default=None, help="also write the metrics and resolved settings to this file")
+    parser.add_argument("--json", default=None, help="also write the metrics and resolved settings to this file (default: none)")
     parser.add_argument("--inception-weights", default=None,
                         help="pt_inception-2015-12-05-6726825d.pth path (default: the torch hub cache), or "
                              "'random' for meaningless numbers (tests, demos)")
@@ -518,18 +526,19 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None,
                         help=f"where reference activations are cached (default: {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    args = parser.parse_args(argv)
-    try:
-        if args.json:
-            check_writable(args.json, "--json")
-        results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
-                           device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
-                           pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.json:
+        check_writable(args.json, "--json")
+    results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
+                       device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
+                       pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     if args.json:
         atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
-from erw.checkpoint import check_state_dict
+from models.weights import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ RANDOM_TEACHER = "random-vit-tiny"
 RANDOM_TEACHER_SEED = 0
 # LayerScale starts at 1 instead of DINOv2's 1e-5: with 1e-5 the random blocks would be near-identity maps.
 RANDOM_TEACHER_ARCH = dict(embed_dim=64, depth=2, num_heads=2, init_values=1.0)
+# The demo's teacher: a small DINOv2-style ViT trained (supervised) on the demo images by
+# assets/demo/train_components.py; its weights ship with the repository.
+DEMO_TEACHER = "demo-vit-tiny"
+DEMO_TEACHER_ARCH = dict(embed_dim=96, depth=4, num_heads=3, init_values=1.0)
+DEMO_TEACHER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo",
+                                    "teacher.safetensors")
 # "random-dinov2-vit-b" etc.: the real DINOv2 architecture, random weights, nothing loaded (GPU tests, benchmarks).
 # The name starts with "random" so that the training code warns about it like about random-vit-tiny.
 RANDOM_DINOV2_PATTERN = r"random-dinov2-vit-([sblg])"
@@ -200,7 +206,6 @@ def build_random_teacher(resolution: int) -> Teacher:
         torch.manual_seed(RANDOM_TEACHER_SEED)
         vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
                                 img_size=teacher_input_size(resolution), **RANDOM_TEACHER_ARCH)
-    logger.warning("teacher %s has RANDOM weights (tests/demo only; its features mean nothing)", RANDOM_TEACHER)
     return Teacher(RANDOM_TEACHER, vit, resolution)
 
 
@@ -228,13 +233,32 @@ def build_random_dinov2(size: str, resolution: int) -> Teacher:
                                 img_size=teacher_input_size(resolution), init_values=1.0)
     weights = {k: v.clone() for k, v in _random_dinov2_weights(size, resolution).items()}  # never shared
     vit.load_state_dict(weights, strict=True, assign=True)
-    logger.warning("teacher %s has RANDOM weights (GPU tests/benchmarks only; its features mean nothing)", name)
     return Teacher(name, vit, resolution)
+
+
+def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
+    """The demo teacher (DEMO_TEACHER_ARCH) for `resolution`-px images; random init when weights is "random"
+    (what assets/demo/train_components.py starts from), else the trained file, loaded strictly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TEACHER_SEED)
+        vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
+                                img_size=teacher_input_size(resolution), **DEMO_TEACHER_ARCH)
+    if weights != "random":
+        path = weights or DEMO_TEACHER_WEIGHTS
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"demo teacher weights not found: {path} (they ship with the repository; "
+                                    "rebuild them with `python assets/demo/train_components.py`)")
+        state_dict = read_weight_file(path)
+        check_state_dict(vit.state_dict(), state_dict, f"demo teacher {path}")
+        vit.load_state_dict(state_dict, strict=True)
+    return Teacher(DEMO_TEACHER, vit, resolution)
 
 
 def build_teacher(name: str, resolution: int, weights: Optional[str] = None) -> Teacher:
     """One teacher by REPA name ("dinov2-vit-b", ...), "random-vit-tiny" or "random-dinov2-vit-b" (the real
     architecture with random weights), with weights as in the module doc."""
+    if name == DEMO_TEACHER:
+        return build_demo_vit(resolution, weights)
     random_dinov2 = re.fullmatch(RANDOM_DINOV2_PATTERN, name)
     if name == RANDOM_TEACHER or random_dinov2:
         if weights:
@@ -243,7 +267,7 @@ def build_teacher(name: str, resolution: int, weights: Optional[str] = None) -> 
             build_random_teacher(resolution)
     match = re.fullmatch(r"dinov2-vit-([sblg])", name)
     if match is None:
-        known = ", ".join([f"dinov2-vit-{s}" for s in DINOV2_MODELS] + [RANDOM_TEACHER] +
+        known = ", ".join([f"dinov2-vit-{s}" for s in DINOV2_MODELS] + [DEMO_TEACHER, RANDOM_TEACHER] +
                           [f"random-dinov2-vit-{s}" for s in DINOV2_MODELS])
         raise ValueError(f"unknown teacher '{name}' in --enc-type; known: {known}")
     size = match.group(1)

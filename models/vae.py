@@ -18,24 +18,32 @@ RANDOM_TINY_SEED = 0
 RANDOM_TINY_MEAN_GAIN = 25.0
 RANDOM_TINY_POSTERIOR_STD = 0.05
 
+
+def autoencoder_config(block_out_channels, layers_per_block: int, norm_num_groups: int, sample_size: int) -> dict:
+    """An AutoencoderKL config laid out as SD-VAE's: 4 levels (8x downsampling), 4 latent channels, SiLU."""
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block, act_fn="silu", latent_channels=4, norm_num_groups=norm_num_groups,
+                sample_size=sample_size, scaling_factor=SD_VAE_SCALE)
+
+
 # A VAE of SD-VAE's exact architecture with random weights, for GPU tests and benchmarks: it costs what
 # stabilityai/sd-vae-ft-mse / -ema cost, downloads nothing, and its images mean nothing.
 RANDOM_SD_VAE = "random-sd-vae"
 RANDOM_SD_VAE_SEED = 0
 # stabilityai/sd-vae-ft-mse's (= sd-vae-ft-ema's) config.json: architecture only. 83,653,863 parameters.
-SD_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=256,
-    scaling_factor=SD_VAE_SCALE,
-)
+SD_VAE_CONFIG = autoencoder_config(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                                   sample_size=256)
+
+# The demo's VAE: a small AutoencoderKL with SD-VAE's 8x downsampling and 4 latent channels, trained on the demo
+# images by assets/demo/train_components.py and shipped with the repository (a diffusers folder).
+DEMO_VAE = "demo"
+DEMO_VAE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo", "vae")
+# 8 groups of 1 channel at the first level take CPU convolutions onto a path ~20x slower: 4 groups.
+DEMO_VAE_CONFIG = autoencoder_config(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4,
+                                     sample_size=64)
+RANDOM_TINY_VAE_CONFIG = autoencoder_config(block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                                            norm_num_groups=8, sample_size=32)
 
 
 def _autoencoder_kl_class():
@@ -52,17 +60,7 @@ def build_random_tiny_vae():
     AutoencoderKL = _autoencoder_kl_class()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_TINY_SEED)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            scaling_factor=SD_VAE_SCALE,
-        )
+        vae = AutoencoderKL(**RANDOM_TINY_VAE_CONFIG)
     latent_channels = vae.config.latent_channels
     with torch.no_grad():
         moments_conv = vae.quant_conv  # the last layer of encode(): output channels [mean (4) | logvar (4)]
@@ -89,6 +87,11 @@ def load_vae(name_or_path: str, allow_download: bool = False):
     A hub id is read from the local Hugging Face cache; it is fetched from the hub only with allow_download=True.
     """
     AutoencoderKL = _autoencoder_kl_class()
+    if name_or_path == DEMO_VAE:
+        if not os.path.isdir(DEMO_VAE_DIR):
+            raise FileNotFoundError(f"the demo VAE {DEMO_VAE_DIR} is missing (it ships with the repository; rebuild it "
+                                    "with `python assets/demo/train_components.py`)")
+        name_or_path = DEMO_VAE_DIR
     if name_or_path == RANDOM_TINY_VAE:
         vae = build_random_tiny_vae()
     elif name_or_path == RANDOM_SD_VAE:
@@ -106,10 +109,10 @@ def load_vae(name_or_path: str, allow_download: bool = False):
             vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=not allow_download)
         except Exception as e:
             hint = ("it is neither a local folder nor in the local Hugging Face cache. Download it once with "
-                    f"`huggingface-cli download {name_or_path}` (or pass a local folder), or allow the download "
-                    "where the tool offers it (dataset_tools.py encode --allow-download)"
-                    if not allow_download else "the download failed (offline? HF_HUB_OFFLINE set?)")
-            raise RuntimeError(f"cannot load VAE '{name_or_path}': {hint}. Cause: {e}") from e
+                    f"`hf download {name_or_path}` (the CLI huggingface_hub installs), or pass a local folder, or "
+                    "let the tool download it: sample_ddp.py --allow-download, dataset_tools.py encode "
+                    "--allow-download" if not allow_download else "the download failed (offline? HF_HUB_OFFLINE set?)")
+            raise FileNotFoundError(f"cannot load VAE '{name_or_path}': {hint}. Cause: {e}") from e
     return vae.eval().requires_grad_(False)
 
 
@@ -139,11 +142,33 @@ def model_to_vae_latents(z: torch.Tensor) -> torch.Tensor:
     return (z - SD_VAE_SHIFT) / SD_VAE_SCALE
 
 
+# How decoder outputs x (about [-1, 1]) become uint8 pixels; both truncate toward zero (the uint8 cast):
+#   repa: clamp(255 * ((x + 1) / 2), 0, 255), as REPA's generate.py writes samples (ADM's image_sample.py computes
+#         the same float32 value as (x + 1) * 127.5, since halving is exact). The FID numbers the paper compares
+#         with come from these pixels, so it is the default everywhere.
+#   dit:  clamp(127.5 * x + 128, 0, 255), DiT's sample_ddp.py: round(127.5 (x + 1)) with halves up, one level above
+#         REPA's on about half of the pixels (x = 0 gives 128 against 127). Kept for reproducing DiT's numbers.
+PIXEL_ROUNDINGS = ("repa", "dit")
+
+
+def check_pixel_rounding(pixel_rounding: str) -> None:
+    if pixel_rounding not in PIXEL_ROUNDINGS:
+        raise ValueError(f"--pixel-rounding must be one of {', '.join(PIXEL_ROUNDINGS)}, got {pixel_rounding!r}")
+
+
+def to_uint8_pixels(x: torch.Tensor, pixel_rounding: str = "repa") -> torch.Tensor:
+    """Decoder output x (any shape) -> uint8 of the same shape, computed in float32 (see PIXEL_ROUNDINGS)."""
+    check_pixel_rounding(pixel_rounding)
+    x = x.float()
+    if pixel_rounding == "repa":
+        return torch.clamp(255.0 * ((x + 1.0) / 2.0), 0, 255).to(torch.uint8)
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
-def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """Model-space latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU, channels last (the .npz layout)."""
+def decode_latents(vae, z: torch.Tensor, pixel_rounding: str = "repa") -> torch.Tensor:
+    """Model-space latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU, channels last (the .npz layout);
+    pixels as REPA writes them unless pixel_rounding="dit" (PIXEL_ROUNDINGS)."""
     device, dtype = _model_device_dtype(vae)
     x = vae.decode(model_to_vae_latents(z.to(device=device, dtype=torch.float32)).to(dtype)).sample
-    # 127.5 * x + 128 then truncation = round(127.5 * (x + 1)) with halves up (DiT's sample_ddp.py convention).
-    pixels = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu()
+    return to_uint8_pixels(x, pixel_rounding).permute(0, 2, 3, 1).cpu()

@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 from erw.checkpoint import atomic_write, remove_stale_temps  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
-from models.vae import RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
+from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
 
 SETTINGS_FILE = "preprocess_settings.json"
 DEMO_VAE_DIR = "vae"
@@ -71,7 +71,14 @@ def save_png_atomic(array: np.ndarray, path: str, compress_level: int) -> None:
 
 
 def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf8")))
+    """Write obj as JSON, atomically; a file that already holds exactly this text is left untouched, so a rerun that
+    finds everything done changes no file."""
+    data = json.dumps(obj, indent=indent).encode("utf8")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    atomic_write(path, lambda f: f.write(data))
 
 
 def remove_stale_temp_files(root: str) -> int:
@@ -440,13 +447,34 @@ def make_demo(args) -> None:
 
 
 #################################################################################
+#                                   reference                                   #
+#################################################################################
+
+def reference(args) -> None:
+    """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
+    from erw.data import ImageLatentDataset, load_image
+    from erw.npz import write_images_npz
+    dataset = ImageLatentDataset(args.data_dir)
+    count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count < len(dataset) else \
+        np.arange(count)
+    side = dataset.resolution
+    images = (load_image(os.path.join(dataset.images_dir, dataset.image_files[i])).transpose(1, 2, 0)
+              for i in indices)
+    write_images_npz(args.out, images, count, (side, side, 3), dataset.labels[indices], desc="reference images")
+    print(f"reference: {count} of {len(dataset)} images of {args.data_dir} ({side}x{side}) -> {args.out}")
+
+
+#################################################################################
 #                                 command line                                  #
 #################################################################################
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,encode,make-demo}")
+    from erw.cli import ArgumentParser, HelpFormatter
+    formatter = HelpFormatter
+    parser = ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,encode,make-demo,reference}")
 
     p = commands.add_parser("convert", formatter_class=formatter, help="ImageNet-style folder -> DATA/images PNGs",
                             description="""\
@@ -460,7 +488,7 @@ Rerunning the same command resumes (finished PNGs are kept).
     p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
     p.add_argument("--dest", required=True, metavar="DIR", help="output images folder, e.g. DATA/images")
     p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512 in the paper)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted; default: all)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding/resizing processes (0 = in this process)")
     p.add_argument("--compress-level", type=int, default=0, choices=range(10), metavar="0-9",
@@ -484,7 +512,7 @@ accelerate launch (each process encodes a disjoint shard):
     p.add_argument("--allow-download", action="store_true", help="fetch a hub --vae that is not cached locally")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per process")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers per process")
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted; default: all)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
     p.set_defaults(func=encode)
@@ -493,20 +521,37 @@ accelerate launch (each process encodes a disjoint shard):
                             description="""\
 Write a small deterministic class-conditional dataset in the same format (DEST/images, DEST/vae-sd), encoded
 with --vae. Class k is a shape drawn in a colour of its own (disc, square, triangle, ...), with random position,
-size, rotation, background gradient and noise from (--seed, image index). With --vae random-tiny the VAE is also
-saved to DEST/vae so that later stages decode with exactly the VAE that encoded.
+size, rotation, background gradient and noise from (--seed, image index). The default VAE, "demo", is the small
+AutoencoderKL trained on such images that ships in assets/demo/vae (its decoder reconstructs them). With --vae
+random-tiny (unit tests) the VAE is also saved to DEST/vae so that later stages decode with exactly the VAE that
+encoded.
 
   python preprocessing/dataset_tools.py make-demo --dest data/demo""")
     p.add_argument("--dest", required=True, metavar="DIR", help="output data folder")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (64 -> 8x8 latents)")
     p.add_argument("--num-classes", type=int, default=10, help=f"number of classes (2..{len(DEMO_SHAPES)})")
-    p.add_argument("--images-per-class", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae", default="random-tiny", metavar="NAME", help="VAE that encodes the latents")
+    p.add_argument("--images-per-class", type=int, default=32, help="images of each class")
+    p.add_argument("--seed", type=int, default=0, help="draws every image's position, size, colour and noise")
+    p.add_argument("--vae", default=DEMO_VAE, metavar="NAME",
+                   help=f"VAE that encodes the latents: {DEMO_VAE} (trained, assets/demo/vae), {RANDOM_TINY_VAE} "
+                        "(random weights, tests) or a diffusers folder")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where the VAE runs (auto: GPU when available)")
     p.set_defaults(func=make_demo)
+
+    p = commands.add_parser("reference", formatter_class=formatter, help="a data folder's images -> reference .npz",
+                            description="""\
+Write the images of a data folder (DATA/images, as convert or make-demo made it) as a reference batch for
+evaluations/evaluator.py and evaluations/demo_metrics.py: arr_0 uint8 (N, H, W, 3), arr_1 the labels. For ImageNet,
+use ADM's VIRTUAL_imagenet256_labeled.npz instead (it also holds the FID statistics the paper's numbers use).
+
+  python preprocessing/dataset_tools.py reference --data-dir data/demo --out data/demo/reference.npz""")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
+    p.add_argument("--out", required=True, metavar="NPZ", help="output .npz")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="at most this many images, evenly spread over the folder (default: all)")
+    p.set_defaults(func=reference)
     return parser
 
 
@@ -516,4 +561,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from erw.cli import run_main
+    run_main(main)

@@ -27,10 +27,12 @@ def demo_data(tmp_path_factory):
     """The generated demo dataset (10 classes x 16 images, 64 px, random tiny VAE), made once per session."""
     from preprocessing import dataset_tools
     root = tmp_path_factory.mktemp("demo-data")
-    dataset_tools.main(["make-demo", "--dest", str(root), "--images-per-class", "16"])
+    dataset_tools.main(["make-demo", "--dest", str(root), "--images-per-class", "16", "--vae", "random-tiny"])
     return root
 
 
 def tiny_args(demo_data, output_dir, *extra):
-    """Command line for an entry point on configs/tiny.yaml, reading demo_data and writing under output_dir."""
-    return ["--config", TINY_CONFIG, "--data-dir", str(demo_data), "--output-dir", str(output_dir), *extra]
+    """Command line for an entry point on configs/tiny.yaml, reading demo_data and writing under output_dir, with the
+    random tiny teacher (unit tests do not depend on the demo's trained components)."""
+    return ["--config", TINY_CONFIG, "--data-dir", str(demo_data), "--output-dir", str(output_dir),
+            "--enc-type", "random-vit-tiny", *extra]

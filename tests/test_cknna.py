@@ -1,5 +1,6 @@
 """evaluations/cknna.py: CKNNA and linear CKA against plain numpy definitions, their invariances, and the CLI on a tiny
 checkpoint of our format (Phase-1 truncated and full) over the demo data."""
+import argparse
 import itertools
 import json
 import math
@@ -12,7 +13,7 @@ from PIL import Image
 
 from erw.checkpoint import save_checkpoint
 from erw.data import ImageLatentDataset, sample_latents
-from erw.sampling import sample_generator
+from erw.generation import sample_generator
 from erw.transport import get_path
 from evaluations import cknna as ck
 from models.encoders import load_teachers
@@ -296,6 +297,36 @@ def test_cli_writes_table_and_plot_for_warmup_and_full_checkpoints(demo_data, tm
     assert len(set(values)) == 4  # each layer's own features, not one layer repeated
 
 
+def test_cli_reads_a_repa_checkpoint_given_model_flags(demo_data, tmp_path):
+    """REPA's train.py layout ({model, ema, opt, args}, no architecture, no training config) with REPA's model flags,
+    as sample_ddp.py takes it: the same numbers as the same weights in our layout."""
+    ours, warmup = tmp_path / "ours.pt", tmp_path / "warmup.pt"
+    model = _tiny_checkpoint(ours, demo_data, truncated=False, depth_or_k=2, seed=1)
+    _tiny_checkpoint(warmup, demo_data, truncated=True, depth_or_k=2, seed=0)
+    repa = tmp_path / "repa.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="SiT-Tiny/2", encoder_depth=3)}, str(repa))
+    # --encoder-depth 3 (the projector's block) is not ours' 2: flags describe the REPA checkpoints only.
+    repa_flags = ["--model", "SiT-Tiny/2", "--resolution", "64", "--num-classes", "10", "--encoder-depth", "3",
+                  "--projector-embed-dims", "64"]
+    common = ["--t", "0.3", "--layers", "1,4", "--batch-size", "64", "--num-workers", "0", "--device", "cpu"]
+    # A REPA checkpoint names no data or teacher: the flags give them.
+    from_repa = ck.main(["--ckpt", str(repa), "--labels", "sit", *repa_flags, "--data-dir", str(demo_data),
+                         "--enc-type", "random-vit-tiny", *common, "--output-dir", str(tmp_path / "a")])
+    from_ours = ck.main(["--ckpt", str(ours), "--labels", "sit", *common, "--output-dir", str(tmp_path / "b")])
+    # Exact: the same weights, inputs and batches of 64 give the same float32 features and float64 metrics.
+    assert from_repa["results"] == from_ours["results"] and sorted(from_repa["results"]["sit"]) == [1, 4]
+    assert from_repa["settings"]["checkpoints"]["sit"]["format"] == "repa"
+    # With one of ours in the same call: its settings name the data and teacher, and its own architecture stands.
+    both = ck.main(["--ckpt", str(warmup), str(repa), "--labels", "warmup", "sit", *repa_flags, *common,
+                    "--output-dir", str(tmp_path / "c")])
+    assert both["results"]["sit"] == from_ours["results"]["sit"] and sorted(both["results"]["warmup"]) == [1]
+    assert both["settings"]["checkpoints"]["warmup"]["model_args"]["encoder_depth"] == 2
+    with pytest.raises(ValueError, match=r"repa.pt \['ema'\] does not match the model"):
+        ck.main(["--ckpt", str(repa), "--data-dir", str(demo_data), "--enc-type", "random-vit-tiny", *common,
+                 "--output-dir", str(tmp_path / "d")])  # no flags: REPA's defaults, SiT-XL/2
+
+
 def test_cli_input_errors(demo_data, tmp_path):
     warmup_path = tmp_path / "warmup.pt"
     _tiny_checkpoint(warmup_path, demo_data, truncated=True, depth_or_k=2, seed=0)
@@ -310,8 +341,8 @@ def test_cli_input_errors(demo_data, tmp_path):
         ck.main(["--ckpt", str(warmup_path), "--t", "1.5", *common])
     with pytest.raises(ValueError, match="one teacher"):
         ck.main(["--ckpt", str(warmup_path), "--enc-type", "random-vit-tiny,random-vit-tiny", *common])
-    not_ours = tmp_path / "state_dict.pt"
-    torch.save({"model": {}, "ema": {}}, str(not_ours))
-    with pytest.raises(ValueError, match="no 'model_args'"):
-        ck.main(["--ckpt", str(not_ours), *common])
+    not_a_checkpoint = tmp_path / "state_dict.pt"
+    torch.save({"model": {}}, str(not_a_checkpoint))
+    with pytest.raises(ValueError, match="has no 'ema' weights"):
+        ck.main(["--ckpt", str(not_a_checkpoint), *common])
     assert not os.path.exists(tmp_path / "out")

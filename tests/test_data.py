@@ -320,7 +320,8 @@ def test_sample_latents_is_scaled_reparameterisation():
 
 
 def test_make_demo_is_deterministic_and_class_coloured(tmp_path):
-    args = ["--resolution", "32", "--num-classes", "8", "--images-per-class", "2", "--seed", "3", "--device", "cpu"]
+    args = ["--resolution", "32", "--num-classes", "8", "--images-per-class", "2", "--seed", "3", "--device", "cpu",
+            "--vae", "random-tiny"]
     dataset_tools.main(["make-demo", "--dest", str(tmp_path / "a")] + args)
     dataset_tools.main(["make-demo", "--dest", str(tmp_path / "b")] + args)
     first, second = ImageLatentDataset(str(tmp_path / "a")), ImageLatentDataset(str(tmp_path / "b"))

@@ -123,8 +123,10 @@ def _common(data, out, precision, compiled):
 
 def _phase2(data, warmup_ckpt):
     # Sample grids decode with the demo's own tiny VAE: the grid at step 0 and at the end, 4 images, 2 steps.
-    return ["--warmup-ckpt", warmup_ckpt or "none", "--vae", os.path.join(data, "vae"), "--sampling-steps", str(BIG),
-            "--sample-grid-size", "4", "--sample-num-steps", "2"]
+    # Without a warm start the head needs a block number (the config's encoder_depth auto points at warmed blocks).
+    return ["--warmup-ckpt", warmup_ckpt or "none", *([] if warmup_ckpt else ["--encoder-depth", "8"]),
+            "--vae", os.path.join(data, "vae"), "--sampling-steps", str(BIG), "--sample-grid-size", "4",
+            "--sample-num-steps", "2"]
 
 
 def _train(entry, argv):
@@ -214,7 +216,7 @@ def test_sample_ddp_with_sd_vae_architecture(data, runs):
     import train
     _train(train, _common(data, runs, "bf16", False) + _phase2(data, None) + [
         "--exp-name", "ckpt", "--max-train-steps", "2", "--log-every", "1", "--vae", "random-sd-vae"])
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # --precision sets them
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision  # --precision sets them
     try:
         num = 40  # not a multiple of the batch: the last batch is a partial one
         npz = sample_ddp.main(["--ckpt", os.path.join(runs, "ckpt", "checkpoints", "last.pt"),
@@ -222,7 +224,7 @@ def test_sample_ddp_with_sd_vae_architecture(data, runs):
                                "--per-proc-batch-size", "16", "--num-steps", "10", "--cfg-scale", "1.5",
                                "--guidance-high", "0.7", "--precision", "bf16", "--vae", "random-sd-vae"])
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
     with np.load(npz) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (num, RESOLUTION, RESOLUTION, 3)

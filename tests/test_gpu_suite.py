@@ -1,5 +1,7 @@
 """bench/gpu_suite.py on a machine without a GPU: --dry-run prints the plan and the FLOPs per image without
 touching CUDA; part selection."""
+import os
+
 import pytest
 import torch
 
@@ -30,3 +32,29 @@ def test_part_selection():
     assert "evaluator-50k" not in bench and "tests" not in bench and bench[0] == "data"
     with pytest.raises(SystemExit, match="unknown part"):
         gpu_suite.select_parts(["nope"], [])
+
+
+def test_fid_part_runs_on_the_cpu_and_extrapolates_its_own_timing(tmp_path, monkeypatch):
+    """The fid-xl2-10k part's code path (FidHook.measure, the timing split, the 10K estimate), on the CPU with a tiny
+    SiT, 64 px and the evaluator's stub Inception: what the GPU run will execute, at test cost."""
+    import dataclasses
+
+    from tests import stub_inception
+    stub_inception.install(monkeypatch)
+    monkeypatch.setattr(gpu_suite, "RESOLUTION", 64)
+    part = next(p for p in gpu_suite.PARTS if p.name == "fid-xl2-10k")
+    tiny = {**part.settings, "model": "SiT-Tiny/2", "num_samples": 3, "num_steps": 2, "precision": "fp32",
+            "batch_size": 2}
+    ctx = gpu_suite.Context(args=None, work=str(tmp_path), deadline=float("inf"), peak={"fp32": 1.0}, device="cpu")
+    r = part.run(ctx, dataclasses.replace(part, settings=tiny))
+    per_sample = r["sample_seconds"] / 3
+    assert r["samples_timed"] == 3 and per_sample > 0 and r["metrics_seconds"] >= 0
+    # The estimates are the per-sample time x 10K (/ 8 GPUs) plus the fixed metric time, to the 0.1 s they print.
+    assert r["estimate_10k_1gpu_s"] == pytest.approx(10_000 * per_sample + r["metrics_seconds"], abs=0.051)
+    assert r["estimate_10k_8gpu_s"] == pytest.approx(10_000 / 8 * per_sample + r["metrics_seconds"], abs=0.051)
+    from bench import flops
+    from models.sit import create_sit
+    row = flops.sit_forward_flops(create_sit("SiT-Tiny/2", input_size=8, num_classes=1000, z_dims=[]),
+                                  with_projectors=False)["total"]
+    assert r["flops_per_image"] == 2 * row  # 2 steps, one SiT forward each (no CFG)
+    assert os.listdir(tmp_path) == []  # the part's work folder is gone

@@ -2,6 +2,7 @@
 batch size or the number of processes (byte for byte), an interrupted run resumes to the same file, a sample folder
 belongs to the weights that made it (never to a checkpoint path), and checkpoints of both layouts load strictly."""
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -13,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import erw.sampling
+import erw.generation
 import sample_ddp
 from erw.checkpoint import save_checkpoint
-from erw.sampling import all_labels, load_sampling_model
+from erw.generation import all_labels, load_sampling_model
 from models.sit import create_sit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +35,9 @@ CHECKPOINT_ID = uuid.uuid4().hex
 @pytest.fixture(scope="module", autouse=True)
 def restore_tf32_switches():
     """--precision sets torch's global TF32 switches; put them back for the tests that follow."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
 def _random_state_dict(model, seed):
@@ -91,7 +92,7 @@ def _read(path):
 
 def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
     """Run until `after` PNGs are saved, then stop as Ctrl-C would. Returns the saved PNGs' paths."""
-    real_save = erw.sampling.save_png
+    real_save = erw.generation.save_png
     saved = []
 
     def crash(image, path):
@@ -101,7 +102,7 @@ def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
         saved.append(path)
 
     with monkeypatch.context() as m:
-        m.setattr(erw.sampling, "save_png", crash)
+        m.setattr(erw.generation, "save_png", crash)
         with pytest.raises(KeyboardInterrupt):
             _run(ckpt, sample_dir, *flags)
     return saved
@@ -155,9 +156,9 @@ def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_pat
         with open(path, "wb") as f:
             f.write(b"partial")
 
-    real_save = erw.sampling.save_png
+    real_save = erw.generation.save_png
     made = []
-    monkeypatch.setattr(erw.sampling, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(erw.generation, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     capsys.readouterr()
     _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
@@ -192,9 +193,9 @@ def test_the_same_weights_under_another_name_resume_the_same_folder(checkpoints,
     last = os.path.join(tmp_path, "checkpoints", "last.pt")
     os.makedirs(os.path.dirname(last))
     os.link(checkpoints["ours"], last)
-    real_save = erw.sampling.save_png
+    real_save = erw.generation.save_png
     made = []
-    monkeypatch.setattr(erw.sampling, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(erw.generation, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     npz = _run(last, tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
     assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
@@ -241,7 +242,7 @@ def test_a_folder_is_never_extended_with_other_weights(checkpoints, tmp_path):
 
 def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monkeypatch):
     # last.pt can be replaced between two ranks' loads: stand in a second rank that read the newer file.
-    monkeypatch.setattr(erw.sampling, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
+    monkeypatch.setattr(erw.generation, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
     with pytest.raises(RuntimeError, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
         _run(checkpoints["ours"], tmp_path / "samples")
     assert not os.path.exists(tmp_path / "samples")  # refused before anything was written
@@ -252,6 +253,32 @@ def test_resume_with_other_settings_is_refused(checkpoints, reference, tmp_path)
     with pytest.raises(RuntimeError,
                        match="was sampled with other settings.*label_mode: .random. before, .balanced. now"):
         _run(checkpoints["ours"], tmp_path, "--num-fid-samples", "1", "--label-mode", "balanced")
+
+
+def test_pixel_rounding_is_recorded_and_part_of_a_folders_identity(checkpoints, reference, tmp_path):
+    # The default is REPA's truncation (the reference run); --pixel-rounding dit samples the same latents into
+    # another folder, one level higher where DiT's rounding goes up: dit - repa is 0 or 1 on every pixel
+    # (floor(127.5 (x + 1) + 0.5) against floor(127.5 (x + 1)), up to float32 rounding of either expression).
+    npz = _run(checkpoints["ours"], tmp_path, "--pixel-rounding", "dit")
+    assert os.path.basename(npz) != os.path.basename(reference[0]) and "-dit-pixels" in os.path.basename(npz)
+    with np.load(npz) as dit, np.load(reference[0]) as repa:
+        difference = dit["arr_0"].astype(int) - repa["arr_0"].astype(int)
+    assert set(np.unique(difference)) == {0, 1} and 0.2 < difference.mean() < 0.8
+    with open(reference[0][: -len(".npz")] + ".json") as f:
+        assert json.load(f)["pixel_rounding"] == "repa"
+    with open(npz[: -len(".npz")] + ".json") as f:
+        assert json.load(f)["pixel_rounding"] == "dit"
+    # A folder written before the flag existed holds DiT-rounded pixels: never resumed with REPA's.
+    folder = os.path.join(tmp_path, "old")
+    _run(checkpoints["ours"], folder, "--num-fid-samples", "1")
+    settings_path = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".json")][0]
+    with open(settings_path) as f:
+        settings = json.load(f)
+    del settings["pixel_rounding"]
+    with open(settings_path, "w") as f:
+        json.dump(settings, f)
+    with pytest.raises(RuntimeError, match="pixel_rounding: 'dit' before, 'repa' now"):
+        _run(checkpoints["ours"], folder, "--num-fid-samples", "2")
 
 
 def test_ode_heun_bf16_balanced_run(checkpoints, tmp_path):

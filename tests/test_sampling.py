@@ -1,13 +1,13 @@
-"""erw/sampling.py: the samplers on a Gaussian data distribution (whose exact velocity is known in closed form),
-one SDE step against a hand computation, CFG call accounting, and per-sample seeding."""
+"""erw/samplers.py on a Gaussian data distribution (whose exact velocity is known in closed form), one SDE step
+against a hand computation, CFG call accounting; erw/generation.py's per-sample seeding."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from erw.sampling import (GuidedVelocity, sample_batch, sample_inputs, sample_ode, sample_sde, sample_seed,
-                          model_evaluations_per_sample)
+from erw.generation import sample_inputs, sample_seed
+from erw.samplers import GuidedVelocity, model_evaluations_per_sample, sample_batch, sample_ode, sample_sde
 from erw.transport import get_path
 
 # Data x ~ N(MU, S^2) per channel (2 channels, 1x1 "images"); eps ~ N(0, 1).

@@ -123,6 +123,17 @@ def test_phase1_then_phase2_learns_and_writes_sample_grids(demo_data, phase1, tm
     assert ckpt["model_args"]["truncated"] is False and ckpt["model_args"]["encoder_depth"] == 3
 
 
+def test_encoder_depth_auto_puts_the_head_after_the_last_warmed_block(demo_data, phase1, tmp_path):
+    # Table 4's "Depth X-Y": Phase 1's k = 2 blocks placed at 1..2 (0-based); the head reads the output of block 2,
+    # which is block 3 in REPA's 1-based count.
+    train.main(phase2_args(demo_data, tmp_path, phase1, "--warmup-layers", "1", "--warmup-depth", "2",
+                           "--encoder-depth", "auto", "--max-train-steps", "1", "--sampling-steps", "1000",
+                           "--sample-num-steps", "2"))
+    ckpt = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
+    assert ckpt["model_args"]["encoder_depth"] == 3 and ckpt["config"]["encoder_depth"] == 3
+    assert ckpt["config"]["encoder_depth_source"] == "auto: warmup_layers 1 + warmup_depth 2"
+
+
 @pytest.mark.parametrize("config,extra", [
     ("table4_sit_b2_repa.yaml", []),
     ("sit_b2_sit.yaml", []),

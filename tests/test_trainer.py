@@ -173,10 +173,10 @@ def test_resume_with_another_batch_size_continues_after_the_same_items(demo_data
 def test_resume_refuses_a_data_folder_whose_contents_changed(tmp_path):
     from preprocessing import dataset_tools
     data = tmp_path / "data"
-    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "4"])
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "4", "--vae", "random-tiny"])
     train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "1", "--batch-size", "8"))
     shutil.rmtree(data)
-    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2"])
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2", "--vae", "random-tiny"])
     with pytest.raises(ValueError, match=f"trained on 40 items, but {data} now holds 20"):
         train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "2", "--batch-size", "8", "--resume"))
 

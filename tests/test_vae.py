@@ -1,4 +1,7 @@
 """models/vae.py: the tiny random VAE, pixel <-> latent conversions against plain recomputations, loading."""
+import shutil
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -47,10 +50,55 @@ def test_decode_latents_matches_plain_decoder(vae):
     assert pixels.shape == (2, 32, 32, 3) and pixels.dtype == torch.uint8
     with torch.no_grad():
         x = vae.decoder(vae.post_quant_conv(z / SD_VAE_SCALE)).numpy()
-    reference = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    # Equal up to ties at exact .5 and float rounding at the boundaries: allow one level, almost nowhere.
+    reference = np.clip(np.floor((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # The decoder here and inside diffusers' decode() may round differently in float32 (~1e-6 of a level), which
+    # moves a pixel by one level only where 127.5 (x + 1) falls that close to an integer: almost nowhere.
     difference = np.abs(pixels.numpy().astype(int) - reference.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+class FixedDecoder(torch.nn.Module):
+    """Stands in for an AutoencoderKL whose decoder outputs the given x, whatever the latents."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # decode_latents reads the device and dtype from here
+        self.x = x
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self.x)
+
+
+def boundary_values():
+    """float32 decoder outputs at and one ulp around every x where REPA's or DiT's pixel value crosses a level
+    (255 (x + 1) / 2 = k, 127.5 x + 128 = k), plus the ends of the range and values outside it."""
+    k = np.arange(0, 257, dtype=np.float64)
+    centres = np.concatenate([2 * k / 255 - 1, (k - 128) / 127.5, [-1.5, -1.0, 0.0, 1.0, 1.5]]).astype(np.float32)
+    values = np.concatenate([np.nextafter(centres, np.float32(-np.inf)), centres,
+                             np.nextafter(centres, np.float32(np.inf))])
+    return np.sort(values).astype(np.float32)
+
+
+def test_pixels_follow_repa_and_dit_exactly_at_the_rounding_boundaries():
+    # REPA's generate.py: samples = (samples + 1) / 2.; clamp(255. * samples, 0, 255) -> uint8 (truncation); DiT's
+    # sample_ddp.py: clamp(127.5 * samples + 128.0, 0, 255) -> uint8. numpy repeats each in float32, op for op
+    # (IEEE float32 + - * / are correctly rounded in both libraries), so the pixels must agree exactly, including
+    # the values one ulp from a level where any other formula or rounding order would land on the other side.
+    x = boundary_values()
+    one, two, f255, f127_5, f128 = (np.float32(v) for v in (1, 2, 255, 127.5, 128))
+    repa = np.clip(f255 * ((x + one) / two), 0, 255).astype(np.uint8)
+    dit = np.clip(f127_5 * x + f128, 0, 255).astype(np.uint8)
+    image = torch.from_numpy(x).view(1, 1, 1, -1).expand(1, 3, 1, -1)  # (N, C, H, W) decoder output
+    z = torch.zeros(1, 4, 1, 1)
+    for rounding, expected in (("repa", repa), ("dit", dit)):
+        pixels = decode_latents(FixedDecoder(image), z, *([] if rounding == "repa" else [rounding]))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (1, 1, len(x), 3)
+        np.testing.assert_array_equal(pixels[0, 0, :, 0].numpy(), expected, err_msg=rounding)
+    # The two conventions: x = 0 is 127 for REPA and 128 for DiT; DiT is REPA or REPA + 1 everywhere.
+    assert repa[x == 0][0] == 127 and dit[x == 0][0] == 128
+    assert set(np.unique(dit.astype(int) - repa.astype(int))) == {0, 1}
+    with pytest.raises(ValueError, match="--pixel-rounding must be one of repa, dit, got 'round'"):
+        decode_latents(FixedDecoder(image), z, "round")
 
 
 def test_saved_vae_reloads_identically(vae, tmp_path):
@@ -62,8 +110,11 @@ def test_saved_vae_reloads_identically(vae, tmp_path):
 
 
 def test_missing_vae_names_it(tmp_path):
-    with pytest.raises(RuntimeError, match="no-such-org/no-such-vae"):
+    # The hint names a command the pinned huggingface_hub installs (`hf`, not `huggingface-cli`) and the flag.
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-vae.*`hf download no-such-org/no-such-vae`.*"
+                                                "sample_ddp.py --allow-download"):
         load_vae("no-such-org/no-such-vae")
+    assert shutil.which("hf"), "the hint's command is not installed"
     weight_file = tmp_path / "vae.safetensors"
     weight_file.write_bytes(b"")
     with pytest.raises(ValueError, match="vae.safetensors"):

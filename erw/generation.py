@@ -1,26 +1,26 @@
-"""Samplers for velocity-predicting SiT models, and the resumable multi-process generation behind sample_ddp.py.
+"""Generation: from a checkpoint to sample images, the same way for sample_ddp.py and the in-training FID.
 
-A sampler integrates a `velocity_fn(x, t, y) -> v` from noise (t = 1) to data (t = 0); x: (N, C, H, W),
-t: (N,) float64 (one time for the whole batch), y: (N,) int64 labels. The state is kept in float64 as in REPA's
-samplers; a model wrapper (GuidedVelocity) casts to the model's precision. Plain callables let the tests plug in
-the exact velocity of a Gaussian data distribution.
+Per-sample seeds: sample i draws its label, its starting noise and every SDE step's noise from its own
+torch.Generator seeded from (global seed, i), so a sample does not depend on which process made it, in which batch,
+or whether the run was interrupted. `generate_images` is the one loop that turns indices into uint8 images
+(seeds -> erw/samplers.py -> VAE decode -> pixels as REPA writes them); sample_ddp.py (run_sampling) saves them as
+PNGs and an .npz, evaluations/training_fid.py feeds them to the Inception network.
 
-Reproducibility: sample i draws its label, its starting noise and every SDE step's noise from its own
-torch.Generator seeded from (global seed, i), so a sample does not depend on which process made it, in which
-batch, or whether the run was interrupted. On the CPU the model and the VAE are evaluated one sample at a time
-by default (`micro_batch_size=1`), because CPU kernels round a row differently depending on the batch shape, and
-run_sampling uses one CPU thread, because with two threads on a loaded machine we saw decoded pixels change by one
-level from run to run; then the output is bitwise independent of the batch size and the number of processes.
+Exactness on the CPU: the model and the VAE are evaluated one sample at a time by default (`micro_batch_size=1`),
+because CPU kernels round a row differently depending on the batch shape, and generation runs on one CPU thread
+(cpu_threads(1)), because with two threads on a loaded machine we saw decoded pixels change by one level from run to
+run; then the output is bitwise independent of the batch size and the number of processes.
+
+Also here: loading a SiT from our checkpoints or REPA's (load_model, load_sampling_model), the weights id a sample
+folder belongs to, process-group setup, and the resumable multi-process run behind sample_ddp.py.
 """
 import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
-import zipfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,193 +29,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps
-from erw.config import OPTIONS_BY_NAME
-from erw.transport import PATH_TYPES, Path, get_path
+from erw.config import OPTIONS_BY_NAME, add_flags
+from erw.npz import write_images_npz
+from erw.samplers import GuidedVelocity, check_sampler, run_in_chunks, sample_batch, standard_normal
+from erw.transport import PATH_TYPES, get_path
 from models.sit import SiT, create_sit
+from models.vae import check_pixel_rounding, decode_latents, load_vae
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-NoiseSource = Union[torch.Generator, Sequence[torch.Generator]]
-
-SDE_LAST_T = 0.04  # SiT/REPA: the stochastic steps stop here; one deterministic mean step goes on to t = 0.
-MODES = ("sde", "ode")
 LABEL_MODES = ("random", "balanced")
 PRECISIONS = ("fp32", "tf32", "bf16")
 WEIGHTS = ("ema", "model")
 DEVICES = ("auto", "cuda", "cpu")
-
-
-#################################################################################
-#                                    Samplers                                   #
-#################################################################################
-
-def _check_num_steps(num_steps: int) -> None:
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-
-
-def sde_time_grid(num_steps: int) -> List[float]:
-    """num_steps + 1 times: linspace(1, SDE_LAST_T, num_steps), then 0 (one model evaluation per interval)."""
-    _check_num_steps(num_steps)
-    return torch.linspace(1.0, SDE_LAST_T, num_steps, dtype=torch.float64).tolist() + [0.0]
-
-
-def ode_time_grid(num_steps: int) -> List[float]:
-    """num_steps + 1 times: linspace(1, 0, num_steps + 1)."""
-    _check_num_steps(num_steps)
-    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-
-
-def _batch_times(t: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-
-
-def standard_normal(shape: Sequence[int], source: NoiseSource, device, dtype=torch.float64) -> torch.Tensor:
-    """(N, ...) standard normals on `device`: from one generator for the whole batch, or from one generator per
-    row (a sequence of N generators; each row then depends only on its own generator)."""
-    if isinstance(source, torch.Generator):
-        return torch.randn(tuple(shape), generator=source, dtype=dtype, device=source.device).to(device)
-    if len(source) != shape[0]:
-        raise ValueError(f"got {len(source)} per-sample generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
-                        for g in source]).to(device)
-
-
-@torch.no_grad()
-def sample_ode(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
-               heun: bool = False) -> torch.Tensor:
-    """Probability-flow ODE from t = 1 to t = 0 on linspace(1, 0, num_steps + 1), Euler or Heun.
-
-    noise: (N, C, H, W), labels: (N,) -> samples (N, C, H, W) in noise's dtype. Heun corrects every step except
-    the last (as EDM and REPA do, the model is never called at t = 0): 2 * num_steps - 1 model evaluations.
-    """
-    t_grid = ode_time_grid(num_steps)
-    x = noise.to(torch.float64)
-    for i in range(num_steps):
-        t_cur, t_next = t_grid[i], t_grid[i + 1]
-        dt = t_next - t_cur
-        v_cur = velocity_fn(x, _batch_times(t_cur, x), labels)
-        x_next = x + dt * v_cur
-        if heun and i < num_steps - 1:
-            v_next = velocity_fn(x_next, _batch_times(t_next, x), labels)
-            x_next = x + dt * (0.5 * v_cur + 0.5 * v_next)
-        x = x_next
-    return x.to(noise.dtype)
-
-
-@torch.no_grad()
-def sample_sde(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, path: Path,
-               noise_source: NoiseSource) -> torch.Tensor:
-    """Euler-Maruyama on the reverse-time SDE  dx = [v - w_t * score] dt + sqrt(2 w_t) dW  (dt < 0).
-
-    Diffusion coefficient w_t = sigma_t of the path (SiT's "sigma" form; t for the linear path, sin(pi t / 2) for
-    the cosine path); the score comes from the velocity (Path.velocity_to_score). Times: linspace(1, 0.04,
-    num_steps), num_steps - 1 stochastic steps, then one deterministic mean step from 0.04 to 0: num_steps model
-    evaluations. Step noise is drawn from `noise_source` (see standard_normal).
-    noise: (N, C, H, W), labels: (N,) -> samples (N, C, H, W) in noise's dtype.
-    """
-    t_grid = sde_time_grid(num_steps)
-    x = noise.to(torch.float64)
-    for i in range(num_steps):
-        t_cur, t_next = t_grid[i], t_grid[i + 1]
-        dt = t_next - t_cur
-        v = velocity_fn(x, _batch_times(t_cur, x), labels)
-        # Path coefficients from one 0-dim time: every row then sees the same rounding (vectorised and scalar
-        # kernels of sin/cos may differ in the last bit).
-        t_scalar = torch.tensor(t_cur, dtype=torch.float64)
-        w = float(path.alpha_sigma(t_scalar)[1])
-        drift = v - w * path.velocity_to_score(v, x, t_scalar)
-        x = x + dt * drift
-        if i < num_steps - 1:
-            x = x + math.sqrt(2.0 * w * abs(dt)) * standard_normal(x.shape, noise_source, x.device)
-    return x.to(noise.dtype)
-
-
-def check_sampler(mode: str, heun: bool) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "sde" and heun:
-        raise ValueError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-
-
-def sample_batch(mode: str, velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
-                 path: Path, heun: bool = False, noise_source: Optional[NoiseSource] = None) -> torch.Tensor:
-    """Dispatch to sample_sde (needs noise_source) or sample_ode; see those for shapes."""
-    check_sampler(mode, heun)
-    if mode == "sde":
-        if noise_source is None:
-            raise ValueError("the SDE sampler needs a noise source for its step noise")
-        return sample_sde(velocity_fn, noise, labels, num_steps, path, noise_source)
-    return sample_ode(velocity_fn, noise, labels, num_steps, heun=heun)
-
-
-def model_evaluations_per_sample(mode: str, num_steps: int, heun: bool = False) -> int:
-    """Calls of velocity_fn per sample (each costs one or, inside the CFG interval, two model rows)."""
-    if mode == "ode" and heun:
-        return 2 * num_steps - 1
-    return num_steps
-
-
-#################################################################################
-#                        SiT as a velocity_fn, with CFG                         #
-#################################################################################
-
-def run_in_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], chunk_size: int
-                  ) -> torch.Tensor:
-    """fn over row chunks of at most chunk_size (0 = all rows at once), outputs concatenated along dim 0."""
-    n = tensors[0].shape[0]
-    if chunk_size <= 0 or chunk_size >= n:
-        return fn(*tensors)
-    return torch.cat([fn(*(x[i:i + chunk_size] for x in tensors)) for i in range(0, n, chunk_size)])
-
-
-class GuidedVelocity:
-    """A SiT as a velocity_fn: classifier-free guidance inside [guidance_low, guidance_high], optional autocast,
-    optional micro-batching.
-
-    Guidance v = v_uncond + cfg_scale * (v_cond - v_uncond) is applied to all latent channels, as REPA's samplers
-    do (DiT/SiT's forward_with_cfg guides only the first 3 of the 4 channels, kept for reproducing DiT's numbers).
-    It is active when cfg_scale > 1 and guidance_low <= t <= guidance_high for the time of that model call (for
-    Heun's corrector, its own time); outside the interval the unconditional rows are not computed. The SDE drift
-    is affine in v at fixed (x, t) and the guidance weights (1 - cfg_scale, cfg_scale) sum to one, so guiding v
-    equals guiding the drift as REPA does. The projector heads are skipped (return_projections=False).
-    """
-
-    def __init__(self, model: SiT, cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
-                 autocast_dtype: Optional[torch.dtype] = None, micro_batch_size: int = 0):
-        if cfg_scale < 1.0:
-            raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
-        if not 0.0 <= guidance_low <= guidance_high <= 1.0:
-            raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
-        if micro_batch_size < 0:
-            raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
-        self.model = model
-        self.cfg_scale = cfg_scale
-        self.guidance_low = guidance_low
-        self.guidance_high = guidance_high
-        self.autocast_dtype = autocast_dtype
-        self.micro_batch_size = micro_batch_size
-
-    def guided_at(self, t: float) -> bool:
-        return self.cfg_scale > 1.0 and self.guidance_low <= t <= self.guidance_high
-
-    def _model_velocity(self, x, t, y):
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            return self.model(x, t, y, return_projections=False)[0].float()
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W), t: (N,) all equal, y: (N,) -> v (N, C, H, W) in x's dtype."""
-        guided = self.guided_at(float(t[0]))
-        x_in, t_in, y_in = x.float(), t.float(), y
-        if guided:
-            x_in, t_in = torch.cat([x_in, x_in]), torch.cat([t_in, t_in])
-            y_in = torch.cat([y, torch.full_like(y, self.model.num_classes)])
-        v = run_in_chunks(self._model_velocity, (x_in, t_in, y_in), self.micro_batch_size).to(x.dtype)
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + self.cfg_scale * (v_cond - v_uncond)
-        return v
 
 
 #################################################################################
@@ -273,6 +97,57 @@ def all_labels(global_seed: int, num_samples: int, num_classes: int, label_mode:
 
 
 #################################################################################
+#                      Images from a model: the one loop                        #
+#################################################################################
+
+def exact_cpu(device: torch.device):
+    """The context generation runs in: one CPU thread on the CPU (module docstring), nothing on GPUs."""
+    return cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+
+
+def default_micro_batch_size(device: torch.device) -> int:
+    """Rows per model/VAE call: 1 on the CPU (bitwise independent of batch size and process count), 0 (the whole
+    batch) on GPUs."""
+    return 1 if device.type == "cpu" else 0
+
+
+def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int, label_mode: str = "random",
+                    mode: str = "sde", num_steps: int = 250, heun: bool = False, path_type: str = "linear",
+                    cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
+                    autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 32, micro_batch_size: int = 0,
+                    pixel_rounding: str = "repa", progress: bool = True, desc: str = "Sampling"
+                    ) -> Iterator[Tuple[List[int], np.ndarray]]:
+    """Yields (indices of the batch, uint8 images (n, H, W, 3)) for `indices`, batch_size at a time, in order.
+
+    Sample i: label and noise from its own generator (sample_inputs), then `mode` with num_steps model evaluations
+    (erw/samplers.py; CFG inside [guidance_low, guidance_high] when cfg_scale > 1), then the VAE and pixels by
+    `pixel_rounding` (models/vae.py). model (eval mode) and vae sit on the device generation runs on; the model and
+    the VAE see micro_batch_size rows per call (0 = the whole batch). Run it inside exact_cpu(device) on the CPU.
+    """
+    if batch_size < 1:
+        raise ValueError(f"the sampling batch size must be >= 1, got {batch_size}")
+    check_sampler(mode, heun)
+    check_pixel_rounding(pixel_rounding)
+    if path_type not in PATH_TYPES:
+        raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+    device = next(model.parameters()).device
+    velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, micro_batch_size)
+    latent_size = model.grid_size * model.patch_size
+    latent_shape = (model.in_channels, latent_size, latent_size)
+    path = get_path(path_type)
+    with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = list(indices[start:start + batch_size])
+            noise, labels, generators = sample_inputs(global_seed, batch, latent_shape, model.num_classes,
+                                                      label_mode)
+            latents = sample_batch(mode, velocity_fn, noise.to(device), labels.to(device), num_steps, path,
+                                   heun=heun, noise_source=generators)
+            images = run_in_chunks(lambda z: decode_latents(vae, z, pixel_rounding), (latents,), micro_batch_size)
+            bar.update(len(batch))
+            yield batch, images.numpy()
+
+
+#################################################################################
 #                         Sample folder and .npz file                           #
 #################################################################################
 
@@ -307,31 +182,12 @@ def _read_png(path: str, shape: Optional[Tuple[int, ...]]) -> np.ndarray:
     return array
 
 
-def _zip_entry(name: str) -> zipfile.ZipInfo:
-    # A fixed timestamp (np.savez stamps the current time), so equal samples give a byte-identical file.
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    return info
-
-
 def write_npz(npz_path: str, folder: str, num_samples: int, labels: np.ndarray, show_progress: bool = True) -> None:
     """Write arr_0 = uint8 (N, H, W, 3) from folder/000000.png.. in index order (what the ADM evaluator reads) and
     arr_1 = labels (N,) int64 (as ADM's image_sample.py). Streams one image at a time; atomic; byte-reproducible."""
-    first = _read_png(png_path(folder, 0), None)
-    shape = first.shape
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (num_samples, *shape)}
-
-    def write(file):
-        with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
-            with archive.open(_zip_entry("arr_0.npy"), "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for i in tqdm(range(num_samples), desc="Building .npz", disable=not show_progress):
-                    f.write(_read_png(png_path(folder, i), shape).tobytes())
-            with archive.open(_zip_entry("arr_1.npy"), "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
-
-    atomic_write(npz_path, write)
+    shape = _read_png(png_path(folder, 0), None).shape
+    images = (_read_png(png_path(folder, i), shape) for i in range(num_samples))
+    write_images_npz(npz_path, images, num_samples, shape, labels, show_progress=show_progress)
 
 
 #################################################################################
@@ -394,6 +250,15 @@ def checkpoint_step(ckpt: dict) -> Optional[int]:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def add_repa_model_flags(parser, title: str) -> None:
+    """REPA's generate.py flags that describe the model (REPA_MODEL_FLAG_DEFAULTS), as an argument group."""
+    group = parser.add_argument_group(title)
+    add_flags(group, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
+    group.add_argument("--projector-embed-dims", default=None,
+                       help="teacher widths, comma-separated "
+                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
+
+
 def _z_dims(flag_value: str) -> List[int]:
     try:
         return [int(z) for z in flag_value.split(",") if z.strip()]
@@ -411,6 +276,9 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
             raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
                              f"got {flags['resolution']}")
         implied["input_size"] = flags["resolution"] // 8
+    if flags.get("encoder_depth") == "auto":
+        raise ValueError("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
+                         "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
     for name in ("num_classes", "encoder_depth", "qk_norm"):
         if flags.get(name) is not None:
             implied[name] = flags[name]
@@ -419,44 +287,58 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
     return implied
 
 
-def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
-                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
-    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly.
-
-    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree.
-    REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags (missing ones take
-    REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" | "repa",
-    "model_args", "path_type" and "vae" (from our checkpoint's config, else None), "weights_id" (see weights_id;
-    hashing a checkpoint without checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress), "step"
-    (checkpoint_step)}.
-    """
+def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
+          ) -> Tuple[SiT, Dict[str, object], dict]:
     if weights not in WEIGHTS:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
     implied = _model_args_from_flags(model_flags or {})
     if "model_args" in ckpt:
         model_args = dict(ckpt["model_args"])
-        if model_args.get("truncated"):
-            raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
-                             "generate; sample from a Phase-2 checkpoint")
         conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
                      for k, v in implied.items() if model_args.get(k) != v]
-        if conflicts:
+        if conflicts and flags_for_ours:
             raise ValueError(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
                              f"drop the flags): " + "; ".join(conflicts))
-        config = ckpt.get("config") or {}
-        info = {"format": "erw", "path_type": config.get("path_type"), "vae": config.get("vae")}
+        info = {"format": "erw", "config": dict(ckpt.get("config") or {})}
     else:
         model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS,
                                              **{k: v for k, v in (model_flags or {}).items() if v is not None}})
-        info = {"format": "repa", "path_type": None, "vae": None}
+        info = {"format": "repa", "config": {}}
     if weights not in ckpt:
         raise ValueError(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     model = create_sit(**model_args)
     load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
-    info.update(model_args=model_args, weights_id=weights_id(ckpt, weights, ckpt_path, show_progress),
-                step=checkpoint_step(ckpt))
-    return model.eval().requires_grad_(False), info
+    info.update(model_args=model_args, step=checkpoint_step(ckpt))
+    return model.eval().requires_grad_(False), info, ckpt
+
+
+def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+               flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
+    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (truncated) ones too.
+
+    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
+    (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
+    checkpoints at once). REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags
+    (missing ones take REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" |
+    "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step" (checkpoint_step)}.
+    """
+    model, info, _ = _load(ckpt_path, weights, model_flags, flags_for_ours)
+    return model, info
+
+
+def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
+    """load_model for generation: refuses Phase-1 checkpoints (no final layer), and adds to info "path_type" and
+    "vae" (from our checkpoint's config, else None) and "weights_id" (see weights_id; hashing a checkpoint without
+    checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
+    model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
+    if info["model_args"].get("truncated"):
+        raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
+                         "generate; sample from a Phase-2 checkpoint")
+    info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),
+                weights_id=weights_id(ckpt, weights, ckpt_path, show_progress))
+    return model, info
 
 
 #################################################################################
@@ -467,7 +349,9 @@ def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optio
 # their id, not by the checkpoint's path: last.pt is replaced as training goes on, and NNNNNNN.pt and the last.pt
 # linked to it are the same weights.
 IDENTITY_KEYS = ("weights_id", "weights", "model_args", "path_type", "mode", "num_steps", "heun", "cfg_scale",
-                 "guidance_low", "guidance_high", "global_seed", "label_mode", "vae", "precision")
+                 "guidance_low", "guidance_high", "global_seed", "label_mode", "vae", "precision", "pixel_rounding")
+# Folders written before --pixel-rounding existed hold DiT-rounded pixels (the only convention then).
+PIXEL_ROUNDING_BEFORE_THE_FLAG = "dit"
 
 
 def setup_distributed(device_kind: str = "auto") -> Tuple[int, int, torch.device]:
@@ -525,14 +409,27 @@ def cpu_threads(num_threads: int):
 
 
 def apply_precision(precision: str) -> Optional[torch.dtype]:
-    """fp32: exact float32 matmuls; tf32: TF32 matmuls/convs on Ampere+; bf16: the SiT under bf16 autocast (the
-    VAE stays float32 with TF32). Returns the autocast dtype for GuidedVelocity."""
+    """fp32: exact float32 matmuls and convs; tf32: TF32 matmuls/convs on Ampere+; bf16: the SiT under bf16
+    autocast (the VAE stays float32 with TF32). Sets torch's process-wide switches (the fp32_precision API, the one
+    the trainer and the evaluator use: torch refuses to read a switch that both APIs have set); returns the autocast
+    dtype for GuidedVelocity."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    allow_tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
+    fp32_precision = "ieee" if precision == "fp32" else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = fp32_precision
     return torch.bfloat16 if precision == "bf16" else None
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str):
+    """apply_precision inside the block, torch's switches restored after it: for sampling inside a process that
+    goes on (the in-training FID, tests, benchmarks). Yields the autocast dtype."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        yield apply_precision(precision)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
 def resolve_vae_name(vae_flag: Optional[str], checkpoint_vae: Optional[str]) -> str:
@@ -562,8 +459,9 @@ def sample_folder_name(settings: Dict[str, object]) -> str:
     cfg = f"cfg-{settings['cfg_scale']}"
     if settings["cfg_scale"] > 1.0:
         cfg += f"-{settings['guidance_low']}-{settings['guidance_high']}"
+    pixels = "" if settings["pixel_rounding"] == "repa" else f"-{settings['pixel_rounding']}-pixels"
     return (f"{model}-{weights}-{settings['weights']}-size-{settings['resolution']}-vae-{vae}-{mode}-"
-            f"{settings['num_steps']}-{cfg}-seed-{settings['global_seed']}")
+            f"{settings['num_steps']}-{cfg}-seed-{settings['global_seed']}{pixels}")
 
 
 def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]) -> None:
@@ -575,6 +473,7 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
         return
     with open(settings_path) as f:
         previous = json.load(f)
+    previous.setdefault("pixel_rounding", PIXEL_ROUNDING_BEFORE_THE_FLAG)
     current = json.loads(json.dumps(settings))  # the same JSON round trip as the stored copy (tuples -> lists)
     if previous.get("weights_id") != current["weights_id"]:
         raise RuntimeError(f"{folder} holds samples of the weights {previous.get('weights_id') or '(not recorded)'} "
@@ -604,6 +503,8 @@ def unfinished_runs_of_other_weights(sample_dir: str, settings: Dict[str, object
                 previous = json.load(f)
         except (OSError, ValueError):  # only a note: a file that is not one of our settings files is skipped
             continue
+        if isinstance(previous, dict):
+            previous.setdefault("pixel_rounding", PIXEL_ROUNDING_BEFORE_THE_FLAG)
         if (isinstance(previous, dict) and previous.get("ckpt") == current["ckpt"]
                 and previous.get("weights_id") not in (None, current["weights_id"])
                 and all(previous.get(k) == current[k] for k in IDENTITY_KEYS if k != "weights_id")):
@@ -630,6 +531,7 @@ def run_sampling(args: Dict[str, object]) -> str:
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:
         raise ValueError("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
     check_sampler(args["mode"], args["heun"])
+    check_pixel_rounding(args["pixel_rounding"])
     autocast_dtype = apply_precision(args["precision"])
 
     model_flags = {k: args[k] for k in REPA_MODEL_FLAG_DEFAULTS}
@@ -645,11 +547,10 @@ def run_sampling(args: Dict[str, object]) -> str:
         raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
     micro_batch_size = args["micro_batch_size"]
     if micro_batch_size is None:
-        micro_batch_size = 1 if device.type == "cpu" else 0
-    velocity_fn = GuidedVelocity(model, args["cfg_scale"], args["guidance_low"], args["guidance_high"],
-                                 autocast_dtype, micro_batch_size)
+        micro_batch_size = default_micro_batch_size(device)
+    if micro_batch_size < 0:
+        raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
     latent_size = info["model_args"]["input_size"]
-    latent_shape = (model.in_channels, latent_size, latent_size)
 
     settings = {**args, "ckpt": os.path.abspath(args["ckpt"]), "checkpoint_format": info["format"],
                 "weights_id": info["weights_id"], "checkpoint_step": info["step"], "model_args": info["model_args"],
@@ -685,7 +586,6 @@ def run_sampling(args: Dict[str, object]) -> str:
         _write_json(settings_path, settings)
     _barrier()
 
-    from models.vae import decode_latents, load_vae  # diffusers is only needed once a run gets this far
     vae = load_vae(settings["vae"], allow_download=args["allow_download"]).to(device)
 
     num_samples = args["num_fid_samples"]
@@ -698,20 +598,16 @@ def run_sampling(args: Dict[str, object]) -> str:
         if args["label_mode"] == "balanced" and num_samples % model.num_classes:
             print(f"note: {num_samples} samples are not a multiple of {model.num_classes} classes; "
                   "balanced labels differ by at most one per class")
-    path = get_path(path_type)
-    batch_size = args["per_proc_batch_size"]
-    exact_cpu = cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext()
-    with exact_cpu, tqdm(total=len(todo), desc=f"Sampling ({world_size} proc)", unit="img", disable=rank != 0) as bar:
-        for start in range(0, len(todo), batch_size):
-            indices = todo[start:start + batch_size]
-            noise, labels, generators = sample_inputs(args["global_seed"], indices, latent_shape,
-                                                      model.num_classes, args["label_mode"])
-            latents = sample_batch(args["mode"], velocity_fn, noise.to(device), labels.to(device),
-                                   args["num_steps"], path, heun=args["heun"], noise_source=generators)
-            images = run_in_chunks(lambda z: decode_latents(vae, z), (latents,), micro_batch_size).numpy()
+    with exact_cpu(device):
+        for indices, images in generate_images(
+                model, vae, todo, global_seed=args["global_seed"], label_mode=args["label_mode"], mode=args["mode"],
+                num_steps=args["num_steps"], heun=args["heun"], path_type=path_type, cfg_scale=args["cfg_scale"],
+                guidance_low=args["guidance_low"], guidance_high=args["guidance_high"],
+                autocast_dtype=autocast_dtype, batch_size=args["per_proc_batch_size"],
+                micro_batch_size=micro_batch_size, pixel_rounding=args["pixel_rounding"], progress=rank == 0,
+                desc=f"Sampling ({world_size} proc)"):
             for index, image in zip(indices, images):
                 save_png(image, png_path(folder, index))
-            bar.update(len(indices))
 
     _barrier()
     if rank == 0:

@@ -1,0 +1,86 @@
+"""What every command-line entry point shares: help that shows defaults and choices, hints for the flag names of
+REPA, DiT and SiT that differ here, and errors from user input as one line with exit status 2.
+
+    if __name__ == "__main__":
+        run_main(main)
+
+A user-input error (a bad config value, a missing file, a run that already exists, a checkpoint that does not
+fit) is printed as `error: <message>` without a traceback; set ERW_DEBUG=1 to see the traceback. Errors of other
+kinds (a bug, a non-finite loss) keep theirs.
+"""
+import argparse
+import os
+import re
+import sys
+from typing import Callable, Optional, Sequence
+
+# Flags of the codebases our users come from -> what to type here.
+FLAG_HINTS = {
+    "--resume-step": "--resume (continues from the newest intact checkpoint of --exp-name)",
+    "--num-sampling-steps": "--num-steps",
+    "--sampling-steps-sde": "--num-steps",
+    "--image-size": "--resolution (in pixels)",
+    "--tf32": "--allow-tf32 (training) or --precision tf32 (sample_ddp.py)",
+    "--sampling-method": "--mode sde|ode, and --heun for Heun's ODE solver",
+    "--cfg": "--cfg-scale",
+    "--steps": "--num-steps (sampling) or --max-train-steps (training)",
+    "--epochs": "--max-train-steps (optimizer steps, not epochs)",
+    "--global-batch-size": "--batch-size (the global batch, over all processes)",
+    "--results-dir": "--output-dir",
+    "--ckpt-every": "--checkpointing-steps",
+    "--vae-path": "--vae",
+    "--fid-samples": "--num-fid-samples",
+}
+# SiT's sample_ddp.py takes the sampler as a positional word.
+WORD_HINTS = {"SDE": "--mode sde", "ODE": "--mode ode"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and ends every option's help with its default (where it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "(default" in text or not action.option_strings
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter and, for an unknown flag that another codebase uses, a hint naming ours."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        # No prefixes of long flags: "--cfg" must not quietly become "--cfg-scale" in one script and an error in
+        # another, and a flag added later must not change what an old command line means.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        hints = []
+        for flag, ours in FLAG_HINTS.items():
+            if re.search(rf"(^|\s){re.escape(flag)}(=|\s|$)", message):
+                hints.append(f"{flag} is not a flag here; use {ours}")
+        for word, ours in WORD_HINTS.items():
+            if re.search(rf"(^|\s){word}(\s|$)", message):
+                hints.append(f"'{word}' is SiT's way to choose the sampler; here use {ours}")
+        if hints:
+            message += "\n  hint: " + "\n  hint: ".join(hints)
+        super().error(message)
+
+
+def user_errors():
+    """Exception types that mean "the input is wrong", printed without a traceback by run_main."""
+    from erw.config import ConfigError
+    return (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
+    """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except user_errors() as error:
+        if os.environ.get("ERW_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

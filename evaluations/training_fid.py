@@ -1,0 +1,169 @@
+"""FID during Phase 2: every --fid-every steps and at the end of training, FID, sFID and Inception Score of
+--fid-num-samples images from the EMA weights against a reference batch, logged to metrics.jsonl and the tracker at
+that step, so a chart shows FID against the step (the reduced FID runs of the paper's appendix D search).
+
+    accelerate launch train.py --config configs/table1_2_sit_xl2_erw.yaml --fid-every 10000 \\
+        --fid-ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
+
+The numbers are those of sample_ddp.py + evaluations/evaluator.py for the same weights and settings:
+- Images: erw/generation.py's generate_images, the loop sample_ddp.py runs, with its per-sample seeds (global seed
+  = the run's --seed, random labels, pixels as REPA writes them). Every process makes every P-th sample (P
+  processes), so the images do not depend on the process count. The same images come from
+      sample_ddp.py --ckpt CKPT --weights ema --global-seed SEED --num-fid-samples M --num-steps S --mode MODE \\
+          --cfg-scale C --guidance-low L --guidance-high H --precision FID_PRECISION
+  on the checkpoint of that step.
+- Metrics: the evaluator's Inception network and functions (inception_features, compute_statistics,
+  frechet_distance, inception_score). Reference statistics: the file's mu, sigma, mu_s, sigma_s when it holds them
+  (ADM's reference batches), else those of its images, computed once when training starts and cached on disk by the
+  evaluator (keyed by the file's sha256). Inception Score over consecutive splits of min(5000, M) samples (ADM:
+  5000, so M = 10K gives ADM's 2 splits). Precision and recall are left to the evaluator: they need the reference
+  batch's activations and k-NN passes over both sets, where FID needs only its statistics.
+Each process runs the Inception network on its own samples; the main process gathers the outputs (20 KB a sample,
+over a CPU group), puts them in sample order and computes the metrics. On the CPU every network sees one sample per
+call on one thread (erw/generation.py), so the numbers equal the standalone pipeline's (sample_ddp.py on the CPU,
+evaluator.py --batch-size 1) exactly.
+"""
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from erw.generation import default_micro_batch_size, exact_cpu, generate_images, precision_scope
+from evaluations import evaluator
+from evaluations.inception import RANDOM_WEIGHTS, weights_id
+from models.vae import load_vae
+
+FEATURES = ("pool", "spatial", "probs")
+
+
+class FidHook:
+    """Trainer hook (erw/trainer.py): at every `fid_every`-th step and the last one, on every process."""
+
+    all_processes = True  # each process samples its share; see Trainer._run_hooks
+
+    def __init__(self, config: Dict[str, Any], trainer):
+        """Checks the settings and loads what every FID needs (VAE, Inception, the reference statistics) now, so
+        that a missing file stops the run before training, not at the first FID."""
+        if not config["fid_ref"]:
+            raise ValueError(f"--fid-every {config['fid_every']}: give the reference batch with --fid-ref "
+                             "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+        if not os.path.isfile(config["fid_ref"]):
+            raise FileNotFoundError(f"--fid-ref {config['fid_ref']}: file not found")
+        if not 0.0 <= config["guidance_low"] <= config["guidance_high"] <= 1.0:
+            raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {config['guidance_low']}, "
+                             f"{config['guidance_high']}")
+        acc = trainer.accelerator
+        self.every, self.last_step = config["fid_every"], config["max_train_steps"]
+        self.num_samples, self.precision = config["fid_num_samples"], config["fid_precision"]
+        self.rank, self.world_size, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.device = trainer.device
+        self.batch_size = trainer.local_batch_size  # fits: training holds this batch with its gradients
+        self.micro_batch_size = default_micro_batch_size(self.device)
+        self.sampler = dict(global_seed=config["seed"], label_mode="random", mode=config["fid_mode"],
+                            num_steps=config["fid_num_steps"], heun=False, path_type=config["path_type"],
+                            cfg_scale=config["cfg_scale"], guidance_low=config["guidance_low"],
+                            guidance_high=config["guidance_high"], pixel_rounding="repa")
+        self.random_inception = config["inception_weights"] == RANDOM_WEIGHTS
+        reference = evaluator.open_images(config["fid_ref"])  # header checks on every process
+        self.inception = evaluator.load_inception(config["inception_weights"], self.device)
+        self.vae = load_vae(config["vae"]).to(self.device)
+        # A CPU group for the gathered activations (about 200 MB for 10K samples): they stay off the GPUs. Created
+        # by every process, in the same order, as new_group requires.
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.reference_stats = None
+        if self.is_main:
+            self.reference_stats = self._reference_statistics(config["fid_ref"], reference, config, trainer.log)
+
+    def _reference_statistics(self, path: str, reader, config, log) -> Dict[str, tuple]:
+        stats = evaluator.read_statistics(path)
+        if stats is not None:
+            source = f"its mu/sigma/mu_s/sigma_s ({len(reader):,} images)"
+        else:
+            cache_dir = evaluator.default_cache_dir()
+            evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
+                                     hint="set XDG_CACHE_HOME to a writable folder")
+            acts, cache = evaluator.reference_activations(
+                self.inception, path, reader, weights_id(config["inception_weights"]), self.device,
+                self.micro_batch_size or 64, cache_dir)
+            stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+            source = f"the statistics of its {len(reader):,} images (activation cache: {cache})"
+        s = self.sampler
+        cfg = f", CFG {s['cfg_scale']} on t in [{s['guidance_low']}, {s['guidance_high']}]" if s["cfg_scale"] > 1 \
+            else ""
+        log(f"In-training FID every {self.every} steps and at step {self.last_step}: {self.num_samples:,} EMA samples "
+            f"({s['mode']}, {s['num_steps']} steps{cfg}, {self.precision}, seed {s['global_seed']}) against "
+            f"{path}, {source}")
+        if self.random_inception:
+            log(evaluator.RANDOM_WEIGHTS_WARNING)
+        return stats
+
+    def due(self, step: int) -> bool:
+        return step > 0 and (step % self.every == 0 or step == self.last_step)
+
+    def __call__(self, trainer, step: int, ema: torch.nn.Module) -> None:
+        if not self.due(step):
+            return
+        metrics = self.measure(ema, desc=f"FID at step {step}")
+        if metrics is None:  # not the main process
+            return
+        trainer.log_metrics({"step": step, **metrics, "fid_num_samples": self.num_samples,
+                             "fid_num_steps": self.sampler["num_steps"]})
+        trainer.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
+                    f"{metrics['inception_score']:.4f} ({self.num_samples:,} samples, {metrics['fid_seconds']:.0f} s)"
+                    + (" (RANDOM Inception weights: meaningless)" if self.random_inception else ""))
+
+    def measure(self, model: torch.nn.Module, desc: str = "FID") -> Optional[Dict[str, float]]:
+        """FID, sFID, IS of `model`'s samples (call on every process); None except on the main one. Also the
+        seconds it took: fid_seconds in all, fid_sample_seconds for the main process's own samples (generation and
+        Inception), the rest is gathering and the metrics (two 2048 x 2048 matrix square roots)."""
+        start = time.perf_counter()
+        mine = list(range(self.rank, self.num_samples, self.world_size))
+        indices: List[int] = []
+        parts: Dict[str, List[np.ndarray]] = {name: [] for name in FEATURES}
+        with exact_cpu(self.device), precision_scope(self.precision) as autocast_dtype:
+            for batch, images in generate_images(
+                    model, self.vae, mine, autocast_dtype=autocast_dtype, batch_size=self.batch_size,
+                    micro_batch_size=self.micro_batch_size, progress=self.is_main,
+                    desc=f"{desc} ({self.world_size} proc)", **self.sampler):
+                chunk = self.micro_batch_size or len(images)  # the Inception sees what the SiT and VAE saw
+                for i in range(0, len(images), chunk):
+                    feats = evaluator.inception_features(self.inception, images[i:i + chunk], self.device, True)
+                    for name in FEATURES:
+                        parts[name].append(feats[name])
+                indices += batch
+        sample_seconds = time.perf_counter() - start
+        gathered = self._gather((indices, parts))
+        if not self.is_main:
+            return None
+        order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered]), kind="stable")
+        acts = {name: np.concatenate([a for _, p in gathered for a in p[name]])[order] for name in FEATURES}
+        if len(order) != self.num_samples:
+            raise RuntimeError(f"in-training FID: gathered {len(order)} samples, expected {self.num_samples}")
+        stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+        return {"fid": evaluator.frechet_distance(*stats["pool"], *self.reference_stats["pool"]),
+                "sfid": evaluator.frechet_distance(*stats["spatial"], *self.reference_stats["spatial"]),
+                "inception_score": evaluator.inception_score(acts["probs"],
+                                                             min(evaluator.IS_SPLIT_SIZE, self.num_samples)),
+                "fid_seconds": round(time.perf_counter() - start, 3), "fid_sample_seconds": round(sample_seconds, 3)}
+
+    def _gather(self, obj) -> Optional[list]:
+        """[obj of process 0, obj of process 1, ...] on the main process (None elsewhere)."""
+        if self.group is None:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=self.group)
+        return gathered
+
+
+def build_fid_hook(config: Dict[str, Any], trainer) -> Optional[FidHook]:
+    """The FID hook for train.py's config, or None with --fid-every 0 (noting a --fid-ref that then goes unused)."""
+    if config["fid_every"] == 0:
+        if config["fid_ref"]:
+            trainer.log(f"In-training FID is off (--fid-every 0): --fid-ref {config['fid_ref']} is not used")
+        return None
+    return FidHook(config, trainer)

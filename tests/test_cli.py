@@ -1,0 +1,198 @@
+"""First contact with the command line (erw/cli.py and every entry point): --help shows each default and choice,
+errors from user input are one line with exit status 2 and leave nothing behind, the flag names of REPA, DiT and
+SiT get a hint that names a real flag, console logging goes through tqdm, and each warning prints once."""
+import argparse
+import io
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from tqdm import tqdm
+
+from erw import cli
+from tests.conftest import ROOT, tiny_args
+
+
+def entry_point_parsers():
+    """{command: parser} of every entry point, the subcommands of dataset_tools.py included."""
+    import demo
+    import sample_ddp
+    from erw.config import TRAIN, WARMUP, build_parser
+    from evaluations import cknna, demo_metrics, evaluator
+    from preprocessing import dataset_tools
+    parsers = {"train_warmup.py": build_parser(WARMUP, ""), "train.py": build_parser(TRAIN, ""),
+               "sample_ddp.py": sample_ddp.build_parser(), "demo.py": demo.build_parser(),
+               "evaluations/evaluator.py": evaluator.build_parser(), "evaluations/cknna.py": cknna.build_parser(),
+               "evaluations/demo_metrics.py": demo_metrics.build_parser()}
+    tools = dataset_tools.build_parser()
+    commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction))
+    parsers.update({f"preprocessing/dataset_tools.py {name}": p for name, p in commands.choices.items()})
+    return parsers
+
+
+PARSERS = entry_point_parsers()
+
+
+def rendered_help(parser, action) -> str:
+    """The help line of one option as --help prints it (defaults expanded)."""
+    return parser._get_formatter()._expand_help(action) if action.help else ""
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_help_shows_every_default_and_choice(command):
+    from erw.config import OPTIONS_BY_NAME
+    parser = PARSERS[command]
+    text = parser.format_help()
+    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert options
+    for action in options:
+        line = rendered_help(parser, action)
+        if not action.required:
+            assert "default" in line, f"{command} {action.option_strings[0]}: no default in {line!r}"
+        # Choices: argparse's own (shown as {a,b} in the usage) or, for the training flags whose values the config
+        # checks, listed in the help line.
+        option = OPTIONS_BY_NAME.get(action.dest)
+        choices = action.choices or (option.choices if option is not None else None)
+        shown_as_a_set = f"{{{','.join(map(str, action.choices or ()))}}}" in text
+        shown_as_a_range = isinstance(action.metavar, str) and re.fullmatch(r"\d+-\d+", action.metavar)
+        for choice in choices or ():
+            assert str(choice) in line or shown_as_a_set or shown_as_a_range, \
+                f"{command} {action.option_strings[0]}: choice {choice!r} not shown"
+    assert cli.ArgumentParser in type(parser).__mro__  # the hints below apply to every entry point
+
+
+def test_train_help_lists_the_choices_of_the_alignment_loss():
+    # The example a user met: train.py --help listed no choices.
+    line = next(rendered_help(PARSERS["train.py"], a) for a in PARSERS["train.py"]._actions
+                if a.dest == "align_loss")
+    assert "choices: ntxent, cosine" in line and "default: ntxent" in line
+
+
+def every_flag():
+    return {flag for parser in PARSERS.values() for a in parser._actions for flag in a.option_strings}
+
+
+@pytest.mark.parametrize("theirs", sorted(cli.FLAG_HINTS))
+def test_flags_of_other_codebases_get_a_hint_naming_a_real_flag(theirs, capsys):
+    hint = cli.FLAG_HINTS[theirs]
+    assert theirs not in every_flag()  # a hint for a flag we have would shadow it
+    named = re.findall(r"--[a-z0-9-]+", hint)
+    assert named and set(named) <= every_flag(), f"{theirs}: hint names {set(named) - every_flag()}, not flags here"
+    parser = PARSERS["sample_ddp.py"]
+    with pytest.raises(SystemExit) as raised:
+        parser.parse_args(["--ckpt", "x.pt", theirs, "5"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hint: {theirs} is not a flag here; use {hint}" in err
+
+
+@pytest.mark.parametrize("given, expected", [
+    (["--resume-step", "5"], "use --resume"),
+    (["--num-sampling-steps=50"], "use --num-steps"),
+    (["--image-size", "256"], "use --resolution"),
+    (["--tf32"], "use --allow-tf32"),
+])
+def test_the_issue_examples_on_train_py(given, expected, capsys):
+    with pytest.raises(SystemExit):
+        PARSERS["train.py"].parse_args(given)
+    assert expected in capsys.readouterr().err
+
+
+def test_sit_positional_sampler_word_gets_a_hint(capsys):
+    with pytest.raises(SystemExit):
+        PARSERS["sample_ddp.py"].parse_args(["SDE", "--ckpt", "x.pt"])
+    assert "'SDE' is SiT's way to choose the sampler; here use --mode sde" in capsys.readouterr().err
+
+
+def test_an_unknown_flag_without_a_hint_is_argparses_plain_error(capsys):
+    with pytest.raises(SystemExit):
+        PARSERS["train.py"].parse_args(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --no-such-flag" in err and "hint" not in err
+
+
+def run_entry(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline", "ERW_DEBUG": ""}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path):
+    config = os.path.join(ROOT, "configs", "tiny.yaml")
+    out = str(tmp_path / "exps")
+    common = ["--config", config, "--output-dir", out]
+    # The depth error names the user's flag, not the model's constructor argument.
+    line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), *common, "--warmup-depth", "9"], tmp_path))
+    assert line == "error: --warmup-depth 9 is outside 1..4: SiT-Tiny/2 has 4 blocks"
+    line = one_line_error(run_entry([os.path.join(ROOT, "train.py"), *common, "--warmup-ckpt", "none",
+                                     "--encoder-depth", "7"], tmp_path))
+    assert line == "error: --encoder-depth 7 is outside 1..4: SiT-Tiny/2 has 4 blocks"
+    missing = str(tmp_path / "phase1" / "last.pt")
+    line = one_line_error(run_entry([os.path.join(ROOT, "train.py"), *common, "--warmup-ckpt", missing], tmp_path))
+    assert missing in line and "run Phase 1 first (train_warmup.py" in line
+    line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), "--config", str(tmp_path / "no.yaml")],
+                                    tmp_path))
+    assert str(tmp_path / "no.yaml") in line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: many\n")
+    line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), "--config", str(bad)], tmp_path))
+    assert "batch_size" in line and "many" in line
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("command, argv, names", [
+    ("sample_ddp.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
+    ("evaluations/evaluator.py", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],
+     "{tmp}/ref.npz"),
+    ("evaluations/cknna.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
+    ("evaluations/demo_metrics.py", ["{tmp}/ref.npz", "{tmp}/sample.npz"], "{tmp}/ref.npz"),
+    ("preprocessing/dataset_tools.py", ["reference", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/r.npz"],
+     "{tmp}/nodata"),
+])
+def test_a_missing_input_file_is_one_line_in_every_entry_point(command, argv, names, tmp_path):
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    line = one_line_error(run_entry([os.path.join(ROOT, command), *map(fill, argv)], tmp_path))
+    assert fill(names) in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    env = {**os.environ, "ERW_DEBUG": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample_ddp.py"), "--ckpt", str(tmp_path / "x.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_log_lines_and_progress_bars_do_not_share_a_line(tmp_path):
+    from erw.trainer import TqdmHandler, setup_logger
+    logger = setup_logger(str(tmp_path))
+    console = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+    assert len(console) == 1 and isinstance(console[0], TqdmHandler)
+    stream = io.StringIO()
+    console[0].setStream(stream)
+    with tqdm(total=10, file=stream, desc="training", mininterval=0) as bar:
+        bar.update(3)
+        logger.info("step 3: loss=1")
+        bar.update(3)
+    # Each line the terminal ends up showing (text after the last carriage return) is either the log line or a bar.
+    shown = [line.rsplit("\r", 1)[-1] for line in stream.getvalue().split("\n")]
+    logged = [line for line in shown if "step 3: loss=1" in line]
+    assert len(logged) == 1 and "training" not in logged[0] and logged[0].endswith("] step 3: loss=1")
+
+
+def test_the_random_teacher_warning_prints_once_per_run(demo_data, tmp_path, capfd):
+    import train_warmup
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--exp-name", "warn", "--max-train-steps", "1"))
+    out = capfd.readouterr()
+    assert len(re.findall("RANDOM weights", out.out + out.err)) == 1, out.out + out.err
+    with open(tmp_path / "warn" / "log.txt") as f:
+        assert len(re.findall("RANDOM weights", f.read())) == 1

@@ -1,0 +1,148 @@
+"""The paper configs and the README's commands for them: --encoder-depth auto (table 4), the table-3 sweeps, and the
+ERW-release preset beside the paper preset. Each README command is run through the real config resolution."""
+import os
+import re
+import shlex
+
+import pytest
+
+from erw.config import TRAIN, WARMUP, ConfigError, resolve_config
+from tests.conftest import ROOT, TINY_CONFIG
+
+README = os.path.join(ROOT, "README.md")
+TABLE4 = os.path.join(ROOT, "configs", "table4_sit_b2_erw.yaml")
+PAPER_PRESET = "table1_2_sit_xl2_erw.yaml"
+RELEASE_PRESET = "table1_2_sit_xl2_erw_release.yaml"
+
+
+def readme() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def resolve_command(command: str):
+    """(phase, resolved config) of an `accelerate launch ... train[_warmup].py FLAGS` command line."""
+    words = shlex.split(command)
+    script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    phase = {"train.py": TRAIN, "train_warmup.py": WARMUP}[words[script]]
+    argv = [os.path.join(ROOT, w) if w.startswith("configs/") else w for w in words[script + 1:]]
+    return phase, resolve_config(phase, argv)
+
+
+#################################################################################
+#                        --encoder-depth auto (table 4)                         #
+#################################################################################
+
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 4])
+def test_auto_head_reads_the_last_warmed_block(start):
+    # Table 4's k = 8 warmed blocks at START..START+7 (0-based): the head reads block START+7's output, which is
+    # block START+8 in REPA's 1-based count.
+    config = resolve_config(TRAIN, ["--config", TABLE4, "--warmup-layers", str(start)])
+    assert config["encoder_depth"] == start + 8
+    assert config["encoder_depth_source"] == f"auto: warmup_layers {start} + warmup_depth 8"
+    given = resolve_config(TRAIN, ["--config", TABLE4, "--warmup-layers", str(start), "--encoder-depth", "6"])
+    assert given["encoder_depth"] == 6 and given["encoder_depth_source"] == "given"
+
+
+def test_auto_head_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(ConfigError, match=r"--encoder-depth auto .*needs a warm start.*--warmup-ckpt"):
+        resolve_config(TRAIN, ["--config", TABLE4, "--warmup-ckpt", "none"])
+    with pytest.raises(ConfigError, match=r"flag --encoder-depth: bad value 'deep'.*an integer >= 1 or auto"):
+        resolve_config(TRAIN, ["--config", TINY_CONFIG, "--encoder-depth", "deep"])
+    with pytest.raises(ConfigError, match=r"bad value '0' for 'encoder_depth'"):
+        resolve_config(TRAIN, ["--config", TINY_CONFIG, "--encoder-depth", "0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("exp_name: x\nwarmup:\n  encoder_depth: auto\n")
+    with pytest.raises(ConfigError, match=r"'encoder_depth' does not apply to the warmup phase"):
+        resolve_config(WARMUP, ["--config", str(bad)])
+
+
+def test_readme_table4_commands_put_the_head_on_each_rows_last_block():
+    rows = re.findall(r"^\| (\d+)-(\d+) \| blocks (\d+)\.\.(\d+) \| (\d+) \| `([^`]+)` \|$", readme(), re.MULTILINE)
+    # The paper's table 4 rows, as printed (its last row's Y is the 0-based index of SiT-B/2's last block).
+    assert [f"{x}-{y}" for x, y, *_ in rows] == ["0-8", "1-9", "2-10", "3-11", "4-11"]
+    for x, _, first, last, head, command in rows:
+        phase, config = resolve_command(command)
+        assert phase == TRAIN and config["warmup_layers"] == int(x) == int(first)
+        assert config["warmup_layers"] + config["warmup_depth"] - 1 == int(last) <= 11  # SiT-B/2 has 12 blocks
+        assert config["encoder_depth"] == int(head) == int(last) + 1
+        assert config["encoder_depth_source"].startswith("auto")
+
+
+#################################################################################
+#                             Table 3 sweep commands                            #
+#################################################################################
+
+TABLE3_ROWS = ({(k, 8, 0.5) for k in (3, 4, 5, 6, 8, 12)} | {(5, d, 0.5) for d in (10, 12, 14, 16, 18, 20)}
+               | {(5, 18, lam) for lam in (0.1, 1.0, 2.0, 4.0, 6.0)})  # (ERW depth, proj. depth, lambda0)
+
+
+def expand_shell(block: str):
+    """The commands of a shell block of plain lines and `for VAR in VALUES; do ... done` loops (one level), with
+    line continuations joined and $VAR substituted; comments dropped."""
+    lines = [line.split("#")[0].rstrip() for line in block.replace("\\\n", " ").splitlines()]
+    lines = [line.strip() for line in lines if line.strip()]
+    commands, i = [], 0
+    while i < len(lines):
+        loop = re.fullmatch(r"for (\w+) in ([^;]+); do", lines[i])
+        if not loop:
+            commands.append(lines[i])
+            i += 1
+            continue
+        end = lines.index("done", i)
+        for value in loop.group(2).split():
+            commands += [line.replace(f"${loop.group(1)}", value) for line in lines[i + 1:end]]
+        i = end + 1
+    return commands
+
+
+def test_readme_table3_sweeps_cover_table3_from_its_base():
+    text = readme()
+    block = re.search(r"<!-- table 3 sweeps -->\n```\w*\n(.*?)```", text, re.DOTALL).group(1)
+    phase1, phase2 = {}, []
+    for command in expand_shell(block):
+        phase, config = resolve_command(command)
+        if phase == WARMUP:
+            phase1[os.path.join(config["output_dir"], config["exp_name"], "checkpoints", "last.pt")] = config
+        else:
+            phase2.append(config)
+    rows = set()
+    for config in phase2:
+        # Every Phase 2 starts from a Phase 1 of the block with the same ERW depth.
+        assert phase1[config["warmup_ckpt"]]["warmup_depth"] == config["warmup_depth"]
+        rows.add((config["warmup_depth"], config["encoder_depth"], config["proj_coeff"]))
+    assert rows == TABLE3_ROWS and len(phase2) == len(TABLE3_ROWS)
+    assert len({c["exp_name"] for c in phase2}) == len(phase2)  # no run writes into another's folder
+    # The base the README names is the config itself, and the row it reproduces (table 3: FID 12.1).
+    base = resolve_config(TRAIN, ["--config", os.path.join(ROOT, "configs", "table3_sit_xl2_ablation.yaml")])
+    stated = re.search(r"`configs/table3_sit_xl2_ablation.yaml` \| .*base \(ERW depth, proj\. depth, lambda0\) = "
+                       r"\((\d+), (\d+), ([\d.]+)\)", text)
+    assert (base["warmup_depth"], base["encoder_depth"], base["proj_coeff"]) == \
+        (int(stated.group(1)), int(stated.group(2)), float(stated.group(3))) == (5, 18, 0.5)
+
+
+#################################################################################
+#                     The ERW release preset, beside the paper's                #
+#################################################################################
+
+def test_release_preset_differs_from_the_paper_preset_in_the_stated_keys():
+    def resolved(name, phase):
+        return resolve_config(phase, ["--config", os.path.join(ROOT, "configs", name)])
+
+    differences = {}
+    for phase in (WARMUP, TRAIN):
+        paper, release = resolved(PAPER_PRESET, phase), resolved(RELEASE_PRESET, phase)
+        assert paper.keys() == release.keys()
+        differences[phase] = {k: release[k] for k in paper if paper[k] != release[k] and k != "config"}
+    release_warmup = resolved(RELEASE_PRESET, WARMUP)
+    # Phase 2 starts from the release's own Phase 1 (the release's bug: it did not).
+    phase1_last = os.path.join(release_warmup["output_dir"], release_warmup["exp_name"], "checkpoints", "last.pt")
+    assert differences[WARMUP] == {"exp_name": "sit-xl2-erw-release-warmup", "align_loss": "cosine"}
+    assert differences[TRAIN] == {"exp_name": "sit-xl2-erw-release", "align_loss": "cosine", "proj_coeff": 6.0,
+                                  "warmup_ckpt": phase1_last}
+    # The README's config table states the training differences, key by key.
+    row = next(line for line in readme().splitlines() if line.startswith(f"| `configs/{RELEASE_PRESET}`"))
+    stated = dict(re.findall(r"`(\w+): ([\w.]+)`", row))
+    training = {k: v for phase in differences.values() for k, v in phase.items()
+                if k not in ("exp_name", "warmup_ckpt")}
+    assert {k: type(training[k])(v) if k in training else v for k, v in stated.items()} == training
