@@ -1,10 +1,15 @@
-"""Random draws of a training micro-batch that do not depend on how many processes share the global batch.
+"""Random draws of a training micro-batch that do not depend on how many processes share the global batch, nor on
+how many accumulation steps it is split into.
 
-The data sampler deals each global micro-batch round-robin: local row i of process r is row i * world + r of the
-global micro-batch. Every process draws the rows of the whole global micro-batch, from the same seed, and keeps its
-own (rows r::world). A run on 8 GPUs then draws the same noise, times and label drops for every image as a run on
-one GPU with the same global batch, and the two train the same model up to floating-point summation order.
-Drawing world x more numbers than needed costs microseconds next to a training step.
+The data sampler deals the data stream round-robin: local row i of process r in micro-batch a of an optimizer step
+is row (a * B + i) * world + r of that step's global batch (B rows per process and micro-batch), the same image that
+a run with one micro-batch of A * B rows per process, or one process, puts at that row. Every process draws the rows
+of the step's whole global batch, from the same seed, and keeps its own. A run on 8 GPUs with accumulation 2 then
+draws the same noise, times and label drops for every image as a run on one GPU with the same global batch in one
+micro-batch, and the two train the same model up to floating-point summation order (the velocity and cosine
+losses are means over images; NT-Xent's negatives are the images of one micro-batch, so accumulation changes that
+loss, as it does in every contrastive codebase). Drawing world x A times more numbers than needed costs microseconds
+next to a training step.
 """
 from typing import Sequence
 
@@ -12,17 +17,26 @@ import torch
 
 
 class BatchRandom:
-    """Draws for this process's rows of a global micro-batch (rank `rank` of `world_size`), from torch's default
-    generator, which the loop reseeds identically on every process for each micro-batch."""
+    """Draws for this process's rows of micro-batch `accumulation_index` of a global batch (rank `rank` of
+    `world_size`, `accumulation_steps` micro-batches per optimizer step), from torch's default generator, which
+    the loop reseeds identically on every process and every micro-batch of a step."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
+    def __init__(self, rank: int = 0, world_size: int = 1, accumulation_index: int = 0,
+                 accumulation_steps: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if not 0 <= accumulation_index < accumulation_steps:
+            raise ValueError(f"accumulation index {accumulation_index} is not in 0..{accumulation_steps - 1}")
         self.rank, self.world_size = rank, world_size
+        self.accumulation_index, self.accumulation_steps = accumulation_index, accumulation_steps
 
     def _own_rows(self, draw, shape: Sequence[int]) -> torch.Tensor:
-        full = draw((shape[0] * self.world_size, *shape[1:]))
-        return full[self.rank::self.world_size] if self.world_size > 1 else full
+        per_micro_batch = shape[0] * self.world_size
+        if self.world_size == 1 and self.accumulation_steps == 1:
+            return draw(tuple(shape))
+        full = draw((per_micro_batch * self.accumulation_steps, *shape[1:]))
+        start = self.accumulation_index * per_micro_batch
+        return full[start:start + per_micro_batch][self.rank::self.world_size]
 
     def randn(self, shape: Sequence[int], device=None, dtype=None) -> torch.Tensor:
         """Standard normals of the local `shape` (rows first)."""

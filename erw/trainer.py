@@ -5,10 +5,11 @@ sample grids) arrives as data: the model, an `Objective` (erw/losses.py) and opt
 everything else: DDP and gradient accumulation (accelerate), mixed precision (erw/precision.py), fused AdamW,
 clipping, EMA, logging, checkpoints and exact resume.
 
-Exact resume: every micro-batch reseeds torch from (seed, micro-batch index), every random draw belongs to an image
-of the global batch (erw/batch_random.py) and the data order is a pure function of (seed, epoch), so a resumed run
-repeats what an uninterrupted run would do, on any number of processes; the checkpoint holds model, EMA, optimizer,
-loss scale, step, data position, RNG states and the resolved config.
+Exact resume: every micro-batch reseeds torch from (seed, optimizer step), every random draw belongs to an image of
+the step's global batch (erw/batch_random.py) and the data order is a pure function of (seed, epoch), so a resumed
+run repeats what an uninterrupted run would do, on any number of processes and with any split of the global batch
+into accumulation steps; the checkpoint holds model, EMA, optimizer, loss scale, step, data position, RNG states
+and the resolved config.
 
 No step waits for the GPU: losses, gradient norms and skipped updates stay on the device (StepHealth) and are read
 at log steps and before every checkpoint. What the loop guarantees besides:
@@ -519,7 +520,12 @@ class Trainer:
         state = dict(model=model, ema=ema, optimizer=optimizer, model_args=model_args, dataset_len=len(dataset))
         progress = tqdm(total=cfg["max_train_steps"], initial=step, desc=f"{cfg['phase']} {cfg['exp_name']}",
                         disable=not acc.is_main_process, dynamic_ncols=True)
-        rng = BatchRandom(acc.process_index, acc.num_processes)
+        accumulation = cfg["gradient_accumulation_steps"]
+        if accumulation > 1 and objective.align == "ntxent":
+            self.log(f"Gradient accumulation {accumulation}: NT-Xent's negatives are the "
+                     f"{acc.num_processes * self.local_batch_size} images of one micro-batch, not the "
+                     f"{cfg['batch_size']} of the optimizer step (the velocity and cosine losses are unchanged)")
+        accumulated = 0  # micro-batches of this optimizer step so far
         health, self._skipped_logged, checked_until = StepHealth(self.device, skipped), skipped, step
         data_iter = iter(loader)
         window_start, window_steps = time.perf_counter(), 0
@@ -528,16 +534,22 @@ class Trainer:
         with PreemptionHandler() as preemption, progress:
             while step < cfg["max_train_steps"]:
                 images, moments, labels = next(data_iter)
-                torch.manual_seed(derive_seed(cfg["seed"], micro_batch))  # the same on every process: BatchRandom
+                # The same seed on every process and every micro-batch of the step: each draws the step's whole
+                # global batch and keeps its own rows (erw/batch_random.py).
+                torch.manual_seed(derive_seed(cfg["seed"], step))
+                rng = BatchRandom(acc.process_index, acc.num_processes, accumulated, accumulation)
                 images, moments, labels = (x.to(self.device, non_blocking=True) for x in (images, moments, labels))
                 latents = sample_latents(moments, rng=rng)
                 with torch.no_grad(), precision.autocast():
                     teacher_tokens = [teacher(images) for teacher in teachers]
                 with acc.accumulate(model):
                     with precision.autocast():
-                        loss, logs = objective(model, latents, labels, teacher_tokens, step, rng)
+                        loss, micro_logs = objective(model, latents, labels, teacher_tokens, step, rng)
+                    # The step's values are the means over its micro-batches, as its loss is: kept on the device.
+                    scaled = {k: v / accumulation for k, v in micro_logs.items()}
+                    logs = scaled if accumulated == 0 else {k: logs[k] + v for k, v in scaled.items()}
                     health.note_loss(loss, step + 1)
-                    precision.scaler.scale(loss / cfg["gradient_accumulation_steps"]).backward()
+                    precision.scaler.scale(loss / accumulation).backward()
                     if acc.sync_gradients:
                         precision.scaler.unscale_(optimizer)
                         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
@@ -546,8 +558,10 @@ class Trainer:
                         health.note_update(applied, step + 1)
                         optimizer.zero_grad(set_to_none=True)
                 micro_batch += 1
+                accumulated += 1
                 if not acc.sync_gradients:
                     continue
+                accumulated = 0
                 update_ema(ema, acc.unwrap_model(model), cfg["ema_decay"])
                 step += 1
                 window_steps += 1

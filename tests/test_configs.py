@@ -146,3 +146,61 @@ def test_release_preset_differs_from_the_paper_preset_in_the_stated_keys():
     training = {k: v for phase in differences.values() for k, v in phase.items()
                 if k not in ("exp_name", "warmup_ckpt")}
     assert {k: type(training[k])(v) if k in training else v for k, v in stated.items()} == training
+
+
+#################################################################################
+#                  Every paper config holds the paper's setting                 #
+#################################################################################
+
+# Written from the paper (section 4.1, tables 2-5, appendix D), REPA's paper for its baselines, and README's config
+# table; the 50K half-life is the ERW release's (the paper gives none). A config's phase sees these after
+# resolution (defaults < top level < phase section).
+SHARED = dict(resolution=256, num_classes=1000, batch_size=256, learning_rate=1e-4, adam_beta1=0.9,
+              adam_beta2=0.999, adam_weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999, mixed_precision="fp16",
+              cfg_prob=0.1)
+ERW_PHASE2 = dict(path_type="linear", weighting="uniform", proj_decay="exp", proj_half_life=50000.0,
+                  max_train_steps=100000)
+PAPER = {
+    ("table1_2_sit_xl2_erw.yaml", WARMUP): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", warmup_depth=5,
+                                                align_loss="ntxent", ntxent_temp=0.1, max_train_steps=100000),
+    ("table1_2_sit_xl2_erw.yaml", TRAIN): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", warmup_depth=5,
+                                               encoder_depth=18, proj_coeff=0.5, align_loss="ntxent", **ERW_PHASE2),
+    ("table3_sit_xl2_ablation.yaml", WARMUP): dict(model="SiT-XL/2", warmup_depth=5, max_train_steps=100000),
+    ("table3_sit_xl2_ablation.yaml", TRAIN): dict(model="SiT-XL/2", warmup_depth=5, encoder_depth=18,
+                                                  proj_coeff=0.5, **ERW_PHASE2),
+    ("table5_sit_xl2_teachers.yaml", WARMUP): dict(model="SiT-XL/2", warmup_depth=8, max_train_steps=100000),
+    ("table5_sit_xl2_teachers.yaml", TRAIN): dict(model="SiT-XL/2", warmup_depth=8, encoder_depth=8,
+                                                  proj_coeff=0.5, **ERW_PHASE2),
+    ("table4_sit_b2_erw.yaml", WARMUP): dict(model="SiT-B/2", enc_type="dinov2-vit-b", warmup_depth=8,
+                                             align_loss="ntxent", max_train_steps=100000),
+    ("table4_sit_b2_erw.yaml", TRAIN): dict(model="SiT-B/2", warmup_depth=8, warmup_layers=0, encoder_depth=8,
+                                            proj_coeff=0.5, **ERW_PHASE2),
+    ("table2_sit_xl2_repa.yaml", TRAIN): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", align_loss="cosine",
+                                              encoder_depth=8, proj_coeff=0.5, proj_decay="none", warmup_ckpt=None,
+                                              path_type="linear", weighting="uniform"),
+    ("table4_sit_b2_repa.yaml", TRAIN): dict(model="SiT-B/2", enc_type="dinov2-vit-b", align_loss="cosine",
+                                             encoder_depth=4, proj_coeff=0.5, proj_decay="none", warmup_ckpt=None),
+    ("table2_sit_xl2_sit.yaml", TRAIN): dict(model="SiT-XL/2", enc_type=None, warmup_ckpt=None),
+    ("sit_b2_sit.yaml", TRAIN): dict(model="SiT-B/2", enc_type=None, warmup_ckpt=None),
+}
+
+
+@pytest.mark.parametrize("name,phase", sorted(PAPER), ids=lambda v: str(v))
+def test_each_paper_config_resolves_to_the_papers_setting(name, phase):
+    config = resolve_config(phase, ["--config", os.path.join(ROOT, "configs", name)])
+    expected = {**SHARED, **PAPER[(name, phase)]}
+    assert {k: config[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("name", sorted({n for n, p in PAPER if p == WARMUP}))
+def test_each_phase2_starts_from_its_own_configs_phase1(name):
+    """train.py --config X reads the last.pt that train_warmup.py --config X writes."""
+    path = os.path.join(ROOT, "configs", name)
+    warmup, phase2 = resolve_config(WARMUP, ["--config", path]), resolve_config(TRAIN, ["--config", path])
+    assert phase2["warmup_ckpt"] == os.path.join(warmup["output_dir"], warmup["exp_name"], "checkpoints", "last.pt")
+    assert phase2["warmup_depth"] == warmup["warmup_depth"] and phase2["exp_name"] != warmup["exp_name"]
+
+
+def test_every_paper_config_is_checked():
+    configs = {n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")}
+    assert configs - {n for n, _ in PAPER} == {RELEASE_PRESET, "tiny.yaml"}  # the release preset: its own test

@@ -257,6 +257,16 @@ def test_precision_recall_of_identical_and_of_far_apart_sets():
     assert precision_recall(feats, feats + 100, 3, 4) == (0.0, 0.0)
 
 
+def test_a_point_on_the_radius_counts_as_inside():
+    """ADM's `<=`: a reference point repeated k + 1 = 4 times has radius 0, and a sample equal to it lies at distance
+    0, on the radius: inside. (Small integers: every fp16 distance is exact.)"""
+    ref = torch.tensor([[0.0, 0.0], [4.0, 0.0]]).repeat_interleave(4, dim=0)
+    samples = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 0.0], [4.0, 0.0], [100.0, 100.0]])
+    # Sample radii: 16 (the 3rd neighbour of a sample at a reference point is the other pair), so every reference
+    # point is inside a sample's ball; only the far sample is outside every reference ball.
+    assert precision_recall(ref, samples, 3, 4) == (0.8, 1.0)
+
+
 def test_precision_recall_needs_k_plus_one_points():
     feats = torch.zeros(3, 4)
     with pytest.raises(ValueError, match="at least 4 reference images, got 3"):

@@ -199,17 +199,111 @@ def test_phase2_objective_is_velocity_plus_decayed_alignment():
     assert logs["lambda_used"].item() == pytest.approx(0.25)
 
 
-def test_batch_random_rows_do_not_depend_on_the_process_count():
-    """The sampler deals a global micro-batch round-robin (local row i of rank r = global row i * world + r): each
-    process's draws must be those rows of the single-process draw from the same seed, for every draw in turn."""
-    def draws(rank, world):
+def test_batch_random_rows_do_not_depend_on_the_process_count_or_the_accumulation():
+    """The sampler deals the data stream round-robin: in micro-batch a of a step, local row i of rank r is row
+    (a * B + i) * world + r of the step's global batch. Each process's draws must be those rows of the draw that one
+    process makes for the whole step in one micro-batch, from the same seed, for every draw in turn."""
+    rows = 12
+
+    def draws(rank, world, index=0, steps=1):
         torch.manual_seed(11)
-        rng = BatchRandom(rank, world)
-        return rng.randn((6 // world, 2, 3)), rng.rand((6 // world,)), sample_time(6 // world, "uniform",
-                                                                                   get_path("linear"), rng=rng)
+        rng = BatchRandom(rank, world, index, steps)
+        n = rows // (world * steps)
+        return rng.randn((n, 2, 3)), rng.rand((n,)), sample_time(n, "uniform", get_path("linear"), rng=rng)
 
     single = draws(0, 1)
-    for world in (2, 3):
-        for rank in range(world):
-            for mine, full in zip(draws(rank, world), single):
-                assert torch.equal(mine, full[rank::world])
+    for world in (1, 2, 3):
+        for steps in (1, 2):
+            local = rows // (world * steps)
+            for index in range(steps):
+                for rank in range(world):
+                    mine_rows = [(index * local + i) * world + rank for i in range(local)]
+                    for mine, full in zip(draws(rank, world, index, steps), single):
+                        assert torch.equal(mine, full[mine_rows]), (world, steps, index, rank)
+
+
+def test_batch_random_refuses_an_index_outside_its_range():
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        BatchRandom(2, 2)
+    with pytest.raises(ValueError, match="accumulation index 2 is not in 0..1"):
+        BatchRandom(0, 1, 2, 2)
+
+
+# alpha_t, sigma_t and their derivatives, written from the definitions (erw/transport.py's docstring), in float64.
+PATH_FORMULAS = {
+    "linear": lambda t: (1 - t, t, -np.ones_like(t), np.ones_like(t)),
+    "cosine": lambda t: (np.cos(np.pi * t / 2), np.sin(np.pi * t / 2), -np.pi / 2 * np.sin(np.pi * t / 2),
+                         np.pi / 2 * np.cos(np.pi * t / 2)),
+}
+
+
+class HalfTheTrueVelocity(torch.nn.Module):
+    """Predicts half of the true velocity of the x_t it is given: it recovers the noise the objective drew from
+    x_t = alpha x + sigma eps with the closed form above (float64) and returns 0.5 (d_alpha x + d_sigma eps). The
+    objective's loss must then be mean((0.5 v)^2): a target of the wrong sign gives mean((1.5 v)^2), nine times
+    more, and a wrong interpolant or derivative leaves the recovered velocity off the objective's target."""
+
+    def __init__(self, latents, path_type):
+        super().__init__()
+        self.x, self.formula = latents.double().numpy(), PATH_FORMULAS[path_type]
+
+    def forward(self, x_t, t, y, force_drop_ids=None, return_projections=True):
+        tt = t.double().numpy().reshape(-1, 1, 1, 1)
+        alpha, sigma, d_alpha, d_sigma = self.formula(tt)
+        x_t = x_t.detach().double().numpy()
+        eps = (x_t - alpha * self.x) / sigma
+        self.t, self.eps, self.velocity = tt, eps, d_alpha * self.x + d_sigma * eps
+        # What float32 rounding of x_t (and of the objective's own alpha, sigma and target) may leave in the
+        # recovered velocity, per element: 4 roundings of each term of x_t, magnified by d_sigma / sigma through the
+        # recovered noise, and 4 of each term of the target.
+        x_t_error = 4 * EPS32 * (np.abs(alpha * self.x) + np.abs(sigma * eps))
+        self.velocity_error = np.abs(d_sigma) * x_t_error / sigma + 4 * EPS32 * (
+            np.abs(d_alpha * self.x) + np.abs(d_sigma * eps))
+        return torch.from_numpy(0.5 * self.velocity).float(), []
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "lognormal"])
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_velocity_loss_of_a_known_prediction_is_the_path_formula(path_type, weighting):
+    g = torch.Generator().manual_seed(5)
+    latents, labels = torch.randn(16, 4, 2, 2, generator=g), torch.arange(16) % 10
+    model = HalfTheTrueVelocity(latents, path_type)
+    objective = Objective(velocity=True, align=None, path=get_path(path_type), weighting=weighting)
+    torch.manual_seed(0)
+    loss, logs = objective(model, latents, labels, [], step=3)
+    assert np.all((model.t > 0) & (model.t < 1))
+    expected = 0.25 * np.mean(model.velocity ** 2)
+    # The float32 loss against the float64 one: the prediction error (-0.5 v + (v - v32)) squared differs from
+    # 0.25 v^2 by at most |v| |v - v32| per element (plus the prediction's own float32 rounding), and the mean of 64
+    # squares adds 66 eps relative. The bound is computed from this draw's own values (small sigma_t magnifies it).
+    v = np.abs(model.velocity)
+    bound = np.mean(v * (model.velocity_error + EPS32 * v)) + 66 * EPS32 * expected
+    assert bound < 1e-3 * expected  # informative: a wrong sign, path or derivative moves the loss by O(1)
+    assert logs["velocity_loss"].item() == pytest.approx(expected, abs=bound)
+    assert loss.item() == pytest.approx(expected, abs=bound)
+    # The noise it recovered is the standard normal the objective drew: mean 0, variance 1 over 64 values
+    # (standard errors 0.125 and 0.18; the bounds are 4 of them).
+    assert abs(model.eps.mean()) < 0.5 and abs(model.eps.var() - 1) < 0.7
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_alignment_losses_inside_autocast_are_the_float32_computation(dtype):
+    """The training step runs the projector under autocast, so the alignment losses get half-precision inputs inside
+    an autocast region; NT-Xent's logits (up to 1/tau = 10) and the cosines must still be computed in float32."""
+    g = torch.Generator().manual_seed(2)
+    h, y = (torch.randn(8, 4, 16, generator=g).to(dtype) for _ in range(2))  # what a projector under autocast gives
+    reference = ntxent_reference(h.double().numpy(), y.double().numpy(), 0.1)  # the same values, float64
+    with torch.autocast("cpu", dtype=dtype):
+        loss = ntxent_loss(h, y, 0.1)
+    assert loss.dtype == torch.float32
+    # float32: normalizing D = 16 values and their dot products leave each logit within (D + 5) eps / tau of the
+    # exact one; the loss, a log-sum-exp minus a logit, within twice that plus the lse's own rounding: 64 eps / tau
+    # = 7.6e-5. The same logits in bf16 (8 mantissa bits) are ~0.04 off, fp16's ~0.005.
+    assert loss.item() == pytest.approx(reference, abs=64 * EPS32 / 0.1)
+    # REPA's cosine loss too: float32 cosines of the same values (within (D + 6) eps each, see the cosine test),
+    # where bf16 would leave ~4e-3.
+    hn, yn = h.double().numpy(), y.double().numpy()
+    cos = (hn * yn).sum(-1) / (np.linalg.norm(hn, axis=-1) * np.linalg.norm(yn, axis=-1))
+    with torch.autocast("cpu", dtype=dtype):
+        cosine = cosine_loss(h, y)
+    assert cosine.dtype == torch.float32 and cosine.item() == pytest.approx(-cos.mean(), abs=50 * EPS32)

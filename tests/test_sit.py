@@ -141,6 +141,24 @@ def test_truncated_model_equals_full_model_up_to_block_k():
         torch.testing.assert_close(z_t, z_f, rtol=0, atol=0)
 
 
+def test_forward_features_layer_l_is_the_output_of_blocks_l_minus_1():
+    """CKNNA's layer numbering (README: 1-based, layer L = the output of the L-th block, blocks[L - 1]), read off the
+    blocks themselves with forward hooks; the projector reads the same hidden state at encoder_depth."""
+    model = randomize_(tiny()).eval()
+    outputs = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: outputs.setdefault(i, out))
+    x, t, y = inputs()
+    with torch.no_grad():
+        feats = model.forward_features(x, t, y, layers=[1, 2, 4])
+    for layer in (1, 2, 4):
+        torch.testing.assert_close(feats[layer], outputs[layer - 1], rtol=0, atol=0)  # the same computation
+    head = model.projectors[0]
+    with torch.no_grad():
+        _, zs = model(x, t, y)
+        torch.testing.assert_close(zs[0], head(feats[TINY["encoder_depth"]]), rtol=0, atol=0)
+
+
 def test_truncated_keys_are_a_subset_and_deeper_blocks_are_never_built():
     full_keys = set(tiny().state_dict())
     trunc = SiT(**{**TINY, "truncated": True})

@@ -13,13 +13,17 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import sample_ddp
 import train
 from erw.data import ImageLatentDataset
 from erw.generation import cpu_threads
+from evaluations import evaluator
 from evaluations.evaluator import default_cache_dir, evaluate
 from tests import stub_inception
+from tests.test_evaluator import (EPS32, STUB_DIMS, StubInception, fid_reference, fid_tolerance,
+                                  inception_score_reference)
 from tests.conftest import ROOT, tiny_args
 from tests.dist_utils import free_port
 
@@ -52,12 +56,11 @@ def fid_records(exp_dir):
         return [r for r in map(json.loads, f) if "fid" in r]
 
 
-def standalone(ckpt, demo_data, ref, sample_dir):
+def standalone(ckpt, demo_data, ref, sample_dir, seed=0, guidance=("--cfg-scale", "1.5", "--guidance-high", "0.7")):
     """sample_ddp.py on the checkpoint with the settings the run's FID used, then the evaluator on its .npz."""
-    npz = sample_ddp.main(["--ckpt", ckpt, "--sample-dir", str(sample_dir), "--global-seed", "0",
+    npz = sample_ddp.main(["--ckpt", ckpt, "--sample-dir", str(sample_dir), "--global-seed", str(seed),
                            "--num-fid-samples", str(NUM_SAMPLES), "--num-steps", str(NUM_STEPS), "--mode", "sde",
-                           "--cfg-scale", "1.5", "--guidance-high", "0.7", "--vae", os.path.join(str(demo_data), "vae"),
-                           "--device", "cpu"])
+                           *guidance, "--vae", os.path.join(str(demo_data), "vae"), "--device", "cpu"])
     with cpu_threads(1):  # as the in-training FID runs on the CPU
         return evaluate(ref, npz, inception_weights="random", device="cpu", batch_size=1,
                         is_split_size=NUM_SAMPLES, cache_dir=default_cache_dir(), progress=False, log=None)
@@ -71,12 +74,53 @@ def assert_same_metrics(record, results):
     assert results["settings"]["activation_cache"] == "hit"  # the reference statistics the run computed and cached
 
 
+def record_sample_features(monkeypatch):
+    """The Inception outputs the in-training FID computes for its samples (the calls that ask for probabilities)."""
+    seen = []
+    real = evaluator.inception_features
+
+    def recording(model, images, device, with_probs):
+        out = real(model, images, device, with_probs)
+        if with_probs:
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(evaluator, "inception_features", recording)
+    return seen
+
+
+def assert_metrics_recomputed(record, samples, reference):
+    """FID, sFID and IS of a record against numpy/scipy formulas of tests/test_evaluator.py (eigendecompositions, a
+    plain KL loop) on the features themselves, mean and covariance in float64."""
+    assert record["inception_score"] == pytest.approx(inception_score_reference(samples["probs"], NUM_SAMPLES),
+                                                      rel=1e-5)  # float32 IS, as test_evaluator's bound
+    for key, name in (("fid", "pool"), ("sfid", "spatial")):
+        a, b = (np.asarray(f[name][:, :STUB_DIMS], np.float64) for f in (samples, reference))
+        mu1, mu2 = a.mean(0), b.mean(0)
+        expected = fid_reference(mu1, np.cov(a, rowvar=False), mu2, np.cov(b, rowvar=False))
+        # ADM's float32 means are each within n eps32 max|x| of these (any summation order); through |mu1 - mu2|^2
+        # that moves the FID by <= 2 |mu1 - mu2| sqrt(d) of it; plus the float32 difference (fid_tolerance).
+        mean_error = (len(a) + len(b)) * EPS32 * max(np.abs(a).max(), np.abs(b).max())
+        tol = fid_tolerance(mu1, mu2, expected) + 2 * np.linalg.norm(mu1 - mu2) * np.sqrt(STUB_DIMS) * mean_error
+        assert record[key] == pytest.approx(expected, rel=0, abs=tol), key
+
+
 def test_fid_records_at_every_nth_step_and_the_end_equal_the_standalone_pipeline(demo_data, fid_setup, tmp_path,
-                                                                                    capsys):
+                                                                                    capsys, monkeypatch):
+    features = record_sample_features(monkeypatch)
     train.main(train_args(demo_data, tmp_path, fid_setup, "--max-train-steps", "5", "--fid-every", "2",
                           "--checkpointing-steps", "2", "--batch-size", "8"))
     exp_dir = os.path.join(tmp_path, "tiny")
     records = fid_records(exp_dir)
+    # The numbers from the features the run computed, by formulas of their own: the records' samples in step order.
+    samples = {name: np.concatenate([f[name] for f in features]) for name in ("pool", "spatial", "probs")}
+    assert len(samples["probs"]) == NUM_SAMPLES * len(records)
+    with np.load(fid_setup) as ref:
+        reference_images = torch.from_numpy(ref["arr_0"]).permute(0, 3, 1, 2)
+    reference = {name: getattr(StubInception()(reference_images), name).numpy() for name in ("pool", "spatial")}
+    for i, record in enumerate(records):
+        assert_metrics_recomputed(record, {k: v[i * NUM_SAMPLES:(i + 1) * NUM_SAMPLES] for k, v in samples.items()},
+                                  reference)
     print("\n".join(json.dumps(r) for r in records), file=sys.__stdout__)  # the FID-vs-step records, as logged
     assert [r["step"] for r in records] == [2, 4, 5]  # every 2nd step and the last; never step 0
     assert all(r["fid_num_samples"] == NUM_SAMPLES and r["fid_num_steps"] == NUM_STEPS for r in records)
@@ -88,6 +132,39 @@ def test_fid_records_at_every_nth_step_and_the_end_equal_the_standalone_pipeline
         log = f.read()
     assert "In-training FID every 2 steps and at step 5" in log and "step 4: FID " in log
     assert "RANDOM Inception weights: meaningless" in log
+
+
+def test_the_runs_seed_no_guidance_by_default_and_the_reference_files_own_statistics(demo_data, fid_setup, tmp_path,
+                                                                                        monkeypatch):
+    """ADM's reference batches carry mu/sigma/mu_s/sigma_s: those are the reference, not its images' statistics
+    (here scaled by 1.5 so that the two differ). The samples use the run's --seed, and no guidance unless asked."""
+    with np.load(fid_setup) as ref:
+        images = ref["arr_0"]
+    feats = StubInception()(torch.from_numpy(images).permute(0, 3, 1, 2))
+    stats = {}
+    for (mu_key, sigma_key), name in ((("mu", "sigma"), "pool"), (("mu_s", "sigma_s"), "spatial")):
+        f = getattr(feats, name).numpy().astype(np.float64)
+        stats[mu_key], stats[sigma_key] = (1.5 * f.mean(0)).astype(np.float32), 1.5 * np.cov(f, rowvar=False)
+    with_stats = str(tmp_path / "ref-with-stats.npz")
+    np.savez(with_stats, images, **stats)
+    features = record_sample_features(monkeypatch)
+    flags = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights", "random"]
+    train.main(tiny_args(demo_data, tmp_path, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
+                         "--sampling-steps", "1000", "--sample-num-steps", "2", "--fid-ref", with_stats, *flags,
+                         "--max-train-steps", "1", "--fid-every", "1", "--batch-size", "8", "--seed", "3"))
+    (record,) = fid_records(os.path.join(tmp_path, "tiny"))
+    samples = {name: np.concatenate([f[name] for f in features]) for name in ("pool", "spatial", "probs")}
+    for key, name, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
+        a = samples[name][:, :STUB_DIMS].astype(np.float64)
+        mu1, mu2 = a.mean(0), stats[mu_key][:STUB_DIMS].astype(np.float64)
+        expected = fid_reference(mu1, np.cov(a, rowvar=False), mu2, stats[sigma_key][:STUB_DIMS, :STUB_DIMS])
+        tol = fid_tolerance(mu1, mu2, expected) + 2 * np.linalg.norm(mu1 - mu2) * np.sqrt(STUB_DIMS) * (
+            len(a) * EPS32 * np.abs(a).max())
+        assert record[key] == pytest.approx(expected, rel=0, abs=tol), key
+    ckpt = os.path.join(tmp_path, "tiny", "checkpoints", "0000001.pt")
+    results = standalone(ckpt, demo_data, with_stats, tmp_path / "samples", seed=3, guidance=())
+    assert (record["fid"], record["sfid"], record["inception_score"]) == \
+        (results["fid"], results["sfid"], results["inception_score"])
 
 
 def test_two_processes_log_what_one_process_computes(demo_data, fid_setup, tmp_path):

@@ -13,10 +13,12 @@ import train_warmup
 from erw import data as data_module
 from erw import experiment
 from erw.checkpoint import COMPILED_PREFIX, load_checkpoint, save_checkpoint
+from erw.generation import load_model
 from erw.warm_start import load_warmup
-from models.sit import create_sit
+from models.sit import SiTBlock, create_sit
 from tests.conftest import ROOT, tiny_args
 from tests.dist_utils import free_port
+from tests.observers import observe_fit
 from tests.test_train_warmup import _state_equal
 from tests.test_trainer import _ckpt, _log_text, _objective_with_infinite_gradient
 
@@ -91,10 +93,22 @@ def test_fp16_overflow_is_skipped_by_the_grad_scaler_and_its_scale_resumes(demo_
 
 # ------------------------------------------------------------------ torch.compile
 
-def test_compiled_phase1_phase2_and_resume_keep_plain_keys(demo_data, tmp_path):
+def compiled_frames(module_class) -> int:
+    """How many frames of module_class.forward torch.compile has compiled (dynamo's cache entries of its code)."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(module_class.forward.__code__))
+
+
+def test_compiled_phase1_phase2_and_resume_keep_plain_keys(demo_data, tmp_path, monkeypatch):
     """--compile through a whole lifecycle (compiles in place: no "_orig_mod." keys), and the warm start and
     resume read what it wrote. The first compilation takes tens of seconds on the CPU."""
+    calls = observe_fit(monkeypatch)
+    torch._dynamo.reset()  # no compiled frame left by another test
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2", "--compile"))
+    # What torch compiled, counted by dynamo itself: the SiT's blocks and the teacher's, and the 2 identical SiT
+    # blocks share one compiled frame (compile time does not grow with depth).
+    teacher_block = type(calls[0].teachers[0].vit.blocks[0])
+    assert len(calls[0].model.blocks) == 2 and compiled_frames(SiTBlock) == 1 and compiled_frames(teacher_block) >= 1
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2
     phase1 = _ckpt(tmp_path, "last.pt")
     phase2 = tiny_args(demo_data, tmp_path, "--warmup-ckpt", phase1, "--vae", os.path.join(str(demo_data), "vae"),
                        "--sampling-steps", "1000", "--sample-num-steps", "2", "--compile")
@@ -120,6 +134,14 @@ def test_checkpoints_of_a_compile_wrapped_model_still_load(tmp_path):
     full = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=3, z_dims=[24])
     load_warmup(full, str(tmp_path / "p1.pt"))
     assert torch.equal(full.blocks[1].attn.qkv.weight, phase1.blocks[1].attn.qkv.weight)
+    # The loader of sample_ddp.py and cknna.py (erw/generation.py), for both weight sets.
+    full_args = {**args, "encoder_depth": 3, "truncated": False}
+    prefixed = {COMPILED_PREFIX + k: v for k, v in full.state_dict().items()}
+    save_checkpoint({"model": prefixed, "ema": prefixed, "model_args": full_args, "step": 2, "checkpoint_id":
+                     "compiled0"}, str(tmp_path / "full.pt"))
+    for weights in ("ema", "model"):
+        loaded, _ = load_model(str(tmp_path / "full.pt"), weights)
+        assert all(torch.equal(v, full.state_dict()[k]) for k, v in loaded.state_dict().items()), weights
 
 
 # ------------------------------------------------------------------ data
