@@ -198,6 +198,8 @@ MUTANTS = [
            ("tests/test_data.py",), "every item carries the first item's label"),
     Mutant("teacher-not-normalised", "models/encoders.py", "    x = (x - mean) / std\n", "",
            ("tests/test_encoders.py",), "teacher images without ImageNet normalisation"),
+    # (tokens[:, 1:] for tokens[:, num_prefix_tokens:] would be an equivalent mutant: every teacher we build, DINOv2
+    # included, has exactly one prefix token, the CLS.)
     Mutant("autocast-off", "erw/precision.py", "enabled=self.dtype is not None)", "enabled=False)",
            ("tests/test_training_paths.py",), "--mixed-precision bf16/fp16 computes in float32"),
     # ---------------------------------------------------------------- resume state and checkpoints (erw/trainer.py)
