@@ -1,6 +1,7 @@
 """Phase 2 (train.py): warm start, baselines, learning, sample grids, resume, NaN stop, two processes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -226,6 +227,7 @@ def test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_o
             for name in ("one", "two-then-one", "one-then-two")}
     single = train.main([*runs["one"], "--max-train-steps", "4"])
     torchrun_train(*runs["two-then-one"], "--max-train-steps", "2")
+    shutil.copytree(os.path.join(tmp_path, "two-then-one"), os.path.join(tmp_path, "two-then-one-by-8"))
     train.main([*runs["two-then-one"], "--max-train-steps", "4", "--resume"])
     train.main([*runs["one-then-two"], "--max-train-steps", "2"])
     torchrun_train(*runs["one-then-two"], "--max-train-steps", "4", "--resume")
@@ -250,3 +252,9 @@ def test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_o
         for key in ("model", "ema"):
             for weight, value in reference[key].items():
                 torch.testing.assert_close(ckpt[key][weight], value, rtol=0, atol=1e-4, msg=f"{name} {key}.{weight}")
+    # Another process count and another global batch at once: the stream goes on after the 2 x 16 = 32 items the
+    # two processes consumed, in micro-batches of 8 from then on.
+    train.main([*phase2_args(demo_data, tmp_path, phase1, "--exp-name", "two-then-one-by-8", *common),
+                "--batch-size", "8", "--resume-override", "batch_size", "--max-train-steps", "3", "--resume"])
+    position = load_checkpoint(os.path.join(tmp_path, "two-then-one-by-8", "checkpoints", "last.pt"))["data_position"]
+    assert (position["micro_batch"], position["world_size"], position["local_batch_size"]) == (32 // 8 + 1, 1, 8)

@@ -137,6 +137,13 @@ MUTANTS = [
     Mutant("compile-nothing", "erw/trainer.py", "    for block in model.blocks:\n        block.compile()\n",
            "    for block in model.blocks:\n        pass\n", ("tests/test_training_paths.py",),
            "--compile compiles no SiT block"),
+    Mutant("resume-on-other-process-count-loses-place", "erw/trainer.py",
+           "consumed = micro_batch * old_world * old_local", "consumed = micro_batch * old_local",
+           ("tests/test_train.py::test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_one_"
+            "process_trains",), "a resume on another process count continues at another place of the data stream"),
+    Mutant("ntxent-local-negatives", "erw/losses.py", "y_all = gather_rows(y, differentiable=False)", "y_all = y",
+           ("tests/test_train.py::test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_one_"
+            "process_trains",), "NT-Xent's negatives from this process's images only"),
     Mutant("resume-restarts-data", "erw/trainer.py", 'micro_batch = position["micro_batch"]', "micro_batch = 0",
            ("tests/test_train_warmup.py", "tests/test_train.py"), "a resume reads the data stream from its start"),
     # ---------------------------------------------------------------- resume policy (erw/config.py)
