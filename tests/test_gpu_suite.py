@@ -49,9 +49,11 @@ def test_fid_part_runs_on_the_cpu_and_extrapolates_its_own_timing(tmp_path, monk
     r = part.run(ctx, dataclasses.replace(part, settings=tiny))
     per_sample = r["sample_seconds"] / 3
     assert r["samples_timed"] == 3 and per_sample > 0 and r["metrics_seconds"] >= 0
-    # The estimates are the per-sample time x 10K (/ 8 GPUs) plus the fixed metric time, to the 0.1 s they print.
-    assert r["estimate_10k_1gpu_s"] == pytest.approx(10_000 * per_sample + r["metrics_seconds"], abs=0.051)
-    assert r["estimate_10k_8gpu_s"] == pytest.approx(10_000 / 8 * per_sample + r["metrics_seconds"], abs=0.051)
+    # The estimates are the per-sample time x 10K (/ 8 GPUs) plus the fixed metric time. They are printed to 0.1 s
+    # (error <= 0.05) from the unrounded metric time, which the result reports to 0.01 s (error <= 0.005).
+    rounding = 0.05 + 0.005 + 1e-9
+    assert r["estimate_10k_1gpu_s"] == pytest.approx(10_000 * per_sample + r["metrics_seconds"], abs=rounding)
+    assert r["estimate_10k_8gpu_s"] == pytest.approx(10_000 / 8 * per_sample + r["metrics_seconds"], abs=rounding)
     from bench import flops
     from models.sit import create_sit
     row = flops.sit_forward_flops(create_sit("SiT-Tiny/2", input_size=8, num_classes=1000, z_dims=[]),

@@ -19,6 +19,7 @@ import sample_ddp
 import train
 from erw.data import ImageLatentDataset
 from erw.generation import cpu_threads
+from erw.samplers import GuidedVelocity
 from evaluations import evaluator
 from evaluations.evaluator import default_cache_dir, evaluate
 from tests import stub_inception
@@ -148,11 +149,24 @@ def test_the_runs_seed_no_guidance_by_default_and_the_reference_files_own_statis
     with_stats = str(tmp_path / "ref-with-stats.npz")
     np.savez(with_stats, images, **stats)
     features = record_sample_features(monkeypatch)
+    # After one step the zero-initialised adaLN and final layers barely separate the classes, so guided and unguided
+    # samples round to the same pixels: whether the FID's sampler guides is seen in the labels the model is given.
+    model_labels = []
+    real_velocity = GuidedVelocity._model_velocity
+
+    def recording(self, x, t, y):
+        model_labels.append((y.clone(), self.model.num_classes))
+        return real_velocity(self, x, t, y)
+
+    monkeypatch.setattr(GuidedVelocity, "_model_velocity", recording)
     flags = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights", "random"]
     train.main(tiny_args(demo_data, tmp_path, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
                          "--sampling-steps", "1000", "--sample-num-steps", "2", "--fid-ref", with_stats, *flags,
                          "--max-train-steps", "1", "--fid-every", "1", "--batch-size", "8", "--seed", "3"))
     (record,) = fid_records(os.path.join(tmp_path, "tiny"))
+    # The sample grids (2 ODE steps) call the model too; the FID's SDE makes NUM_STEPS calls per batch.
+    assert len(model_labels) >= NUM_STEPS and all(bool((y < n).all()) for y, n in model_labels), \
+        "the in-training FID asked the model for the null class (guided) although --cfg-scale is 1"
     samples = {name: np.concatenate([f[name] for f in features]) for name in ("pool", "spatial", "probs")}
     for key, name, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
         a = samples[name][:, :STUB_DIMS].astype(np.float64)
