@@ -251,6 +251,10 @@ MUTANTS = [
            "return (_splitmix64(global_seed) + index * _SEED_INDEX_MULTIPLIER) % 2 ** 32",
            "return _splitmix64(global_seed) % 2 ** 32", ("tests/test_sampling.py", "tests/test_sample_ddp.py"),
            "every sample starts from the same noise"),
+    Mutant("generation-labels-shifted", "erw/generation.py", "noise.to(device), labels.to(device), num_steps",
+           "noise.to(device), labels.roll(1).to(device), num_steps",
+           ("tests/test_demo.py::test_the_demos_samples_show_their_class",),
+           "samples generated for another class than the one they are filed under"),
     # ---------------------------------------------------------------- evaluator (evaluations/)
     Mutant("fid-trace-factor", "evaluations/evaluator.py", "np.trace(sigma2) - 2 * np.trace(covmean))",
            "np.trace(sigma2) - np.trace(covmean))", EVALUATOR, "FID without the factor 2 of tr sqrt(S1 S2)"),
