@@ -8,7 +8,7 @@ clipping, EMA, logging, checkpoints and exact resume.
 Exact resume: every micro-batch reseeds torch from (seed, optimizer step), every random draw belongs to an image of
 the step's global batch (erw/batch_random.py) and the data order is a pure function of (seed, epoch), so a resumed
 run repeats what an uninterrupted run would do, on any number of processes and with any split of the global batch
-into accumulation steps; the checkpoint holds model, EMA, optimizer, loss scale, step, data position, RNG states
+into accumulation steps; the checkpoint holds model, EMA, optimizer, loss scale, step, data position, the CPU RNG state
 and the resolved config.
 
 No step waits for the GPU: losses, gradient norms and skipped updates stay on the device (StepHealth) and are read
@@ -437,9 +437,10 @@ class Trainer:
             micro_batch = consumed // (acc.num_processes * self.local_batch_size)
             self.log(f"Global micro-batch {acc.num_processes} x {self.local_batch_size} (was {old_world} x "
                      f"{old_local}): the data order continues after item {consumed:,} of the stream")
+        # The CPU generator only; per-device CUDA generators are not restored (checkpoints before this format held
+        # one per GPU of the saving machine, which fails on a machine with fewer): no draw of the loop uses them,
+        # every random number of a step comes from BatchRandom, reseeded per micro-batch.
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         return ckpt["step"], micro_batch, ckpt.get("skipped_steps", 0)
 
     def _check_health(self, health: StepHealth, step: int, checked_until: int) -> None:
@@ -621,8 +622,7 @@ class Trainer:
                 "skipped_steps": skipped,
                 "data_position": {"micro_batch": micro_batch, "world_size": acc.num_processes,
                                   "local_batch_size": self.local_batch_size, "dataset_len": state["dataset_len"]},
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "rng": {"torch": torch.get_rng_state()},
                 "config": self.config,
                 "config_history": self.config_history,
                 "model_args": state["model_args"],

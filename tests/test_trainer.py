@@ -212,6 +212,33 @@ def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
 
 
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_here(demo_data, tmp_path, monkeypatch):
+    """A checkpoint saved on an 8-GPU node (older checkpoints hold one CUDA generator state per GPU) resumes on a
+    machine with fewer GPUs, and new checkpoints hold no per-device state at all. Here "fewer GPUs" is one visible
+    device whose set_rng_state_all refuses 8 states as torch's does, seen from the resume code only (the rest of the
+    run stays on the CPU)."""
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2"))
+    saved = load_checkpoint(_ckpt(tmp_path, "last.pt"))
+    assert set(saved["rng"]) == {"torch"}
+    saved["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    atomic_write(_ckpt(tmp_path, "0000002.pt"), lambda f: torch.save(saved, f))
+    os.remove(_ckpt(tmp_path, "last.pt"))
+    real_is_available = torch.cuda.is_available
+
+    def one_gpu_while_resuming():
+        resuming = sys._getframe(1).f_code.co_name == "_load_resume_state"
+        return True if resuming else real_is_available()
+
+    def set_rng_state_all(states):
+        if len(states) > 1:
+            raise IndexError(f"{len(states)} CUDA generator states for 1 device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", one_gpu_while_resuming)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3", "--resume"))
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 3
+
+
 def test_metrics_past_the_resumed_step_are_dropped(demo_data, tmp_path):
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "4",
                                 "--log-every", "1"))
