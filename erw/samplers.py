@@ -2,16 +2,19 @@
 classifier-free guidance with a guidance interval.
 
 A sampler integrates a `velocity_fn(x, t, y) -> v` from noise (t = 1) to data (t = 0); x: (N, C, H, W),
-t: (N,) float64 (one time for the whole batch), y: (N,) int64 labels. The state is kept in float64 as in REPA's
+t: a Python float (one time for the whole batch), y: (N,) int64 labels. The state is kept in float64 as in REPA's
 samplers; a model wrapper (GuidedVelocity) casts to the model's precision. Plain callables let the tests plug in
 the exact velocity of a Gaussian data distribution. The SDE's step noise comes from a noise source: one generator
 for the batch, or one per sample (what erw/generation.py passes, so that a sample does not depend on its batch).
 
+A step never waits for the GPU: the times live on the host as floats (the model's (N,) time tensor is filled on the
+device), and per-sample noise, drawn by CPU generators, reaches the GPU through pinned memory without blocking.
+
 What turns a checkpoint into files (per-sample seeds, sharding over processes, PNGs and the .npz, resume) is
 erw/generation.py.
 """
-import math
-from typing import Callable, List, Optional, Sequence, Union
+import functools
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,20 +37,19 @@ def _check_num_steps(num_steps: int) -> None:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 
 
-def sde_time_grid(num_steps: int) -> List[float]:
-    """num_steps + 1 times: linspace(1, SDE_LAST_T, num_steps), then 0 (one model evaluation per interval)."""
+@functools.lru_cache(maxsize=None)
+def sde_time_grid(num_steps: int) -> Tuple[float, ...]:
+    """num_steps + 1 times: linspace(1, SDE_LAST_T, num_steps), then 0 (one model evaluation per interval). Made once
+    per step count: a batch's steps then touch no tensor on the host but the 0-dim times."""
     _check_num_steps(num_steps)
-    return torch.linspace(1.0, SDE_LAST_T, num_steps, dtype=torch.float64).tolist() + [0.0]
+    return tuple(torch.linspace(1.0, SDE_LAST_T, num_steps, dtype=torch.float64).tolist()) + (0.0,)
 
 
-def ode_time_grid(num_steps: int) -> List[float]:
-    """num_steps + 1 times: linspace(1, 0, num_steps + 1)."""
+@functools.lru_cache(maxsize=None)
+def ode_time_grid(num_steps: int) -> Tuple[float, ...]:
+    """num_steps + 1 times: linspace(1, 0, num_steps + 1), made once per step count."""
     _check_num_steps(num_steps)
-    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-
-
-def _batch_times(t: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+    return tuple(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist())
 
 
 def standard_normal(shape: Sequence[int], source: NoiseSource, device, dtype=torch.float64) -> torch.Tensor:
@@ -57,8 +59,16 @@ def standard_normal(shape: Sequence[int], source: NoiseSource, device, dtype=tor
         return torch.randn(tuple(shape), generator=source, dtype=dtype, device=source.device).to(device)
     if len(source) != shape[0]:
         raise ValueError(f"got {len(source)} per-sample generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
-                        for g in source]).to(device)
+    if any(g.device.type != "cpu" for g in source):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
+                            for g in source]).to(device)
+    # Each row gets the values torch.randn(shape[1:], generator=g) gives. For a CUDA batch they are drawn into pinned
+    # memory and copied without blocking (a copy from pageable memory waits for the GPU); the caching host allocator
+    # keeps the buffer until the copy has run.
+    rows = torch.empty(tuple(shape), dtype=dtype, pin_memory=torch.device(device).type == "cuda")
+    for row, g in zip(rows, source):
+        row.normal_(generator=g)
+    return rows.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -74,10 +84,10 @@ def sample_ode(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tenso
     for i in range(num_steps):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         dt = t_next - t_cur
-        v_cur = velocity_fn(x, _batch_times(t_cur, x), labels)
+        v_cur = velocity_fn(x, t_cur, labels)
         x_next = x + dt * v_cur
         if heun and i < num_steps - 1:
-            v_next = velocity_fn(x_next, _batch_times(t_next, x), labels)
+            v_next = velocity_fn(x_next, t_next, labels)
             x_next = x + dt * (0.5 * v_cur + 0.5 * v_next)
         x = x_next
     return x.to(noise.dtype)
@@ -99,15 +109,15 @@ def sample_sde(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tenso
     for i in range(num_steps):
         t_cur, t_next = t_grid[i], t_grid[i + 1]
         dt = t_next - t_cur
-        v = velocity_fn(x, _batch_times(t_cur, x), labels)
-        # Path coefficients from one 0-dim time: every row then sees the same rounding (vectorised and scalar
-        # kernels of sin/cos may differ in the last bit).
+        v = velocity_fn(x, t_cur, labels)
+        # Path coefficients from one 0-dim CPU time: every row then sees the same rounding (vectorised and scalar
+        # kernels of sin/cos may differ in the last bit); a 0-dim CPU tensor enters device kernels as a scalar.
         t_scalar = torch.tensor(t_cur, dtype=torch.float64)
-        w = float(path.alpha_sigma(t_scalar)[1])
+        w = path.alpha_sigma(t_scalar)[1]
         drift = v - w * path.velocity_to_score(v, x, t_scalar)
         x = x + dt * drift
         if i < num_steps - 1:
-            x = x + math.sqrt(2.0 * w * abs(dt)) * standard_normal(x.shape, noise_source, x.device)
+            x = x + torch.sqrt(2.0 * w * abs(dt)) * standard_normal(x.shape, noise_source, x.device)
     return x.to(noise.dtype)
 
 
@@ -185,10 +195,12 @@ class GuidedVelocity:
             return self.model(x, t, y, return_projections=False)[0].float()
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W), t: (N,) all equal, y: (N,) -> v (N, C, H, W) in x's dtype."""
-        guided = self.guided_at(float(t[0]))
-        x_in, t_in, y_in = x.float(), t.float(), y
+    def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W), t: the batch's time, y: (N,) -> v (N, C, H, W) in x's dtype. The model gets t as an
+        (N,) float32 tensor filled on x's device."""
+        guided = self.guided_at(t)
+        x_in, y_in = x.float(), y
+        t_in = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         if guided:
             x_in, t_in = torch.cat([x_in, x_in]), torch.cat([t_in, t_in])
             y_in = torch.cat([y, torch.full_like(y, self.model.num_classes)])

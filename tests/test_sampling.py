@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from erw.generation import sample_inputs, sample_seed
-from erw.samplers import GuidedVelocity, model_evaluations_per_sample, sample_batch, sample_ode, sample_sde
+from erw.samplers import (GuidedVelocity, model_evaluations_per_sample, sample_batch, sample_ode, sample_sde,
+                          sde_time_grid, standard_normal)
 from erw.transport import get_path
 
 # Data x ~ N(MU, S^2) per channel (2 channels, 1x1 "images"); eps ~ N(0, 1).
@@ -36,7 +37,7 @@ def gaussian_velocity(path_type):
     """E[v | x_t] for Gaussian data: x_t ~ N(alpha mu, V), V = alpha^2 s^2 + sigma^2, and by Gaussian conditioning
     E[x | x_t] = mu + alpha s^2 (x_t - alpha mu) / V, E[eps | x_t] = sigma (x_t - alpha mu) / V."""
     def velocity(x, t, y):
-        alpha, sigma, d_alpha, d_sigma = COEFFICIENTS[path_type](t.view(-1, 1, 1, 1))
+        alpha, sigma, d_alpha, d_sigma = COEFFICIENTS[path_type](torch.tensor(t, dtype=torch.float64))
         var = alpha ** 2 * S ** 2 + sigma ** 2
         return d_alpha * MU + (d_alpha * alpha * S ** 2 + d_sigma * sigma) * (x - alpha * MU) / var
     return velocity
@@ -86,10 +87,9 @@ def test_sde_steps_match_a_hand_computation(path_type):
     times = [1.0, 0.52, 0.04, 0.0]
     for i in range(3):
         t, dt = times[i], times[i + 1] - times[i]
-        tt = torch.full((4,), t, dtype=torch.float64)
         alpha, sigma, _, _ = COEFFICIENTS[path_type](torch.tensor(t, dtype=torch.float64))
         score = -(expected - alpha * MU) / (alpha ** 2 * S ** 2 + sigma ** 2)
-        drift = gaussian_velocity(path_type)(expected, tt, labels) - sigma * score
+        drift = gaussian_velocity(path_type)(expected, t, labels) - sigma * score
         expected = expected + drift * dt
         if i < 2:
             expected = expected + torch.sqrt(2 * sigma * abs(dt)) * torch.randn(
@@ -106,12 +106,38 @@ def test_per_sample_step_noise_makes_rows_independent_of_the_batch():
     path = get_path("cosine")
     batched = sample_sde(velocity, noise, labels, 20, path, [torch.Generator().manual_seed(i) for i in range(5)])
     # Exact equality is sound here: the chain is float64 +, -, *, / (correctly rounded whatever the vector width)
-    # plus sin/cos/sqrt of the times on (N,) tensors of 5 and 1 elements, both below the length where torch's
-    # vectorised loops start (2 vectors: 8 doubles with AVX2, 16 with AVX-512), so both go through the same scalar
-    # code; each row's noise comes from its own generator with the same shape.
+    # plus sin/cos/sqrt of the time as one 0-dim tensor, the same for both batch sizes; each row's noise comes from
+    # its own generator with the same shape.
     for i in (0, 3):
         alone = sample_sde(velocity, noise[i:i + 1], labels[i:i + 1], 20, path, [torch.Generator().manual_seed(i)])
         assert torch.equal(alone[0], batched[i])
+
+
+def test_per_sample_noise_is_each_generators_own_randn():
+    generators = [torch.Generator().manual_seed(s) for s in (3, 1, 4)]
+    rows = standard_normal((3, 4, 5, 5), generators, "cpu")
+    for row, seed in zip(rows, (3, 1, 4)):
+        assert torch.equal(row, torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(seed),
+                                            dtype=torch.float64))
+
+
+def test_a_sampling_step_reads_no_device_value():
+    """The whole SDE sampler with a SiT under guidance calls nothing that copies a tensor's value to the host
+    (.item(), float(), bool(), .tolist(), .cpu(), ...): on a GPU each such read waits for every queued kernel.
+    (bench/gpu_suite.py's GPU tests watch the copies of the per-sample noise too.)"""
+    from models.sit import create_sit
+    from tests.test_loop import HostReadWatch
+    model = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, z_dims=[]).eval()
+    velocity = GuidedVelocity(model, cfg_scale=1.5, guidance_low=0.0, guidance_high=0.7)
+    noise, labels = torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 9])
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    sde_time_grid(4)  # the grid is made once per step count, here before the watch
+    watch = HostReadWatch()
+    watch.step = 0
+    with watch:
+        x = sample_batch("sde", velocity, noise, labels, 4, get_path("cosine"), noise_source=generators)
+    assert not watch.reads, watch.reads
+    assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
 class RecordingModel(torch.nn.Module):
@@ -164,14 +190,14 @@ def test_guidance_formula_on_all_channels():
     model = RecordingModel()
     velocity = GuidedVelocity(model, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0)
     labels = torch.tensor([2, 6])
-    v = velocity(torch.zeros(2, 4, 2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64), labels)
+    v = velocity(torch.zeros(2, 4, 2, 2, dtype=torch.float64), 0.5, labels)
     # cond = label, uncond = null label 10: 10 + 1.5 * (label - 10), on every channel.
     expected = (10 + 1.5 * (labels.double() - 10)).view(2, 1, 1, 1).expand(2, 4, 2, 2)
     assert v.dtype == torch.float64
     torch.testing.assert_close(v, expected)  # small integers and 1.5 (l - 10): exact in float32 and float64
     no_guidance = GuidedVelocity(model, cfg_scale=1.0)
     model.calls.clear()
-    no_guidance(torch.zeros(2, 4, 2, 2), torch.full((2,), 0.5), labels)
+    no_guidance(torch.zeros(2, 4, 2, 2), 0.5, labels)
     assert [c[0] for c in model.calls] == [2]
 
 
@@ -179,7 +205,7 @@ def test_micro_batches_cover_every_row():
     model = RecordingModel()
     velocity = GuidedVelocity(model, cfg_scale=2.0, micro_batch_size=2)
     labels = torch.tensor([1, 2, 3])
-    v = velocity(torch.zeros(3, 4, 2, 2), torch.full((3,), 0.5), labels)
+    v = velocity(torch.zeros(3, 4, 2, 2), 0.5, labels)
     assert [c[0] for c in model.calls] == [2, 2, 2]  # 6 rows (cond + uncond) in chunks of 2
     # exact: small integers in float32
     torch.testing.assert_close(v, (10 + 2.0 * (labels.float() - 10)).view(3, 1, 1, 1).expand(3, 4, 2, 2))

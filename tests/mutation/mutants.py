@@ -84,7 +84,7 @@ MUTANTS = [
     Mutant("score-sign", "erw/transport.py", "return (d_alpha * x_t - alpha * v) / (sigma",
            "return (alpha * v - d_alpha * x_t) / (sigma", TRANSPORT + SAMPLING, "velocity -> score with the wrong sign"),
     # ---------------------------------------------------------------- samplers (erw/samplers.py)
-    Mutant("sde-no-noise", "erw/samplers.py", "x = x + math.sqrt(2.0 * w * abs(dt)) * standard_normal(",
+    Mutant("sde-no-noise", "erw/samplers.py", "x = x + torch.sqrt(2.0 * w * abs(dt)) * standard_normal(",
            "x = x + 0.0 * standard_normal(", SAMPLING, "Euler-Maruyama without its noise term"),
     Mutant("sde-drift-sign", "erw/samplers.py", "drift = v - w * path.velocity_to_score(v, x, t_scalar)",
            "drift = v + w * path.velocity_to_score(v, x, t_scalar)", SAMPLING, "SDE drift adds the score term"),
@@ -97,6 +97,9 @@ MUTANTS = [
     Mutant("cfg-interval-ignored", "erw/samplers.py",
            "return self.cfg_scale > 1.0 and self.guidance_low <= t <= self.guidance_high",
            "return self.cfg_scale > 1.0", SAMPLING, "guidance outside --guidance-low/high"),
+    Mutant("sampler-reads-device-time", "erw/samplers.py", "guided = self.guided_at(t)",
+           "guided = self.guided_at(float(x.new_full((), t)))", SAMPLING,
+           "every sampling step reads the time back from the device (a host sync per step on a GPU)"),
     # ---------------------------------------------------------------- the loop (erw/trainer.py)
     Mutant("ema-weight-swapped", "erw/trainer.py", "torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)",
            "torch._foreach_lerp_(ema_params, model_params, decay)", LOOP, "EMA update weight decay for 1 - decay"),
