@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evaluations.evaluator import (PR_BATCH_SIZE, compute_activations, compute_statistics, evaluate,  # noqa: E402
+from evaluations.evaluator import (IS_SPLIT_SIZE, PR_BATCH_SIZE, compute_activations, compute_statistics, evaluate,  # noqa: E402
                                    exact_fp32, frechet_distance, open_images, precision_recall)
 from evaluations.inception import POOL_DIM, load_inception  # noqa: E402
 
@@ -98,7 +98,7 @@ def bench_fid(n_rows):
             "frechet_distance_s": round(time.perf_counter() - start, 3), "fid": fid}
 
 
-def bench_end_to_end(n_samples, n_ref, image_size, batch_size, device, workdir):
+def bench_end_to_end(n_samples, n_ref, image_size, batch_size, device, workdir, is_split_size=IS_SPLIT_SIZE):
     ref_path, sample_path = os.path.join(workdir, "ref.npz"), os.path.join(workdir, "samples.npz")
     start = time.perf_counter()
     write_synthetic_npz(ref_path, n_ref, image_size, seed=1)
@@ -106,7 +106,7 @@ def bench_end_to_end(n_samples, n_ref, image_size, batch_size, device, workdir):
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     results = evaluate(ref_path, sample_path, inception_weights="random", device=str(device),
-                       batch_size=batch_size, use_cache=False, progress=False, log=None)
+                       batch_size=batch_size, is_split_size=is_split_size, use_cache=False, progress=False, log=None)
     total_s = time.perf_counter() - start
     os.remove(ref_path)
     os.remove(sample_path)
