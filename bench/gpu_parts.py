@@ -40,6 +40,7 @@ PRECISION = "bf16"
 BIG = 10 ** 6                       # "never" for checkpoint / sample-grid intervals
 GPU_TESTS = os.path.join("tests", "test_gpu.py")
 JUNIT_NAME = "gpu-tests.xml"
+REPORT_LOG_NAME = "gpu-tests.jsonl"
 PROFILE_NAME = "profile-xl2-phase2.md"
 SHM = "/dev/shm"
 # What the suite imports before it forks its parts (bench/part_runner.py), so that no part pays for them again
@@ -116,6 +117,8 @@ class Part:
     optional: bool = False              # run only when the others leave room (or named with --only)
     needs_data: bool = False
     limit_s: Optional[float] = None     # stopped past this; default: twice the estimate, at least a minute more
+    # What can still be read from the part's work folder when it was killed before it returned (the tests' log).
+    salvage: Optional[Callable[[Context], Dict[str, Any]]] = None
 
     def limit(self, rehearse: bool) -> float:
         if self.limit_s is not None:
@@ -499,7 +502,7 @@ def run_tests(ctx: Context, part: Part) -> Dict[str, Any]:
     import pytest
     deadline = ctx.deadline - ctx.later_estimate_s
     junit = os.path.join(ctx.output, JUNIT_NAME)
-    report_log = os.path.join(ctx.work, "gpu-tests.jsonl")
+    report_log = os.path.join(ctx.work, REPORT_LOG_NAME)
     os.environ.update({"ERW_GPU_DEADLINE": str(deadline), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
     if ctx.data:
         os.environ["ERW_GPU_DATA"] = ctx.data
@@ -519,6 +522,12 @@ def run_tests(ctx: Context, part: Part) -> Dict[str, Any]:
     if returncode not in (0, 5):  # 5: no test selected
         raise PartFailed(f"pytest: {summary} (exit {returncode})", result)
     return result
+
+
+def salvage_tests(ctx: Context) -> Dict[str, Any]:
+    """The tests that finished before pytest was killed, from _ReportLog's lines."""
+    tests = log_results(os.path.join(ctx.work, REPORT_LOG_NAME))
+    return {"tests": tests, "summary": f"{len(tests)} test(s) logged before pytest was killed"}
 
 
 def junit_results(path: str) -> List[Dict[str, Any]]:
@@ -666,7 +675,7 @@ PARTS = [
     # eager chains, the sampler, sample_ddp and the evaluator checks.
     Part("tests", "tests", 150, "pytest -m gpu tests/test_gpu.py (SiT-B/2 Phase 1 -> 2 -> resume in bf16/fp16 x "
          "eager/compile, host syncs of training and sampling, sample_ddp, evaluator GPU vs CPU)", run_tests,
-         {"file": GPU_TESTS}, needs_data=True),
+         {"file": GPU_TESTS}, needs_data=True, salvage=salvage_tests),
     # Optional: when the others leave room, or named with --only.
     Part("fid-xl2-10k", "bench", 60, "in-training FID of SiT-XL/2 (SDE, bf16, SD-VAE, Inception) on a timed subset, "
          "extrapolated to 10K samples", run_fid, {"fid": True}, optional=True),

@@ -318,6 +318,9 @@ def run_suite(parts, args, output: str, work: str, log: Callable[[str], None], s
                 entry.update(status="interrupted", stopped=f"the suite was stopped by {e}")
                 results.write()
                 raise
+            else:
+                if outcome.result is None and part.salvage is not None:
+                    outcome.result = part.salvage(ctx)
             finally:
                 shutil.rmtree(part_work, ignore_errors=True)
                 for leftover in glob.glob(os.path.join(gpu_parts.SHM, gpu_parts.shm_prefix(os.getpid()) + "*")):

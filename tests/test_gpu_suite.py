@@ -310,3 +310,36 @@ def test_resume_check_allows_a_gradscaler_skip_and_catches_a_lost_state():
     # A deterministic GPU: bit for bit, or named.
     assert resume_disagreement(straight, straight, straight, at_n, before_last) is None
     assert "the resumed model, ema differ" in resume_disagreement(straight, straight, straight2, at_n, before_last)
+
+
+SLOW_TESTS = '''
+import signal, time
+import pytest
+pytestmark = pytest.mark.gpu
+
+def test_quick():
+    pass
+
+def test_slow():
+    if {ignore}:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("ignore_sigint", [False, True], ids=["sigint", "sigkill"])
+def test_the_tests_that_finished_before_the_deadline_are_kept(fake_suite, monkeypatch, tmp_path, ignore_sigint):
+    """The real tests part on a test file whose second test outlasts the deadline: SIGINT lets pytest write its
+    JUnit XML; a run that ignores SIGINT is killed, and its per-test log still says what passed."""
+    run, out = fake_suite
+    monkeypatch.setattr(gpu_suite, "GRACE_S", 3.0)
+    tests_file = tmp_path / "test_slow_gpu.py"
+    tests_file.write_text(SLOW_TESTS.format(ignore=ignore_sigint))
+    monkeypatch.setattr(gpu_parts, "GPU_TESTS", str(tests_file))
+    tests = Part("tests", "tests", 0.1, "fake GPU tests", gpu_parts.run_tests, limit_s=4.0,
+                 salvage=gpu_parts.salvage_tests)
+    assert run([_fake("env", _ok), tests]) == 1
+    (_, part) = _report(out)["parts"]
+    assert part["status"] == ("killed" if ignore_sigint else "interrupted")
+    assert part["result"]["tests"][0] == {"test": "test_quick", "status": "passed", "seconds": 0.0}
+    assert os.path.exists(out / gpu_parts.JUNIT_NAME) != ignore_sigint
