@@ -503,7 +503,10 @@ def run_tests(ctx: Context, part: Part) -> Dict[str, Any]:
     deadline = ctx.deadline - ctx.later_estimate_s
     junit = os.path.join(ctx.output, JUNIT_NAME)
     report_log = os.path.join(ctx.work, REPORT_LOG_NAME)
-    os.environ.update({"ERW_GPU_DEADLINE": str(deadline), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+    # No third-party pytest plugins (the GPU image has hypothesis, xdist, cov, timeout): they cost start-up time, and
+    # hypothesis' end-of-session import alone can outlast the grace period after SIGINT, before the XML is written.
+    os.environ.update({"ERW_GPU_DEADLINE": str(deadline), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                       "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     if ctx.data:
         os.environ["ERW_GPU_DATA"] = ctx.data
     if ctx.rehearse:

@@ -127,25 +127,40 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path):
+def in_process_error(module, argv, capsys) -> str:
+    """The entry point's run_main(main) in this process: exit status 2 and one `error:` line, no traceback."""
+    from erw.cli import run_main
+    with pytest.raises(SystemExit) as exited:
+        run_main(module.main, argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+    import train
+    import train_warmup
+    monkeypatch.setenv("ERW_DEBUG", "")
     config = os.path.join(ROOT, "configs", "tiny.yaml")
     out = str(tmp_path / "exps")
     common = ["--config", config, "--output-dir", out]
-    # The depth error names the user's flag, not the model's constructor argument.
+    # As typed, for both entry points (their `__main__` goes through run_main); the DEPTH error names the user's
+    # flag, not the model's constructor argument.
     line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), *common, "--warmup-depth", "9"], tmp_path))
     assert line == "error: --warmup-depth 9 is outside 1..4: SiT-Tiny/2 has 4 blocks"
     line = one_line_error(run_entry([os.path.join(ROOT, "train.py"), *common, "--warmup-ckpt", "none",
                                      "--encoder-depth", "7"], tmp_path))
     assert line == "error: --encoder-depth 7 is outside 1..4: SiT-Tiny/2 has 4 blocks"
     missing = str(tmp_path / "phase1" / "last.pt")
-    line = one_line_error(run_entry([os.path.join(ROOT, "train.py"), *common, "--warmup-ckpt", missing], tmp_path))
+    line = in_process_error(train, [*common, "--warmup-ckpt", missing], capsys)
     assert missing in line and "run Phase 1 first (train_warmup.py" in line
-    line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), "--config", str(tmp_path / "no.yaml")],
-                                    tmp_path))
+    line = in_process_error(train_warmup, ["--config", str(tmp_path / "no.yaml")], capsys)
     assert str(tmp_path / "no.yaml") in line
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: many\n")
-    line = one_line_error(run_entry([os.path.join(ROOT, "train_warmup.py"), "--config", str(bad)], tmp_path))
+    line = in_process_error(train_warmup, ["--config", str(bad)], capsys)
     assert "batch_size" in line and "many" in line
     assert not os.path.exists(out)
 

@@ -211,9 +211,13 @@ def test_sigterm_to_the_suite_stops_the_part_and_keeps_the_results(fake_suite):
     assert signal.getsignal(signal.SIGTERM) == handler  # the suite's handler is gone again
 
 
-def test_the_work_folder_must_be_outside_the_repository(tmp_path):
+def test_the_output_is_named_and_the_work_folder_is_outside_the_repository(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--work-dir", str(tmp_path / "work")])
+    assert "--output DIR is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gpu_suite.main(["--output", str(tmp_path), "--work-dir", os.path.join(ROOT, "scratch")])
+    assert "is inside the repository" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(ROOT, "scratch"))
 
 
@@ -343,3 +347,18 @@ def test_the_tests_that_finished_before_the_deadline_are_kept(fake_suite, monkey
     assert part["status"] == ("killed" if ignore_sigint else "interrupted")
     assert part["result"]["tests"][0] == {"test": "test_quick", "status": "passed", "seconds": 0.0}
     assert os.path.exists(out / gpu_parts.JUNIT_NAME) != ignore_sigint
+
+
+def test_a_package_missing_for_the_flop_table_fails_env_only(fake_suite, monkeypatch):
+    """What the FLOP table needs (timm) is imported inside the env part: without it the suite still runs the rest."""
+    run, out = fake_suite
+
+    def no_timm(scale):
+        raise ModuleNotFoundError("No module named 'timm'")
+
+    monkeypatch.setattr(gpu_parts, "flop_table", no_timm)
+    env = next(p for p in gpu_parts.PARTS if p.name == "env")
+    assert run([env, _fake("after", _ok)]) == 1
+    got = {p["name"]: p for p in _report(out)["parts"]}
+    assert got["env"]["status"] == "failed" and "No module named 'timm'" in got["env"]["error"]
+    assert got["after"]["status"] == "ok"
