@@ -336,11 +336,12 @@ def test_the_tests_that_finished_before_the_deadline_are_kept(fake_suite, monkey
     """The real tests part on a test file whose second test outlasts the deadline: SIGINT lets pytest write its
     JUnit XML; a run that ignores SIGINT is killed, and its per-test log still says what passed."""
     run, out = fake_suite
-    monkeypatch.setattr(gpu_suite, "GRACE_S", 3.0)
     tests_file = tmp_path / "test_slow_gpu.py"
     tests_file.write_text(SLOW_TESTS.format(ignore=ignore_sigint))
     monkeypatch.setattr(gpu_parts, "GPU_TESTS", str(tests_file))
-    tests = Part("tests", "tests", 0.1, "fake GPU tests", gpu_parts.run_tests, limit_s=4.0,
+    monkeypatch.setattr(gpu_suite, "GRACE_S", 5.0)
+    # 6 s: pytest starts and passes test_quick well before, test_slow is still sleeping.
+    tests = Part("tests", "tests", 0.1, "fake GPU tests", gpu_parts.run_tests, limit_s=6.0,
                  salvage=gpu_parts.salvage_tests)
     assert run([_fake("env", _ok), tests]) == 1
     (_, part) = _report(out)["parts"]
