@@ -10,6 +10,11 @@ counted from the start of this phase (--proj-decay none keeps it constant). With
 With --fid-every N it logs FID, sFID and IS of the EMA weights every N steps and at the end
 (evaluations/training_fid.py).
 """
+from erw.preemption import catch_early_preemption
+
+if __name__ == "__main__":  # before the heavy imports: a SIGTERM while starting must not kill the run unannounced
+    catch_early_preemption()
+
 from erw.cli import run_main
 from erw.config import TRAIN
 from erw.experiment import prepare_run

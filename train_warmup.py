@@ -6,6 +6,11 @@ Only the patch/time/class embedders, the first k blocks and the projector are bu
 clean latents at t = 0 with their class labels, and the loss is the alignment loss alone (NT-Xent by default).
 Its checkpoints/last.pt is what train.py --warmup-ckpt reads.
 """
+from erw.preemption import catch_early_preemption
+
+if __name__ == "__main__":  # before the heavy imports: a SIGTERM while starting must not kill the run unannounced
+    catch_early_preemption()
+
 from erw.cli import run_main
 from erw.config import WARMUP
 from erw.experiment import prepare_run

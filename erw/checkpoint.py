@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, safe loads, and strict weight imports that say what is wrong."""
+import errno
 import os
 import re
 import tempfile
@@ -6,6 +7,7 @@ from typing import IO, Callable, Iterable, Optional
 
 import torch
 
+from erw.preemption import EXIT_IO_ERROR
 # Key and shape checks live in models/ (the teacher loader needs them too, and models/ does not import erw/); they
 # are imported here so that erw's loaders find every checkpoint helper in one place.
 from models.weights import (COMPILED_PREFIX, check_state_dict, load_state_dict_strict,  # noqa: F401
@@ -82,6 +84,25 @@ def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, 
     return removed
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, read-only, quota, ...); the message says which file, why, and
+    which checkpoint is the last good one. Entry points exit with `exit_code`."""
+    exit_code = EXIT_IO_ERROR
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """Why a write failed, in words: the first OSError with an errno in the exception's chain (torch's writer
+    wraps ENOSPC in a RuntimeError), e.g. "No space left on device (ENOSPC)"; else the error itself."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            name = errno.errorcode.get(current.errno, str(current.errno))
+            return f"{current.strerror or os.strerror(current.errno)} ({name})"
+        current = current.__cause__ or current.__context__
+    return f"{type(error).__name__}: {error}"
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     """torch.save `state` to `path` atomically."""
     atomic_write(path, lambda f: torch.save(state, f))
@@ -89,6 +110,9 @@ def save_checkpoint(state: dict, path: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint on the CPU with weights_only=True (plain dicts, tensors and numbers only)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a folder; give a checkpoint file in it, e.g. "
+                                f"{os.path.join(path, 'checkpoints', 'last.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
+from erw.preemption import report_exit_status
+
 # Flags of the codebases our users come from -> what to type here.
 FLAG_HINTS = {
     "--resume-step": "--resume (continues from the newest intact checkpoint of --exp-name)",
@@ -76,11 +78,23 @@ def user_errors():
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
-    """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2."""
+    """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2, an error
+    that carries its own `exit_code` (a checkpoint that could not be written: 74) one line and that status. Under
+    launch.py the exit status is also reported to the wrapper (erw/preemption.py)."""
+    code = 1  # an uncaught exception
     try:
         main(argv)
-    except user_errors() as error:
-        if os.environ.get("ERW_DEBUG"):
+        code = 0
+    except SystemExit as exit_:  # preemption (75), argparse (2), --help (0)
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        raise
+    except Exception as error:
+        error_code = getattr(error, "exit_code", None)
+        if (error_code is None and not isinstance(error, user_errors())) or os.environ.get("ERW_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        code = error_code or 2
+    finally:
+        report_exit_status(code)
+    if code:
+        sys.exit(code)

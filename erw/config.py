@@ -6,7 +6,9 @@ setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys
 REPA's). Unknown keys and bad values are errors that name the key and the file.
 """
 import argparse
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,7 +51,10 @@ def _int(value):
 def _float(value):
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):  # nan passes every comparison with a bound; inf is no setting either
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def _key_list(value):
@@ -86,6 +91,19 @@ _bool.__name__, _int.__name__, _float.__name__, _key_list.__name__ = "boolean", 
 _depth_or_auto.__name__ = "integer or auto"
 
 
+def parse_bounds(text: str) -> Tuple[float, float, bool, bool]:
+    """Interval notation -> (low, high, low included, high included): "[0, 1)" is 0 <= x < 1, "(0, inf)" is x > 0."""
+    match = re.fullmatch(r"([\[(])\s*([-+0-9.e]+|-inf)\s*,\s*([-+0-9.e]+|inf)\s*([\])])", text)
+    if match is None:
+        raise ValueError(f"bounds must look like [0, 1) or (0, inf), got {text!r}")
+    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
+
+
+def within(value: float, bounds: str) -> bool:
+    low, high, low_in, high_in = parse_bounds(bounds)
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
 @dataclass(frozen=True)
 class Option:
     name: str                       # snake_case key; the flag is --name-with-dashes
@@ -94,7 +112,7 @@ class Option:
     help: str
     phases: Sequence[str] = BOTH
     choices: Optional[Sequence[Any]] = None
-    minimum: Optional[float] = None  # inclusive lower bound for numbers
+    bounds: Optional[str] = None    # the values a number may take, in interval notation: "[0, 1)", "(0, inf)"
     required: bool = False
     # What --resume may change: run-control keys (how long, how often, where to) freely, with a log line; every
     # other key changes what is trained or how, and a resume refuses it unless named in --resume-override.
@@ -115,46 +133,46 @@ OPTIONS: List[Option] = [
     Option("resume_override", _key_list, [], "keys (comma-separated) that --resume may change although they change "
            "what is trained, e.g. learning_rate,batch_size; recorded in the run's config history",
            run_control=True),
-    Option("seed", _int, 0, "global seed; each step reseeds from (seed, rank, step)", minimum=0),
+    Option("seed", _int, 0, "global seed; each step reseeds from (seed, rank, step)", bounds="[0, inf)"),
     Option("report_to", _text, "none", "experiment tracker (wandb stays offline unless WANDB_MODE=online)",
            choices=("wandb", "tensorboard", "none"), run_control=True),
-    Option("log_every", _int, 10, "log losses, grad norm, lr and throughput every N steps", minimum=1,
-           run_control=True),
+    Option("log_every", _int, 10, "log losses, grad norm, lr and throughput every N steps",
+           run_control=True, bounds="[1, inf)"),
     # --- data ---
     Option("data_dir", _text, "data/imagenet256", "dataset folder: images/ and vae-sd/ (REPA layout)"),
-    Option("resolution", _int, 256, "image side in pixels; latents are resolution / 8", minimum=8),
-    Option("num_classes", _int, 1000, "number of classes (the null class for CFG is one more)", minimum=1),
-    Option("num_workers", _int, 4, "dataloader worker processes per GPU", minimum=0, run_control=True),
+    Option("resolution", _int, 256, "image side in pixels; latents are resolution / 8", bounds="[8, inf)"),
+    Option("num_classes", _int, 1000, "number of classes (the null class for CFG is one more)", bounds="[1, inf)"),
+    Option("num_workers", _int, 4, "dataloader worker processes per GPU", run_control=True, bounds="[0, inf)"),
     # --- model ---
     Option("model", _text, "SiT-XL/2", "SiT size and patch size, e.g. SiT-B/2, SiT-XL/2 (models/sit.py)"),
     Option("qk_norm", _bool, False, "LayerNorm on queries and keys"),
     Option("use_rope", _bool, False, "2D rotary position embedding in attention (paper appendix D: helps)"),
-    Option("cfg_prob", _float, 0.1, "label dropout probability (trains the null class for CFG)", minimum=0.0),
+    Option("cfg_prob", _float, 0.1, "label dropout probability (trains the null class for CFG)", bounds="[0, 1]"),
     # --- teacher and alignment ---
     Option("enc_type", _text_or_none, "dinov2-vit-b", "frozen teacher(s), comma-separated REPA names "
            "(dinov2-vit-b, ..., random-vit-tiny); none = no alignment"),
     Option("enc_weights", _text_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
     Option("warmup_depth", _int, 5, "Phase 1 trains blocks 0..k-1 with the projector on block k's output "
-           "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", minimum=1),
+           "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", bounds="[1, inf)"),
     Option("align_loss", _text, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
            choices=("ntxent", "cosine")),
-    Option("ntxent_temp", _float, 0.1, "NT-Xent temperature tau", minimum=1e-6),
+    Option("ntxent_temp", _float, 0.1, "NT-Xent temperature tau", bounds="(0, inf)"),
     Option("encoder_depth", _depth_or_auto, 8, "Phase 2 projector on the output of this block (1-based; paper table "
            "3 'Proj. depth', 18 best for SiT-XL/2); auto = warmup_layers + warmup_depth, the output of the last "
            "warmed block (table 4's 'Depth X-Y'; needs --warmup-ckpt)", phases=(TRAIN,)),
     Option("proj_coeff", _float, 0.5, "lambda0, the alignment weight at the start of Phase 2 (paper table 3)",
-           phases=(TRAIN,), minimum=0.0),
+           phases=(TRAIN,), bounds="[0, inf)"),
     Option("proj_decay", _text, "exp", "lambda schedule: exp = proj_coeff * 2^(-s / proj_half_life), none = constant",
            phases=(TRAIN,), choices=("exp", "none")),
     Option("proj_half_life", _float, 50000.0, "half-life of lambda in Phase-2 steps (ERW release: 50K)",
-           phases=(TRAIN,), minimum=1e-9),
+           phases=(TRAIN,), bounds="(0, inf)"),
     # --- warm start (Phase 2) ---
     Option("warmup_ckpt", _text_or_none, None, "Phase-1 checkpoint to warm-start from (none = REPA / SiT baseline)",
            phases=(TRAIN,)),
     Option("warmup_weights", _text, "model", "which Phase-1 weights to load", phases=(TRAIN,),
            choices=("model", "ema")),
     Option("warmup_layers", _int, 0, "place the k warmed blocks at START..START+k-1 (paper table 4)",
-           phases=(TRAIN,), minimum=0),
+           phases=(TRAIN,), bounds="[0, inf)"),
     # --- diffusion (Phase 2) ---
     Option("path_type", _text, "linear", "interpolant: linear (alpha=1-t, sigma=t) or cosine", phases=(TRAIN,),
            choices=("linear", "cosine")),
@@ -163,19 +181,19 @@ OPTIONS: List[Option] = [
     Option("vae", _text, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
            phases=(TRAIN,), run_control=True),
     Option("sampling_steps", _int, 10000, "save a sample grid from the EMA model every N steps", phases=(TRAIN,),
-           minimum=1, run_control=True),
-    Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,), minimum=1,
-           run_control=True),
-    Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,), minimum=1,
-           run_control=True),
+           run_control=True, bounds="[1, inf)"),
+    Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,),
+           run_control=True, bounds="[1, inf)"),
+    Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,),
+           run_control=True, bounds="[1, inf)"),
     # --- in-training FID (Phase 2): evaluations/training_fid.py, with sample_ddp.py's generation code ---
     Option("fid_every", _int, 0, "every N steps and at the end of training, sample --fid-num-samples images from the "
            "EMA weights on all processes and log FID, sFID and IS against --fid-ref (0 = off)", phases=(TRAIN,),
-           minimum=0, run_control=True),
+           run_control=True, bounds="[0, inf)"),
     Option("fid_num_samples", _int, 10000, "samples per in-training FID (a reduced FID, as appendix D's search; the "
-           "paper's reported FIDs use 50K)", phases=(TRAIN,), minimum=2, run_control=True),
+           "paper's reported FIDs use 50K)", phases=(TRAIN,), run_control=True, bounds="[2, inf)"),
     Option("fid_num_steps", _int, 50, "sampler steps of the in-training FID (sample_ddp.py --num-steps; the paper's "
-           "FIDs use 250)", phases=(TRAIN,), minimum=1, run_control=True),
+           "FIDs use 250)", phases=(TRAIN,), run_control=True, bounds="[1, inf)"),
     Option("fid_mode", _text, "sde", "sampler of the in-training FID: sde (Euler-Maruyama, the paper's) or ode "
            "(Euler) (sample_ddp.py --mode)", phases=(TRAIN,), choices=("sde", "ode"), run_control=True),
     Option("fid_precision", _text, "tf32", "precision of the in-training FID's sampler: fp32, tf32 or bf16 "
@@ -187,24 +205,25 @@ OPTIONS: List[Option] = [
            "pt_inception-2015-12-05-6726825d.pth file, none = the torch hub cache, or random (meaningless numbers; "
            "tests)", phases=(TRAIN,), run_control=True),
     Option("cfg_scale", _float, 1.0, "classifier-free guidance scale of the in-training FID (1 = none; REPA's flag)",
-           phases=(TRAIN,), minimum=1.0, run_control=True),
+           phases=(TRAIN,), run_control=True, bounds="[1, inf)"),
     Option("guidance_low", _float, 0.0, "in-training FID: guidance only for t >= this (REPA's flag)",
-           phases=(TRAIN,), minimum=0.0, run_control=True),
+           phases=(TRAIN,), run_control=True, bounds="[0, 1]"),
     Option("guidance_high", _float, 1.0, "in-training FID: guidance only for t <= this (REPA's flag; 0.7 in REPA's "
-           "best setting)", phases=(TRAIN,), minimum=0.0, run_control=True),
+           "best setting)", phases=(TRAIN,), run_control=True, bounds="[0, 1]"),
     # --- optimisation ---
-    Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", minimum=1),
-    Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", minimum=1),
-    Option("max_train_steps", _int, 400000, "optimizer steps in this phase", minimum=0, run_control=True),
-    Option("checkpointing_steps", _int, 50000, "write checkpoints/NNNNNNN.pt every N steps", minimum=1,
-           run_control=True),
-    Option("learning_rate", _float, 1e-4, "AdamW learning rate (constant)", minimum=0.0),
-    Option("adam_beta1", _float, 0.9, "AdamW beta1", minimum=0.0),
-    Option("adam_beta2", _float, 0.999, "AdamW beta2", minimum=0.0),
-    Option("adam_weight_decay", _float, 0.0, "AdamW weight decay", minimum=0.0),
-    Option("adam_epsilon", _float, 1e-8, "AdamW epsilon", minimum=0.0),
-    Option("max_grad_norm", _float, 1.0, "gradient-norm clipping", minimum=0.0),
-    Option("ema_decay", _float, 0.9999, "EMA decay per optimizer step", minimum=0.0),
+    Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", bounds="[1, inf)"),
+    Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", bounds="[1, inf)"),
+    Option("max_train_steps", _int, 400000, "optimizer steps in this phase", run_control=True, bounds="[0, inf)"),
+    Option("checkpointing_steps", _int, 50000, "write checkpoints/NNNNNNN.pt every N steps",
+           run_control=True, bounds="[1, inf)"),
+    Option("learning_rate", _float, 1e-4, "AdamW learning rate (constant)", bounds="(0, inf)"),
+    Option("adam_beta1", _float, 0.9, "AdamW beta1", bounds="[0, 1)"),
+    Option("adam_beta2", _float, 0.999, "AdamW beta2", bounds="[0, 1)"),
+    Option("adam_weight_decay", _float, 0.0, "AdamW weight decay", bounds="[0, inf)"),
+    Option("adam_epsilon", _float, 1e-8, "AdamW epsilon", bounds="(0, inf)"),
+    Option("max_grad_norm", _float, 1.0, "clip the global gradient norm to this (in the loss's units, after fp16's "
+           "unscaling); 0 = no clipping", bounds="[0, inf)"),
+    Option("ema_decay", _float, 0.9999, "EMA decay per optimizer step", bounds="[0, 1)"),
     Option("mixed_precision", _text, "fp16", "autocast precision", choices=("no", "fp16", "bf16")),
     Option("allow_tf32", _bool, False, "TF32 matmuls on Ampere+ GPUs"),
     Option("compile", _bool, False, "torch.compile the model", run_control=True),
@@ -227,8 +246,8 @@ def _convert(option: Option, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: bad value {value!r} for '{option.name}' ({e})") from None
     if option.choices is not None and value not in option.choices:
         raise ConfigError(f"{where}: '{option.name}' must be one of {list(option.choices)}, got {value!r}")
-    if option.minimum is not None and value is not None and value < option.minimum:
-        raise ConfigError(f"{where}: '{option.name}' must be >= {option.minimum}, got {value!r}")
+    if option.bounds is not None and value is not None and not within(value, option.bounds):
+        raise ConfigError(f"{where}: '{option.name}' must be in {option.bounds}, got {value!r}")
     return value
 
 
@@ -264,10 +283,12 @@ def _read_yaml(path: str, chain=()) -> Dict[str, Any]:
 
 
 def load_yaml(path: str, phase: str) -> Dict[str, Any]:
-    """Read a config file: top-level keys, then the `phase` section on top. Every key must be known."""
+    """Read a config file: top-level keys, then the `phase` section on top. Every key of every section must be
+    known, apply to its section's phase and hold a valid value, whichever phase runs: a typo in `train:` stops
+    train_warmup.py at once, not Phase 2 after Phase 1's hours."""
     raw = _read_yaml(path)
     values: Dict[str, Any] = {}
-    for section_name, section in [(None, raw), (phase, raw.get(phase) or {})]:
+    for section_name, section in [(None, raw)] + [(name, raw.get(name) or {}) for name in BOTH]:
         where = path if section_name is None else f"{path} [{section_name}]"
         if not isinstance(section, dict):
             raise ConfigError(f"{where}: section must be a mapping")
@@ -277,10 +298,11 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
             if key not in OPTIONS_BY_NAME:
                 raise ConfigError(f"{where}: unknown config key '{key}'")
             option = OPTIONS_BY_NAME[key]
-            if phase in option.phases:
-                values[key] = _convert(option, value, where)
-            elif section_name is not None:
-                raise ConfigError(f"{where}: '{key}' does not apply to the {phase} phase")
+            if section_name is not None and section_name not in option.phases:
+                raise ConfigError(f"{where}: '{key}' does not apply to the {section_name} phase")
+            converted = _convert(option, value, where)
+            if phase in option.phases and section_name in (None, phase):
+                values[key] = converted
     return values
 
 
@@ -291,7 +313,9 @@ def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
     for name in names:
         option = OPTIONS_BY_NAME[name]
         choices = f"choices: {', '.join(map(str, option.choices))}; " if option.choices else ""
-        kwargs = dict(dest=option.name, default=None, help=f"{option.help} ({choices}default: {option.default})")
+        bounds = f"in {option.bounds}; " if option.bounds else ""
+        kwargs = dict(dest=option.name, default=None,
+                      help=f"{option.help} ({choices}{bounds}default: {option.default})")
         if option.type is _bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

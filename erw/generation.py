@@ -31,7 +31,8 @@ from tqdm import tqdm
 from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps
 from erw.config import OPTIONS_BY_NAME, add_flags
 from erw.npz import write_images_npz
-from erw.samplers import GuidedVelocity, check_sampler, run_in_chunks, sample_batch, standard_normal
+from erw.run_lock import FolderInUse, RunLock, describe_holder
+from erw.samplers import GuidedVelocity, check_guidance, check_sampler, run_in_chunks, sample_batch, standard_normal
 from erw.transport import PATH_TYPES, get_path
 from models.sit import SiT, create_sit
 from models.vae import check_pixel_rounding, decode_latents, load_vae
@@ -464,6 +465,27 @@ def sample_folder_name(settings: Dict[str, object]) -> str:
             f"{settings['num_steps']}-{cfg}-seed-{settings['global_seed']}{pixels}")
 
 
+def lock_sample_folder(folder: str, rank: int) -> Optional[RunLock]:
+    """Rank 0 locks the sample folder for the run (erw/run_lock.py: one live run per folder); every rank learns
+    whether it could, so that none goes on alone."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(folder).acquire()
+        except FolderInUse as error:
+            refusal = str(error)
+    refusal = gather_from_ranks(refusal)[0]
+    if refusal:
+        raise FolderInUse(refusal)
+    if lock is not None and lock.taken_over:
+        print(f"note: took over {lock.path} from a run that ended without releasing it (killed): "
+              f"{describe_holder(lock.taken_over)}")
+    if lock is not None and not lock.locks_work:
+        print(f"warning: this file system refuses file locks; only the record in {lock.path} guards the folder "
+              "against a second run (README, \"Run folders\")")
+    return lock
+
+
 def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]) -> None:
     """Refuse to add samples to a folder made with other image-changing settings."""
     if not os.path.isfile(settings_path):
@@ -523,15 +545,21 @@ def run_sampling(args: Dict[str, object]) -> str:
     name with the step), never to the checkpoint's path: rerunning with a last.pt that training has since replaced
     samples into a new folder (and says which unfinished folder it left), and a folder whose recorded weights
     differ from this run's is refused. Every process loads the checkpoint itself, so all must report the same
-    weights id. Rank 0 removes the temp files an interrupted run left (this run's PNG folder, its .npz and .json),
-    then every process lists the finished PNGs before any process writes and takes every world_size-th missing
-    index; rank 0 assembles the .npz after a barrier.
+    weights id. Rank 0 locks the folder (erw/run_lock.py) and removes the temp files an interrupted run left (this
+    run's PNG folder, its .npz and .json), then every process lists the finished PNGs before any process writes and
+    takes every world_size-th missing index; rank 0 assembles the .npz after a barrier.
     """
-    rank, world_size, device = setup_distributed(args["device"])
+    # Every setting is checked before anything is loaded or created: a refused run leaves no folder behind.
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:
         raise ValueError("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
     check_sampler(args["mode"], args["heun"])
+    check_guidance(args["cfg_scale"], args["guidance_low"], args["guidance_high"])
     check_pixel_rounding(args["pixel_rounding"])
+    if args["micro_batch_size"] is not None and args["micro_batch_size"] < 0:
+        raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {args['micro_batch_size']}")
+    if args["path_type"] is not None and args["path_type"] not in PATH_TYPES:
+        raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {args['path_type']!r}")
+    rank, world_size, device = setup_distributed(args["device"])
     autocast_dtype = apply_precision(args["precision"])
 
     model_flags = {k: args[k] for k in REPA_MODEL_FLAG_DEFAULTS}
@@ -544,12 +572,10 @@ def run_sampling(args: Dict[str, object]) -> str:
         model = torch.compile(model)
     path_type = args["path_type"] or info["path_type"] or "linear"
     if path_type not in PATH_TYPES:
-        raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+        raise ValueError(f"the checkpoint's path type {path_type!r} is none of {', '.join(PATH_TYPES)}")
     micro_batch_size = args["micro_batch_size"]
     if micro_batch_size is None:
         micro_batch_size = default_micro_batch_size(device)
-    if micro_batch_size < 0:
-        raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
     latent_size = info["model_args"]["input_size"]
 
     settings = {**args, "ckpt": os.path.abspath(args["ckpt"]), "checkpoint_format": info["format"],
@@ -560,65 +586,73 @@ def run_sampling(args: Dict[str, object]) -> str:
     folder = os.path.join(args["sample_dir"], sample_folder_name(settings))
     npz_path, settings_path = folder + ".npz", folder + ".json"
     settings.update(sample_folder=folder, npz=npz_path)
-    check_resumable(settings_path, folder, settings)
-    _barrier()  # everyone has read the old settings before rank 0 replaces them
-    if rank == 0:
-        step = "no step recorded" if info["step"] is None else f"step {info['step']}"
-        print(f"Weights {info['weights_id']} ({step}) from {settings['ckpt']}")
-        for old in unfinished_runs_of_other_weights(args["sample_dir"], settings):
-            old_step, numbered = old.get("checkpoint_step"), None
-            if isinstance(old_step, int):
-                numbered = os.path.join(os.path.dirname(settings["ckpt"]), f"{old_step:07d}.pt")
-            print(f"note: {old['sample_folder']} ({len(finished_indices(old['sample_folder']))} samples, unfinished) "
-                  f"was sampled from this checkpoint path when it held other weights ({old['weights_id']}"
-                  f"{'' if old_step is None else f' of step {old_step}'}); this run samples the weights it holds "
-                  "now into their own folder. To finish that one, sample the numbered checkpoint it came from"
-                  + (f" (--ckpt {numbered})." if numbered and os.path.isfile(numbered) else "."))
-        os.makedirs(folder, exist_ok=True)
-        # Before any process writes here: a temp of a write in progress looks the same. In the shared
-        # --sample-dir only this run's own .npz and .json temps are ours to remove.
-        removed = (remove_stale_temps(folder)
-                   + remove_stale_temps(args["sample_dir"], targets=[os.path.basename(npz_path),
-                                                                     os.path.basename(settings_path)]))
-        if removed:
-            print(f"removed {removed} temp file{'s' if removed != 1 else ''} an interrupted run left in {folder} "
-                  "and beside it")
-        _write_json(settings_path, settings)
-    _barrier()
+    lock = lock_sample_folder(folder, rank)
+    try:
+        check_resumable(settings_path, folder, settings)
+        _barrier()  # everyone has read the old settings before rank 0 replaces them
+        if rank == 0:
+            step = "no step recorded" if info["step"] is None else f"step {info['step']}"
+            print(f"Weights {info['weights_id']} ({step}) from {settings['ckpt']}")
+            for old in unfinished_runs_of_other_weights(args["sample_dir"], settings):
+                old_step, numbered = old.get("checkpoint_step"), None
+                if isinstance(old_step, int):
+                    numbered = os.path.join(os.path.dirname(settings["ckpt"]), f"{old_step:07d}.pt")
+                count = len(finished_indices(old['sample_folder']))
+                print(f"note: {old['sample_folder']} ({count} samples, unfinished) "
+                      f"was sampled from this checkpoint path when it held other weights ({old['weights_id']}"
+                      f"{'' if old_step is None else f' of step {old_step}'}); this run samples the weights it holds "
+                      "now into their own folder. To finish that one, sample the numbered checkpoint it came from"
+                      + (f" (--ckpt {numbered})." if numbered and os.path.isfile(numbered) else "."))
+            os.makedirs(folder, exist_ok=True)
+            # Under the lock, before any process writes here: a temp now is a killed run's leftover. In the shared
+            # --sample-dir only this run's own .npz and .json temps are ours to remove.
+            removed = (remove_stale_temps(folder)
+                       + remove_stale_temps(args["sample_dir"], targets=[os.path.basename(npz_path),
+                                                                         os.path.basename(settings_path)]))
+            if removed:
+                print(f"removed {removed} temp file{'s' if removed != 1 else ''} an interrupted run left in {folder} "
+                      "and beside it")
+            _write_json(settings_path, settings)
+        _barrier()
 
-    vae = load_vae(settings["vae"], allow_download=args["allow_download"]).to(device)
+        vae = load_vae(settings["vae"], allow_download=args["allow_download"]).to(device)
 
-    num_samples = args["num_fid_samples"]
-    finished = finished_indices(folder)
-    _barrier()  # no process writes before every process has listed the folder
-    todo = [i for i in range(num_samples) if i not in finished][rank::world_size]
-    if rank == 0:
-        print(f"{len(finished & set(range(num_samples)))} of {num_samples} samples already in {folder}; "
-              f"{world_size} process(es) make the rest")
-        if args["label_mode"] == "balanced" and num_samples % model.num_classes:
-            print(f"note: {num_samples} samples are not a multiple of {model.num_classes} classes; "
-                  "balanced labels differ by at most one per class")
-    with exact_cpu(device):
-        for indices, images in generate_images(
-                model, vae, todo, global_seed=args["global_seed"], label_mode=args["label_mode"], mode=args["mode"],
-                num_steps=args["num_steps"], heun=args["heun"], path_type=path_type, cfg_scale=args["cfg_scale"],
-                guidance_low=args["guidance_low"], guidance_high=args["guidance_high"],
-                autocast_dtype=autocast_dtype, batch_size=args["per_proc_batch_size"],
-                micro_batch_size=micro_batch_size, pixel_rounding=args["pixel_rounding"], progress=rank == 0,
-                desc=f"Sampling ({world_size} proc)"):
-            for index, image in zip(indices, images):
-                save_png(image, png_path(folder, index))
+        num_samples = args["num_fid_samples"]
+        finished = finished_indices(folder)
+        _barrier()  # no process writes before every process has listed the folder
+        todo = [i for i in range(num_samples) if i not in finished][rank::world_size]
+        if rank == 0:
+            print(f"{len(finished & set(range(num_samples)))} of {num_samples} samples already in {folder}; "
+                  f"{world_size} process(es) make the rest")
+            if args["label_mode"] == "balanced" and num_samples % model.num_classes:
+                print(f"note: {num_samples} samples are not a multiple of {model.num_classes} classes; "
+                      "balanced labels differ by at most one per class")
+        with exact_cpu(device):
+            for indices, images in generate_images(
+                    model, vae, todo, global_seed=args["global_seed"], label_mode=args["label_mode"], mode=args["mode"],
+                    num_steps=args["num_steps"], heun=args["heun"], path_type=path_type, cfg_scale=args["cfg_scale"],
+                    guidance_low=args["guidance_low"], guidance_high=args["guidance_high"],
+                    autocast_dtype=autocast_dtype, batch_size=args["per_proc_batch_size"],
+                    micro_batch_size=micro_batch_size, pixel_rounding=args["pixel_rounding"], progress=rank == 0,
+                    desc=f"Sampling ({world_size} proc)"):
+                for index, image in zip(indices, images):
+                    save_png(image, png_path(folder, index))
 
-    _barrier()
-    if rank == 0:
-        missing = sorted(set(range(num_samples)) - finished_indices(folder))
-        if missing:
-            raise RuntimeError(f"{len(missing)} samples missing from {folder} after sampling (first: {missing[:5]})")
-        labels = all_labels(args["global_seed"], num_samples, model.num_classes, args["label_mode"])
-        write_npz(npz_path, folder, num_samples, labels)
-        print(f"Saved {npz_path}: arr_0 uint8 ({num_samples}, {settings['resolution']}, {settings['resolution']}, 3),"
-              f" arr_1 labels; settings in {settings_path}")
-    # The other ranks leave without waiting for the .npz: a long build would trip NCCL's barrier timeout.
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return npz_path
+        _barrier()
+        if rank == 0:
+            missing = sorted(set(range(num_samples)) - finished_indices(folder))
+            if missing:
+                raise RuntimeError(f"{len(missing)} samples missing from {folder} after sampling "
+                                   f"(first: {missing[:5]})")
+            labels = all_labels(args["global_seed"], num_samples, model.num_classes, args["label_mode"])
+            write_npz(npz_path, folder, num_samples, labels)
+            size = settings["resolution"]
+            print(f"Saved {npz_path}: arr_0 uint8 ({num_samples}, {size}, {size}, 3),"
+                  f" arr_1 labels; settings in {settings_path}")
+        # The other ranks leave without waiting for the .npz: a long build would trip NCCL's barrier timeout.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return npz_path
+    finally:
+        if lock is not None:
+            lock.release()

@@ -159,6 +159,14 @@ def run_in_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tenso
     return torch.cat([fn(*(x[i:i + chunk_size] for x in tensors)) for i in range(0, n, chunk_size)])
 
 
+def check_guidance(cfg_scale: float, guidance_low: float, guidance_high: float) -> None:
+    """Classifier-free guidance settings as the flags name them: a scale >= 1, an interval inside [0, 1]."""
+    if not cfg_scale >= 1.0:  # nan too
+        raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not 0.0 <= guidance_low <= guidance_high <= 1.0:
+        raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
+
+
 class GuidedVelocity:
     """A SiT as a velocity_fn: classifier-free guidance inside [guidance_low, guidance_high], optional autocast,
     optional micro-batching.
@@ -173,10 +181,7 @@ class GuidedVelocity:
 
     def __init__(self, model: SiT, cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                  autocast_dtype: Optional[torch.dtype] = None, micro_batch_size: int = 0):
-        if cfg_scale < 1.0:
-            raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
-        if not 0.0 <= guidance_low <= guidance_high <= 1.0:
-            raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
+        check_guidance(cfg_scale, guidance_low, guidance_high)
         if micro_batch_size < 0:
             raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
         self.model = model

@@ -22,6 +22,7 @@ at log steps and before every checkpoint. What the loop guarantees besides:
 - SIGTERM / SIGUSR1 (cluster preemption) finish the current optimizer step, write a checkpoint and exit with
   EXIT_PREEMPTED; rerunning the same command with --resume continues bit for bit.
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -32,6 +33,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -41,21 +43,21 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from erw.checkpoint import (atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps,
-                            save_checkpoint, temp_path_for)
+from erw.checkpoint import (CheckpointWriteError, atomic_write, load_checkpoint, load_state_dict_strict,
+                            remove_stale_temps, save_checkpoint, temp_path_for, write_failure_reason)
 from erw.batch_random import BatchRandom
 from erw.config import dump_config, resume_changes
 from erw.data import sample_latents
 from erw.losses import Objective
 from erw.precision import MixedPrecision
+from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, early_preemption
+from erw.run_lock import FolderInUse, RunLock, describe_holder
 
 CHECKPOINT_FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step; a resume drops the records past its step
 CONFIG_HISTORY_FILE = "config_history.yaml"  # every resume that changed a setting: what, from what, to what
 LAST_CHECKPOINT = "last.pt"
 _NUMBERED_CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": a requeue script can tell preemption from failure
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
 # skips to reach any workable scale. More in a row means the gradients are broken, not the scale.
 MAX_CONSECUTIVE_SKIPS = 50
@@ -144,7 +146,7 @@ class PreemptionHandler:
     GPU; enter the handler on every process (creating that group is collective)."""
 
     def __init__(self):
-        self.received: Optional[str] = None
+        self.received: Optional[str] = early_preemption()  # a signal during start-up (erw/preemption.py)
         self._previous = {}
         self._group = None
 
@@ -220,6 +222,19 @@ def ignore_preemption_signals(worker_id: int) -> None:
     would crash the loader before the main process could write its checkpoint."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def workers_stopped_at_exit(data_iter):
+    """Stop the DataLoader's workers when the loop ends, however it ends. They ignore SIGTERM, so if an error's
+    traceback kept the iterator alive, multiprocessing's exit handler could not terminate them and would wait
+    forever."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(data_iter, "_shutdown_workers", None)  # absent with num_workers 0
+        if shutdown is not None:
+            shutdown()
 
 
 def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
@@ -305,25 +320,44 @@ class Trainer:
         if config["allow_tf32"]:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
+        self.run_lock = self._lock_run_folder()
+        try:
+            self._open_run_folder()
+        except BaseException:  # a refused resume, say: the folder is free again at once
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
+        torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
+
+    def _open_run_folder(self) -> None:
+        """Under the lock: remove a killed run's temp files, find and check the checkpoint a --resume continues
+        from (or refuse a folder that already holds a run), write config.yaml and cut metrics.jsonl back to it."""
+        acc = self.accelerator
         stale = 0
         if acc.is_main_process:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            # Before this run writes anything here: a temp file now can only be a killed run's leftover.
+            # Under the lock, before this run writes anything here: a temp file now is a killed run's leftover.
             stale = sum(remove_stale_temps(d) for d in (self.exp_dir, self.ckpt_dir,
                                                          os.path.join(self.exp_dir, "samples")))
         acc.wait_for_everyone()
         self.logger = setup_logger(self.exp_dir if acc.is_main_process else None)
+        if self.run_lock is not None and self.run_lock.taken_over:
+            self.log(f"WARNING: took over {self.run_lock.path} from a run that ended without releasing it (killed): "
+                     f"{describe_holder(self.run_lock.taken_over)}")
+        if self.run_lock is not None and not self.run_lock.locks_work:
+            self.log(f"WARNING: this file system refuses file locks; only the record in {self.run_lock.path} "
+                     "guards the folder against a second run (README, \"Run folders\")")
         if stale:
             self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.exp_dir}")
         self.device = acc.device
-        self.precision = MixedPrecision(config["mixed_precision"], self.device)
+        self.precision = MixedPrecision(self.config["mixed_precision"], self.device)
         self.last_good: Optional[str] = None  # the newest checkpoint known to hold finite weights
         self.config_history: List[Dict[str, Any]] = []
         self.resume_from: Optional[Dict[str, Any]] = None
-        if config["resume"]:
+        if self.config["resume"]:
             self._check_resume()
         else:
-            if config["resume_override"]:
+            if self.config["resume_override"]:
                 raise ValueError("--resume-override applies only together with --resume")
             existing = [os.path.basename(p) for _, p in numbered_checkpoints(self.ckpt_dir)]
             if os.path.isfile(os.path.join(self.ckpt_dir, LAST_CHECKPOINT)):
@@ -333,14 +367,28 @@ class Trainer:
                     f"{self.exp_dir} already holds a run ({', '.join(existing[-3:])} in {self.ckpt_dir}): pass "
                     "--resume to continue it from its newest checkpoint, or choose another --exp-name")
         if acc.is_main_process:
-            dump_config(config, os.path.join(self.exp_dir, "config.yaml"))
+            dump_config(self.config, os.path.join(self.exp_dir, "config.yaml"))
             start = self.resume_from["step"] if self.resume_from else 0
             dropped = truncate_metrics(os.path.join(self.exp_dir, METRICS_FILE), start)
             if dropped:
                 self.log(f"Dropped {dropped} record(s) past step {start} from {METRICS_FILE} (logged by the run "
                          "that was interrupted; this run logs those steps again)")
         acc.wait_for_everyone()
-        torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
+
+    def _lock_run_folder(self) -> Optional[RunLock]:
+        """The main process locks the experiment folder for the run's lifetime (erw/run_lock.py); every process
+        learns whether it could, so that none waits in a barrier for a run that was refused."""
+        acc, lock, refusal = self.accelerator, None, None
+        if acc.is_main_process:
+            try:
+                lock = RunLock(self.exp_dir).acquire()
+            except FolderInUse as error:
+                refusal = error
+        if acc.reduce(torch.tensor(float(refusal is not None), device=acc.device), "sum").item() > 0:
+            raise refusal or FolderInUse(f"{self.exp_dir} is in use by another run (the main process says which)")
+        if lock is not None:
+            weakref.finalize(self, lock.release)  # also at interpreter exit; fit() releases it when it ends
+        return lock
 
     def _check_resume(self) -> None:
         """Find the checkpoint to continue from, and refuse settings that differ from the ones it was trained with
@@ -351,6 +399,11 @@ class Trainer:
         if stored.get("phase") not in (None, cfg["phase"]):
             raise ValueError(f"--resume: {path} is a {stored['phase']} checkpoint; this is the {cfg['phase']} "
                              "phase (give each phase its own --exp-name)")
+        if ckpt["step"] > cfg["max_train_steps"]:
+            # Doing nothing and exiting 0 would leave config.yaml saying a target the run is already past.
+            raise ValueError(f"--resume: {path} is at step {ckpt['step']:,}, past --max-train-steps "
+                             f"{cfg['max_train_steps']:,}: there is nothing to train. Pass --max-train-steps above "
+                             f"{ckpt['step']:,} to go on (the run's files are left as they are)")
         training, run_control = resume_changes(stored, cfg)
         refused = {k: v for k, v in training.items() if k not in cfg["resume_override"]}
         if refused:
@@ -478,7 +531,16 @@ class Trainer:
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:
         """Train `model` for config["max_train_steps"] optimizer steps. `hooks` are called as
-        hook(trainer, step, ema) after step 0 and every optimizer step (see _run_hooks)."""
+        hook(trainer, step, ema) after step 0 and every optimizer step (see _run_hooks). The run folder is
+        released when it ends, however it ends (a SIGKILL leaves the lock's record, which the next run reports)."""
+        try:
+            return self._fit(model, model_args, objective, dataset, teachers, hooks)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
+             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]]) -> Dict[str, Any]:
         cfg, acc, precision = self.config, self.accelerator, self.precision
         hooks = hooks or []
         model.to(self.device)
@@ -487,6 +549,8 @@ class Trainer:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
                                       betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                                       weight_decay=cfg["adam_weight_decay"], eps=cfg["adam_epsilon"], fused=True)
+        # 0 = no clipping (clip_grad_norm_ with 0 would zero every gradient); the norm is still computed and logged.
+        max_grad_norm = cfg["max_grad_norm"] or float("inf")
         step, micro_batch, skipped = 0, 0, 0
         if self.resume_from is not None:
             step, micro_batch, skipped = self._load_resume_state(model, ema, optimizer, model_args, dataset)
@@ -532,7 +596,13 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         history: List[Dict[str, float]] = []
         model.train()
-        with PreemptionHandler() as preemption, progress:
+        with PreemptionHandler() as preemption, progress, workers_stopped_at_exit(data_iter):
+            stop_signal = preemption.requested()
+            if stop_signal:  # during start-up: nothing trained since the last checkpoint, nothing to save
+                self.log(f"Received {stop_signal} while starting: stopped before step {step + 1} (nothing new to "
+                         f"save); rerun the same command with --resume to continue (exit code {EXIT_PREEMPTED})")
+                acc.end_training()
+                raise SystemExit(EXIT_PREEMPTED)
             while step < cfg["max_train_steps"]:
                 images, moments, labels = next(data_iter)
                 # The same seed on every process and every micro-batch of the step: each draws the step's whole
@@ -553,7 +623,7 @@ class Trainer:
                     precision.scaler.scale(loss / accumulation).backward()
                     if acc.sync_gradients:
                         precision.scaler.unscale_(optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                         applied = torch.isfinite(grad_norm)
                         self._apply_update(optimizer, applied)
                         health.note_update(applied, step + 1)
@@ -608,38 +678,58 @@ class Trainer:
                       f"{' ...' if len(bad) > 5 else ''}); not saved")
         acc.wait_for_everyone()
         path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
+        failure = None
         if acc.is_main_process:
-            ckpt = {
-                "format": CHECKPOINT_FORMAT,
-                # Unique per save: a sample folder made from these weights is tied to this id, not to a path
-                # (last.pt moves on while training goes on).
-                "checkpoint_id": uuid.uuid4().hex,
-                "model": model_state,
-                "ema": ema_state,
-                "opt": state["optimizer"].state_dict(),
-                "scaler": self.precision.state_dict(),
-                "step": step,
-                "skipped_steps": skipped,
-                "data_position": {"micro_batch": micro_batch, "world_size": acc.num_processes,
-                                  "local_batch_size": self.local_batch_size, "dataset_len": state["dataset_len"]},
-                "rng": {"torch": torch.get_rng_state()},
-                "config": self.config,
-                "config_history": self.config_history,
-                "model_args": state["model_args"],
-            }
-            save_checkpoint(ckpt, path)
-            last, tmp = os.path.join(self.ckpt_dir, LAST_CHECKPOINT), temp_path_for(
-                os.path.join(self.ckpt_dir, LAST_CHECKPOINT))
             try:
-                os.link(path, tmp)
-                os.replace(tmp, last)
-            except OSError:  # file systems without hard links: a second copy, written atomically
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                save_checkpoint(ckpt, last)
-            self.log(f"Saved checkpoint {path}")
+                self._write_checkpoint(state, model_state, ema_state, step, micro_batch, skipped, path)
+            except (OSError, RuntimeError) as error:  # ENOSPC, EROFS, EDQUOT, ... (torch wraps them in RuntimeError)
+                failure = error
+        # Every process learns whether the main one could write, and all stop together (none waits in a barrier).
+        failed = acc.reduce(torch.tensor(float(failure is not None), device=self.device), "sum").item() > 0
+        if failed:
+            message = (f"could not write checkpoint {path}: "
+                       f"{write_failure_reason(failure) if failure else 'the main process failed to write it'}. "
+                       + (f"The last good checkpoint is {self.last_good}; it is intact" if self.last_good
+                          else "No checkpoint of this run was written before"))
+            self.log(f"ERROR: {message}")
+            raise CheckpointWriteError(message) from failure
         self.last_good = path
         acc.wait_for_everyone()
+
+    def _write_checkpoint(self, state: Dict[str, Any], model_state: Dict[str, torch.Tensor],
+                          ema_state: Dict[str, torch.Tensor], step: int, micro_batch: int, skipped: int,
+                          path: str) -> None:
+        """checkpoints/NNNNNNN.pt, then last.pt as a hard link to it (main process)."""
+        acc = self.accelerator
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            # Unique per save: a sample folder made from these weights is tied to this id, not to a path
+            # (last.pt moves on while training goes on).
+            "checkpoint_id": uuid.uuid4().hex,
+            "model": model_state,
+            "ema": ema_state,
+            "opt": state["optimizer"].state_dict(),
+            "scaler": self.precision.state_dict(),
+            "step": step,
+            "skipped_steps": skipped,
+            "data_position": {"micro_batch": micro_batch, "world_size": acc.num_processes,
+                              "local_batch_size": self.local_batch_size, "dataset_len": state["dataset_len"]},
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.config,
+            "config_history": self.config_history,
+            "model_args": state["model_args"],
+        }
+        save_checkpoint(ckpt, path)
+        last, tmp = os.path.join(self.ckpt_dir, LAST_CHECKPOINT), temp_path_for(
+            os.path.join(self.ckpt_dir, LAST_CHECKPOINT))
+        try:
+            os.link(path, tmp)
+            os.replace(tmp, last)
+        except OSError:  # file systems without hard links: a second copy, written atomically
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            save_checkpoint(ckpt, last)
+        self.log(f"Saved checkpoint {path}")
 
 
 def compile_blocks(model: torch.nn.Module, teachers: List[torch.nn.Module]) -> None:

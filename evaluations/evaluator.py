@@ -28,6 +28,7 @@ import threading
 import time
 import warnings
 import zipfile
+import zlib
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,8 +82,11 @@ class NpzArrayReader:
             if self._member not in names:
                 keys = ", ".join(n[:-4] for n in names if n.endswith(".npy")) or "none"
                 raise ValueError(f"{path}: missing {key} in npz file (keys: {keys})")
-            with archive.open(self._member) as f:
-                header = self._read_header(f)
+            try:
+                with archive.open(self._member) as f:
+                    header = self._read_header(f)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a small member is read whole here
+                raise ValueError(f"{path}: {key} is damaged ({e}); write the file again") from None
         self._in_memory = None
         if header is None:
             self._in_memory = self._load_whole()
@@ -91,8 +95,11 @@ class NpzArrayReader:
             self.shape, self.dtype, self._streamable = header
 
     def _load_whole(self) -> np.ndarray:
-        with np.load(self.path) as data:
-            return data[self.key]
+        try:
+            with np.load(self.path) as data:
+                return data[self.key]
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+            raise ValueError(f"{self.path}: {self.key} is damaged ({e}); write the file again") from None
 
     @staticmethod
     def _read_header(f):
@@ -126,7 +133,11 @@ class NpzArrayReader:
                 rows = min(batch_size, len(self) - start)
                 buffer = bytearray()
                 while len(buffer) < rows * row_bytes:
-                    chunk = f.read(rows * row_bytes - len(buffer))
+                    try:
+                        chunk = f.read(rows * row_bytes - len(buffer))
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
+                        raise ValueError(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
+                                         f"{start}..{start + rows - 1}; write the file again") from None
                     if not chunk:
                         raise ValueError(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
                     buffer += chunk
@@ -173,18 +184,34 @@ def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choo
 
 def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """{'pool': (mu, sigma), 'spatial': (mu_s, sigma_s)} from an .npz that holds `mu` (ADM), else None."""
-    with np.load(path) as data:
-        if "mu" not in data.files:
-            return None
-        stats = {}
-        for key, shape in STATS_KEYS.items():
-            if key not in data.files:
-                raise ValueError(f"{path}: holds mu but not {key}; ADM reference statistics are mu, sigma, mu_s, "
-                                 f"sigma_s")
-            stats[key] = data[key]
-            if stats[key].shape != shape:
-                raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
-    return {"pool": (stats["mu"], stats["sigma"]), "spatial": (stats["mu_s"], stats["sigma_s"])}
+    try:
+        with np.load(path) as data:
+            if "mu" not in data.files:
+                return None
+            stats = {}
+            for key, shape in STATS_KEYS.items():
+                if key not in data.files:
+                    raise ValueError(f"{path}: holds mu but not {key}; ADM reference statistics are mu, sigma, "
+                                     "mu_s, sigma_s")
+                stats[key] = data[key]
+                if stats[key].shape != shape:
+                    raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{path}: damaged .npz ({e}); write the file again") from None
+    stats = {"pool": (stats["mu"], stats["sigma"]), "spatial": (stats["mu_s"], stats["sigma_s"])}
+    check_finite_statistics(stats, f"{path}: its stored statistics")
+    return stats
+
+
+def check_finite_statistics(stats: Dict[str, Tuple[np.ndarray, np.ndarray]], what: str) -> None:
+    """Refuse statistics holding a NaN or an infinity, naming where they came from: scipy's sqrtm of such a matrix
+    does not return (the FID would hang, not fail)."""
+    for name, keys in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s"))):
+        for key, array in zip(keys, stats[name]):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise ValueError(f"{what}: {key} holds {bad:,} NaN or infinite value(s); no FID can be computed "
+                                 "from it")
 
 
 def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
@@ -466,6 +493,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
 
     log("computing/reading reference batch statistics...")
     ref_stats = ref_file_stats or {name: compute_statistics(ref_acts[name]) for name in ("pool", "spatial")}
+    check_finite_statistics(ref_stats, f"{ref_batch}: the statistics of its Inception features")
     lap("reference_statistics")
 
     log("computing sample batch activations...")
@@ -476,6 +504,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     log("computing/reading sample batch statistics...")
     sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name])
                                          for name in ("pool", "spatial")}
+    check_finite_statistics(sample_stats, f"{sample_batch}: the statistics of its Inception features")
     lap("sample_statistics")
 
     log("Computing evaluations...")

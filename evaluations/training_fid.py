@@ -91,6 +91,7 @@ class FidHook:
                 self.inception, path, reader, weights_id(config["inception_weights"]), self.device,
                 self.micro_batch_size or 64, cache_dir)
             stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+            evaluator.check_finite_statistics(stats, f"--fid-ref {path}: the statistics of its Inception features")
             source = f"the statistics of its {len(reader):,} images (activation cache: {cache})"
         s = self.sampler
         cfg = f", CFG {s['cfg_scale']} on t in [{s['guidance_low']}, {s['guidance_high']}]" if s["cfg_scale"] > 1 \
@@ -145,6 +146,7 @@ class FidHook:
         if len(order) != self.num_samples:
             raise RuntimeError(f"in-training FID: gathered {len(order)} samples, expected {self.num_samples}")
         stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+        evaluator.check_finite_statistics(stats, f"in-training FID: the statistics of the {self.num_samples:,} samples")
         return {"fid": evaluator.frechet_distance(*stats["pool"], *self.reference_stats["pool"]),
                 "sfid": evaluator.frechet_distance(*stats["spatial"], *self.reference_stats["spatial"]),
                 "inception_score": evaluator.inception_score(acts["probs"],

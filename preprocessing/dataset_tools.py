@@ -98,7 +98,7 @@ def check_or_write_settings(folder: str, settings: dict, must_match: Sequence[st
         differing = [f"{k}: {previous.get(k)!r} before, {settings.get(k)!r} now"
                      for k in must_match if previous.get(k) != settings.get(k)]
         if differing:
-            raise SystemExit(f"error: {folder} was written by an earlier run with other settings "
+            raise ValueError(f"{folder} was written by an earlier run with other settings "
                              f"({'; '.join(differing)}); use an empty destination or the same settings to resume")
     save_json_atomic(settings, path, indent=1)
 
@@ -136,11 +136,11 @@ def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], in
     Classes are the sorted subfolder names (label k = k-th name); images are found recursively inside each.
     """
     if not os.path.isdir(source):
-        raise SystemExit(f"error: --source {source} is not a folder")
+        raise ValueError(f"--source {source} is not a folder")
     pil_extensions = tuple(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
     class_names = sorted(e.name for e in os.scandir(source) if e.is_dir())
     if not class_names:
-        raise SystemExit(f"error: --source {source} has no class subfolders (expected ImageNet's layout "
+        raise ValueError(f"--source {source} has no class subfolders (expected ImageNet's layout "
                          f"SOURCE/<class>/<image>)")
     stray = sum(1 for e in os.scandir(source) if e.is_file())
     files, labels = [], []
@@ -149,7 +149,7 @@ def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], in
             files.append(f"{name}/{rel}")
             labels.append(label)
     if not files:
-        raise SystemExit(f"error: no images found in the class folders of {source}")
+        raise ValueError(f"no images found in the class folders of {source}")
     return files, labels, class_names, stray
 
 
@@ -258,7 +258,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     rank, local_rank, world_size = distributed_env()
     is_main = rank == 0
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but CUDA is not available")
+        raise ValueError("--device cuda, but CUDA is not available")
     if device_type == "cuda" or (device_type == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -272,20 +272,20 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     try:
         labels_path = os.path.join(source, LABELS_FILE)
         if not os.path.isfile(labels_path):
-            raise SystemExit(f"error: {labels_path} not found; `convert` writes it (labels keyed by PNG path)")
+            raise ValueError(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
         image_labels = read_labels(labels_path)
         files = list_files(source, IMAGE_EXTENSIONS)
         if max_images is not None:
             files = files[:max_images]
         if not files:
-            raise SystemExit(f"error: no images under --source {source}")
+            raise ValueError(f"no images under --source {source}")
         unlabeled = [f for f in files if f not in image_labels]
         if unlabeled:
-            raise SystemExit(f"error: {labels_path} has no label for {os.path.join(source, unlabeled[0])} "
+            raise ValueError(f"{labels_path} has no label for {os.path.join(source, unlabeled[0])} "
                              f"({len(unlabeled)} image(s) unlabeled)")
         size = load_image(os.path.join(source, files[0])).shape[1]
         if size % 8:
-            raise SystemExit(f"error: image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
+            raise ValueError(f"image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
 
         if is_main:
             os.makedirs(dest, exist_ok=True)
@@ -319,7 +319,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
         if is_main:
             missing = [f for f in files if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
             if missing:
-                raise SystemExit(f"error: {len(missing)} latent(s) missing after encoding, e.g. for {missing[0]}; "
+                raise ValueError(f"{len(missing)} latent(s) missing after encoding, e.g. for {missing[0]}; "
                                  f"rerun the same command to resume")
             entries = [[latent_relpath(f), image_labels[f]] for f in files]
             save_json_atomic({"labels": entries}, os.path.join(dest, LABELS_FILE))
@@ -332,7 +332,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
 
 def encode(args) -> None:
     if not os.path.isdir(args.source):
-        raise SystemExit(f"error: --source {args.source} is not a folder")
+        raise ValueError(f"--source {args.source} is not a folder")
     run_encode(args.source, args.dest, args.vae, args.batch_size, args.workers, args.max_images,
                args.allow_download, args.device)
 
@@ -413,11 +413,11 @@ def demo_image(label: int, index: int, seed: int, resolution: int) -> np.ndarray
 
 def make_demo(args) -> None:
     if distributed_env()[2] > 1:
-        raise SystemExit("error: make-demo runs as a single process (it is small); start it with plain python")
+        raise ValueError("make-demo runs as a single process (it is small); start it with plain python")
     if not 2 <= args.num_classes <= len(DEMO_SHAPES):
-        raise SystemExit(f"error: --num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
+        raise ValueError(f"--num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
     if args.resolution % 16:
-        raise SystemExit(f"error: --resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
+        raise ValueError(f"--resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
                          f"got {args.resolution}")
     images_dir = os.path.join(args.dest, IMAGES_DIR)
     os.makedirs(images_dir, exist_ok=True)

@@ -173,6 +173,8 @@ def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, 
     ("evaluations/demo_metrics.py", ["{tmp}/ref.npz", "{tmp}/sample.npz"], "{tmp}/ref.npz"),
     ("preprocessing/dataset_tools.py", ["reference", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/r.npz"],
      "{tmp}/nodata"),
+    ("preprocessing/dataset_tools.py", ["convert", "--source", "{tmp}/noimages", "--dest", "{tmp}/out"],
+     "{tmp}/noimages"),
 ])
 def test_a_missing_input_file_is_one_line_in_every_entry_point(command, argv, names, tmp_path):
     fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731

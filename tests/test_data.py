@@ -177,7 +177,7 @@ def test_encode_resumes_without_redoing_or_leaving_partial_files(encoded, monkey
 def test_encode_refuses_to_mix_vaes(encoded, tmp_path):
     converted = encoded
     load_vae("random-tiny").save_pretrained(tmp_path / "other-vae")
-    with pytest.raises(SystemExit, match="vae"):
+    with pytest.raises(ValueError, match="vae"):
         dataset_tools.main(["encode", "--source", str(converted / "images"), "--dest", str(converted / "vae-sd"),
                             "--vae", str(tmp_path / "other-vae"), "--workers", "0", "--device", "cpu"])
 

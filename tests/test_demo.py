@@ -69,9 +69,9 @@ def test_short_demo_runs_every_stage_and_a_rerun_recomputes_nothing(tmp_path, mo
     after = {**finished_files(out), **finished_files(data)}
     changed = sorted(p for p in before if after.get(p) != before[p])
     # The pictures are redrawn from the logs and the .npz (cheap, the same picture); log.txt and the configs record
-    # the rerun.
+    # the rerun, whose phases held their folders' run.lock again.
     assert all(os.path.basename(p) in ("losses.png", "samples_by_class.png", "log.txt", "config.yaml",
-                                       "config_history.yaml")
+                                       "config_history.yaml", "run.lock")
                for p in changed), changed
     assert again["metrics"] == metrics
     with open(out / "phase2" / "metrics.jsonl") as f:

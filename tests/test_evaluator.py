@@ -315,6 +315,44 @@ def test_reader_rejects_a_file_that_is_not_an_npz(tmp_path):
         NpzArrayReader(str(tmp_path / "missing.npz"))
 
 
+def test_a_damaged_npz_names_the_file(tmp_path):
+    """One flipped byte inside arr_0's data: zip's CRC check fails when the rows are read; the error names the file
+    (it was a BadZipFile traceback naming none)."""
+    path = tmp_path / "flipped.npz"
+    np.savez(path, arr_0=np.arange(20 * 8 * 8 * 3, dtype=np.int64).astype(np.uint8).reshape(20, 8, 8, 3))
+    data = bytearray(path.read_bytes())
+    data[300] ^= 0xFF  # past the zip and .npy headers, inside the pixels
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped\.npz: arr_0 is damaged \(Bad CRC-32.*write the file again"):
+        for _ in open_images(str(path)).iter_batches(8):  # a small member fails already in its header's read
+            pass
+    big = tmp_path / "big.npz"
+    np.savez(big, arr_0=np.zeros((64, 64, 64, 3), np.uint8))  # 786 KB: the damage is found while streaming rows
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    big.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"big\.npz: arr_0 is damaged \(Bad CRC-32.*while reading rows"):
+        for _ in open_images(str(big)).iter_batches(8):
+            pass
+
+
+def test_statistics_with_a_nan_are_refused_naming_the_file_instead_of_hanging(tmp_path):
+    """scipy's sqrtm of a matrix with a NaN does not return: the evaluator sat 13 minutes in 'Computing
+    evaluations...'. Stored statistics are checked when read, computed ones before the FID."""
+    ref = tmp_path / "ref.npz"
+    sigma = np.eye(POOL_DIM)
+    sigma[3, 5] = np.nan
+    np.savez(ref, np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(POOL_DIM), sigma=sigma, mu_s=np.zeros(SPATIAL_DIM),
+             sigma_s=np.eye(SPATIAL_DIM))
+    with pytest.raises(ValueError, match=r"ref\.npz: its stored statistics: sigma holds 1 NaN or infinite value"):
+        evaluator.read_statistics(str(ref))
+    acts = np.ones((4, 3))
+    acts[1, 2] = np.inf
+    stats = {"pool": evaluator.compute_statistics(acts), "spatial": evaluator.compute_statistics(np.ones((4, 3)))}
+    with pytest.raises(ValueError, match=r"samples.npz: x: mu holds 1 NaN or infinite value"):
+        evaluator.check_finite_statistics(stats, "samples.npz: x")
+
+
 def test_images_that_are_not_uint8_are_refused_from_the_header_without_loading_them(tmp_path, monkeypatch):
     path = tmp_path / "fortran.npz"
     np.savez(path, np.asfortranarray(np.zeros((4, 8, 8, 3), np.float32)))  # a layout the reader loads whole

@@ -9,8 +9,8 @@ from tests.conftest import ROOT
 
 # package -> the top-level packages and entry-point modules its files must not import
 FORBIDDEN = {
-    "models": {"erw", "evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo"},
-    "erw": {"evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo"},
+    "models": {"erw", "evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo", "launch"},
+    "erw": {"evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo", "launch"},
 }
 
 

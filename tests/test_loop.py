@@ -202,6 +202,24 @@ def test_the_applied_gradient_is_the_raw_one_clipped_to_max_grad_norm(demo_data,
         torch.testing.assert_close(value, g[key] * coef, rtol=1e-5, atol=1e-5 * coef * norm.item() / 100)
 
 
+def test_max_grad_norm_0_means_no_clipping(demo_data, tmp_path, monkeypatch):
+    """0 turns clipping off, as most codebases read it (clip_grad_norm_ with 0 would zero every gradient): AdamW gets
+    the raw gradient, and the log holds its norm."""
+    calls, raw = [], {}
+    observe_fit(monkeypatch, before=record_raw_gradients(calls, raw))
+    steps = record_optimizer_steps(monkeypatch)
+    result = train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "1", "--log-every", "1",
+                                         "--max-grad-norm", "0"))
+    (applied,) = [s["grads"] for s in steps]
+    g = raw[1]
+    norm = torch.cat([v.flatten() for v in g.values()]).norm()
+    assert norm > 0
+    for key, value in applied.items():
+        assert torch.equal(value, g[key])  # multiplied by exactly 1
+    # float32 norm of ~10^5 entries against the float64 one: 1e-5 relative
+    assert result["history"][-1]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------ no host sync between log steps
 
 # Tensor methods that copy a value to the host: on CUDA each waits for every queued kernel.

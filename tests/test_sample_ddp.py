@@ -182,7 +182,8 @@ def test_rerun_after_last_pt_moved_on_never_mixes_two_models(checkpoints, tmp_pa
                  tmp_path / "fresh")
     assert _read(npz) == _read(fresh)  # every row from the new weights
     assert npz[: -len(".npz")] != old_folder and "-step0000008-bbbbbbbb-ema-" in os.path.basename(npz)
-    assert sorted(os.listdir(old_folder)) == [f"{i:06d}.png" for i in range(4)]  # the old run is left as it was
+    # The old run is left as it was (its released lock file aside).
+    assert sorted(set(os.listdir(old_folder)) - {"run.lock"}) == [f"{i:06d}.png" for i in range(4)]
     assert "a" * 32 + "/ema" in out and old_folder in out  # and the rerun says where it went and why
 
 
@@ -316,3 +317,47 @@ def test_bad_checkpoints_and_flags_are_named(checkpoints):
         load_sampling_model(checkpoints["warmup"], "ema")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_sampling_model(checkpoints["ours"] + ".missing", "ema")
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give a checkpoint file in it, e\.g\. .*last\.pt"):
+        load_sampling_model(os.path.dirname(checkpoints["ours"]), "ema")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    (["--cfg-scale", "2", "--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low <= --guidance-high"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size must be >= 0"),
+])
+def test_refused_settings_leave_nothing_behind(checkpoints, tmp_path, capsys, flags, message):
+    """Checked before the checkpoint is read or a folder made: no empty sample folder, no settings .json."""
+    with pytest.raises(ValueError, match=message):
+        _run(checkpoints["ours"], tmp_path / "samples", *flags)
+    assert not os.path.exists(tmp_path / "samples")
+    assert "already in" not in capsys.readouterr().out
+
+
+def test_a_second_sampler_into_a_live_runs_folder_is_refused_naming_it(checkpoints, reference, tmp_path,
+                                                                        monkeypatch):
+    """While one run fills a sample folder, a second process asked for the same folder exits 2 at once, naming the
+    first (host and PID); it removes none of the first's files; the first then finishes the same .npz as ever."""
+    real_save, second = erw.generation.save_png, []
+
+    def save_then_start_a_second_run(image, path):
+        real_save(image, path)
+        if not second:  # the first run holds the folder now
+            planted = os.path.join(os.path.dirname(path), ".000099.png.abcd1234.tmp")
+            open(planted, "w").close()  # looks like a killed run's temp; here it could be the live run's
+            second.append(subprocess.run(
+                [sys.executable, os.path.join(ROOT, "sample_ddp.py"), "--ckpt", checkpoints["ours"],
+                 "--sample-dir", str(tmp_path), *RUN_FLAGS, "--per-proc-batch-size", "3"],
+                cwd=ROOT, capture_output=True, text=True, timeout=300))
+            second.append(os.path.exists(planted))
+            os.remove(planted)
+
+    monkeypatch.setattr(erw.generation, "save_png", save_then_start_a_second_run)
+    npz = _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
+    result, temp_kept = second
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "is in use by another run" in result.stderr and f"PID {os.getpid()}," in result.stderr
+    assert temp_kept
+    assert _read(npz) == reference[1]
+    with open(os.path.join(npz[:-len(".npz")], "run.lock")) as f:
+        assert f.read() == ""  # released: the next run finds no holder

@@ -6,7 +6,7 @@ import torch
 
 import train_warmup
 from erw.checkpoint import load_checkpoint
-from erw.config import ConfigError, resolve_config
+from erw.config import OPTIONS, ConfigError, resolve_config
 from erw.losses import Objective
 from models.encoders import load_teachers
 from models.sit import create_sit
@@ -97,6 +97,61 @@ def test_bad_config_value_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="warmup_ckpt"):
         bad.write_text("exp_name: x\nwarmup:\n  warmup_ckpt: a.pt\n")
         resolve_config("warmup", ["--config", str(bad)])
+    # The section of the other phase is checked too: Phase 1 refuses a typo that only Phase 2 would read.
+    bad.write_text("exp_name: x\ntrain:\n  encoder_dpeth: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml \[train\]: unknown config key 'encoder_dpeth'"):
+        resolve_config("warmup", ["--config", str(bad)])
+    bad.write_text("exp_name: x\ntrain:\n  proj_coeff: -1\n")
+    with pytest.raises(ConfigError, match=r"\[train\]: 'proj_coeff' must be in \[0, inf\)"):
+        resolve_config("warmup", ["--config", str(bad)])
+
+
+# What each number means bounds it (written here from the meaning, not read from erw/config.py): probabilities and
+# the guidance interval in [0, 1], decays and Adam's betas in [0, 1), a learning rate, temperature, half-life and
+# epsilon strictly positive, counts and intervals from their least meaningful value.
+INF = float("inf")
+RANGES = {
+    "cfg_prob": "[0, 1]", "guidance_low": "[0, 1]", "guidance_high": "[0, 1]",
+    "ema_decay": "[0, 1)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+    "learning_rate": "(0, inf)", "ntxent_temp": "(0, inf)", "proj_half_life": "(0, inf)", "adam_epsilon": "(0, inf)",
+    "proj_coeff": "[0, inf)", "adam_weight_decay": "[0, inf)", "max_grad_norm": "[0, inf)", "cfg_scale": "[1, inf)",
+    "seed": "[0, inf)", "num_workers": "[0, inf)", "warmup_layers": "[0, inf)", "fid_every": "[0, inf)",
+    "max_train_steps": "[0, inf)", "log_every": "[1, inf)", "num_classes": "[1, inf)", "warmup_depth": "[1, inf)",
+    "sampling_steps": "[1, inf)", "sample_grid_size": "[1, inf)", "sample_num_steps": "[1, inf)",
+    "fid_num_steps": "[1, inf)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+    "checkpointing_steps": "[1, inf)", "fid_num_samples": "[2, inf)", "resolution": "[8, inf)",
+}
+NUMERIC = [o for o in OPTIONS if o.type.__name__ in ("integer", "number")]
+
+
+def test_every_numeric_setting_has_its_true_range():
+    assert {o.name: o.bounds for o in NUMERIC} == RANGES
+
+
+def _outside(option):
+    """Values just outside the option's range (RANGES), and the non-finite ones."""
+    low, high = (float(x) for x in RANGES[option.name][1:-1].split(","))
+    step = 1 if option.type.__name__ == "integer" else 1e-9
+    values = [low - step if RANGES[option.name][0] == "[" else low]
+    if high != INF:
+        values.append(high + step if RANGES[option.name][-1] == "]" else high)
+    if option.type.__name__ == "number":
+        values += [float("nan"), INF]
+    return values
+
+
+@pytest.mark.parametrize("option", NUMERIC, ids=[o.name for o in NUMERIC])
+def test_a_value_outside_its_range_is_refused_naming_the_flag(option, tmp_path):
+    phase = option.phases[0]
+    base = ["--exp-name", "x"] + (["--warmup-ckpt", "none"] if phase == "train" else [])
+    for value in _outside(option):
+        text = str(int(value)) if option.type.__name__ == "integer" else repr(value)
+        with pytest.raises(ConfigError, match=f"flag {option.flag}: "):
+            resolve_config(phase, base + [f"{option.flag}={text}"])  # = : argparse reads "-1" as a flag
+    config = tmp_path / "c.yaml"
+    config.write_text(f"exp_name: x\n{option.name}: {_outside(option)[0]!r}\n")
+    with pytest.raises(ConfigError, match=f"{option.name}"):
+        resolve_config(phase, ["--config", str(config)] + base[2:])
 
 
 def test_malformed_config_files_name_the_key(tmp_path):

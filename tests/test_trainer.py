@@ -1,5 +1,6 @@
 """The shared training loop around the formulas: non-finite updates, checkpoints that are always good, resume with
 changed settings, old checkpoints, metrics.jsonl, temp files and file modes, preemption by a real signal."""
+import errno
 import json
 import os
 import shutil
@@ -156,6 +157,19 @@ def test_resume_override_applies_and_records_the_change(demo_data, tmp_path):
     assert "run-control setting max_train_steps: 2 -> 4" in log
 
 
+def test_resume_past_the_target_step_is_refused_and_config_yaml_stays_true(demo_data, tmp_path):
+    train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "2"))
+    config_yaml = os.path.join(_exp(tmp_path), "config.yaml")
+    with open(config_yaml) as f:
+        before = f.read()
+    with pytest.raises(ValueError, match=r"0000004.pt is at step 4, past --max-train-steps 2: there is nothing to "
+                                         r"train. Pass --max-train-steps above 4"):
+        train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "2", "--resume"))
+    with open(config_yaml) as f:
+        assert f.read() == before and yaml.safe_load(before)["max_train_steps"] == 4
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
+
+
 def test_resume_override_without_resume_is_refused(demo_data, tmp_path):
     with pytest.raises(ValueError, match="--resume-override applies only together with --resume"):
         train_warmup.main(tiny_args(demo_data, tmp_path, "--resume-override", "seed"))
@@ -289,11 +303,11 @@ def _run(cmd):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _start_and_signal(cmd, metrics_path, signum, to_group):
+def _start_and_signal(cmd, metrics_path, signum, to_group, preexec_fn=None):
     """Start cmd in its own session, wait until it has logged step 2, send signum, wait for the exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if os.path.isfile(metrics_path):
@@ -305,6 +319,53 @@ def _start_and_signal(cmd, metrics_path, signum, to_group):
     (os.killpg if to_group else os.kill)(proc.pid, signum)
     output = proc.communicate(timeout=300)[0]
     return proc.returncode, output
+
+
+def test_a_full_disk_names_the_checkpoint_the_reason_and_the_last_good_one(demo_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The second save meets a full disk, as torch's writer reports it (a RuntimeError whose cause is the OSError):
+    one line says which file, why, and which checkpoint is the last good one, which stays intact; exit status 74."""
+    from erw.checkpoint import EXIT_IO_ERROR
+    from erw.cli import run_main
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(obj.get("step") if isinstance(obj, dict) else None)
+        if saves[-1] == 4:
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as full:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from full
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as exited:
+        run_main(train_warmup.main, tiny_args(demo_data, tmp_path, "--max-train-steps", "6",
+                                              "--checkpointing-steps", "2"))
+    assert exited.value.code == EXIT_IO_ERROR == 74
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: could not write checkpoint {_ckpt(tmp_path, '0000004.pt')}: No space left on device "
+                     f"(ENOSPC). The last good checkpoint is {_ckpt(tmp_path, '0000002.pt')}; it is intact"]
+    assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 2
+    assert sorted(os.listdir(_ckpt(tmp_path, ""))) == ["0000002.pt", "last.pt"]  # no temp file left
+    assert "ERROR: could not write checkpoint" in _log_text(tmp_path)
+
+
+def test_a_preemption_save_that_cannot_be_written_does_not_exit_75(demo_data, tmp_path):
+    """SIGTERM, and the file system refuses the checkpoint (a file-size limit here, EFBIG; ENOSPC or EROFS on a
+    cluster): the run exits 74, not 75 (a requeue script would resume from nothing) nor 0."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))  # logs fit, a checkpoint does not
+
+    cmd = _train_warmup_cmd(demo_data, tmp_path, "preempted")
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", trainer_module.METRICS_FILE),
+                                     signal.SIGTERM, to_group=False, preexec_fn=limit_file_size)
+    assert code == 74, output[-3000:]
+    assert "error: could not write checkpoint" in output and "File too large (EFBIG)" in output
+    assert "No checkpoint of this run was written before" in output
 
 
 def test_sigterm_checkpoints_exits_and_resume_continues_bit_for_bit(demo_data, tmp_path):

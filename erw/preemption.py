@@ -1,0 +1,64 @@
+"""Preemption as a scheduler sees it: which signals stop a run, the exit statuses a requeue script reads, and how a
+training process tells launch.py how it ended. No torch here: launch.py and the entry points' first lines use it
+before anything heavy is imported.
+
+- SIGTERM / SIGUSR1 stop training at a step boundary with a checkpoint (erw/trainer.py), exit EXIT_PREEMPTED.
+- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (erw/checkpoint.py).
+- A signal that arrives while the process is still starting up is recorded by `catch_early_preemption` instead of
+  killing it (status 143, no message); the trainer reads it and stops before its first step.
+"""
+import os
+import signal
+import socket
+from typing import Optional
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": a requeue script can tell preemption from failure
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR: "could not write", told apart from success and from preemption
+# launch.py sets it; each training process writes its exit status into that folder (report_exit_status).
+EXIT_STATUS_DIR_ENV = "ERW_LAUNCH_STATUS_DIR"
+
+_early_signal: Optional[str] = None
+
+
+def _record_early(signum, frame) -> None:
+    global _early_signal
+    _early_signal = signal.Signals(signum).name
+
+
+def catch_early_preemption() -> None:
+    """From now on a preemption signal is recorded (`early_preemption`) rather than fatal. Entry points call it on
+    their first line, so that start-up (imports, data, model, a checkpoint to read) is covered too."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, _record_early)
+
+
+def early_preemption() -> Optional[str]:
+    """The name of a preemption signal caught by catch_early_preemption's handler, if any."""
+    return _early_signal
+
+
+def report_exit_status(code: int) -> None:
+    """Under launch.py, leave this process's exit status where the wrapper reads it (atomically, one file per
+    process). The launchers themselves pass on only 0 or 1."""
+    directory = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if not directory or not os.path.isdir(directory):
+        return
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{code}\n")
+    os.replace(tmp, os.path.join(directory, name))
+
+
+def read_exit_statuses(directory: str) -> list:
+    """The exit statuses that training processes reported into `directory` (report_exit_status)."""
+    codes = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("."):
+            continue
+        with open(os.path.join(directory, name)) as f:
+            text = f.read().strip()
+        if text.lstrip("-").isdigit():
+            codes.append(int(text))
+    return codes
