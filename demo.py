@@ -21,13 +21,11 @@ ADM suite with a RANDOM Inception network (it checks the plumbing only).
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
@@ -70,7 +68,7 @@ def make_data(data_dir: str, images_per_class: int) -> str:
 
 def run_phase(entry_point, args, exp_dir):
     """Run a training entry point, resuming it when an earlier demo run left a checkpoint."""
-    from erw.trainer import LAST_CHECKPOINT, numbered_checkpoints
+    from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     if os.path.isfile(os.path.join(ckpt_dir, LAST_CHECKPOINT)) or numbered_checkpoints(ckpt_dir):
         args = [*args, "--resume"]
@@ -95,7 +93,7 @@ def cached_json(path: str, key: dict, compute):
         if stored.get("key") == key:
             return stored["result"]
     result = compute()
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps({"key": key, "result": result}, indent=1).encode()))
     return result
 
@@ -119,7 +117,7 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
     """One row per class: `per_class` real images, then the first `per_class` samples generated for that class."""
     from PIL import Image
 
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
         rows = []
         for c in range(int(ref["arr_1"].max()) + 1):
@@ -153,7 +151,7 @@ def _figure(columns: int):
 
 
 def _save(figure, path: str) -> None:
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
@@ -186,7 +184,7 @@ def run_table(args, start: float) -> dict:
     warmup counts), evaluated --table-evals times along the way. Writes table.md, table.json and table.png."""
     import train
     import train_warmup
-    from erw.trainer import numbered_checkpoints
+    from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
     if args.table_steps % (2 * args.table_evals):
         raise ValueError(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
                          f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
@@ -199,7 +197,7 @@ def run_table(args, start: float) -> dict:
         "SiT": ["--enc-type", "none", "--warmup-ckpt", "none", "--max-train-steps", str(args.table_steps)],
         "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none",
                  "--max-train-steps", str(args.table_steps)],
-        "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", "last.pt"),
+        "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", LAST_CHECKPOINT),
                 "--max-train-steps", str(args.table_steps - warmup)],
     }
     offsets = {"SiT": 0, "REPA": 0, "ERW": warmup}
@@ -222,13 +220,14 @@ def run_table(args, start: float) -> dict:
         last = curves[method][-1]
         lines.append(f"| {method} | {last['total_steps']} | {last['fd_demo']:.2f} | {last['class_accuracy']:.1%} |")
     table = "\n".join(lines)
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
     atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
     _save(table_figure(curves), os.path.join(out, "table.png"))
     minutes = (time.perf_counter() - start) / 60
     print(f"\n=== SiT vs REPA vs ERW on the demo data, {args.table_steps} optimizer steps each "
-          f"({minutes:.1f} min) ===\n{table}\n  curves: {os.path.join(out, 'table.png')}, {os.path.join(out, 'table.json')}")
+          f"({minutes:.1f} min) ===\n{table}\n"
+          f"  curves: {os.path.join(out, 'table.png')}, {os.path.join(out, 'table.json')}")
     return {"curves": curves, "table": table, "minutes": minutes}
 
 

@@ -23,17 +23,13 @@ is still saving, sample a numbered checkpoint: processes that load different wei
 their loads) are refused.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from erw.cli import ArgumentParser, run_main  # noqa: E402
-from erw.generation import (DEVICES, LABEL_MODES, PRECISIONS, WEIGHTS, add_repa_model_flags,  # noqa: E402
-                            run_sampling)
-from erw.samplers import MODES  # noqa: E402
-from erw.transport import PATH_TYPES  # noqa: E402
-from models.vae import PIXEL_ROUNDINGS  # noqa: E402
+from erw.cli import ArgumentParser, run_main
+from erw.checkpoint import WEIGHTS, add_repa_model_flags
+from erw.generation import DEVICES, LABEL_MODES, PRECISIONS, run_sampling
+from erw.samplers import MODES
+from erw.transport import PATH_TYPES
+from models.vae import PIXEL_ROUNDINGS
 
 
 def build_parser() -> argparse.ArgumentParser:

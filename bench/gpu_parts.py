@@ -45,7 +45,8 @@ PROFILE_NAME = "profile-xl2-phase2.md"
 SHM = "/dev/shm"
 # What the suite imports before it forks its parts (bench/part_runner.py), so that no part pays for them again
 # ("module:attribute" also loads what the attribute loads lazily: diffusers' models).
-PRELOAD = ("timm", "diffusers.models:AutoencoderKL", "accelerate", "scipy.linalg", "pytest", "train", "train_warmup", "sample_ddp",
+PRELOAD = ("timm", "diffusers.models:AutoencoderKL", "accelerate", "scipy.linalg", "pytest", "train", "train_warmup",
+           "sample_ddp",
            "evaluations.evaluator", "evaluations.training_fid", "bench.bench_sampler", "bench.bench_evaluator",
            "bench.loop_probe", "preprocessing.dataset_tools")
 OPTIONAL_PACKAGES = {"timm": "teacher", "diffusers": "VAE", "accelerate": "trainer", "triton": "--compile on GPUs",
@@ -600,7 +601,8 @@ def profile_summary(events, on_gpu: bool, steps: int, top: int = 15) -> Dict[str
     rows.sort(key=lambda r: -r[2])
     return {"time_measured": "self GPU-kernel time" if on_gpu else "self CPU time of the ops",
             "total_ms_per_step": round(total, 3),
-            "by_category_ms_per_step": {c: round(ms, 3) for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "by_category_ms_per_step": {c: round(ms, 3)
+                                        for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])},
             "top": [{"name": name[:120], "category": c, "ms_per_step": round(ms, 3), "calls_per_step": n}
                     for name, c, ms, n in rows[:top]]}
 
@@ -622,7 +624,7 @@ def run_profile(ctx: Context, part: Part) -> Dict[str, Any]:
     the summary table goes to the output folder as PROFILE_NAME."""
     import train
     from bench.loop_probe import ObjectiveProbe, probing
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     scale, p = ctx.scale, ctx.scale.profile
     on_gpu = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])

@@ -139,7 +139,7 @@ class Results:
         self.report = report
 
     def write(self) -> None:
-        from erw.checkpoint import atomic_write
+        from erw.files import atomic_write
         self.report["missing"] = missing_parts(self.report)
         self.report["derived"] = derived(self.report)
         self.report["elapsed_s"] = round(time.time() - self.report["started_at"], 1)
@@ -150,7 +150,7 @@ class Results:
 
 def write_table(path: str, report: Dict[str, Any]) -> None:
     """The markdown table beside the JSON; a table that cannot be drawn says why and costs no result."""
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     try:
         text = markdown_report(report)
     except Exception as e:
@@ -415,7 +415,7 @@ def main(argv=None, started_at: Optional[float] = None) -> int:
 
 def _record_stop(output: str, why: str, log: Callable[[str], None]) -> None:
     """Mark the suite and its parts that had not ended as stopped, in the results file on disk."""
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     path = os.path.join(output, RESULTS_NAME)
     if not os.path.isfile(path):
         return

@@ -32,7 +32,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from erw.checkpoint import atomic_write
+from erw.files import atomic_write
 
 POLL_S = 0.05
 

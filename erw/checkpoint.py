@@ -1,87 +1,25 @@
-"""Checkpoint files: atomic writes, safe loads, and strict weight imports that say what is wrong."""
+"""The checkpoint format, in one place: a run's checkpoints/ folder (NNNNNNN.pt per save, last.pt a hard link to
+the newest; the newest intact one found for --resume), writing them atomically, loading them safely, and every
+reader that turns a checkpoint into a SiT: ours (model_args inside) and REPA's (model flags beside it), with strict
+weight imports that name what differs. A write that fails says why and which checkpoint is the last good one."""
+import argparse
 import errno
+import hashlib
 import os
 import re
-import tempfile
-from typing import IO, Callable, Iterable, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
+from erw.config import OPTIONS_BY_NAME, add_flags
+from erw.files import atomic_write, temp_path_for
 from erw.preemption import EXIT_IO_ERROR
 # Key and shape checks live in models/ (the teacher loader needs them too, and models/ does not import erw/); they
 # are imported here so that erw's loaders find every checkpoint helper in one place.
 from models.weights import (COMPILED_PREFIX, check_state_dict, load_state_dict_strict,  # noqa: F401
                             plain_state_dict)
-
-
-# What atomic_write's temp files are called: `.<final name>.<8 random characters>.tmp` (tempfile.mkstemp's
-# alphabet), so that stale ones can be recognised and removed without touching anything else.
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def temp_path_for(path: str) -> str:
-    """A fresh temp name beside `path` in atomic_write's pattern (for writers that cannot use atomic_write)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
-
-
-def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
-    """Call write_fn on a binary temp file beside `path`, then rename it over `path`: a crash leaves the old file
-    or the new one, never half of one. The file gets the mode a plain open() would give (0666 minus the umask;
-    mkstemp alone gives 0600, which other users of a shared file system cannot read). Temp names follow
-    `.<name>.<random>.tmp`, which no reader of ours picks up and remove_stale_temps recognises."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def is_temp_name(name: str, targets: Optional[Iterable[str]] = None) -> bool:
-    """Whether a file name is one of atomic_write's temps (of one of `targets`, the final names, when given)."""
-    match = _TEMP_NAME.match(name)
-    return bool(match) and (targets is None or match.group("target") in set(targets))
-
-
-def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, recursive: bool = False) -> int:
-    """Delete the temp files an interrupted atomic_write left in `directory` (and below, if `recursive`), only
-    those of our naming pattern and, when `targets` is given, only temps of those final names. Call it before
-    this run writes there: a temp of a write in progress looks the same. Returns how many were removed."""
-    if not os.path.isdir(directory):
-        return 0
-    targets = None if targets is None else set(targets)
-    removed = 0
-    for root, dirs, files in os.walk(directory):
-        for name in files:
-            if is_temp_name(name, targets):
-                os.remove(os.path.join(root, name))
-                removed += 1
-        if not recursive:
-            break
-    return removed
+from models.sit import SiT, create_sit
 
 
 class CheckpointWriteError(OSError):
@@ -112,10 +50,216 @@ def load_checkpoint(path: str) -> dict:
     """Load a checkpoint on the CPU with weights_only=True (plain dicts, tensors and numbers only)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path} is a folder; give a checkpoint file in it, e.g. "
-                                f"{os.path.join(path, 'checkpoints', 'last.pt')}")
+                                f"{os.path.join(path, 'checkpoints', LAST_CHECKPOINT)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+
+
+WEIGHTS = ("ema", "model")  # the two sets of weights a checkpoint holds
+# The run folder's checkpoints: checkpoints/NNNNNNN.pt per save, and last.pt, a hard link to the newest.
+CHECKPOINT_FORMAT = 1
+LAST_CHECKPOINT = "last.pt"
+_NUMBERED_CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
+
+
+def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
+    """(step, path) of checkpoints/NNNNNNN.pt, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(ckpt_dir, m.group(0)))
+             for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m]
+    return sorted(found)
+
+
+def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
+    """The newest checkpoint in ckpt_dir that loads, and its contents. Numbered files come first, newest first
+    (a crash between writing NNNNNNN.pt and linking last.pt leaves last.pt one checkpoint behind); last.pt only
+    when no numbered checkpoint is readable."""
+    candidates = [path for _, path in reversed(numbered_checkpoints(ckpt_dir))]
+    last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
+    if os.path.isfile(last):
+        candidates.append(last)
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as e:
+            log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
+    raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
+
+
+def numbered_checkpoint(ckpt_dir: str, step: int) -> str:
+    """The path of step `step`'s checkpoint in ckpt_dir."""
+    return os.path.join(ckpt_dir, f"{step:07d}.pt")
+
+
+def write_checkpoint(ckpt_dir: str, step: int, ckpt: dict) -> str:
+    """checkpoints/NNNNNNN.pt, then last.pt as a hard link to it, each atomically; returns the numbered path."""
+    path = numbered_checkpoint(ckpt_dir, step)
+    save_checkpoint(ckpt, path)
+    last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
+    tmp = temp_path_for(last)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, last)
+    except OSError:  # file systems without hard links: a second copy, written atomically
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        save_checkpoint(ckpt, last)
+    return path
+
+
+#################################################################################
+#                        Checkpoint -> SiT (ours and REPA's)                    #
+#################################################################################
+
+# REPA's generate.py flags that describe the model; our checkpoints carry the same facts in "model_args".
+# REPA's training defaults, which are also ours (erw/config.py), plus DINOv2-B's width for the projector.
+REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
+                               for name in ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")},
+                            "projector_embed_dims": "768"}
+
+
+def read_checkpoint(path: str) -> dict:
+    """Weights-only load that also accepts the argparse.Namespace REPA's train.py pickles under "args"."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+# The trainer writes a fresh id into every checkpoint it saves (NNNNNNN.pt and its last.pt link share it). It becomes
+# part of a sample folder's name, so it must be a plain token, and long enough not to be shared by chance.
+_CHECKPOINT_ID = re.compile(r"[0-9A-Za-z_-]{8,}")
+# sha256 runs at about 1 GB/s: above this many bytes the hash takes long enough to deserve a progress bar.
+_HASH_PROGRESS_BYTES = 256 * 2 ** 20
+
+
+def state_dict_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
+    """sha256 over the tensors in sorted key order: each key's name, dtype, shape and raw bytes. It identifies the
+    weights themselves, whatever file, path or checkpoint layout holds them."""
+    tensors = [(name, state_dict[name].detach().cpu().contiguous()) for name in sorted(state_dict)]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    digest = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights (checkpoint has no checkpoint_id)",
+              disable=not show_progress or total < _HASH_PROGRESS_BYTES) as bar:
+        for name, t in tensors:
+            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+            bar.update(t.numel() * t.element_size())
+    return digest.hexdigest()
+
+
+def sit_weights_id(ckpt: dict, weights: str, ckpt_path: str, show_progress: bool = False) -> str:
+    """What a sample folder is tied to: "<checkpoint_id>/<weights>" for checkpoints that carry an id, else
+    "sha256:<hash of ckpt[weights]>/<weights>" (REPA's and our older checkpoints)."""
+    checkpoint_id = ckpt.get("checkpoint_id")
+    if checkpoint_id is None:
+        return f"sha256:{state_dict_sha256(ckpt[weights], show_progress)}/{weights}"
+    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID.fullmatch(checkpoint_id):
+        raise ValueError(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
+                         "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
+    return f"{checkpoint_id}/{weights}"
+
+
+def checkpoint_step(ckpt: dict) -> Optional[int]:
+    """The training step of our checkpoints ("step") and REPA's ("steps"); None when the checkpoint has none."""
+    step = ckpt.get("step", ckpt.get("steps"))
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def add_repa_model_flags(parser, title: str) -> None:
+    """REPA's generate.py flags that describe the model (REPA_MODEL_FLAG_DEFAULTS), as an argument group."""
+    group = parser.add_argument_group(title)
+    add_flags(group, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
+    group.add_argument("--projector-embed-dims", default=None,
+                       help="teacher widths, comma-separated "
+                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
+
+
+def _z_dims(flag_value: str) -> List[int]:
+    try:
+        return [int(z) for z in flag_value.split(",") if z.strip()]
+    except ValueError:
+        raise ValueError(f"--projector-embed-dims must be comma-separated integers, got {flag_value!r}") from None
+
+
+def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
+    """REPA's model flags (absent ones as None) -> create_sit keyword arguments implied by the given ones."""
+    implied = {}
+    if flags.get("model") is not None:
+        implied["model"] = flags["model"]
+    if flags.get("resolution") is not None:
+        if flags["resolution"] % 8:
+            raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
+                             f"got {flags['resolution']}")
+        implied["input_size"] = flags["resolution"] // 8
+    if flags.get("encoder_depth") == "auto":
+        raise ValueError("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
+                         "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
+    for name in ("num_classes", "encoder_depth", "qk_norm"):
+        if flags.get(name) is not None:
+            implied[name] = flags[name]
+    if flags.get("projector_embed_dims") is not None:
+        implied["z_dims"] = _z_dims(flags["projector_embed_dims"])
+    return implied
+
+
+def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
+          ) -> Tuple[SiT, Dict[str, object], dict]:
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    ckpt = read_checkpoint(ckpt_path)
+    implied = _model_args_from_flags(model_flags or {})
+    if "model_args" in ckpt:
+        model_args = dict(ckpt["model_args"])
+        conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
+                     for k, v in implied.items() if model_args.get(k) != v]
+        if conflicts and flags_for_ours:
+            raise ValueError(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
+                             f"drop the flags): " + "; ".join(conflicts))
+        info = {"format": "erw", "config": dict(ckpt.get("config") or {})}
+    else:
+        model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS,
+                                             **{k: v for k, v in (model_flags or {}).items() if v is not None}})
+        info = {"format": "repa", "config": {}}
+    if weights not in ckpt:
+        raise ValueError(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    model = create_sit(**model_args)
+    load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
+    info.update(model_args=model_args, step=checkpoint_step(ckpt))
+    return model.eval().requires_grad_(False), info, ckpt
+
+
+def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+               flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
+    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (truncated) ones too.
+
+    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
+    (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
+    checkpoints at once). REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags
+    (missing ones take REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" |
+    "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step" (checkpoint_step)}.
+    """
+    model, info, _ = _load(ckpt_path, weights, model_flags, flags_for_ours)
+    return model, info
+
+
+def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
+    """load_model for generation: refuses Phase-1 checkpoints (no final layer), and adds to info "path_type" and
+    "vae" (from our checkpoint's config, else None) and "weights_id" (see weights_id; hashing a checkpoint without
+    checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
+    model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
+    if info["model_args"].get("truncated"):
+        raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
+                         "generate; sample from a Phase-2 checkpoint")
+    info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),
+                weights_id=sit_weights_id(ckpt, weights, ckpt_path, show_progress))
+    return model, info

@@ -2,8 +2,9 @@
 
 Precedence: built-in defaults < the YAML file's top level < its section for the running phase (`warmup:` for
 train_warmup.py, `train:` for train.py) < command-line flags. One YAML file describes both phases of a paper
-setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys are snake_case in YAML and --kebab-case on the command line (REPA's flag names where the concept is
-REPA's). Unknown keys and bad values are errors that name the key and the file.
+setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys are snake_case in YAML and
+--kebab-case on the command line (REPA's flag names where the concept is REPA's). Unknown keys and bad values are
+errors that name the key and the file.
 """
 import argparse
 import math
@@ -374,7 +375,7 @@ def resolve_encoder_depth(config: Dict[str, Any]) -> None:
 
 
 def dump_config(config: Dict[str, Any], path: str) -> None:
-    from erw.checkpoint import atomic_write
+    from erw.files import atomic_write
     atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
 
 

@@ -205,7 +205,8 @@ class ImageLatentDataset(Dataset):
             raise RuntimeError(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
                                f"for {self.resolution}-px images; delete it and rerun "
                                f"`preprocessing/dataset_tools.py encode` (it redoes only missing files)")
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), torch.tensor(self.labels[index])
+        label = torch.tensor(self.labels[index])
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), label
 
 
 def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] = None,

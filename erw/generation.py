@@ -14,9 +14,7 @@ run; then the output is bitwise independent of the batch size and the number of 
 Also here: loading a SiT from our checkpoints or REPA's (load_model, load_sampling_model), the weights id a sample
 folder belongs to, process-group setup, and the resumable multi-process run behind sample_ddp.py.
 """
-import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -28,18 +26,17 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from erw.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, remove_stale_temps
-from erw.config import OPTIONS_BY_NAME, add_flags
+from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, load_sampling_model, numbered_checkpoint
+from erw.files import atomic_write, remove_stale_temps
 from erw.npz import write_images_npz
 from erw.run_lock import FolderInUse, RunLock, describe_holder
 from erw.samplers import GuidedVelocity, check_guidance, check_sampler, run_in_chunks, sample_batch, standard_normal
 from erw.transport import PATH_TYPES, get_path
-from models.sit import SiT, create_sit
+from models.sit import SiT
 from models.vae import check_pixel_rounding, decode_latents, load_vae
 
 LABEL_MODES = ("random", "balanced")
 PRECISIONS = ("fp32", "tf32", "bf16")
-WEIGHTS = ("ema", "model")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -189,157 +186,6 @@ def write_npz(npz_path: str, folder: str, num_samples: int, labels: np.ndarray, 
     shape = _read_png(png_path(folder, 0), None).shape
     images = (_read_png(png_path(folder, i), shape) for i in range(num_samples))
     write_images_npz(npz_path, images, num_samples, shape, labels, show_progress=show_progress)
-
-
-#################################################################################
-#                                  Checkpoints                                  #
-#################################################################################
-
-# REPA's generate.py flags that describe the model; our checkpoints carry the same facts in "model_args".
-# REPA's training defaults, which are also ours (erw/config.py), plus DINOv2-B's width for the projector.
-REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
-                               for name in ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")},
-                            "projector_embed_dims": "768"}
-
-
-def read_checkpoint(path: str) -> dict:
-    """Weights-only load that also accepts the argparse.Namespace REPA's train.py pickles under "args"."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
-    return ckpt
-
-
-# The trainer writes a fresh id into every checkpoint it saves (NNNNNNN.pt and its last.pt link share it). It becomes
-# part of a sample folder's name, so it must be a plain token, and long enough not to be shared by chance.
-_CHECKPOINT_ID = re.compile(r"[0-9A-Za-z_-]{8,}")
-# sha256 runs at about 1 GB/s: above this many bytes the hash takes long enough to deserve a progress bar.
-_HASH_PROGRESS_BYTES = 256 * 2 ** 20
-
-
-def state_dict_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
-    """sha256 over the tensors in sorted key order: each key's name, dtype, shape and raw bytes. It identifies the
-    weights themselves, whatever file, path or checkpoint layout holds them."""
-    tensors = [(name, state_dict[name].detach().cpu().contiguous()) for name in sorted(state_dict)]
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights (checkpoint has no checkpoint_id)",
-              disable=not show_progress or total < _HASH_PROGRESS_BYTES) as bar:
-        for name, t in tensors:
-            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-            bar.update(t.numel() * t.element_size())
-    return digest.hexdigest()
-
-
-def weights_id(ckpt: dict, weights: str, ckpt_path: str, show_progress: bool = False) -> str:
-    """What a sample folder is tied to: "<checkpoint_id>/<weights>" for checkpoints that carry an id, else
-    "sha256:<hash of ckpt[weights]>/<weights>" (REPA's and our older checkpoints)."""
-    checkpoint_id = ckpt.get("checkpoint_id")
-    if checkpoint_id is None:
-        return f"sha256:{state_dict_sha256(ckpt[weights], show_progress)}/{weights}"
-    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID.fullmatch(checkpoint_id):
-        raise ValueError(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
-                         "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
-    return f"{checkpoint_id}/{weights}"
-
-
-def checkpoint_step(ckpt: dict) -> Optional[int]:
-    """The training step of our checkpoints ("step") and REPA's ("steps"); None when the checkpoint has none."""
-    step = ckpt.get("step", ckpt.get("steps"))
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def add_repa_model_flags(parser, title: str) -> None:
-    """REPA's generate.py flags that describe the model (REPA_MODEL_FLAG_DEFAULTS), as an argument group."""
-    group = parser.add_argument_group(title)
-    add_flags(group, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
-    group.add_argument("--projector-embed-dims", default=None,
-                       help="teacher widths, comma-separated "
-                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
-
-
-def _z_dims(flag_value: str) -> List[int]:
-    try:
-        return [int(z) for z in flag_value.split(",") if z.strip()]
-    except ValueError:
-        raise ValueError(f"--projector-embed-dims must be comma-separated integers, got {flag_value!r}") from None
-
-
-def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
-    """REPA's model flags (absent ones as None) -> create_sit keyword arguments implied by the given ones."""
-    implied = {}
-    if flags.get("model") is not None:
-        implied["model"] = flags["model"]
-    if flags.get("resolution") is not None:
-        if flags["resolution"] % 8:
-            raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
-                             f"got {flags['resolution']}")
-        implied["input_size"] = flags["resolution"] // 8
-    if flags.get("encoder_depth") == "auto":
-        raise ValueError("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
-                         "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
-    for name in ("num_classes", "encoder_depth", "qk_norm"):
-        if flags.get(name) is not None:
-            implied[name] = flags[name]
-    if flags.get("projector_embed_dims") is not None:
-        implied["z_dims"] = _z_dims(flags["projector_embed_dims"])
-    return implied
-
-
-def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
-          ) -> Tuple[SiT, Dict[str, object], dict]:
-    if weights not in WEIGHTS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    ckpt = read_checkpoint(ckpt_path)
-    implied = _model_args_from_flags(model_flags or {})
-    if "model_args" in ckpt:
-        model_args = dict(ckpt["model_args"])
-        conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
-                     for k, v in implied.items() if model_args.get(k) != v]
-        if conflicts and flags_for_ours:
-            raise ValueError(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
-                             f"drop the flags): " + "; ".join(conflicts))
-        info = {"format": "erw", "config": dict(ckpt.get("config") or {})}
-    else:
-        model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS,
-                                             **{k: v for k, v in (model_flags or {}).items() if v is not None}})
-        info = {"format": "repa", "config": {}}
-    if weights not in ckpt:
-        raise ValueError(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    model = create_sit(**model_args)
-    load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
-    info.update(model_args=model_args, step=checkpoint_step(ckpt))
-    return model.eval().requires_grad_(False), info, ckpt
-
-
-def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
-               flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
-    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (truncated) ones too.
-
-    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
-    (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
-    checkpoints at once). REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags
-    (missing ones take REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" |
-    "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step" (checkpoint_step)}.
-    """
-    model, info, _ = _load(ckpt_path, weights, model_flags, flags_for_ours)
-    return model, info
-
-
-def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
-                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
-    """load_model for generation: refuses Phase-1 checkpoints (no final layer), and adds to info "path_type" and
-    "vae" (from our checkpoint's config, else None) and "weights_id" (see weights_id; hashing a checkpoint without
-    checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
-    model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
-    if info["model_args"].get("truncated"):
-        raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
-                         "generate; sample from a Phase-2 checkpoint")
-    info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),
-                weights_id=weights_id(ckpt, weights, ckpt_path, show_progress))
-    return model, info
 
 
 #################################################################################
@@ -596,7 +442,7 @@ def run_sampling(args: Dict[str, object]) -> str:
             for old in unfinished_runs_of_other_weights(args["sample_dir"], settings):
                 old_step, numbered = old.get("checkpoint_step"), None
                 if isinstance(old_step, int):
-                    numbered = os.path.join(os.path.dirname(settings["ckpt"]), f"{old_step:07d}.pt")
+                    numbered = numbered_checkpoint(os.path.dirname(settings["ckpt"]), old_step)
                 count = len(finished_indices(old['sample_folder']))
                 print(f"note: {old['sample_folder']} ({count} samples, unfinished) "
                       f"was sampled from this checkpoint path when it held other weights ({old['weights_id']}"

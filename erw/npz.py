@@ -6,7 +6,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from erw.checkpoint import atomic_write
+from erw.files import atomic_write
 
 
 def _zip_entry(name: str) -> zipfile.ZipInfo:

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Dict, Optional
 
-from erw.checkpoint import current_umask
+from erw.files import current_umask
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0

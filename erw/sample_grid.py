@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from erw.checkpoint import atomic_write
+from erw.files import atomic_write
 from erw.samplers import GuidedVelocity, sample_ode
 from models.vae import decode_latents, load_vae
 
@@ -27,6 +27,8 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 class SampleGridHook:
     """Trainer hook: at step 0, every `every` steps and at the last step, write samples/NNNNNNN.png."""
+
+    all_processes = False  # the main process samples the grid alone
 
     def __init__(self, vae: str, num_images: int, num_classes: int, latent_shape, num_steps: int, every: int,
                  last_step: int):

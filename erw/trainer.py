@@ -28,13 +28,12 @@ import datetime
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -43,21 +42,20 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from erw.checkpoint import (CheckpointWriteError, atomic_write, load_checkpoint, load_state_dict_strict,
-                            remove_stale_temps, save_checkpoint, temp_path_for, write_failure_reason)
 from erw.batch_random import BatchRandom
+from erw.checkpoint import (CHECKPOINT_FORMAT, LAST_CHECKPOINT, CheckpointWriteError, find_resume_checkpoint,
+                            load_state_dict_strict, numbered_checkpoint, numbered_checkpoints, write_checkpoint,
+                            write_failure_reason)
 from erw.config import dump_config, resume_changes
 from erw.data import sample_latents
+from erw.files import atomic_write, remove_stale_temps
 from erw.losses import Objective
 from erw.precision import MixedPrecision
 from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, early_preemption
 from erw.run_lock import FolderInUse, RunLock, describe_holder
 
-CHECKPOINT_FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step; a resume drops the records past its step
 CONFIG_HISTORY_FILE = "config_history.yaml"  # every resume that changed a setting: what, from what, to what
-LAST_CHECKPOINT = "last.pt"
-_NUMBERED_CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
 # skips to reach any workable scale. More in a row means the gradients are broken, not the scale.
 MAX_CONSECUTIVE_SKIPS = 50
@@ -137,6 +135,16 @@ def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return logger
+
+
+class Hook(Protocol):
+    """What Trainer.fit calls after step 0 and after every optimizer step (erw/sample_grid.py,
+    evaluations/training_fid.py)."""
+    # True: called on every process, for collective work (the in-training FID samples its share on each);
+    # False: on the main process only.
+    all_processes: bool
+
+    def __call__(self, trainer: "Trainer", step: int, ema: torch.nn.Module) -> None: ...
 
 
 class PreemptionHandler:
@@ -235,33 +243,6 @@ def workers_stopped_at_exit(data_iter):
         shutdown = getattr(data_iter, "_shutdown_workers", None)  # absent with num_workers 0
         if shutdown is not None:
             shutdown()
-
-
-def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of checkpoints/NNNNNNN.pt, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(ckpt_dir, m.group(0)))
-             for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m]
-    return sorted(found)
-
-
-def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
-    """The newest checkpoint in ckpt_dir that loads, and its contents. Numbered files come first, newest first
-    (a crash between writing NNNNNNN.pt and linking last.pt leaves last.pt one checkpoint behind); last.pt only
-    when no numbered checkpoint is readable."""
-    candidates = [path for _, path in reversed(numbered_checkpoints(ckpt_dir))]
-    last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
-    if os.path.isfile(last):
-        candidates.append(last)
-    if not candidates:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except RuntimeError as e:
-            log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
-    raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
 
 
 def truncate_metrics(path: str, step: int) -> int:
@@ -419,7 +400,8 @@ class Trainer:
         self.config_history = list(ckpt.get("config_history") or [])
         if training or run_control:
             self.config_history.append({
-                "step": ckpt["step"], "resumed_from": path, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "step": ckpt["step"], "resumed_from": path,
+                "time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "changed": {k: [old, new] for k, (old, new) in {**run_control, **training}.items()},
                 "overridden": sorted(training)})
             if self.accelerator.is_main_process:
@@ -444,12 +426,11 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def _run_hooks(self, hooks: List[Callable], step: int, ema: torch.nn.Module) -> None:
-        """Each hook on the main process; one with `all_processes = True` on every process (it does collective work:
-        the in-training FID samples its share on each). A hook decides itself, in Python, whether it is due, so a
-        step on which none is due never waits for the GPU."""
+    def _run_hooks(self, hooks: List["Hook"], step: int, ema: torch.nn.Module) -> None:
+        """Each hook on the main process, or on every process if its `all_processes` says so. A hook decides itself,
+        in Python, whether it is due, so a step on which none is due never waits for the GPU."""
         for hook in hooks:
-            if self.accelerator.is_main_process or getattr(hook, "all_processes", False):
+            if self.accelerator.is_main_process or hook.all_processes:
                 hook(self, step, ema)
 
     def log_image(self, name: str, image, step: int) -> None:
@@ -529,7 +510,7 @@ class Trainer:
             del optimizer.grad_scale, optimizer.found_inf
 
     def fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
-            teachers: List[torch.nn.Module], hooks: Optional[List[Callable]] = None) -> Dict[str, Any]:
+            teachers: List[torch.nn.Module], hooks: Optional[List[Hook]] = None) -> Dict[str, Any]:
         """Train `model` for config["max_train_steps"] optimizer steps. `hooks` are called as
         hook(trainer, step, ema) after step 0 and every optimizer step (see _run_hooks). The run folder is
         released when it ends, however it ends (a SIGKILL leaves the lock's record, which the next run reports)."""
@@ -540,7 +521,7 @@ class Trainer:
                 self.run_lock.release()
 
     def _fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
-             teachers: List[torch.nn.Module], hooks: Optional[List[Callable]]) -> Dict[str, Any]:
+             teachers: List[torch.nn.Module], hooks: Optional[List[Hook]]) -> Dict[str, Any]:
         cfg, acc, precision = self.config, self.accelerator, self.precision
         hooks = hooks or []
         model.to(self.device)
@@ -578,7 +559,8 @@ class Trainer:
                      f"x {cfg['gradient_accumulation_steps']} accumulation")
             if cfg["report_to"] != "none":
                 acc.init_trackers(project_name="ERW", config=cfg,
-                                  init_kwargs={"wandb": {"name": cfg["exp_name"]}} if cfg["report_to"] == "wandb" else {})
+                                  init_kwargs=({"wandb": {"name": cfg["exp_name"]}} if cfg["report_to"] == "wandb"
+                                               else {}))
         if step == 0:
             self._run_hooks(hooks, step, ema)
 
@@ -595,6 +577,7 @@ class Trainer:
         data_iter = iter(loader)
         window_start, window_steps = time.perf_counter(), 0
         history: List[Dict[str, float]] = []
+        logs: Dict[str, torch.Tensor] = {}  # the current optimizer step's values, summed over its micro-batches
         model.train()
         with PreemptionHandler() as preemption, progress, workers_stopped_at_exit(data_iter):
             stop_signal = preemption.requested()
@@ -677,7 +660,7 @@ class Trainer:
             self.fail(f"non-finite weights after step {step} ({', '.join(bad[:5])}"
                       f"{' ...' if len(bad) > 5 else ''}); not saved")
         acc.wait_for_everyone()
-        path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
+        path = numbered_checkpoint(self.ckpt_dir, step)
         failure = None
         if acc.is_main_process:
             try:
@@ -699,7 +682,7 @@ class Trainer:
     def _write_checkpoint(self, state: Dict[str, Any], model_state: Dict[str, torch.Tensor],
                           ema_state: Dict[str, torch.Tensor], step: int, micro_batch: int, skipped: int,
                           path: str) -> None:
-        """checkpoints/NNNNNNN.pt, then last.pt as a hard link to it (main process)."""
+        """This run's state as a checkpoint in the run folder (erw/checkpoint.py's format; main process)."""
         acc = self.accelerator
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -719,16 +702,7 @@ class Trainer:
             "config_history": self.config_history,
             "model_args": state["model_args"],
         }
-        save_checkpoint(ckpt, path)
-        last, tmp = os.path.join(self.ckpt_dir, LAST_CHECKPOINT), temp_path_for(
-            os.path.join(self.ckpt_dir, LAST_CHECKPOINT))
-        try:
-            os.link(path, tmp)
-            os.replace(tmp, last)
-        except OSError:  # file systems without hard links: a second copy, written atomically
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            save_checkpoint(ckpt, last)
+        write_checkpoint(self.ckpt_dir, step, ckpt)
         self.log(f"Saved checkpoint {path}")
 
 

@@ -66,11 +66,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import atomic_write  # noqa: E402
+from erw.files import atomic_write  # noqa: E402
 from erw.cli import ArgumentParser, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
-from erw.generation import (DEVICES, REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model,  # noqa: E402
-                            sample_generator)
+from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
+from erw.generation import DEVICES, sample_generator  # noqa: E402
 from erw.transport import PATH_TYPES, get_path  # noqa: E402
 from models.encoders import load_teachers  # noqa: E402
 from models.sit import SiT  # noqa: E402

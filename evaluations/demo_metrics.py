@@ -122,7 +122,7 @@ def main(argv=None) -> Dict[str, float]:
           f"{1 / DEMO_NUM_CLASSES:.0%})")
     print(f"FD-demo (demo classifier features, not ImageNet FID): {metrics['fd_demo']:.3f}")
     if args.json:
-        from erw.checkpoint import atomic_write
+        from erw.files import atomic_write
         atomic_write(args.json, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
     return metrics
 

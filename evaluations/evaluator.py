@@ -39,10 +39,10 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import atomic_write, temp_path_for  # noqa: E402
+from erw.files import atomic_write, temp_path_for  # noqa: E402
 from erw.cli import ArgumentParser, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
-                                   file_sha256, load_inception, weights_id)
+                                   file_sha256, inception_weights_id, load_inception)
 
 IMAGES_KEY = "arr_0"
 STATS_KEYS = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),
@@ -483,7 +483,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         clock = now
 
     model = load_inception(inception_weights, device)
-    net_id = weights_id(inception_weights)
+    net_id = inception_weights_id(inception_weights)
     lap("load_inception")
 
     log("computing reference batch activations...")
@@ -542,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images; optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images, e.g. from sample_ddp.py)")
-    parser.add_argument("--json", default=None, help="also write the metrics and resolved settings to this file (default: none)")
+    parser.add_argument("--json", default=None,
+                        help="also write the metrics and resolved settings to this file (default: none)")
     parser.add_argument("--inception-weights", default=None,
                         help="pt_inception-2015-12-05-6726825d.pth path (default: the torch hub cache), or "
                              "'random' for meaningless numbers (tests, demos)")

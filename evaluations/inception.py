@@ -303,7 +303,7 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def weights_id(weights: Optional[str], seed: int = 0) -> str:
+def inception_weights_id(weights: Optional[str], seed: int = 0) -> str:
     """A string that identifies the network: 'random-seed<seed>' or 'sha256:<digest of the weight file>'."""
     if weights == RANDOM_WEIGHTS:
         return f"random-seed{seed}"

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from erw.generation import default_micro_batch_size, exact_cpu, generate_images, precision_scope
 from evaluations import evaluator
-from evaluations.inception import RANDOM_WEIGHTS, weights_id
+from evaluations.inception import RANDOM_WEIGHTS, inception_weights_id
 from models.vae import load_vae
 
 FEATURES = ("pool", "spatial", "probs")
@@ -42,7 +42,7 @@ FEATURES = ("pool", "spatial", "probs")
 class FidHook:
     """Trainer hook (erw/trainer.py): at every `fid_every`-th step and the last one, on every process."""
 
-    all_processes = True  # each process samples its share; see Trainer._run_hooks
+    all_processes = True  # each process samples its share (erw.trainer.Hook)
 
     def __init__(self, config: Dict[str, Any], trainer):
         """Checks the settings and loads what every FID needs (VAE, Inception, the reference statistics) now, so
@@ -88,7 +88,7 @@ class FidHook:
             evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
                                      hint="set XDG_CACHE_HOME to a writable folder")
             acts, cache = evaluator.reference_activations(
-                self.inception, path, reader, weights_id(config["inception_weights"]), self.device,
+                self.inception, path, reader, inception_weights_id(config["inception_weights"]), self.device,
                 self.micro_batch_size or 64, cache_dir)
             stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
             evaluator.check_finite_statistics(stats, f"--fid-ref {path}: the statistics of its Inception features")

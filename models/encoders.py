@@ -299,4 +299,5 @@ def load_teachers(enc_type: str, resolution: int, enc_weights=None) -> List[Teac
     names = [n.strip() for n in enc_type.split(",") if n.strip()]
     if not names:
         raise ValueError(f"--enc-type is empty ({enc_type!r}); name at least one teacher, e.g. dinov2-vit-b")
-    return [build_teacher(name, resolution, weights) for name, weights in zip(names, _split_weights(enc_weights, names))]
+    weights_per_name = _split_weights(enc_weights, names)
+    return [build_teacher(name, resolution, weights) for name, weights in zip(names, weights_per_name)]

@@ -333,7 +333,7 @@ class SiT(nn.Module):
     def forward_features(self, x, t, y, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
         """Hidden states (N, T, D) after the given blocks (1-based; 0 = the embedded input tokens).
         Runs only as many blocks as the deepest requested layer needs."""
-        layers = sorted(set(int(l) for l in layers))
+        layers = sorted(set(int(layer) for layer in layers))
         if layers and (layers[0] < 0 or layers[-1] > len(self.blocks)):
             raise ValueError(f"layers must be in 0..{len(self.blocks)}, got {layers}")
         h, c = self.embed(x, t, y)

@@ -5,8 +5,10 @@
     python preprocessing/dataset_tools.py make-demo --dest data/demo
 
 Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
-    DATA/images/00000/img00000000.png, ...     + DATA/images/dataset.json {"labels": [["00000/img00000000.png", 17], ...]}
-    DATA/vae-sd/00000/img-mean-std-00000000.npy + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
+    DATA/images/00000/img00000000.png, ...
+        + DATA/images/dataset.json {"labels": [["00000/img00000000.png", 17], ...]}
+    DATA/vae-sd/00000/img-mean-std-00000000.npy, ...
+        + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
 Each step writes its resolved settings to preprocess_settings.json in its output folder, and refuses to resume into
 a folder written with different settings.
 """
@@ -29,7 +31,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.checkpoint import atomic_write, remove_stale_temps  # noqa: E402
+from erw.files import atomic_write, remove_stale_temps  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
 from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
@@ -488,7 +490,8 @@ Rerunning the same command resumes (finished PNGs are kept).
     p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
     p.add_argument("--dest", required=True, metavar="DIR", help="output images folder, e.g. DATA/images")
     p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512 in the paper)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted; default: all)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="only the first N images (sorted; default: all)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding/resizing processes (0 = in this process)")
     p.add_argument("--compress-level", type=int, default=0, choices=range(10), metavar="0-9",
@@ -512,7 +515,8 @@ accelerate launch (each process encodes a disjoint shard):
     p.add_argument("--allow-download", action="store_true", help="fetch a hub --vae that is not cached locally")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per process")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers per process")
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images (sorted; default: all)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="only the first N images (sorted; default: all)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
     p.set_defaults(func=encode)

@@ -32,3 +32,33 @@ def test_imports_point_downward(package):
     offenders = {os.path.relpath(path, ROOT): sorted(imported_packages(path) & FORBIDDEN[package])
                  for path in sorted(glob.glob(os.path.join(ROOT, package, "*.py")))}
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def _python_files():
+    return [path for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
+            if not os.path.relpath(path, ROOT).startswith("tests")]
+
+
+def test_the_bottom_modules_import_no_torch_and_nothing_of_ours():
+    """erw/files.py (atomic writes) and erw/preemption.py (signals, exit statuses) are imported by everything,
+    launch.py and the entry points' first line included, before torch: they import no torch and none of our modules
+    (erw/files.py may not even import erw/preemption.py)."""
+    for name in ("files", "preemption"):
+        path = os.path.join(ROOT, "erw", f"{name}.py")
+        assert imported_packages(path) & {"torch", "erw", "models", "evaluations", "numpy"} == set(), name
+
+
+def test_the_checkpoint_folders_names_have_one_home():
+    """Only erw/checkpoint.py spells the run folder's checkpoint names (last.pt, NNNNNNN.pt); everyone else asks it."""
+    spelled = {}
+    for path in _python_files():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                    node.value == "last.pt" or r"(\d{7,})\.pt" in node.value):
+                spelled.setdefault(os.path.relpath(path, ROOT), []).append(node.value)
+            if isinstance(node, ast.JoinedStr) and any(  # f"{step:07d}.pt"
+                    isinstance(part, ast.Constant) and str(part.value).startswith(".pt") for part in node.values):
+                spelled.setdefault(os.path.relpath(path, ROOT), []).append(ast.unparse(node))
+    assert set(spelled) == {os.path.join("erw", "checkpoint.py")}, spelled

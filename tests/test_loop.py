@@ -3,14 +3,12 @@ points, gradient accumulation, gradient clipping (fp16 included), and a step tha
 import os
 import traceback
 
-import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import train
 import train_warmup
-from erw import trainer as trainer_module
 from erw.checkpoint import load_checkpoint
 from erw.trainer import ResumableShardSampler, update_ema
 from tests.conftest import tiny_args

@@ -28,14 +28,14 @@ def ntxent_reference(h, y, tau):
         for i in range(B):
             for a, b in ((h, y), (y, h)):
                 logits = [float(a[i, p] @ b[j, p]) / tau for j in range(B)]
-                log_z = math.log(sum(math.exp(l) for l in logits))
+                log_z = math.log(sum(math.exp(logit) for logit in logits))
                 total += 0.5 * (log_z - logits[i])
     return total / (B * T)
 
 
 def test_ntxent_matches_direct_reference():
     g = torch.Generator().manual_seed(0)
-    h, y = torch.randn(5, 3, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    h, y = (torch.randn(5, 3, 7, generator=g, dtype=torch.float64) for _ in range(2))
     for tau in (0.1, 0.5):
         ours = ntxent_loss(h, y, tau).item()
         # float64 on both sides: logits |l| <= 1/tau = 10, a log-sum-exp over 5 of them, loss ~5, so each side is

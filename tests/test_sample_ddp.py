@@ -16,8 +16,8 @@ from PIL import Image
 
 import erw.generation
 import sample_ddp
-from erw.checkpoint import save_checkpoint
-from erw.generation import all_labels, load_sampling_model
+from erw.checkpoint import load_sampling_model, save_checkpoint
+from erw.generation import all_labels
 from models.sit import create_sit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -228,9 +228,14 @@ def test_rope_attention_depends_only_on_relative_position():
     rope = RotaryEmbedding2D(head_dim=8, grid_size=4)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    tokens = lambda v: v.expand(1, 1, 16, 8)
+
+    def tokens(v):
+        return v.expand(1, 1, 16, 8)
+
+    def idx(r, c):
+        return r * 4 + c
+
     rq, rk = rope(tokens(q))[0, 0], rope(tokens(k))[0, 0]
-    idx = lambda r, c: r * 4 + c
     # Same offset (+1 row, +2 cols) from two different origins gives the same score ...
     s1 = rq[idx(0, 0)] @ rk[idx(1, 2)]
     s2 = rq[idx(2, 1)] @ rk[idx(3, 3)]

@@ -15,7 +15,8 @@ import yaml
 
 import train_warmup
 from erw import trainer as trainer_module
-from erw.checkpoint import atomic_write, load_checkpoint
+from erw.checkpoint import load_checkpoint
+from erw.files import atomic_write
 from erw.losses import Objective
 from tests.conftest import ROOT, tiny_args
 from tests.test_train_warmup import _state_equal

@@ -12,8 +12,7 @@ import train
 import train_warmup
 from erw import data as data_module
 from erw import experiment
-from erw.checkpoint import COMPILED_PREFIX, load_checkpoint, save_checkpoint
-from erw.generation import load_model
+from erw.checkpoint import COMPILED_PREFIX, load_checkpoint, load_model, save_checkpoint
 from erw.warm_start import load_warmup
 from models.sit import SiTBlock, create_sit
 from tests.conftest import ROOT, tiny_args
@@ -134,7 +133,7 @@ def test_checkpoints_of_a_compile_wrapped_model_still_load(tmp_path):
     full = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=3, z_dims=[24])
     load_warmup(full, str(tmp_path / "p1.pt"))
     assert torch.equal(full.blocks[1].attn.qkv.weight, phase1.blocks[1].attn.qkv.weight)
-    # The loader of sample_ddp.py and cknna.py (erw/generation.py), for both weight sets.
+    # The loader of sample_ddp.py and cknna.py (erw/checkpoint.py), for both weight sets.
     full_args = {**args, "encoder_depth": 3, "truncated": False}
     prefixed = {COMPILED_PREFIX + k: v for k, v in full.state_dict().items()}
     save_checkpoint({"model": prefixed, "ema": prefixed, "model_args": full_args, "step": 2, "checkpoint_id":

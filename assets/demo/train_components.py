@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1, help="demo_image seed of the training images (held-out: "
                         f"seed + {HELD_OUT_SEED_OFFSET}; default: %(default)s)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
-                        help="multiplies every step count (VAE 3000, teacher 600, classifier 400); default: %(default)s")
+                        help="multiplies every step count (VAE 3000, teacher 600, classifier 400); "
+                             "default: %(default)s")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -171,7 +172,8 @@ def main(argv=None) -> None:
     if "vae" in args.only:
         train_vae(images, held_out, steps(3000), os.path.join(args.out, "vae"))
     if "teacher" in args.only:
-        train_teacher(images, labels, held_out, held_out_labels, steps(600), os.path.join(args.out, "teacher.safetensors"))
+        train_teacher(images, labels, held_out, held_out_labels, steps(600),
+                      os.path.join(args.out, "teacher.safetensors"))
     if "classifier" in args.only:
         train_classifier(images, labels, held_out, held_out_labels, steps(400),
                          os.path.join(args.out, "classifier.safetensors"))

@@ -1,0 +1,77 @@
+"""Files written so that a crash never leaves half of one: atomic writes with the umask's permissions, and the
+recognition and removal of the temp files an interrupted write left. Used for checkpoints, PNGs, YAML, JSON and .npz
+alike."""
+import os
+import re
+import tempfile
+from typing import IO, Callable, Iterable, Optional
+
+
+# What atomic_write's temp files are called: `.<final name>.<8 random characters>.tmp` (tempfile.mkstemp's
+# alphabet), so that stale ones can be recognised and removed without touching anything else.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_path_for(path: str) -> str:
+    """A fresh temp name beside `path` in atomic_write's pattern (for writers that cannot use atomic_write)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
+
+
+def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
+    """Call write_fn on a binary temp file beside `path`, then rename it over `path`: a crash leaves the old file
+    or the new one, never half of one. The file gets the mode a plain open() would give (0666 minus the umask;
+    mkstemp alone gives 0600, which other users of a shared file system cannot read). Temp names follow
+    `.<name>.<random>.tmp`, which no reader of ours picks up and remove_stale_temps recognises."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def is_temp_name(name: str, targets: Optional[Iterable[str]] = None) -> bool:
+    """Whether a file name is one of atomic_write's temps (of one of `targets`, the final names, when given)."""
+    match = _TEMP_NAME.match(name)
+    return bool(match) and (targets is None or match.group("target") in set(targets))
+
+
+def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, recursive: bool = False) -> int:
+    """Delete the temp files an interrupted atomic_write left in `directory` (and below, if `recursive`), only
+    those of our naming pattern and, when `targets` is given, only temps of those final names. Call it before
+    this run writes there: a temp of a write in progress looks the same. Returns how many were removed."""
+    if not os.path.isdir(directory):
+        return 0
+    targets = None if targets is None else set(targets)
+    removed = 0
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            if is_temp_name(name, targets):
+                os.remove(os.path.join(root, name))
+                removed += 1
+        if not recursive:
+            break
+    return removed
