@@ -133,7 +133,7 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
 
 def read_metrics(exp_dir: str):
     """Logged records of a run (erw/trainer.py metrics.jsonl), the last record per step."""
-    from erw.trainer import METRICS_FILE
+    from erw.run_dir import METRICS_FILE
     records = {}
     with open(os.path.join(exp_dir, METRICS_FILE)) as f:
         for line in f:

@@ -26,7 +26,9 @@ import argparse
 
 from erw.cli import ArgumentParser, run_main
 from erw.checkpoint import WEIGHTS, add_repa_model_flags
-from erw.generation import DEVICES, LABEL_MODES, PRECISIONS, run_sampling
+from erw.generation import LABEL_MODES
+from erw.precision import PRECISIONS
+from erw.sample_run import DEVICES, run_sampling
 from erw.samplers import MODES
 from erw.transport import PATH_TYPES
 from models.vae import PIXEL_ROUNDINGS

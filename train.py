@@ -40,7 +40,7 @@ def main(argv=None):
                           class_dropout_prob=config["cfg_prob"])
     latent_shape = (model_args["in_channels"], model_args["input_size"], model_args["input_size"])
     grids = SampleGridHook(config["vae"], config["sample_grid_size"], config["num_classes"], latent_shape,
-                           config["sample_num_steps"], config["sampling_steps"], config["max_train_steps"])
+                           config["sample_num_steps"], config["sample_grid_every"], config["max_train_steps"])
     fid = build_fid_hook(config, run.trainer)  # None unless --fid-every
     return run.trainer.fit(run.model, model_args, objective, run.dataset, run.teachers,
                            hooks=[grids] + ([fid] if fid else []))

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from erw.generation import apply_precision, sample_inputs  # noqa: E402
+from erw.generation import sample_inputs  # noqa: E402
+from erw.precision import apply_precision  # noqa: E402
 from erw.samplers import GuidedVelocity, model_evaluations_per_sample, sample_batch  # noqa: E402
 from erw.transport import get_path  # noqa: E402
 from models.sit import create_sit  # noqa: E402

@@ -305,7 +305,7 @@ def training_argv(ctx: Context, size: str, phase: int, compile_: bool, out: str,
             "--compile" if compile_ else "--no-compile"]
     if phase == 2:
         argv += ["--warmup-ckpt", "none", "--encoder-depth", str(scale.encoder_depth[size]),
-                 "--vae", os.path.join(ctx.data, "vae"), "--sampling-steps", str(BIG),
+                 "--vae", os.path.join(ctx.data, "vae"), "--sample-grid-every", str(BIG),
                  "--sample-grid-size", "4", "--sample-num-steps", "2"]
     return argv
 
@@ -357,7 +357,7 @@ def run_sampler(ctx: Context, part: Part) -> Dict[str, Any]:
     import argparse
 
     from bench.bench_sampler import CFG_CASES, run_case
-    from erw.generation import precision_scope
+    from erw.precision import precision_scope
     from models.sit import create_sit
     scale, s = ctx.scale, ctx.scale.sampler
     device = torch.device(scale.device)

@@ -13,6 +13,7 @@ next to a training step.
 """
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -45,3 +46,9 @@ class BatchRandom:
     def rand(self, shape: Sequence[int], device=None) -> torch.Tensor:
         """Uniforms in [0, 1) of the local `shape` (rows first)."""
         return self._own_rows(lambda s: torch.rand(s, device=device), shape)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (seed, rank, index, ...), stable across Python runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1, 2 ** 31], dtype=np.uint64)))

@@ -20,6 +20,7 @@ from erw.preemption import report_exit_status
 FLAG_HINTS = {
     "--resume-step": "--resume (continues from the newest intact checkpoint of --exp-name)",
     "--num-sampling-steps": "--num-steps",
+    "--sampling-steps": "--sample-grid-every (how often training saves a sample grid)",
     "--sampling-steps-sde": "--num-steps",
     "--image-size": "--resolution (in pixels)",
     "--tf32": "--allow-tf32 (training) or --precision tf32 (sample_ddp.py)",

@@ -181,7 +181,8 @@ OPTIONS: List[Option] = [
            phases=(TRAIN,), choices=("uniform", "lognormal")),
     Option("vae", _text, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
            phases=(TRAIN,), run_control=True),
-    Option("sampling_steps", _int, 10000, "save a sample grid from the EMA model every N steps", phases=(TRAIN,),
+    Option("sample_grid_every", _int, 10000, "save a sample grid from the EMA model every N steps (REPA's "
+           "--sampling-steps)", phases=(TRAIN,),
            run_control=True, bounds="[1, inf)"),
     Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,),
            run_control=True, bounds="[1, inf)"),
@@ -230,6 +231,8 @@ OPTIONS: List[Option] = [
     Option("compile", _bool, False, "torch.compile the model", run_control=True),
 ]
 
+# Keys that were renamed: a config file with the old name is refused, naming the new one.
+RENAMED_KEYS = {"sampling_steps": "sample_grid_every"}
 OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
 INVOCATION_KEYS = ("resume", "resume_override")  # describe this command, not the run: never compared on resume
 
@@ -297,7 +300,8 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
             if key in BOTH and section_name is None:
                 continue
             if key not in OPTIONS_BY_NAME:
-                raise ConfigError(f"{where}: unknown config key '{key}'")
+                renamed = f" (now '{RENAMED_KEYS[key]}')" if key in RENAMED_KEYS else ""
+                raise ConfigError(f"{where}: unknown config key '{key}'{renamed}")
             option = OPTIONS_BY_NAME[key]
             if section_name is not None and section_name not in option.phases:
                 raise ConfigError(f"{where}: '{key}' does not apply to the {section_name} phase")

@@ -11,14 +11,14 @@ each item's shapes when it is read, so that a stray file mid-dataset is named.
 import json
 import os
 import re
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from erw.batch_random import BatchRandom
+from erw.batch_random import BatchRandom, derive_seed
 from models.vae import vae_to_model_latents
 
 IMAGES_DIR = "images"
@@ -219,3 +219,33 @@ def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] =
     else:
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return vae_to_model_latents(mean + std * eps)
+
+
+class ResumableShardSampler(Sampler):
+    """Endless, deterministic, per-process index stream over shuffled epochs.
+
+    Epoch e is a permutation seeded by (seed, e); process r takes every world-th index of it, cut to whole
+    micro-batches. The stream can start at any micro-batch, which is how a resumed run continues mid-epoch.
+    """
+
+    def __init__(self, dataset_len: int, local_batch_size: int, rank: int, world_size: int, seed: int,
+                 start_micro_batch: int = 0):
+        self.micro_batches_per_epoch = dataset_len // (world_size * local_batch_size)
+        if self.micro_batches_per_epoch == 0:
+            raise ValueError(f"dataset of {dataset_len} items is smaller than one global micro-batch "
+                             f"({world_size} processes x {local_batch_size}): lower --batch-size")
+        self.dataset_len, self.local_batch_size = dataset_len, local_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_micro_batch = start_micro_batch
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        perm = torch.randperm(self.dataset_len, generator=g)
+        return perm[self.rank::self.world_size][: self.micro_batches_per_epoch * self.local_batch_size]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start_micro_batch, self.micro_batches_per_epoch)
+        offset *= self.local_batch_size
+        while True:
+            yield from self.epoch_indices(epoch)[offset:].tolist()
+            epoch, offset = epoch + 1, 0

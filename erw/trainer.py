@@ -3,7 +3,8 @@
 What differs between Phase 1 and Phase 2 (which blocks exist, input noise level, loss terms, lambda schedule,
 sample grids) arrives as data: the model, an `Objective` (erw/losses.py) and optional step hooks. The loop owns
 everything else: DDP and gradient accumulation (accelerate), mixed precision (erw/precision.py), fused AdamW,
-clipping, EMA, logging, checkpoints and exact resume.
+clipping, EMA, logging, checkpoints (erw/checkpoint.py's format, in the run folder erw/run_dir.py owns) and exact
+resume.
 
 Exact resume: every micro-batch reseeds torch from (seed, optimizer step), every random draw belongs to an image of
 the step's global batch (erw/batch_random.py) and the data order is a pure function of (seed, epoch), so a resumed
@@ -19,43 +20,35 @@ at log steps and before every checkpoint. What the loop guarantees besides:
 - a checkpoint never holds non-finite weights, and an error names the checkpoint that really is the last good one;
 - --resume continues from the newest intact checkpoint and refuses settings that would change what is trained
   (erw/config.py: run_control), unless named in --resume-override; metrics.jsonl then drops records past that step;
-- SIGTERM / SIGUSR1 (cluster preemption) finish the current optimizer step, write a checkpoint and exit with
-  EXIT_PREEMPTED; rerunning the same command with --resume continues bit for bit.
+- SIGTERM / SIGUSR1 (cluster preemption, erw/preemption.py) finish the current optimizer step, write a checkpoint
+  and exit with EXIT_PREEMPTED; rerunning the same command with --resume continues bit for bit.
 """
 import contextlib
 import copy
 import datetime
-import json
-import logging
 import os
 import signal
 import threading
 import time
 import uuid
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from erw.batch_random import BatchRandom
-from erw.checkpoint import (CHECKPOINT_FORMAT, LAST_CHECKPOINT, CheckpointWriteError, find_resume_checkpoint,
-                            load_state_dict_strict, numbered_checkpoint, numbered_checkpoints, write_checkpoint,
-                            write_failure_reason)
-from erw.config import dump_config, resume_changes
-from erw.data import sample_latents
-from erw.files import atomic_write, remove_stale_temps
+from erw.batch_random import BatchRandom, derive_seed
+from erw.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, load_state_dict_strict, numbered_checkpoint,
+                            write_checkpoint, write_failure_reason)
+from erw.config import resume_changes
+from erw.data import ResumableShardSampler, sample_latents
 from erw.losses import Objective
-from erw.precision import MixedPrecision
+from erw.precision import MixedPrecision, set_fp32_precision
 from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, early_preemption
-from erw.run_lock import FolderInUse, RunLock, describe_holder
+from erw.run_dir import CONFIG_HISTORY_FILE, RunDir
 
-METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step; a resume drops the records past its step
-CONFIG_HISTORY_FILE = "config_history.yaml"  # every resume that changed a setting: what, from what, to what
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
 # skips to reach any workable scale. More in a row means the gradients are broken, not the scale.
 MAX_CONSECUTIVE_SKIPS = 50
@@ -66,75 +59,12 @@ MAX_CONSECUTIVE_SKIPS = 50
 PREFETCH_BATCHES = 4
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (seed, rank, index, ...), stable across Python runs."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).astype(np.uint64)
-               .dot(np.array([1, 2 ** 31], dtype=np.uint64)))
-
-
-class ResumableShardSampler(Sampler):
-    """Endless, deterministic, per-process index stream over shuffled epochs.
-
-    Epoch e is a permutation seeded by (seed, e); process r takes every world-th index of it, cut to whole
-    micro-batches. The stream can start at any micro-batch, which is how a resumed run continues mid-epoch.
-    """
-
-    def __init__(self, dataset_len: int, local_batch_size: int, rank: int, world_size: int, seed: int,
-                 start_micro_batch: int = 0):
-        self.micro_batches_per_epoch = dataset_len // (world_size * local_batch_size)
-        if self.micro_batches_per_epoch == 0:
-            raise ValueError(f"dataset of {dataset_len} items is smaller than one global micro-batch "
-                             f"({world_size} processes x {local_batch_size}): lower --batch-size")
-        self.dataset_len, self.local_batch_size = dataset_len, local_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_micro_batch = start_micro_batch
-
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        perm = torch.randperm(self.dataset_len, generator=g)
-        return perm[self.rank::self.world_size][: self.micro_batches_per_epoch * self.local_batch_size]
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start_micro_batch, self.micro_batches_per_epoch)
-        offset *= self.local_batch_size
-        while True:
-            yield from self.epoch_indices(epoch)[offset:].tolist()
-            epoch, offset = epoch + 1, 0
-
-
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter (pos_embed is constant in both)."""
     ema_params = list(ema.parameters())
     model_params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-
-
-class TqdmHandler(logging.StreamHandler):
-    """Console logging through tqdm.write, which clears the progress bar, prints the line and redraws the bar, so
-    that log lines and the bar never share a line."""
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # logging's own contract: report a failed emit, never raise from it
-            self.handleError(record)
-
-
-def setup_logger(exp_dir: Optional[str]) -> logging.Logger:
-    """Console (tqdm-aware) + exp_dir/log.txt on the main process; silent elsewhere (exp_dir None)."""
-    logger = logging.getLogger("erw")
-    logger.handlers.clear()
-    logger.propagate = False
-    if exp_dir is None:
-        logger.addHandler(logging.NullHandler())
-        return logger
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    for handler in (TqdmHandler(), logging.FileHandler(os.path.join(exp_dir, "log.txt"))):
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return logger
 
 
 class Hook(Protocol):
@@ -245,34 +175,14 @@ def workers_stopped_at_exit(data_iter):
             shutdown()
 
 
-def truncate_metrics(path: str, step: int) -> int:
-    """Drop the records of `path` (metrics.jsonl) past `step`, and a last line cut short by a kill; returns how
-    many lines were dropped. A resumed run then logs those steps once, not twice."""
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    if len(kept) < len(lines):
-        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-    return len(lines) - len(kept)
-
-
 def non_finite_tensors(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """Names of the floating-point tensors that hold a NaN or an infinity."""
     return [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 class Trainer:
-    """Sets up accelerate, the experiment folder and logging for a resolved config, and finds and checks the
-    checkpoint a --resume continues from; `fit` runs the loop."""
+    """Sets up accelerate and the run folder (RunDir) for a resolved config, and checks the checkpoint a --resume
+    continues from against it; `fit` runs the loop."""
 
     def __init__(self, config: Dict[str, Any]):
         from accelerate import Accelerator
@@ -299,83 +209,31 @@ class Trainer:
                              f"({config['gradient_accumulation_steps']})")
         self.local_batch_size = per_process
         if config["allow_tf32"]:
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-            torch.backends.cudnn.conv.fp32_precision = "tf32"
-        self.run_lock = self._lock_run_folder()
+            set_fp32_precision("tf32")
+        self.run_dir = RunDir(self.exp_dir, acc)
+        resume_payload = self.run_dir.open(resume=config["resume"])
+        weakref.finalize(self, self.run_dir.release)  # also at interpreter exit; fit() releases it when it ends
         try:
-            self._open_run_folder()
+            self.logger = self.run_dir.logger
+            self.device = acc.device
+            self.precision = MixedPrecision(config["mixed_precision"], self.device)
+            self.last_good: Optional[str] = None  # the newest checkpoint known to hold finite weights
+            self.config_history: List[Dict[str, Any]] = []
+            self.resume_from: Optional[Dict[str, Any]] = None
+            if resume_payload is not None:
+                self._check_resume(*resume_payload)
+            elif config["resume_override"]:
+                raise ValueError("--resume-override applies only together with --resume")
+            self.run_dir.start(config, self.resume_from["step"] if self.resume_from else 0)
         except BaseException:  # a refused resume, say: the folder is free again at once
-            if self.run_lock is not None:
-                self.run_lock.release()
+            self.run_dir.release()
             raise
         torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
 
-    def _open_run_folder(self) -> None:
-        """Under the lock: remove a killed run's temp files, find and check the checkpoint a --resume continues
-        from (or refuse a folder that already holds a run), write config.yaml and cut metrics.jsonl back to it."""
-        acc = self.accelerator
-        stale = 0
-        if acc.is_main_process:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            # Under the lock, before this run writes anything here: a temp file now is a killed run's leftover.
-            stale = sum(remove_stale_temps(d) for d in (self.exp_dir, self.ckpt_dir,
-                                                         os.path.join(self.exp_dir, "samples")))
-        acc.wait_for_everyone()
-        self.logger = setup_logger(self.exp_dir if acc.is_main_process else None)
-        if self.run_lock is not None and self.run_lock.taken_over:
-            self.log(f"WARNING: took over {self.run_lock.path} from a run that ended without releasing it (killed): "
-                     f"{describe_holder(self.run_lock.taken_over)}")
-        if self.run_lock is not None and not self.run_lock.locks_work:
-            self.log(f"WARNING: this file system refuses file locks; only the record in {self.run_lock.path} "
-                     "guards the folder against a second run (README, \"Run folders\")")
-        if stale:
-            self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.exp_dir}")
-        self.device = acc.device
-        self.precision = MixedPrecision(self.config["mixed_precision"], self.device)
-        self.last_good: Optional[str] = None  # the newest checkpoint known to hold finite weights
-        self.config_history: List[Dict[str, Any]] = []
-        self.resume_from: Optional[Dict[str, Any]] = None
-        if self.config["resume"]:
-            self._check_resume()
-        else:
-            if self.config["resume_override"]:
-                raise ValueError("--resume-override applies only together with --resume")
-            existing = [os.path.basename(p) for _, p in numbered_checkpoints(self.ckpt_dir)]
-            if os.path.isfile(os.path.join(self.ckpt_dir, LAST_CHECKPOINT)):
-                existing.append(LAST_CHECKPOINT)
-            if existing:
-                raise FileExistsError(
-                    f"{self.exp_dir} already holds a run ({', '.join(existing[-3:])} in {self.ckpt_dir}): pass "
-                    "--resume to continue it from its newest checkpoint, or choose another --exp-name")
-        if acc.is_main_process:
-            dump_config(self.config, os.path.join(self.exp_dir, "config.yaml"))
-            start = self.resume_from["step"] if self.resume_from else 0
-            dropped = truncate_metrics(os.path.join(self.exp_dir, METRICS_FILE), start)
-            if dropped:
-                self.log(f"Dropped {dropped} record(s) past step {start} from {METRICS_FILE} (logged by the run "
-                         "that was interrupted; this run logs those steps again)")
-        acc.wait_for_everyone()
-
-    def _lock_run_folder(self) -> Optional[RunLock]:
-        """The main process locks the experiment folder for the run's lifetime (erw/run_lock.py); every process
-        learns whether it could, so that none waits in a barrier for a run that was refused."""
-        acc, lock, refusal = self.accelerator, None, None
-        if acc.is_main_process:
-            try:
-                lock = RunLock(self.exp_dir).acquire()
-            except FolderInUse as error:
-                refusal = error
-        if acc.reduce(torch.tensor(float(refusal is not None), device=acc.device), "sum").item() > 0:
-            raise refusal or FolderInUse(f"{self.exp_dir} is in use by another run (the main process says which)")
-        if lock is not None:
-            weakref.finalize(self, lock.release)  # also at interpreter exit; fit() releases it when it ends
-        return lock
-
-    def _check_resume(self) -> None:
-        """Find the checkpoint to continue from, and refuse settings that differ from the ones it was trained with
-        unless --resume-override names them. Sets resume_from, last_good and config_history."""
+    def _check_resume(self, path: str, ckpt: Dict[str, Any]) -> None:
+        """Refuse settings that differ from the ones the checkpoint to continue from was trained with, unless
+        --resume-override names them. Sets resume_from, last_good and config_history."""
         cfg = self.config
-        path, ckpt = find_resume_checkpoint(self.ckpt_dir, self.log)
         stored = ckpt.get("config") or {}
         if stored.get("phase") not in (None, cfg["phase"]):
             raise ValueError(f"--resume: {path} is a {stored['phase']} checkpoint; this is the {cfg['phase']} "
@@ -404,13 +262,11 @@ class Trainer:
                 "time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "changed": {k: [old, new] for k, (old, new) in {**run_control, **training}.items()},
                 "overridden": sorted(training)})
-            if self.accelerator.is_main_process:
-                atomic_write(os.path.join(self.exp_dir, CONFIG_HISTORY_FILE),
-                             lambda f: f.write(yaml.safe_dump(self.config_history, sort_keys=False).encode()))
+            self.run_dir.write_config_history(self.config_history)
         self.resume_from, self.last_good = ckpt, path
 
     def log(self, message: str) -> None:
-        self.logger.info(message)
+        self.run_dir.log(message)
 
     def fail(self, message: str) -> None:
         """Log `message` with where the last good checkpoint is (to log.txt too), then raise FloatingPointError."""
@@ -421,9 +277,7 @@ class Trainer:
 
     def log_metrics(self, record: Dict[str, Any]) -> None:
         """Append `record` to metrics.jsonl (main process) and send its values to the tracker at record["step"]."""
-        if self.accelerator.is_main_process:
-            with open(os.path.join(self.exp_dir, METRICS_FILE), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _run_hooks(self, hooks: List["Hook"], step: int, ema: torch.nn.Module) -> None:
@@ -517,8 +371,7 @@ class Trainer:
         try:
             return self._fit(model, model_args, objective, dataset, teachers, hooks)
         finally:
-            if self.run_lock is not None:
-                self.run_lock.release()
+            self.run_dir.release()
 
     def _fit(self, model: torch.nn.Module, model_args: Dict[str, Any], objective: Objective, dataset,
              teachers: List[torch.nn.Module], hooks: Optional[List[Hook]]) -> Dict[str, Any]:

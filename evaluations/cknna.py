@@ -70,7 +70,8 @@ from erw.files import atomic_write  # noqa: E402
 from erw.cli import ArgumentParser, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
 from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
-from erw.generation import DEVICES, sample_generator  # noqa: E402
+from erw.generation import sample_generator  # noqa: E402
+from erw.sample_run import DEVICES  # noqa: E402
 from erw.transport import PATH_TYPES, get_path  # noqa: E402
 from models.encoders import load_teachers  # noqa: E402
 from models.sit import SiT  # noqa: E402

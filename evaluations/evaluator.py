@@ -18,7 +18,6 @@ sFID on the 2023 spatial features in H, W, C order; precision/recall with k=3 on
 One deliberate difference: 0 * log(0) counts as 0 in IS (ADM gives NaN when a softmax output underflows to 0).
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from erw.files import atomic_write, temp_path_for  # noqa: E402
+from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    file_sha256, inception_weights_id, load_inception)
@@ -253,16 +253,9 @@ def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
 #                         Activations and statistics                            #
 #################################################################################
 
-@contextlib.contextmanager
 def exact_fp32():
     """TF32 off for convolutions and matmuls (on by default for cuDNN convs on Ampere+); restored on exit."""
-    saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+    return fp32_precision_scope("ieee")
 
 
 @torch.inference_mode()

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erw.generation import default_micro_batch_size, exact_cpu, generate_images, precision_scope
+from erw.generation import default_micro_batch_size, exact_cpu, generate_images
+from erw.precision import precision_scope
 from evaluations import evaluator
 from evaluations.inception import RANDOM_WEIGHTS, inception_weights_id
 from models.vae import load_vae

@@ -94,6 +94,7 @@ def test_flags_of_other_codebases_get_a_hint_naming_a_real_flag(theirs, capsys):
     (["--num-sampling-steps=50"], "use --num-steps"),
     (["--image-size", "256"], "use --resolution"),
     (["--tf32"], "use --allow-tf32"),
+    (["--sampling-steps", "5000"], "use --sample-grid-every"),  # REPA's name for the grid interval
 ])
 def test_the_issue_examples_on_train_py(given, expected, capsys):
     with pytest.raises(SystemExit):
@@ -190,7 +191,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_log_lines_and_progress_bars_do_not_share_a_line(tmp_path):
-    from erw.trainer import TqdmHandler, setup_logger
+    from erw.run_dir import TqdmHandler, setup_logger
     logger = setup_logger(str(tmp_path))
     console = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
     assert len(console) == 1 and isinstance(console[0], TqdmHandler)

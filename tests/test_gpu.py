@@ -146,7 +146,7 @@ def _phase2(data, warmup_ckpt):
     # Sample grids decode with the demo's own tiny VAE: the grid at step 0 and at the end, 4 images, 2 steps.
     # Without a warm start the head needs a block number (the config's encoder_depth auto points at warmed blocks).
     return ["--warmup-ckpt", warmup_ckpt or "none", *([] if warmup_ckpt else ["--encoder-depth", str(WARMUP_DEPTH)]),
-            "--vae", os.path.join(data, "vae"), "--sampling-steps", str(BIG), "--sample-grid-size", "4",
+            "--vae", os.path.join(data, "vae"), "--sample-grid-every", str(BIG), "--sample-grid-size", "4",
             "--sample-num-steps", "2"]
 
 

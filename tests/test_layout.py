@@ -48,6 +48,21 @@ def test_the_bottom_modules_import_no_torch_and_nothing_of_ours():
         assert imported_packages(path) & {"torch", "erw", "models", "evaluations", "numpy"} == set(), name
 
 
+def _string_constants(path):
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_the_run_folders_file_names_have_one_home():
+    """Only erw/run_dir.py spells the experiment folder's files; everyone else imports its names."""
+    names = {"config.yaml", "config_history.yaml", "log.txt", "metrics.jsonl", "run.lock"}
+    spelled = {os.path.relpath(path, ROOT): sorted(names & set(_string_constants(path))) for path in _python_files()}
+    assert {path: found for path, found in spelled.items() if found} == {
+        os.path.join("erw", "run_dir.py"): ["config.yaml", "config_history.yaml", "log.txt", "metrics.jsonl"],
+        os.path.join("erw", "run_lock.py"): ["run.lock"]}
+
+
 def test_the_checkpoint_folders_names_have_one_home():
     """Only erw/checkpoint.py spells the run folder's checkpoint names (last.pt, NNNNNNN.pt); everyone else asks it."""
     spelled = {}

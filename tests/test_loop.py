@@ -10,7 +10,8 @@ from torch.overrides import TorchFunctionMode
 import train
 import train_warmup
 from erw.checkpoint import load_checkpoint
-from erw.trainer import ResumableShardSampler, update_ema
+from erw.data import ResumableShardSampler
+from erw.trainer import update_ema
 from tests.conftest import tiny_args
 from tests.observers import observe_fit, record_optimizer_steps
 
@@ -20,7 +21,7 @@ EPS32 = torch.finfo(torch.float32).eps
 def phase2_args(demo_data, out, *extra):
     """Phase 2 without warm start and without sample grids in between (they cost time and are tested elsewhere)."""
     return tiny_args(demo_data, out, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
-                     "--sampling-steps", "1000", "--sample-num-steps", "2", *extra)
+                     "--sample-grid-every", "1000", "--sample-num-steps", "2", *extra)
 
 
 def float64_state(module):

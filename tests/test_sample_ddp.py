@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import erw.generation
+import erw.sample_run
 import sample_ddp
 from erw.checkpoint import load_sampling_model, save_checkpoint
 from erw.generation import all_labels
@@ -92,7 +92,7 @@ def _read(path):
 
 def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
     """Run until `after` PNGs are saved, then stop as Ctrl-C would. Returns the saved PNGs' paths."""
-    real_save = erw.generation.save_png
+    real_save = erw.sample_run.save_png
     saved = []
 
     def crash(image, path):
@@ -102,7 +102,7 @@ def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
         saved.append(path)
 
     with monkeypatch.context() as m:
-        m.setattr(erw.generation, "save_png", crash)
+        m.setattr(erw.sample_run, "save_png", crash)
         with pytest.raises(KeyboardInterrupt):
             _run(ckpt, sample_dir, *flags)
     return saved
@@ -156,9 +156,9 @@ def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_pat
         with open(path, "wb") as f:
             f.write(b"partial")
 
-    real_save = erw.generation.save_png
+    real_save = erw.sample_run.save_png
     made = []
-    monkeypatch.setattr(erw.generation, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(erw.sample_run, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     capsys.readouterr()
     _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
@@ -194,9 +194,9 @@ def test_the_same_weights_under_another_name_resume_the_same_folder(checkpoints,
     last = os.path.join(tmp_path, "checkpoints", "last.pt")
     os.makedirs(os.path.dirname(last))
     os.link(checkpoints["ours"], last)
-    real_save = erw.generation.save_png
+    real_save = erw.sample_run.save_png
     made = []
-    monkeypatch.setattr(erw.generation, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(erw.sample_run, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     npz = _run(last, tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
     assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
@@ -243,7 +243,7 @@ def test_a_folder_is_never_extended_with_other_weights(checkpoints, tmp_path):
 
 def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monkeypatch):
     # last.pt can be replaced between two ranks' loads: stand in a second rank that read the newer file.
-    monkeypatch.setattr(erw.generation, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
+    monkeypatch.setattr(erw.sample_run, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
     with pytest.raises(RuntimeError, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
         _run(checkpoints["ours"], tmp_path / "samples")
     assert not os.path.exists(tmp_path / "samples")  # refused before anything was written
@@ -338,7 +338,7 @@ def test_a_second_sampler_into_a_live_runs_folder_is_refused_naming_it(checkpoin
                                                                         monkeypatch):
     """While one run fills a sample folder, a second process asked for the same folder exits 2 at once, naming the
     first (host and PID); it removes none of the first's files; the first then finishes the same .npz as ever."""
-    real_save, second = erw.generation.save_png, []
+    real_save, second = erw.sample_run.save_png, []
 
     def save_then_start_a_second_run(image, path):
         real_save(image, path)
@@ -352,7 +352,7 @@ def test_a_second_sampler_into_a_live_runs_folder_is_refused_naming_it(checkpoin
             second.append(os.path.exists(planted))
             os.remove(planted)
 
-    monkeypatch.setattr(erw.generation, "save_png", save_then_start_a_second_run)
+    monkeypatch.setattr(erw.sample_run, "save_png", save_then_start_a_second_run)
     npz = _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     result, temp_kept = second
     assert result.returncode == 2, result.stderr[-2000:]

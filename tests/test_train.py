@@ -106,7 +106,7 @@ def phase2_args(demo_data, out, phase1_ckpt, *extra):
 
 def test_phase1_then_phase2_learns_and_writes_sample_grids(demo_data, phase1, tmp_path):
     result = train.main(phase2_args(demo_data, tmp_path, phase1, "--max-train-steps", "60", "--log-every", "5",
-                                    "--sampling-steps", "30", "--sample-num-steps", "4"))
+                                    "--sample-grid-every", "30", "--sample-num-steps", "4"))
     velocity = [r["velocity_loss"] for r in result["history"]]
     lambdas = {r["step"]: r["lambda_used"] for r in result["history"]}
     first, last = sum(velocity[:2]) / 2, sum(velocity[-2:]) / 2
@@ -144,7 +144,7 @@ def test_encoder_depth_auto_puts_the_head_after_the_last_warmed_block(demo_data,
     # Table 4's "Depth X-Y": Phase 1's k = 2 blocks placed at 1..2 (0-based); the head reads the output of block 2,
     # which is block 3 in REPA's 1-based count.
     train.main(phase2_args(demo_data, tmp_path, phase1, "--warmup-layers", "1", "--warmup-depth", "2",
-                           "--encoder-depth", "auto", "--max-train-steps", "1", "--sampling-steps", "1000",
+                           "--encoder-depth", "auto", "--max-train-steps", "1", "--sample-grid-every", "1000",
                            "--sample-num-steps", "2"))
     ckpt = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert ckpt["model_args"]["encoder_depth"] == 3 and ckpt["config"]["encoder_depth"] == 3
@@ -161,7 +161,7 @@ def test_paper_configs_run_at_tiny_size(demo_data, tmp_path, config, extra):
     overrides = ["--config", os.path.join(ROOT, "configs", config), "--data-dir", str(demo_data),
                  "--output-dir", str(tmp_path), "--model", "SiT-Tiny/2", "--resolution", "64", "--num-classes", "10",
                  "--batch-size", "8", "--max-train-steps", "2", "--mixed-precision", "no", "--num-workers", "0",
-                 "--report-to", "none", "--vae", os.path.join(str(demo_data), "vae"), "--sampling-steps", "1000",
+                 "--report-to", "none", "--vae", os.path.join(str(demo_data), "vae"), "--sample-grid-every", "1000",
                  "--sample-num-steps", "2", "--encoder-depth", "2",
                  "--enc-type", "none" if "sit.yaml" in config else "random-vit-tiny", *extra]
     result = train.main(overrides)
@@ -175,7 +175,8 @@ def test_paper_configs_run_at_tiny_size(demo_data, tmp_path, config, extra):
 
 
 def test_phase2_resume_continues_exactly(demo_data, phase1, tmp_path):
-    common = ["--log-every", "1", "--checkpointing-steps", "3", "--sampling-steps", "1000", "--sample-num-steps", "2"]
+    common = ["--log-every", "1", "--checkpointing-steps", "3", "--sample-grid-every", "1000",
+              "--sample-num-steps", "2"]
     train.main(phase2_args(demo_data, tmp_path, phase1, "--exp-name", "straight", "--max-train-steps", "6", *common))
     train.main(phase2_args(demo_data, tmp_path, phase1, "--exp-name", "halves", "--max-train-steps", "3", *common))
     train.main(phase2_args(demo_data, tmp_path, phase1, "--exp-name", "halves", "--max-train-steps", "6", "--resume",
@@ -198,7 +199,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, p
     last_good = os.path.join(tmp_path, "tiny", "checkpoints", "0000004.pt")
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5 \(found at step 6") as error:
         train.main(phase2_args(demo_data, tmp_path, phase1, "--max-train-steps", "10", "--checkpointing-steps", "2",
-                               "--sampling-steps", "1000", "--sample-num-steps", "2"))
+                               "--sample-grid-every", "1000", "--sample-num-steps", "2"))
     assert str(error.value).endswith(f"The last good checkpoint is {last_good}")
     with open(os.path.join(tmp_path, "tiny", "log.txt")) as f:
         assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); stopping. The last " \
@@ -221,7 +222,7 @@ def test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_o
     """Warm-started Phase 2 (velocity + NT-Xent with negatives gathered over processes) at global batch 16: one
     process for 4 steps; two processes for 2 steps resumed on one; one process for 2 steps resumed on two. All three
     see the same data stream and the same draws, so they train the same weights up to float32 summation order."""
-    common = ["--batch-size", "16", "--log-every", "1", "--checkpointing-steps", "2", "--sampling-steps", "1000",
+    common = ["--batch-size", "16", "--log-every", "1", "--checkpointing-steps", "2", "--sample-grid-every", "1000",
               "--sample-num-steps", "2"]
     runs = {name: phase2_args(demo_data, tmp_path, phase1, "--exp-name", name, *common)
             for name in ("one", "two-then-one", "one-then-two")}

@@ -101,6 +101,9 @@ def test_bad_config_value_names_the_key(tmp_path):
     bad.write_text("exp_name: x\ntrain:\n  encoder_dpeth: 8\n")
     with pytest.raises(ConfigError, match=r"bad.yaml \[train\]: unknown config key 'encoder_dpeth'"):
         resolve_config("warmup", ["--config", str(bad)])
+    bad.write_text("exp_name: x\ntrain:\n  sampling_steps: 500\n")  # an older config: the key's new name
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampling_steps' \(now 'sample_grid_every'\)"):
+        resolve_config("train", ["--config", str(bad)])
     bad.write_text("exp_name: x\ntrain:\n  proj_coeff: -1\n")
     with pytest.raises(ConfigError, match=r"\[train\]: 'proj_coeff' must be in \[0, inf\)"):
         resolve_config("warmup", ["--config", str(bad)])
@@ -117,7 +120,7 @@ RANGES = {
     "proj_coeff": "[0, inf)", "adam_weight_decay": "[0, inf)", "max_grad_norm": "[0, inf)", "cfg_scale": "[1, inf)",
     "seed": "[0, inf)", "num_workers": "[0, inf)", "warmup_layers": "[0, inf)", "fid_every": "[0, inf)",
     "max_train_steps": "[0, inf)", "log_every": "[1, inf)", "num_classes": "[1, inf)", "warmup_depth": "[1, inf)",
-    "sampling_steps": "[1, inf)", "sample_grid_size": "[1, inf)", "sample_num_steps": "[1, inf)",
+    "sample_grid_every": "[1, inf)", "sample_grid_size": "[1, inf)", "sample_num_steps": "[1, inf)",
     "fid_num_steps": "[1, inf)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
     "checkpointing_steps": "[1, inf)", "fid_num_samples": "[2, inf)", "resolution": "[8, inf)",
 }

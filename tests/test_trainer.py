@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import train_warmup
+from erw import run_dir as run_dir_module
 from erw import trainer as trainer_module
 from erw.checkpoint import load_checkpoint
 from erw.files import atomic_write
@@ -38,7 +39,7 @@ def _log_text(tmp_path, exp=EXP):
 
 
 def _metric_steps(tmp_path, exp=EXP):
-    with open(os.path.join(tmp_path, exp, trainer_module.METRICS_FILE)) as f:
+    with open(os.path.join(tmp_path, exp, run_dir_module.METRICS_FILE)) as f:
         return [json.loads(line)["step"] for line in f]
 
 
@@ -147,7 +148,7 @@ def test_resume_override_applies_and_records_the_change(demo_data, tmp_path):
     assert all(group["lr"] == 0.02 for group in ckpt["opt"]["param_groups"]) and ckpt["config"]["learning_rate"] == 0.02
     with open(os.path.join(_exp(tmp_path), "config.yaml")) as f:
         assert yaml.safe_load(f)["learning_rate"] == 0.02
-    with open(os.path.join(_exp(tmp_path), trainer_module.CONFIG_HISTORY_FILE)) as f:
+    with open(os.path.join(_exp(tmp_path), run_dir_module.CONFIG_HISTORY_FILE)) as f:
         history = yaml.safe_load(f)
     assert history == ckpt["config_history"]
     assert history[-1]["step"] == 2 and history[-1]["overridden"] == ["learning_rate"]
@@ -260,7 +261,7 @@ def test_metrics_past_the_resumed_step_are_dropped(demo_data, tmp_path):
     # As if killed after logging step 6 but before its checkpoint, in the middle of writing a record.
     os.remove(_ckpt(tmp_path, "0000006.pt"))
     os.remove(_ckpt(tmp_path, "last.pt"))
-    with open(os.path.join(_exp(tmp_path), trainer_module.METRICS_FILE), "a") as f:
+    with open(os.path.join(_exp(tmp_path), run_dir_module.METRICS_FILE), "a") as f:
         f.write('{"loss": 1.0, "st')
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "4",
                                 "--log-every", "1", "--resume"))
@@ -362,7 +363,7 @@ def test_a_preemption_save_that_cannot_be_written_does_not_exit_75(demo_data, tm
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))  # logs fit, a checkpoint does not
 
     cmd = _train_warmup_cmd(demo_data, tmp_path, "preempted")
-    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", trainer_module.METRICS_FILE),
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", run_dir_module.METRICS_FILE),
                                      signal.SIGTERM, to_group=False, preexec_fn=limit_file_size)
     assert code == 74, output[-3000:]
     assert "error: could not write checkpoint" in output and "File too large (EFBIG)" in output
@@ -374,7 +375,7 @@ def test_sigterm_checkpoints_exits_and_resume_continues_bit_for_bit(demo_data, t
     assert straight.returncode == 0, straight.stderr[-3000:]
     cmd = _train_warmup_cmd(demo_data, tmp_path, "preempted")
     # The whole process group, as SLURM signals it: the DataLoader worker gets SIGTERM too.
-    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", trainer_module.METRICS_FILE),
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", run_dir_module.METRICS_FILE),
                                      signal.SIGTERM, to_group=True)
     assert code == trainer_module.EXIT_PREEMPTED == 75, output[-3000:]  # EX_TEMPFAIL, what README promises
     stopped = load_checkpoint(_ckpt(tmp_path, "last.pt", "preempted"))
@@ -390,7 +391,7 @@ def test_sigterm_checkpoints_exits_and_resume_continues_bit_for_bit(demo_data, t
 
 def test_sigusr1_also_checkpoints_and_exits(demo_data, tmp_path):
     cmd = _train_warmup_cmd(demo_data, tmp_path, "usr1", "--num-workers", "0")
-    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "usr1", trainer_module.METRICS_FILE),
+    code, output = _start_and_signal(cmd, os.path.join(tmp_path, "usr1", run_dir_module.METRICS_FILE),
                                      signal.SIGUSR1, to_group=False)
     assert code == trainer_module.EXIT_PREEMPTED, output[-3000:]
     step = load_checkpoint(_ckpt(tmp_path, "last.pt", "usr1"))["step"]

@@ -18,7 +18,7 @@ import torch
 import sample_ddp
 import train
 from erw.data import ImageLatentDataset
-from erw.generation import cpu_threads
+from erw.precision import cpu_threads
 from erw.samplers import GuidedVelocity
 from evaluations import evaluator
 from evaluations.evaluator import default_cache_dir, evaluate
@@ -49,7 +49,7 @@ def fid_setup(demo_data, tmp_path, monkeypatch):
 def train_args(demo_data, out, ref, *extra):
     # No warm start: the FID does not care where the weights came from, and Phase 1 would only cost time.
     return tiny_args(demo_data, out, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
-                     "--sampling-steps", "1000", "--sample-num-steps", "2", "--fid-ref", ref, *FID_FLAGS, *extra)
+                     "--sample-grid-every", "1000", "--sample-num-steps", "2", "--fid-ref", ref, *FID_FLAGS, *extra)
 
 
 def fid_records(exp_dir):
@@ -161,7 +161,7 @@ def test_the_runs_seed_no_guidance_by_default_and_the_reference_files_own_statis
     monkeypatch.setattr(GuidedVelocity, "_model_velocity", recording)
     flags = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights", "random"]
     train.main(tiny_args(demo_data, tmp_path, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
-                         "--sampling-steps", "1000", "--sample-num-steps", "2", "--fid-ref", with_stats, *flags,
+                         "--sample-grid-every", "1000", "--sample-num-steps", "2", "--fid-ref", with_stats, *flags,
                          "--max-train-steps", "1", "--fid-every", "1", "--batch-size", "8", "--seed", "3"))
     (record,) = fid_records(os.path.join(tmp_path, "tiny"))
     # The sample grids (2 ODE steps) call the model too; the FID's SDE makes NUM_STEPS calls per batch.

@@ -110,7 +110,7 @@ def test_compiled_phase1_phase2_and_resume_keep_plain_keys(demo_data, tmp_path, 
     assert torch._dynamo.utils.counters["frames"]["ok"] >= 2
     phase1 = _ckpt(tmp_path, "last.pt")
     phase2 = tiny_args(demo_data, tmp_path, "--warmup-ckpt", phase1, "--vae", os.path.join(str(demo_data), "vae"),
-                       "--sampling-steps", "1000", "--sample-num-steps", "2", "--compile")
+                       "--sample-grid-every", "1000", "--sample-num-steps", "2", "--compile")
     train.main([*phase2, "--max-train-steps", "2"])
     result = train.main([*phase2, "--max-train-steps", "3", "--resume"])
     assert result["step"] == 3 and "torch.compile" in _log_text(tmp_path, "tiny")
@@ -149,7 +149,7 @@ def test_a_run_without_teacher_never_decodes_an_image(demo_data, tmp_path, monke
     real_load_image, calls = data_module.load_image, []
     monkeypatch.setattr(data_module, "load_image", lambda path: calls.append(path) or real_load_image(path))
     train.main(tiny_args(demo_data, tmp_path, "--enc-type", "none", "--warmup-ckpt", "none", "--max-train-steps", "2",
-                         "--vae", os.path.join(str(demo_data), "vae"), "--sampling-steps", "1000",
+                         "--vae", os.path.join(str(demo_data), "vae"), "--sample-grid-every", "1000",
                          "--sample-num-steps", "2"))
     # 2 steps x 32 items were loaded; only the first image was read, once, to learn the resolution.
     assert len(calls) == 1

@@ -14,7 +14,8 @@ import train_warmup
 from erw.checkpoint import load_checkpoint, save_checkpoint
 from erw.config import INVOCATION_KEYS, OPTIONS, OPTIONS_BY_NAME, TRAIN, WARMUP, resolve_config
 from erw.sample_grid import SampleGridHook
-from erw.trainer import CONFIG_HISTORY_FILE, Trainer
+from erw.run_dir import CONFIG_HISTORY_FILE
+from erw.trainer import Trainer
 from tests.conftest import ROOT, tiny_args
 from tests.observers import observe_fit
 
@@ -172,7 +173,7 @@ def test_label_dropout_and_hooks_reach_the_loop(monkeypatch, demo_data, tmp_path
     for entry in (train, train_warmup):
         call = built(monkeypatch, entry, demo_data, tmp_path / entry.__name__, "--cfg-prob", "0.25")
         assert call.objective.class_dropout_prob == 0.25, entry.__name__
-    call = phase2(monkeypatch, demo_data, tmp_path / "grids", "--sampling-steps", "7", "--sample-grid-size", "5",
+    call = phase2(monkeypatch, demo_data, tmp_path / "grids", "--sample-grid-every", "7", "--sample-grid-size", "5",
                   "--sample-num-steps", "3", "--max-train-steps", "20")
     (grids,) = [h for h in call.hooks if isinstance(h, SampleGridHook)]
     assert (grids.every, grids.num_steps, len(grids.noise), grids.last_step) == (7, 3, 5, 20)
@@ -184,7 +185,7 @@ def test_label_dropout_and_hooks_reach_the_loop(monkeypatch, demo_data, tmp_path
 # The run-control keys, written out: a key added later is a training key (refused on resume) unless it is added here
 # on purpose; flipping a training key to run-control in erw/config.py fails here.
 RUN_CONTROL = {"exp_name", "output_dir", "resume", "resume_override", "report_to", "log_every", "num_workers", "vae",
-               "sampling_steps", "sample_grid_size", "sample_num_steps", "fid_every", "fid_num_samples",
+               "sample_grid_every", "sample_grid_size", "sample_num_steps", "fid_every", "fid_num_samples",
                "fid_num_steps", "fid_mode", "fid_precision", "fid_ref", "inception_weights", "cfg_scale",
                "guidance_low", "guidance_high", "max_train_steps", "checkpointing_steps", "compile"}
 LOCATION = {"exp_name", "output_dir"}  # where the run lives: another value is another run, not a change
