@@ -12,11 +12,11 @@
     python demo.py --fresh    # deletes exps/demo first
     python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW at the same step budget
 
-The demo's VAE, teacher and classifier are small networks trained on such images by assets/demo/train_components.py
-and shipped with the repository: the VAE decodes real shapes, the teacher's tokens carry the class, and the
-classifier tells whether a sample shows the class it was asked for. The numbers are the demo's own, not the
-paper's: FD-demo is a Frechet distance in the classifier's feature space, not ImageNet FID. --adm-metrics adds the
-ADM suite with a RANDOM Inception network (it checks the plumbing only).
+The demo's VAE, teacher and classifier are small networks trained on such images by
+preprocessing/train_demo_components.py and shipped with the repository: the VAE decodes real shapes, the teacher's
+tokens carry the class, and the classifier tells whether a sample shows the class it was asked for. The numbers are
+the demo's own, not the paper's: FD-demo is a Frechet distance in the classifier's feature space, not ImageNet FID.
+--adm-metrics adds the ADM suite with a RANDOM Inception network (it checks the plumbing only).
 """
 import json
 import os

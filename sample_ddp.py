@@ -12,15 +12,9 @@ size; rerunning an interrupted command skips the finished PNGs. Pixels are writt
 generation loop (erw/generation.py) is the one train.py's in-training FID runs. REPA checkpoints load too: give
 REPA's model flags (--model, --encoder-depth, --projector-embed-dims, --qk-norm, --resolution, --num-classes).
 
-A sample folder belongs to the weights that made it, not to the --ckpt path: its name carries the training step
-and the first 8 characters of the weights id (SAMPLE_DIR/SiT-XL-2-step0400000-3f2a9c1b-ema-size-256-...), and its
-settings .json the full id: the checkpoint_id our trainer writes into every checkpoint (NNNNNNN.pt and the last.pt
-linked to it share it) plus /ema or /model, or for checkpoints without one (REPA's, our older ones) a sha256 of the
-weights (a few seconds for SiT-XL/2). So last.pt and the numbered checkpoint it links to resume the same folder;
-rerunning with a last.pt that training has replaced since samples the new weights into a new folder and names the
-unfinished one it leaves; a folder is never extended with other weights (refused, naming both ids). While training
-is still saving, sample a numbered checkpoint: processes that load different weights (last.pt replaced between
-their loads) are refused.
+A sample folder belongs to the weights that made it, not to the --ckpt path (SAMPLE_DIR/SiT-XL-2-step0400000-
+3f2a9c1b-ema-size-256-...; the rule and what it implies: erw/sample_run.py, IDENTITY_KEYS). While training is still
+saving, sample a numbered checkpoint.
 """
 import argparse
 

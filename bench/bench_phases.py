@@ -81,8 +81,8 @@ def main():
     labels = torch.randint(0, 1000, (n,), device=device)
     common = dict(input_size=latent, num_classes=1000)
 
-    phase1 = create_sit(args.model, encoder_depth=args.warmup_depth, z_dims=[teacher.embed_dim], truncated=True,
-                        **common).to(device)
+    phase1 = create_sit(args.model, encoder_depth=args.warmup_depth, z_dims=[teacher.embed_dim],
+                        built_depth=args.warmup_depth, **common).to(device)
     phase1_s = median_time(train_step_fn(phase1, Objective(velocity=False, align="ntxent"), latents, labels, tokens),
                            args.steps, args.warmup, device)
     del phase1

@@ -184,7 +184,7 @@ def _meta_sit(scale: Scale, size: str, phase: int, with_teacher: bool = True):
     with torch.device("meta"):  # the architecture without allocating it
         if phase == 1:
             return create_sit(scale.models[size], input_size=scale.resolution // 8, z_dims=[scale.teacher_width],
-                              encoder_depth=scale.warmup_depth, truncated=True)
+                              encoder_depth=scale.warmup_depth, built_depth=scale.warmup_depth)
         return create_sit(scale.models[size], input_size=scale.resolution // 8,
                           z_dims=[scale.teacher_width] if with_teacher else [], encoder_depth=scale.encoder_depth[size])
 

@@ -125,6 +125,19 @@ REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
                             "projector_embed_dims": "768"}
 
 
+def current_model_args(model_args: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A checkpoint's model_args in today's form (every reader goes through this). Until built_depth existed, a
+    Phase-1 checkpoint said truncated=True with encoder_depth = k, the blocks it built (its projectors sit after
+    block k, which is what encoder_depth means everywhere now); a full model said truncated=False."""
+    if model_args is None:
+        return None
+    args = dict(model_args)
+    if "truncated" in args:
+        truncated = args.pop("truncated")
+        args.setdefault("built_depth", args["encoder_depth"] if truncated else None)
+    return args
+
+
 def read_checkpoint(path: str) -> dict:
     """Weights-only load that also accepts the argparse.Namespace REPA's train.py pickles under "args"."""
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -218,7 +231,7 @@ def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]]
     ckpt = read_checkpoint(ckpt_path)
     implied = _model_args_from_flags(model_flags or {})
     if "model_args" in ckpt:
-        model_args = dict(ckpt["model_args"])
+        model_args = current_model_args(ckpt["model_args"])
         conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
                      for k, v in implied.items() if model_args.get(k) != v]
         if conflicts and flags_for_ours:
@@ -239,7 +252,7 @@ def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]]
 
 def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
                flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
-    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (truncated) ones too.
+    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (built_depth) ones too.
 
     Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
     (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
@@ -257,7 +270,7 @@ def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optio
     "vae" (from our checkpoint's config, else None) and "weights_id" (see weights_id; hashing a checkpoint without
     checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
     model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
-    if info["model_args"].get("truncated"):
+    if info["model_args"].get("built_depth") is not None:
         raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
                          "generate; sample from a Phase-2 checkpoint")
     info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),

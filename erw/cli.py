@@ -72,10 +72,14 @@ class ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def user_errors():
-    """Exception types that mean "the input is wrong", printed without a traceback by run_main."""
-    from erw.config import ConfigError
-    return (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+class UserError(Exception):
+    """Input that cannot be used (a flag, a config key, a file, a folder); the message says which and how to
+    proceed. erw/config.py's ConfigError is one kind."""
+
+
+# What run_main prints as one line. The built-in types are here until every refusal of user input raises a
+# UserError kind: until then a ValueError is taken for the user's.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
@@ -91,7 +95,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         raise
     except Exception as error:
         error_code = getattr(error, "exit_code", None)
-        if (error_code is None and not isinstance(error, user_errors())) or os.environ.get("ERW_DEBUG"):
+        if (error_code is None and not isinstance(error, USER_ERRORS)) or os.environ.get("ERW_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
         code = error_code or 2

@@ -15,6 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from erw.cli import ArgumentParser, UserError
+from erw.files import atomic_write
+
 WARMUP, TRAIN = "warmup", "train"
 BOTH = (WARMUP, TRAIN)
 
@@ -237,8 +240,8 @@ OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
 INVOCATION_KEYS = ("resume", "resume_override")  # describe this command, not the run: never compared on resume
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A setting that cannot be used, named by its flag or YAML key and file."""
 
 
 def _convert(option: Option, value: Any, where: str) -> Any:
@@ -331,7 +334,6 @@ def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
 
 
 def build_parser(phase: str, description: str) -> argparse.ArgumentParser:
-    from erw.cli import ArgumentParser
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML file in configs/ (keys as below, snake_case; "
                         "default: none, built-in defaults)")
@@ -379,7 +381,6 @@ def resolve_encoder_depth(config: Dict[str, Any]) -> None:
 
 
 def dump_config(config: Dict[str, Any], path: str) -> None:
-    from erw.files import atomic_write
     atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
 
 

@@ -52,7 +52,8 @@ def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
 
 def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) -> Dict[str, Any]:
     """Plain-dict arguments of models.sit.create_sit, stored in every checkpoint so sampling rebuilds the model.
-    Phase 1: truncated at warmup_depth with the projector there; Phase 2: full, projector at encoder_depth."""
+    Phase 1: built_depth = warmup_depth blocks, the projector after the last; Phase 2: every block, the projector
+    after block encoder_depth."""
     if config["resolution"] % VAE_DOWNSAMPLING:
         raise ValueError(f"--resolution {config['resolution']} is not divisible by {VAE_DOWNSAMPLING} (the VAE)")
     warmup = config["phase"] == "warmup"
@@ -66,7 +67,7 @@ def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) ->
         "z_dims": [t.embed_dim for t in teachers],
         "qk_norm": config["qk_norm"],
         "use_rope": config["use_rope"],
-        "truncated": warmup,
+        "built_depth": config["warmup_depth"] if warmup else None,
     }
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, load_sampling_model, numbered_checkpoint
+from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, current_model_args, load_sampling_model, numbered_checkpoint
 from erw.files import atomic_write, remove_stale_temps
 from erw.generation import all_labels, default_micro_batch_size, exact_cpu, generate_images
 from erw.npz import write_images_npz
@@ -72,9 +72,14 @@ def write_npz(npz_path: str, folder: str, num_samples: int, labels: np.ndarray, 
 #                         Multi-process generation run                          #
 #################################################################################
 
-# Settings that change the images: a sample folder may only be resumed with the same values. The weights count by
-# their id, not by the checkpoint's path: last.pt is replaced as training goes on, and NNNNNNN.pt and the last.pt
-# linked to it are the same weights.
+# A sample folder belongs to the weights that made it, never to the checkpoint's path. The weights are known by their
+# id (erw.checkpoint.sit_weights_id: the checkpoint_id the trainer writes into every save, shared by NNNNNNN.pt and
+# the last.pt linked to it, plus /ema or /model; a hash of the weights for checkpoints without one), which is in the
+# settings .json in full and, shortened, in the folder's name with the step (sample_folder_name). So last.pt and its
+# numbered checkpoint resume the same folder; a last.pt that training has replaced since samples into a new folder
+# (and the run names the unfinished one it leaves); a folder is never extended with other weights (check_resumable
+# refuses, naming both ids); processes that loaded different weights are refused (check_same_weights). These are the
+# settings that change the images: a folder is resumed only with the same values.
 IDENTITY_KEYS = ("weights_id", "weights", "model_args", "path_type", "mode", "num_steps", "heun", "cfg_scale",
                  "guidance_low", "guidance_high", "global_seed", "label_mode", "vae", "precision", "pixel_rounding")
 # Folders written before --pixel-rounding existed hold DiT-rounded pixels (the only convention then).
@@ -138,11 +143,9 @@ def short_weights_id(full_id: str) -> str:
 
 
 def sample_folder_name(settings: Dict[str, object]) -> str:
-    """REPA-style descriptive folder name; settings not in it are still checked on resume (IDENTITY_KEYS).
-
-    The weights appear as the training step (when the checkpoint has one) and the short weights id, not as the
-    checkpoint's file name: e.g. SiT-XL-2-step0400000-3f2a9c1b-ema-size-256-..., so sampling last.pt after
-    training moved it on starts another folder instead of adding to the one of the older weights."""
+    """REPA-style descriptive folder name, e.g. SiT-XL-2-step0400000-3f2a9c1b-ema-size-256-...: the weights as the
+    training step and the short weights id, never the checkpoint's file name (IDENTITY_KEYS); settings not in the
+    name are still checked on resume."""
     model = str(settings["model_args"]["model"]).replace("/", "-")
     step = settings["checkpoint_step"]
     weights = (f"step{step:07d}-" if step is not None else "") + short_weights_id(settings["weights_id"])
@@ -187,6 +190,7 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
     with open(settings_path) as f:
         previous = json.load(f)
     previous.setdefault("pixel_rounding", PIXEL_ROUNDING_BEFORE_THE_FLAG)
+    previous["model_args"] = current_model_args(previous.get("model_args"))
     current = json.loads(json.dumps(settings))  # the same JSON round trip as the stored copy (tuples -> lists)
     if previous.get("weights_id") != current["weights_id"]:
         raise RuntimeError(f"{folder} holds samples of the weights {previous.get('weights_id') or '(not recorded)'} "
@@ -232,13 +236,11 @@ def _write_json(path: str, data: Dict[str, object]) -> None:
 def run_sampling(args: Dict[str, object]) -> str:
     """The whole sample_ddp.py run for this process; args = sample_ddp.py's flags as a dict. Returns the .npz path.
 
-    A sample folder belongs to the weights that made it (weights_id in its settings .json and, shortened, in its
-    name with the step), never to the checkpoint's path: rerunning with a last.pt that training has since replaced
-    samples into a new folder (and says which unfinished folder it left), and a folder whose recorded weights
-    differ from this run's is refused. Every process loads the checkpoint itself, so all must report the same
-    weights id. Rank 0 locks the folder (erw/run_lock.py) and removes the temp files an interrupted run left (this
-    run's PNG folder, its .npz and .json), then every process lists the finished PNGs before any process writes and
-    takes every world_size-th missing index; rank 0 assembles the .npz after a barrier.
+    The folder is the one of these weights and settings (IDENTITY_KEYS). Every process loads the checkpoint itself,
+    so all must report the same weights id. Rank 0 locks the folder (erw/run_lock.py) and removes the temp files an
+    interrupted run left (this run's PNG folder, its .npz and .json), then every process lists the finished PNGs
+    before any process writes and takes every world_size-th missing index; rank 0 assembles the .npz after a
+    barrier.
     """
     # Every setting is checked before anything is loaded or created: a refused run leaves no folder behind.
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:

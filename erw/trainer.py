@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from erw.batch_random import BatchRandom, derive_seed
-from erw.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, load_state_dict_strict, numbered_checkpoint,
-                            write_checkpoint, write_failure_reason)
+from erw.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, current_model_args, load_state_dict_strict,
+                            numbered_checkpoint, write_checkpoint, write_failure_reason)
 from erw.config import resume_changes
 from erw.data import ResumableShardSampler, sample_latents
 from erw.losses import Objective
@@ -300,7 +300,7 @@ class Trainer:
         """Load resume_from into model, EMA, optimizer and loss scaler; returns (step, micro-batch, skipped
         steps). The optimizer takes this run's hyperparameters, so that config.yaml states what is used."""
         cfg, acc, ckpt = self.config, self.accelerator, self.resume_from
-        if ckpt.get("model_args") != model_args:
+        if current_model_args(ckpt.get("model_args")) != model_args:
             raise ValueError(f"--resume: {self.last_good} was written for model {ckpt.get('model_args')}, "
                              f"this run builds {model_args}")
         load_state_dict_strict(model, ckpt["model"], f"{self.last_good} [model]")
@@ -406,7 +406,7 @@ class Trainer:
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
             n_params = sum(p.numel() for p in unwrapped.parameters())
-            built = f"truncated to {len(unwrapped.blocks)} blocks" if model_args["truncated"] else "full"
+            built = "full" if model_args["built_depth"] is None else f"truncated to {len(unwrapped.blocks)} blocks"
             self.log(f"{model_args['model']} ({built}): {n_params:,} parameters; {len(dataset):,} training items; "
                      f"global batch {cfg['batch_size']} = {acc.num_processes} processes x {self.local_batch_size} "
                      f"x {cfg['gradient_accumulation_steps']} accumulation")
@@ -539,8 +539,7 @@ class Trainer:
         acc = self.accelerator
         ckpt = {
             "format": CHECKPOINT_FORMAT,
-            # Unique per save: a sample folder made from these weights is tied to this id, not to a path
-            # (last.pt moves on while training goes on).
+            # Unique per save: the id sample folders of these weights are known by (erw/sample_run.py).
             "checkpoint_id": uuid.uuid4().hex,
             "model": model_state,
             "ema": ema_state,

@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch
 
-from erw.checkpoint import load_checkpoint, plain_state_dict
+from erw.checkpoint import current_model_args, load_checkpoint, plain_state_dict
 from models.sit import SiT
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -20,13 +20,14 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
                 expected_depth: int = None) -> str:
     """Load Phase-1 weights from `path` into `model` in place; returns a one-line summary of what was loaded."""
     ckpt = load_checkpoint(path)
-    args = ckpt.get("model_args") or {}
-    if not args.get("truncated"):
-        raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.truncated = True)")
+    args = current_model_args(ckpt.get("model_args")) or {}
+    if args.get("built_depth") is None:
+        raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.built_depth, the "
+                         "blocks it built)")
     if weights not in ("model", "ema"):
         raise ValueError(f"--warmup-weights must be model or ema, got {weights!r}")
     source: Dict[str, torch.Tensor] = plain_state_dict(ckpt[weights])
-    k = args["encoder_depth"]
+    k = args["built_depth"]
     depth = len(model.blocks)
     if expected_depth is not None and expected_depth != k:
         raise ValueError(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")

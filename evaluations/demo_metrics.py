@@ -1,5 +1,5 @@
 """Metrics that mean something on the demo data (10 classes of coloured shapes, 64 px), from a small classifier
-trained on the demo images (assets/demo/classifier.safetensors, made by assets/demo/train_components.py):
+trained on the demo images (assets/demo/classifier.safetensors, made by preprocessing/train_demo_components.py):
 
     class accuracy   the share of samples the classifier assigns to the class they were generated for (chance 10%)
     FD-demo          the Frechet distance between the classifier's pooled features (128-d) of the samples and of the
@@ -58,7 +58,7 @@ def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
     from erw.checkpoint import load_state_dict_strict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"demo classifier weights not found: {path} (they ship with the repository; "
-                                "rebuild them with `python assets/demo/train_components.py`)")
+                                "rebuild them with `python preprocessing/train_demo_components.py`)")
     model = DemoClassifier()
     load_state_dict_strict(model, load_file(path), f"demo classifier {path}")
     return model.eval().requires_grad_(False)

@@ -41,7 +41,7 @@ RANDOM_TEACHER_SEED = 0
 # LayerScale starts at 1 instead of DINOv2's 1e-5: with 1e-5 the random blocks would be near-identity maps.
 RANDOM_TEACHER_ARCH = dict(embed_dim=64, depth=2, num_heads=2, init_values=1.0)
 # The demo's teacher: a small DINOv2-style ViT trained (supervised) on the demo images by
-# assets/demo/train_components.py; its weights ship with the repository.
+# preprocessing/train_demo_components.py; its weights ship with the repository.
 DEMO_TEACHER = "demo-vit-tiny"
 DEMO_TEACHER_ARCH = dict(embed_dim=96, depth=4, num_heads=3, init_values=1.0)
 DEMO_TEACHER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo",
@@ -238,7 +238,7 @@ def build_random_dinov2(size: str, resolution: int) -> Teacher:
 
 def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
     """The demo teacher (DEMO_TEACHER_ARCH) for `resolution`-px images; random init when weights is "random"
-    (what assets/demo/train_components.py starts from), else the trained file, loaded strictly."""
+    (what preprocessing/train_demo_components.py starts from), else the trained file, loaded strictly."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_TEACHER_SEED)
         vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
@@ -247,7 +247,7 @@ def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
         path = weights or DEMO_TEACHER_WEIGHTS
         if not os.path.isfile(path):
             raise FileNotFoundError(f"demo teacher weights not found: {path} (they ship with the repository; "
-                                    "rebuild them with `python assets/demo/train_components.py`)")
+                                    "rebuild them with `python preprocessing/train_demo_components.py`)")
         state_dict = read_weight_file(path)
         check_state_dict(vit.state_dict(), state_dict, f"demo teacher {path}")
         vit.load_state_dict(state_dict, strict=True)

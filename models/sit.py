@@ -203,9 +203,10 @@ class SiT(nn.Module):
     """Scalable Interpolant Transformer with projector heads on the hidden state after block
     `encoder_depth` (1-based, REPA's convention).
 
-    `truncated=True` builds only blocks 0..encoder_depth-1 and the projectors (no final layer): the
-    Phase-1 (warmup) model, which never pays for blocks it does not train. Its state-dict keys are a
-    subset of the full model's, so Phase 2 can load them by name.
+    `built_depth=k` builds only blocks 0..k-1 and the projectors (no final layer): the Phase-1 (warmup)
+    model, which never pays for blocks it does not train (its projectors sit after its last block:
+    encoder_depth = k). Its state-dict keys are a subset of the full model's, so Phase 2 can load them by
+    name. `built_depth=None` (the default) builds all `depth` blocks and the final layer.
     """
 
     def __init__(
@@ -224,15 +225,19 @@ class SiT(nn.Module):
         projector_dim: int = 2048,
         qk_norm: bool = False,
         use_rope: bool = False,
-        truncated: bool = False,
+        built_depth: Optional[int] = None,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in 1..{depth} (the model depth), got {encoder_depth}")
-        if truncated and not z_dims:
-            raise ValueError("a truncated SiT exists to train projectors: z_dims must not be empty")
+        if built_depth is not None:
+            if not z_dims:
+                raise ValueError("a truncated SiT exists to train projectors: z_dims must not be empty")
+            if built_depth != encoder_depth:
+                raise ValueError(f"a truncated SiT ends with its projectors: built_depth ({built_depth}) must equal "
+                                 f"encoder_depth ({encoder_depth})")
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
@@ -240,7 +245,8 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.depth = depth
         self.encoder_depth = encoder_depth
-        self.truncated = truncated
+        self.built_depth = built_depth
+        self.truncated = built_depth is not None  # the Phase-1 model: no final layer
         self.z_dims = list(z_dims)
         self.qk_norm, self.use_rope = qk_norm, use_rope
 
@@ -253,12 +259,12 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.rope = RotaryEmbedding2D(hidden_size // num_heads, self.grid_size) if use_rope else None
 
-        num_built = encoder_depth if truncated else depth
+        num_built = depth if built_depth is None else built_depth
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(num_built)]
         )
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
-        self.final_layer = None if truncated else FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = None if self.truncated else FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -36,7 +36,7 @@ SD_VAE_CONFIG = autoencoder_config(block_out_channels=(128, 256, 512, 512), laye
                                    sample_size=256)
 
 # The demo's VAE: a small AutoencoderKL with SD-VAE's 8x downsampling and 4 latent channels, trained on the demo
-# images by assets/demo/train_components.py and shipped with the repository (a diffusers folder).
+# images by preprocessing/train_demo_components.py and shipped with the repository (a diffusers folder).
 DEMO_VAE = "demo"
 DEMO_VAE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo", "vae")
 # 8 groups of 1 channel at the first level take CPU convolutions onto a path ~20x slower: 4 groups.
@@ -90,7 +90,7 @@ def load_vae(name_or_path: str, allow_download: bool = False):
     if name_or_path == DEMO_VAE:
         if not os.path.isdir(DEMO_VAE_DIR):
             raise FileNotFoundError(f"the demo VAE {DEMO_VAE_DIR} is missing (it ships with the repository; rebuild it "
-                                    "with `python assets/demo/train_components.py`)")
+                                    "with `python preprocessing/train_demo_components.py`)")
         name_or_path = DEMO_VAE_DIR
     if name_or_path == RANDOM_TINY_VAE:
         vae = build_random_tiny_vae()

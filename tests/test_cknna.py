@@ -213,7 +213,7 @@ def _tiny_checkpoint(path, demo_data, truncated, depth_or_k, seed):
     """A tiny SiT in our checkpoint format with perturbed weights (adaLN-Zero blocks would be identity maps)."""
     model_args = {"model": "SiT-Tiny/2", "input_size": 8, "in_channels": 4, "num_classes": 10,
                   "class_dropout_prob": 0.1, "encoder_depth": depth_or_k, "z_dims": [64], "qk_norm": False,
-                  "use_rope": False, "truncated": truncated}
+                  "use_rope": False, "built_depth": depth_or_k if truncated else None}
     torch.manual_seed(seed)
     model = create_sit(**model_args)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_cli_writes_table_and_plot_for_warmup_and_full_checkpoints(demo_data, tm
     assert settings["num_images"] == 160 and settings["num_images_requested"] == 10000
     assert settings["topk"] == 10 and settings["t"] == 0.3 and settings["enc_type"] == "random-vit-tiny"
     assert settings["checkpoints"]["warmup"]["path_type"] == "linear"
-    assert settings["checkpoints"]["warmup"]["model_args"]["truncated"] is True
+    assert settings["checkpoints"]["warmup"]["model_args"]["built_depth"] == 2
     for by_layer in written["results"].values():
         for values in by_layer.values():
             assert math.isfinite(values["cknna"]) and 0.0 <= values["cka"] <= 1.0

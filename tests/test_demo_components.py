@@ -1,7 +1,5 @@
 """The demo's trained components (assets/demo): what each must do on demo images none of them was trained on, the
 metrics built on the classifier, and the script that trains them (re-run briefly)."""
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from evaluations.demo_metrics import classify, demo_metrics, load_classifier
 from models.encoders import DEMO_TEACHER, build_teacher
 from models.vae import DEMO_VAE, decode_latents, encode_moments, load_vae, vae_to_model_latents
 from preprocessing.dataset_tools import demo_image
-from tests.conftest import ROOT
 
 # The components were trained on demo_image seeds 1 (train) and 1001 (their held-out check); the demo's data is
 # seed 0. These tests draw from seeds none of that used.
@@ -74,14 +71,10 @@ def test_demo_classifier_and_metrics():
 
 
 def test_the_training_script_runs_and_its_outputs_load(tmp_path):
-    """assets/demo/train_components.py at 1/400 of its steps: every file appears and loads with the loaders the
+    """preprocessing/train_demo_components.py at 1/400 of its steps: every file appears and loads with the loaders the
     demo uses (strict loads)."""
-    sys.path.insert(0, os.path.join(ROOT, "assets", "demo"))
-    try:
-        import train_components
-    finally:
-        sys.path.pop(0)
-    train_components.main(["--out", str(tmp_path), "--steps-scale", "0.0025", "--images-per-class", "3",
+    from preprocessing import train_demo_components
+    train_demo_components.main(["--out", str(tmp_path), "--steps-scale", "0.0025", "--images-per-class", "3",
                            "--held-out-per-class", "2"])
     vae = load_vae(str(tmp_path / "vae"))
     assert encode_moments(vae, torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 8, 8, 8)

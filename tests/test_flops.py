@@ -29,7 +29,7 @@ def _inputs(n, model, seed=0):
 @pytest.mark.parametrize("arch", [
     dict(patch_size=2, depth=3, encoder_depth=2, z_dims=[24]),                   # Phase 2, one teacher
     dict(patch_size=4, depth=2, encoder_depth=1, z_dims=[24, 40], mlp_ratio=2),  # two projectors, other MLP width
-    dict(patch_size=2, depth=4, encoder_depth=2, z_dims=[24], truncated=True),   # Phase 1: 2 blocks, no final layer
+    dict(patch_size=2, depth=4, encoder_depth=2, z_dims=[24], built_depth=2),   # Phase 1: 2 blocks, no final layer
     dict(patch_size=2, depth=2, encoder_depth=1, z_dims=[]),                     # plain SiT
 ])
 def test_sit_forward_matches_flop_counter(arch):

@@ -77,3 +77,45 @@ def test_the_checkpoint_folders_names_have_one_home():
                     isinstance(part, ast.Constant) and str(part.value).startswith(".pt") for part in node.values):
                 spelled.setdefault(os.path.relpath(path, ROOT), []).append(ast.unparse(node))
     assert set(spelled) == {os.path.join("erw", "checkpoint.py")}, spelled
+
+
+def test_data_folders_hold_no_code():
+    """assets/ and configs/ are data; the code that makes them lives with the code (preprocessing/, ...)."""
+    assert [path for folder in ("assets", "configs")
+            for path in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)] == []
+
+
+def _erw_imports(path):
+    """The erw modules a file imports, at the top or inside a function (hiding an import in a function hides a
+    circle, it does not remove it)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("erw."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("erw."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "erw":
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_erw_modules_import_each_other_without_a_circle():
+    graph = {os.path.basename(path)[:-3]: _erw_imports(path) for path in glob.glob(os.path.join(ROOT, "erw", "*.py"))}
+    state, circle = {}, []
+
+    def visit(module, trail):
+        if state.get(module) == "done" or circle:
+            return
+        if state.get(module) == "open":
+            circle.extend(trail[trail.index(module):] + [module])
+            return
+        state[module] = "open"
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert circle == [], " -> ".join(circle)

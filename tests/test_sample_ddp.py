@@ -22,7 +22,9 @@ from models.sit import create_sit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ARGS = dict(model="SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=1, z_dims=[32], qk_norm=False,
-                  use_rope=False, truncated=False, class_dropout_prob=0.1, in_channels=4)
+                  use_rope=False, built_depth=None, class_dropout_prob=0.1, in_channels=4)
+# A Phase-1 checkpoint's model_args as written before built_depth existed (encoder_depth = the blocks built).
+OLD_FORMAT_WARMUP_ARGS = {**{k: v for k, v in MODEL_ARGS.items() if k != "built_depth"}, "truncated": True}
 NUM_SAMPLES = 7
 # SDE with the CFG interval active for part of the steps, so both model batch shapes occur.
 RUN_FLAGS = ["--num-fid-samples", str(NUM_SAMPLES), "--num-steps", "6", "--cfg-scale", "1.5", "--guidance-high", "0.7",
@@ -66,9 +68,9 @@ def checkpoints(tmp_path_factory):
     # REPA's train.py layout, including its pickled argparse.Namespace.
     torch.save({**weights, "opt": {}, "args": argparse.Namespace(model="SiT-Tiny/2", encoder_depth=1)}, repa)
     warmup = str(root / "warmup.pt")
-    truncated = create_sit(**{**MODEL_ARGS, "truncated": True})
+    truncated = create_sit(**{**MODEL_ARGS, "built_depth": 1})
     save_checkpoint({"model": truncated.state_dict(), "ema": truncated.state_dict(),
-                     "model_args": {**MODEL_ARGS, "truncated": True}}, warmup)
+                     "model_args": OLD_FORMAT_WARMUP_ARGS}, warmup)
     other_weights = {"model": _random_state_dict(model, 3), "ema": _random_state_dict(model, 4)}
     return {"ours": ours, "repa": repa, "warmup": warmup, "weights": weights, "other_weights": other_weights}
 
@@ -165,6 +167,24 @@ def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_pat
     assert _read(npz) == reference[1]
     assert [p for p in stale if os.path.exists(p)] == [] and os.path.exists(other_job)
     assert "removed 3 temp files" in capsys.readouterr().out
+
+
+def test_a_checkpoint_and_a_sample_folder_from_before_built_depth_still_work(checkpoints, reference, tmp_path,
+                                                                             monkeypatch):
+    """model_args once said truncated=False where they now say built_depth=None: such a checkpoint samples the same
+    images, and a half-filled folder whose settings .json holds the old form is resumed, not refused."""
+    old = dict(MODEL_ARGS, truncated=False)
+    del old["built_depth"]
+    ckpt = _save_ours(tmp_path / "old" / "0000010.pt", checkpoints["weights"], 10, CHECKPOINT_ID)
+    saved = torch.load(ckpt, weights_only=True)
+    save_checkpoint({**saved, "model_args": old}, ckpt)
+    _interrupted_run(monkeypatch, ckpt, tmp_path / "samples", 3, "--per-proc-batch-size", "3")
+    (settings_path,) = (tmp_path / "samples").glob("*.json")
+    settings = json.loads(settings_path.read_text())
+    settings["model_args"] = old  # as a run before the rename wrote it
+    settings_path.write_text(json.dumps(settings))
+    npz = _run(ckpt, tmp_path / "samples", "--per-proc-batch-size", "3")
+    assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
 
 
 def test_rerun_after_last_pt_moved_on_never_mixes_two_models(checkpoints, tmp_path, monkeypatch, capsys):

@@ -121,7 +121,7 @@ def test_fresh_blocks_are_identity_maps():
 
 def test_truncated_model_equals_full_model_up_to_block_k():
     full = randomize_(tiny()).eval()
-    trunc = SiT(**{**TINY, "truncated": True}).eval()
+    trunc = SiT(**{**TINY, "built_depth": TINY["encoder_depth"]}).eval()
     assert len(trunc.blocks) == TINY["encoder_depth"] and trunc.final_layer is None
     sd = full.state_dict()
     trunc.load_state_dict({k: sd[k] for k in trunc.state_dict()}, strict=True)
@@ -161,7 +161,7 @@ def test_forward_features_layer_l_is_the_output_of_blocks_l_minus_1():
 
 def test_truncated_keys_are_a_subset_and_deeper_blocks_are_never_built():
     full_keys = set(tiny().state_dict())
-    trunc = SiT(**{**TINY, "truncated": True})
+    trunc = SiT(**{**TINY, "built_depth": TINY["encoder_depth"]})
     trunc_keys = set(trunc.state_dict())
     assert trunc_keys < full_keys
     assert not any(k.startswith(("blocks.2.", "blocks.3.", "final_layer.")) for k in trunc_keys)

@@ -26,13 +26,13 @@ def phase1_checkpoint(path, k=2, z_dims=(24,), hidden_size=64, seed=0):
     """A Phase-1 checkpoint with random (not init) weights, in train_warmup.py's format."""
     torch.manual_seed(seed)
     arch = {**ARCH, "hidden_size": hidden_size, "depth": max(ARCH["depth"], k)}
-    model = SiT(**arch, encoder_depth=k, z_dims=list(z_dims), truncated=True)
+    model = SiT(**arch, encoder_depth=k, z_dims=list(z_dims), built_depth=k)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
                 p.normal_()
     ema = {k_: v + 1 for k_, v in model.state_dict().items()}
-    model_args = {"model": "custom", **arch, "encoder_depth": k, "z_dims": list(z_dims), "truncated": True}
+    model_args = {"model": "custom", **arch, "encoder_depth": k, "z_dims": list(z_dims), "built_depth": k}
     save_checkpoint({"model": model.state_dict(), "ema": ema, "model_args": model_args, "step": 7}, str(path))
     return model.state_dict(), ema
 
@@ -137,7 +137,7 @@ def test_phase1_then_phase2_learns_and_writes_sample_grids(demo_data, phase1, tm
     samples = sorted(os.listdir(os.path.join(tmp_path, "tiny", "samples")))
     assert samples == ["0000000.png", "0000030.png", "0000060.png"]
     ckpt = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
-    assert ckpt["model_args"]["truncated"] is False and ckpt["model_args"]["encoder_depth"] == 3
+    assert ckpt["model_args"]["built_depth"] is None and ckpt["model_args"]["encoder_depth"] == 3
 
 
 def test_encoder_depth_auto_puts_the_head_after_the_last_warmed_block(demo_data, phase1, tmp_path):

@@ -22,14 +22,14 @@ def test_warmup_loss_falls(demo_data, tmp_path):
     assert first > 3.0
     assert last < 0.9 * first, losses
     ckpt = load_checkpoint(os.path.join(tmp_path, "tiny-warmup", "checkpoints", "last.pt"))
-    assert ckpt["step"] == 60 and ckpt["model_args"]["truncated"] is True
+    assert ckpt["step"] == 60 and ckpt["model_args"]["built_depth"] == ckpt["model_args"]["encoder_depth"] == 2
     assert os.path.isfile(os.path.join(tmp_path, "tiny-warmup", "config.yaml"))
     assert os.path.isfile(os.path.join(tmp_path, "tiny-warmup", "log.txt"))
 
 
 def test_only_the_first_k_blocks_exist_and_all_of_them_learn():
     k = 2
-    model = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=k, z_dims=[64], truncated=True)
+    model = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=k, z_dims=[64], built_depth=k)
     assert len(model.blocks) == k and model.final_layer is None
     assert not any(name.startswith(f"blocks.{k}.") or name.startswith("final_layer") for name in model.state_dict())
     teacher = load_teachers("random-vit-tiny", 64)[0]

@@ -124,17 +124,17 @@ def test_checkpoints_of_a_compile_wrapped_model_still_load(tmp_path):
     """Runs trained before compilation moved in place saved "_orig_mod."-prefixed model keys: the warm start and
     every strict load accept them (all keys prefixed, nothing else differs)."""
     torch.manual_seed(0)
-    phase1 = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=2, z_dims=[24], truncated=True)
+    phase1 = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=2, z_dims=[24], built_depth=2)
     prefixed = {COMPILED_PREFIX + k: v for k, v in phase1.state_dict().items()}
     args = {"model": "SiT-Tiny/2", "input_size": 8, "num_classes": 10, "encoder_depth": 2, "z_dims": [24],
-            "truncated": True}
+            "built_depth": 2}
     save_checkpoint({"model": prefixed, "ema": phase1.state_dict(), "model_args": args, "step": 1},
                     str(tmp_path / "p1.pt"))
     full = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=3, z_dims=[24])
     load_warmup(full, str(tmp_path / "p1.pt"))
     assert torch.equal(full.blocks[1].attn.qkv.weight, phase1.blocks[1].attn.qkv.weight)
     # The loader of sample_ddp.py and cknna.py (erw/checkpoint.py), for both weight sets.
-    full_args = {**args, "encoder_depth": 3, "truncated": False}
+    full_args = {**args, "encoder_depth": 3, "built_depth": None}
     prefixed = {COMPILED_PREFIX + k: v for k, v in full.state_dict().items()}
     save_checkpoint({"model": prefixed, "ema": prefixed, "model_args": full_args, "step": 2, "checkpoint_id":
                      "compiled0"}, str(tmp_path / "full.pt"))

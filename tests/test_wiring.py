@@ -67,7 +67,7 @@ def assert_blocks_equal(model, source, placed_at):
 def check_warmup_depth(monkeypatch, demo_data, tmp_path, phase1):
     call = phase1_call(monkeypatch, demo_data, tmp_path / "p1", "--warmup-depth", "3")
     assert len(call.model.blocks) == 3 and call.model.final_layer is None and call.model.encoder_depth == 3
-    assert call.model_args["encoder_depth"] == 3 and call.model_args["truncated"] is True
+    assert call.model_args["encoder_depth"] == 3 and call.model_args["built_depth"] == 3
     with pytest.raises(ValueError, match="warmed up 2 blocks but --warmup-depth is 3"):
         phase2(monkeypatch, demo_data, tmp_path / "p2", "--warmup-ckpt", phase1, "--warmup-depth", "3")
 

@@ -222,7 +222,7 @@ MUTANTS = [
     Mutant("metrics-drop-the-resumed-step", "erw/run_dir.py", 'if record.get("step", 0) <= step:',
            'if record.get("step", 0) < step:', ("tests/test_trainer.py",),
            "a resume drops the record of the step it resumes from"),
-    Mutant("phase1-builds-every-block", "models/sit.py", "num_built = encoder_depth if truncated else depth",
+    Mutant("phase1-builds-every-block", "models/sit.py", "num_built = depth if built_depth is None else built_depth",
            "num_built = depth", ("tests/test_train_warmup.py",), "Phase 1 builds (and pays for) every block"),
     # ---------------------------------------------------------------- analysis (evaluations/cknna.py)
     Mutant("cknna-neighbour-includes-self", "evaluations/cknna.py", "        sims[rows, rows + start] = -math.inf\n", "",
@@ -363,4 +363,8 @@ MUTANTS = [
     Mutant("dataloader-workers-left-running", "erw/trainer.py", "        if shutdown is not None:\n            shutdown()",
            "        pass", ("tests/test_trainer.py::test_a_preemption_save_that_cannot_be_written_does_not_exit_75",),
            "after an error in the loop the process waits forever for DataLoader workers that ignore SIGTERM"),
+    Mutant("old-phase1-args-read-as-full", "erw/checkpoint.py",
+           'args.setdefault("built_depth", args["encoder_depth"] if truncated else None)',
+           'args.setdefault("built_depth", None)', ("tests/test_sample_ddp.py::test_bad_checkpoints_and_flags_are_named",),
+           "a Phase-1 checkpoint written before built_depth existed is taken for a full model"),
 ]

@@ -1,4 +1,4 @@
-"""Train the demo's three small components on generated demo images (CPU, offline) and write them next to this file:
+"""Train the demo's three small components on generated demo images (CPU, offline) and write them to assets/demo/:
 
     vae/                     a diffusers AutoencoderKL (8x downsampling, 4 latent channels, like SD-VAE): models/vae.py
                              "demo"; held-out PSNR is printed
@@ -6,8 +6,8 @@
                              patch tokens: the alignment target (models/encoders.py "demo-vit-tiny")
     classifier.safetensors   a small CNN (evaluations/demo_metrics.py): class accuracy and FD-demo of samples
 
-    python assets/demo/train_components.py                  # all three, the committed files (~20 min on 2 cores)
-    python assets/demo/train_components.py --only teacher --out /tmp/x --steps-scale 0.01   # a quick check
+    python preprocessing/train_demo_components.py                  # all three, the committed files (~20 min on 2 cores)
+    python preprocessing/train_demo_components.py --only teacher --out /tmp/x --steps-scale 0.01   # a quick check
 
 The images come from preprocessing/dataset_tools.py's demo_image: training images from --seed, held-out ones from
 another seed, so the printed held-out numbers are on images none of the three has seen. The VAE's latents are
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
@@ -32,7 +32,7 @@ from models.encoders import build_demo_vit, preprocess_for_teacher  # noqa: E402
 from models.vae import DEMO_VAE_CONFIG, SD_VAE_SCALE  # noqa: E402
 from preprocessing.dataset_tools import demo_image  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_ASSETS = os.path.join(ROOT, "assets", "demo")
 HELD_OUT_SEED_OFFSET = 1000  # held-out images: seed + this, never trained on
 
 
@@ -149,7 +149,7 @@ def train_classifier(images, labels, held_out, held_out_labels, steps: int, path
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=HERE, help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=DEMO_ASSETS, help="output folder (default: %(default)s)")
     parser.add_argument("--only", choices=("vae", "teacher", "classifier"), nargs="+",
                         default=["vae", "teacher", "classifier"], help="what to train (default: all three)")
     parser.add_argument("--images-per-class", type=int, default=200, help="training images (default: %(default)s)")
