@@ -127,7 +127,7 @@ class RunDir:
                      f"{describe_holder(self.lock.taken_over)}")
         if self.lock is not None and not self.lock.locks_work:
             self.log(f"WARNING: this file system refuses file locks; only the record in {self.lock.path} "
-                     "guards the folder against a second run (README, \"Run folders\")")
+                     "guards the folder against a second run (README, \"File systems without working locks\")")
         if stale:
             self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.path}")
         if resume:

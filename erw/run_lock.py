@@ -14,7 +14,7 @@ NFS mounted `nolock`), a second run gets the lock although the first holds it. S
 if it can be shown to be: on this host its PID no longer runs; on another host its heartbeat (the holder touches the
 file every HEARTBEAT_S) is older than STALE_AFTER_S. Otherwise the run is refused, and the message says how to
 proceed. The one window left open is two runs on file systems without working locks that read an empty record at
-the same instant (README, "Run folders").
+the same instant (README, "File systems without working locks").
 """
 import datetime
 import errno

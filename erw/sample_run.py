@@ -176,7 +176,7 @@ def lock_sample_folder(folder: str, rank: int) -> Optional[RunLock]:
               f"{describe_holder(lock.taken_over)}")
     if lock is not None and not lock.locks_work:
         print(f"warning: this file system refuses file locks; only the record in {lock.path} guards the folder "
-              "against a second run (README, \"Run folders\")")
+              "against a second run (README, \"File systems without working locks\")")
     return lock
 
 
