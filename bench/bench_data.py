@@ -1,7 +1,7 @@
 """Data benchmark: training-dataloader samples/s on the demo data, and `encode` images/s. Prints one JSON object.
 
-    python bench/bench_data.py                                   # CPU-sized defaults, tiny VAE
-    python bench/bench_data.py --encode-vae sd-arch --encode-resolution 256 --encode-images 4096   # on a GPU
+    python -m bench.bench_data                                   # CPU-sized defaults, tiny VAE
+    python -m bench.bench_data --encode-vae sd-arch --encode-resolution 256 --encode-images 4096   # on a GPU
 
 `--encode-vae sd-arch` encodes with a randomly initialised VAE of SD-VAE's exact architecture (sd-vae-ft-mse's
 config), which costs what the real one costs, so the throughput is measured without downloading weights.
@@ -9,9 +9,8 @@ config), which costs what the real one costs, so the throughput is measured with
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.bench_data ...`")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

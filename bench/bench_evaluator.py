@@ -2,8 +2,8 @@
 network), precision/recall (seconds) at N samples, one FID (scipy sqrtm, 2048 dims) and optionally the whole
 evaluate() on synthetic .npz files. Random Inception weights: the timings are those of the real network.
 
-    python bench/bench_evaluator.py --n-images 8 --pr-samples 2000 --pr-ref 1000                       # CPU
-    python bench/bench_evaluator.py --n-images 4096 --pr-samples 50000 --pr-ref 10000 \\
+    python -m bench.bench_evaluator --n-images 8 --pr-samples 2000 --pr-ref 1000                       # CPU
+    python -m bench.bench_evaluator --n-images 4096 --pr-samples 50000 --pr-ref 10000 \\
         --end-to-end 50000 10000 --workdir /tmp/bench-evaluator                                          # one GPU
 
 Prints one JSON object.
@@ -17,7 +17,8 @@ import tempfile
 import time
 import zipfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.bench_evaluator ...`")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

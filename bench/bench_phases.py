@@ -1,6 +1,6 @@
 """Cost of a Phase-1 step vs a Phase-2 step, the teacher's share, and the alignment overhead; prints JSON.
 
-    python bench/bench_phases.py --model SiT-B/2 --batch-size 8 --warmup-depth 4 --encoder-depth 4
+    python -m bench.bench_phases --model SiT-B/2 --batch-size 8 --warmup-depth 4 --encoder-depth 4
 
 Each step is the real objective (erw/losses.py Objective) + backward + AdamW on random inputs; the teacher is a
 DINOv2 architecture with random weights (timing only). Reported (medians over --steps):
@@ -11,12 +11,12 @@ DINOv2 architecture with random weights (timing only). Reported (medians over --
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.bench_phases ...`")
 
 import timm  # noqa: E402
 import torch  # noqa: E402

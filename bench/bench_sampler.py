@@ -2,8 +2,8 @@
 CFG interval; prints one JSON object per case. Times the latent sampler only (per-sample seeding as sample_ddp.py
 does it, no VAE decode), with random-init weights (speed does not depend on them).
 
-    python bench/bench_sampler.py --models SiT-Tiny/2 SiT-B/2 --num-steps 250 --batch-size 8
-    python bench/bench_sampler.py --models SiT-XL/2 --precision bf16 --batch-size 128 --num-steps 250   # GPU
+    python -m bench.bench_sampler --models SiT-Tiny/2 SiT-B/2 --num-steps 250 --batch-size 8
+    python -m bench.bench_sampler --models SiT-XL/2 --precision bf16 --batch-size 128 --num-steps 250   # GPU
 
 `velocity_calls_per_sample` counts sampler calls of the velocity function; `model_rows_per_sample` counts SiT
 forward rows (a call inside the CFG interval costs two rows). `--noise-source batch` draws the SDE's noise from one
@@ -11,11 +11,11 @@ generator for the batch instead of one per sample, to measure what per-sample re
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.bench_sampler ...`")
 
 import torch  # noqa: E402
 

@@ -1,6 +1,6 @@
 """One SiT training step (forward, backward, AdamW) timed as a median over steps; prints JSON.
 
-    python bench/bench_train_step.py --model SiT-B/2 --batch-size 8 --impl ours repa-reference
+    python -m bench.bench_train_step --model SiT-B/2 --batch-size 8 --impl ours repa-reference
 
 `repa-reference` is tests/reference_sit.py, a REPA-style SiT built from timm blocks, timed on the same inputs so
 the two implementations are compared side by side in one process. Each takes its own training loop's optimizer:
@@ -8,12 +8,12 @@ fused AdamW for ours (erw/trainer.py), torch's default (foreach) AdamW for REPA'
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.bench_train_step ...`")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

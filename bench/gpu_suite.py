@@ -1,9 +1,9 @@
 """One command on one GPU: the benchmarks, then the GPU tests, inside a hard time budget, every result kept.
 
-    python3 bench/gpu_suite.py --output OUT --wheels .whl --work-dir /tmp/erw-gpu-suite   # ~8 minutes on one H100/H200
-    python3 bench/gpu_suite.py --output OUT --wheels .whl --only profile    # torch.profiler table of the XL/2 step
-    python bench/gpu_suite.py --rehearse --output OUT     # every part end to end on the CPU at toy sizes (a minute)
-    python bench/gpu_suite.py --dry-run                   # the plan, estimates and FLOPs per image; no GPU
+    python3 -m bench.gpu_suite --output OUT --wheels .whl --work-dir /tmp/erw-gpu-suite   # ~8 minutes on one H100/H200
+    python3 -m bench.gpu_suite --output OUT --wheels .whl --only profile    # torch.profiler table of the XL/2 step
+    python -m bench.gpu_suite --rehearse --output OUT     # every part end to end on the CPU at toy sizes (a minute)
+    python -m bench.gpu_suite --dry-run                   # the plan, estimates and FLOPs per image; no GPU
 
 What the parts run is bench/gpu_parts.py. This file is the harness, built for a GPU lent for a few minutes, where
 only one output folder comes back:
@@ -47,8 +47,8 @@ from importlib import metadata  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m bench.gpu_suite ...`")
 
 BUDGET_S = 480
 RESERVE_S = 15               # kept free at the end of the budget for the last writes

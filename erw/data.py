@@ -28,8 +28,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LATENT_EXTENSION = ".npy"
 MOMENT_CHANNELS = 8  # [mean (4) | std (4)]
 VAE_DOWNSAMPLING = 8
-MAKE_DATA_HINT = ("create it with `python preprocessing/dataset_tools.py convert` + `encode` (ImageNet) or "
-                  "`python preprocessing/dataset_tools.py make-demo` (offline demo data)")
+MAKE_DATA_HINT = ("create it with `python -m preprocessing.dataset_tools convert` + `encode` (ImageNet) or "
+                  "`python -m preprocessing.dataset_tools make-demo` (offline demo data)")
 
 
 def list_files(root: str, extensions) -> List[str]:

@@ -1,7 +1,7 @@
 """Layer-wise alignment of SiT hidden states with a frozen teacher: CKNNA (Huh et al., 2024; paper section 4.4,
 appendix C.1) and linear CKA (Kornblith et al., 2019), as a JSON table and a PNG plot of both against the layer.
 
-    python evaluations/cknna.py \\
+    python -m evaluations.cknna \\
         --ckpt exps/erw-warmup/checkpoints/last.pt exps/repa/checkpoints/0400000.pt exps/sit/checkpoints/0400000.pt \\
         --labels warmup repa sit --data-dir data/imagenet256-val --enc-type dinov2-vit-b \\
         --enc-weights dinov2_vitb14_pretrain.pth --output-dir exps/cknna
@@ -14,7 +14,7 @@ them (--model, --resolution, --num-classes, --encoder-depth, --projector-embed-d
 the REPA checkpoints of the list only (ours carry their architecture), and a REPA checkpoint names no data or
 teacher, so --data-dir and --enc-type come from the flags or from our checkpoints in the same call. E.g.
 
-    python evaluations/cknna.py --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
+    python -m evaluations.cknna --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
         --model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768 --data-dir data/imagenet256-val
 
 Features, for n images (a subset of the data folder drawn from --seed; all of it when it holds fewer than
@@ -59,7 +59,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m evaluations.cknna ...`")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

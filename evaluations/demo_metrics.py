@@ -6,7 +6,7 @@ trained on the demo images (assets/demo/classifier.safetensors, made by preproce
                      reference images: a demo-only number, NOT ImageNet FID (no Inception, other features, other
                      scale)
 
-    python evaluations/demo_metrics.py data/demo/reference.npz samples/<run>.npz [--json demo_metrics.json]
+    python -m evaluations.demo_metrics data/demo/reference.npz samples/<run>.npz [--json demo_metrics.json]
 
 Both .npz hold arr_0 uint8 (N, 64, 64, 3); the samples also hold arr_1, the labels they were generated for (as
 sample_ddp.py writes them).
@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Dict, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m evaluations.demo_metrics ...`")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -58,7 +59,7 @@ def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
     from erw.checkpoint import load_state_dict_strict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"demo classifier weights not found: {path} (they ship with the repository; "
-                                "rebuild them with `python preprocessing/train_demo_components.py`)")
+                                "rebuild them with `python -m preprocessing.train_demo_components`)")
     model = DemoClassifier()
     load_state_dict_strict(model, load_file(path), f"demo classifier {path}")
     return model.eval().requires_grad_(False)

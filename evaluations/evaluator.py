@@ -1,7 +1,7 @@
 """ADM's evaluation suite (guided-diffusion/evaluations/evaluator.py) in PyTorch: Inception Score, FID, sFID,
 precision and recall of a sample batch against a reference batch, with the same numbers and output lines.
 
-    python evaluations/evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+    python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
 
 Both files are .npz with images in `arr_0` (N, H, W, 3), uint8, any size: what ADM's reference batches and our
 samplers hold. Other dtypes are refused from the .npy header, before any image is read: float images in [0, 1] would
@@ -30,7 +30,8 @@ import zipfile
 import zlib
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m evaluations.evaluator ...`")
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402

@@ -247,7 +247,7 @@ def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
         path = weights or DEMO_TEACHER_WEIGHTS
         if not os.path.isfile(path):
             raise FileNotFoundError(f"demo teacher weights not found: {path} (they ship with the repository; "
-                                    "rebuild them with `python preprocessing/train_demo_components.py`)")
+                                    "rebuild them with `python -m preprocessing.train_demo_components`)")
         state_dict = read_weight_file(path)
         check_state_dict(vit.state_dict(), state_dict, f"demo teacher {path}")
         vit.load_state_dict(state_dict, strict=True)

@@ -90,7 +90,7 @@ def load_vae(name_or_path: str, allow_download: bool = False):
     if name_or_path == DEMO_VAE:
         if not os.path.isdir(DEMO_VAE_DIR):
             raise FileNotFoundError(f"the demo VAE {DEMO_VAE_DIR} is missing (it ships with the repository; rebuild it "
-                                    "with `python preprocessing/train_demo_components.py`)")
+                                    "with `python -m preprocessing.train_demo_components`)")
         name_or_path = DEMO_VAE_DIR
     if name_or_path == RANDOM_TINY_VAE:
         vae = build_random_tiny_vae()

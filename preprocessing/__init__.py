@@ -1,1 +1,1 @@
-"""Dataset preparation: `python preprocessing/dataset_tools.py {convert,encode,make-demo} --help`."""
+"""Dataset preparation: `python -m preprocessing.dataset_tools {convert,encode,make-demo} --help`."""

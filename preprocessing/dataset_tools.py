@@ -1,8 +1,8 @@
 """Prepare training data in REPA/EDM2's format: ImageNet folder -> PNGs -> SD-VAE latents; or an offline demo set.
 
-    python preprocessing/dataset_tools.py convert --source IMAGENET/train --dest DATA/images --resolution 256
-    torchrun --nproc_per_node 8 preprocessing/dataset_tools.py encode --source DATA/images --dest DATA/vae-sd
-    python preprocessing/dataset_tools.py make-demo --dest data/demo
+    python -m preprocessing.dataset_tools convert --source IMAGENET/train --dest DATA/images --resolution 256
+    torchrun --nproc_per_node 8 -m preprocessing.dataset_tools encode --source DATA/images --dest DATA/vae-sd
+    python -m preprocessing.dataset_tools make-demo --dest data/demo
 
 Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
     DATA/images/00000/img00000000.png, ...
@@ -15,9 +15,8 @@ a folder written with different settings.
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m preprocessing.dataset_tools ...`")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -486,7 +485,7 @@ center-crop-dhariwal) and DEST/dataset.json {"labels": [[png relpath, class], ..
 Unreadable images are reported by path and skipped (counted at the end); their indices stay unused.
 Rerunning the same command resumes (finished PNGs are kept).
 
-  python preprocessing/dataset_tools.py convert --source ILSVRC/Data/CLS-LOC/train --dest data/imagenet256/images""")
+  python -m preprocessing.dataset_tools convert --source ILSVRC/Data/CLS-LOC/train --dest data/imagenet256/images""")
     p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
     p.add_argument("--dest", required=True, metavar="DIR", help="output images folder, e.g. DATA/images")
     p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512 in the paper)")
@@ -506,7 +505,7 @@ DEST/dataset.json {"labels": [[npy relpath, class], ...]}. Batched, on GPU when 
 (finished .npy files are skipped; each is written atomically), and data-parallel under torchrun or
 accelerate launch (each process encodes a disjoint shard):
 
-  torchrun --nproc_per_node 8 preprocessing/dataset_tools.py encode --source DATA/images --dest DATA/vae-sd""")
+  torchrun --nproc_per_node 8 -m preprocessing.dataset_tools encode --source DATA/images --dest DATA/vae-sd""")
     p.add_argument("--source", required=True, metavar="DIR", help="images folder written by convert")
     p.add_argument("--dest", required=True, metavar="DIR", help="output latents folder, e.g. DATA/vae-sd")
     p.add_argument("--vae", "--model-url", default="stabilityai/sd-vae-ft-mse", metavar="NAME",
@@ -530,7 +529,7 @@ AutoencoderKL trained on such images that ships in assets/demo/vae (its decoder 
 random-tiny (unit tests) the VAE is also saved to DEST/vae so that later stages decode with exactly the VAE that
 encoded.
 
-  python preprocessing/dataset_tools.py make-demo --dest data/demo""")
+  python -m preprocessing.dataset_tools make-demo --dest data/demo""")
     p.add_argument("--dest", required=True, metavar="DIR", help="output data folder")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (64 -> 8x8 latents)")
     p.add_argument("--num-classes", type=int, default=10, help=f"number of classes (2..{len(DEMO_SHAPES)})")
@@ -550,7 +549,7 @@ Write the images of a data folder (DATA/images, as convert or make-demo made it)
 evaluations/evaluator.py and evaluations/demo_metrics.py: arr_0 uint8 (N, H, W, 3), arr_1 the labels. For ImageNet,
 use ADM's VIRTUAL_imagenet256_labeled.npz instead (it also holds the FID statistics the paper's numbers use).
 
-  python preprocessing/dataset_tools.py reference --data-dir data/demo --out data/demo/reference.npz""")
+  python -m preprocessing.dataset_tools reference --data-dir data/demo --out data/demo/reference.npz""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
     p.add_argument("--out", required=True, metavar="NPZ", help="output .npz")
     p.add_argument("--max-images", type=int, default=None,

@@ -6,8 +6,8 @@
                              patch tokens: the alignment target (models/encoders.py "demo-vit-tiny")
     classifier.safetensors   a small CNN (evaluations/demo_metrics.py): class accuracy and FD-demo of samples
 
-    python preprocessing/train_demo_components.py                  # all three, the committed files (~20 min on 2 cores)
-    python preprocessing/train_demo_components.py --only teacher --out /tmp/x --steps-scale 0.01   # a quick check
+    python -m preprocessing.train_demo_components                  # all three, the committed files (~20 min on 2 cores)
+    python -m preprocessing.train_demo_components --only teacher --out /tmp/x --steps-scale 0.01   # a quick check
 
 The images come from preprocessing/dataset_tools.py's demo_image: training images from --seed, held-out ones from
 another seed, so the printed held-out numbers are on images none of the three has seen. The VAE's latents are
@@ -20,7 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
+    sys.exit("error: run from the repository root as `python -m preprocessing.train_demo_components ...`")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,12 +1,10 @@
-"""Test-wide settings: offline logging, a fixed small thread count (not for the GPU tests), the repo root importable."""
+"""Test-wide settings: offline logging, a fixed small thread count (not for the GPU tests). The repository root is
+importable as pytest runs from it (README's `python -m pytest -q tests`)."""
 import os
-import sys
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import pytest  # noqa: E402

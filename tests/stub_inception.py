@@ -2,7 +2,7 @@
 cost. scipy's sqrtm of the real network's 2048 x 2048 covariances takes ~50 s on the CI's 2-core CPU, twice per FID.
 
     python -m torch.distributed.run --nproc_per_node 2 -m tests.stub_inception train.py FLAGS   # train.py, stubbed
-    python -m tests.stub_inception bench/gpu_suite.py --rehearse --output OUT                    # any script
+    python -m tests.stub_inception -m bench.gpu_suite --rehearse --output OUT                   # any script or module
 """
 import sys
 
@@ -23,8 +23,13 @@ def install(monkeypatch=None) -> None:
 
 if __name__ == "__main__":
     import runpy
-    if len(sys.argv) < 2 or not sys.argv[1].endswith(".py"):
-        raise SystemExit("usage: python -m tests.stub_inception SCRIPT.py ARGS")
-    install()
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    if len(sys.argv) >= 3 and sys.argv[1] == "-m":
+        install()
+        sys.argv = sys.argv[2:]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    elif len(sys.argv) >= 2 and sys.argv[1].endswith(".py"):
+        install()
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        raise SystemExit("usage: python -m tests.stub_inception {SCRIPT.py | -m MODULE} ARGS")

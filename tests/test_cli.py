@@ -25,11 +25,11 @@ def entry_point_parsers():
     from preprocessing import dataset_tools
     parsers = {"train_warmup.py": build_parser(WARMUP, ""), "train.py": build_parser(TRAIN, ""),
                "sample_ddp.py": sample_ddp.build_parser(), "demo.py": demo.build_parser(),
-               "evaluations/evaluator.py": evaluator.build_parser(), "evaluations/cknna.py": cknna.build_parser(),
-               "evaluations/demo_metrics.py": demo_metrics.build_parser()}
+               "-m evaluations.evaluator": evaluator.build_parser(), "-m evaluations.cknna": cknna.build_parser(),
+               "-m evaluations.demo_metrics": demo_metrics.build_parser()}
     tools = dataset_tools.build_parser()
     commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction))
-    parsers.update({f"preprocessing/dataset_tools.py {name}": p for name, p in commands.choices.items()})
+    parsers.update({f"-m preprocessing.dataset_tools {name}": p for name, p in commands.choices.items()})
     return parsers
 
 
@@ -168,18 +168,21 @@ def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, 
 
 @pytest.mark.parametrize("command, argv, names", [
     ("sample_ddp.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
-    ("evaluations/evaluator.py", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],
+    ("-m evaluations.evaluator", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],
      "{tmp}/ref.npz"),
-    ("evaluations/cknna.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
-    ("evaluations/demo_metrics.py", ["{tmp}/ref.npz", "{tmp}/sample.npz"], "{tmp}/ref.npz"),
-    ("preprocessing/dataset_tools.py", ["reference", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/r.npz"],
+    ("-m evaluations.cknna", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
+    ("-m evaluations.demo_metrics", ["{tmp}/ref.npz", "{tmp}/sample.npz"], "{tmp}/ref.npz"),
+    ("-m preprocessing.dataset_tools", ["reference", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/r.npz"],
      "{tmp}/nodata"),
-    ("preprocessing/dataset_tools.py", ["convert", "--source", "{tmp}/noimages", "--dest", "{tmp}/out"],
+    ("-m preprocessing.dataset_tools", ["convert", "--source", "{tmp}/noimages", "--dest", "{tmp}/out"],
      "{tmp}/noimages"),
 ])
 def test_a_missing_input_file_is_one_line_in_every_entry_point(command, argv, names, tmp_path):
     fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
-    line = one_line_error(run_entry([os.path.join(ROOT, command), *map(fill, argv)], tmp_path))
+    if command.startswith("-m "):  # a module runs from the repository root (README)
+        line = one_line_error(run_entry([*command.split(), *map(fill, argv)], ROOT))
+    else:
+        line = one_line_error(run_entry([os.path.join(ROOT, command), *map(fill, argv)], tmp_path))
     assert fill(names) in line
 
 
@@ -214,3 +217,10 @@ def test_the_random_teacher_warning_prints_once_per_run(demo_data, tmp_path, cap
     assert len(re.findall("RANDOM weights", out.out + out.err)) == 1, out.out + out.err
     with open(tmp_path / "warn" / "log.txt") as f:
         assert len(re.findall("RANDOM weights", f.read())) == 1
+
+
+@pytest.mark.parametrize("module", ["evaluations.evaluator", "preprocessing.dataset_tools", "bench.gpu_suite"])
+def test_a_package_script_started_as_a_path_names_the_module_command(module):
+    result = run_entry([os.path.join(ROOT, *module.split(".")) + ".py", "--help"], ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"python -m {module}" in result.stderr

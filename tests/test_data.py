@@ -352,10 +352,10 @@ def test_encode_data_parallel_with_torchrun_matches_single_process(encoded):
     dest = converted / "vae-sd-ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), os.path.join(REPO_ROOT, "preprocessing", "dataset_tools.py"), "encode",
+               str(_free_port()), "-m", "preprocessing.dataset_tools", "encode",
                "--source", str(converted / "images"), "--dest", str(dest), "--vae", "random-tiny",
                "--batch-size", "2", "--workers", "0", "--device", "cpu"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 process(es)" in result.stdout
     reference = converted / "vae-sd"

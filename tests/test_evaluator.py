@@ -551,9 +551,8 @@ def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys):
 def test_cli_script_runs_standalone_and_reports_bad_input(tmp_path):
     np.savez(tmp_path / "ref.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "sample.npz", np.zeros((4, 8, 8, 3), np.uint8))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"),
-                             str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")],
-                            capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    result = subprocess.run([sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"),
+                             str(tmp_path / "sample.npz")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr  # erw/cli.py: user input, one line
     assert re.search(r"error: .*ref\.npz: missing arr_0 in npz file \(keys: images\)", result.stderr)
 

@@ -60,7 +60,7 @@ def rehearsal(tmp_path_factory):
     FIDs take no minute), its temp folders under a folder of the test's own."""
     out, temp = tmp_path_factory.mktemp("rehearsal-out"), tmp_path_factory.mktemp("rehearsal-tmp")
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "tests.stub_inception", "bench/gpu_suite.py", "--rehearse",
+    proc = subprocess.run([sys.executable, "-m", "tests.stub_inception", "-m", "bench.gpu_suite", "--rehearse",
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TMPDIR": str(temp)})
     with open(out / gpu_suite.RESULTS_NAME) as f:

@@ -119,3 +119,23 @@ def test_erw_modules_import_each_other_without_a_circle():
     for module in sorted(graph):
         visit(module, [])
     assert circle == [], " -> ".join(circle)
+
+
+def _sys_path_edits(path):
+    """Lines that change sys.path (insert/append/assignment) in a file."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("insert", "append", "extend") and ast.unparse(node.func.value) == "sys.path"]
+
+
+def test_no_script_edits_sys_path_to_import_the_repository():
+    """Scripts in packages run as modules from the repository root (`python -m evaluations.evaluator`), the root
+    scripts as files there: the root is importable without edits. The one edit left puts the GPU suite's installed
+    wheels first (bench/gpu_suite.py install_wheels), not the repository."""
+    edits = {os.path.relpath(path, ROOT): _sys_path_edits(path)
+             for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)}
+    suite = "bench/gpu_suite.py"
+    assert {path: lines for path, lines in edits.items() if lines} == {suite: edits[suite]}
+    assert len(edits[suite]) == 1

@@ -103,9 +103,9 @@ def locks_refused(monkeypatch):
 
 
 def test_a_lock_held_by_another_process_refuses_naming_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from erw.run_lock import RunLock; RunLock(sys.argv[2]).acquire(); print('held', "
-                               "flush=True); time.sleep(60)", ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from erw.run_lock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(FolderInUse, match=f"PID {holder.pid},"):

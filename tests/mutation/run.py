@@ -24,8 +24,6 @@ from typing import Dict, List, Sequence
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from tests.mutation.mutants import MUTANTS, Mutant, apply  # noqa: E402
 
