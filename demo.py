@@ -185,9 +185,10 @@ def run_table(args, start: float) -> dict:
     import train
     import train_warmup
     from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
+    from erw.cli import InvalidInput
     if args.table_steps % (2 * args.table_evals):
-        raise ValueError(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
-                         f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
+        raise InvalidInput(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
+                           f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
     every = args.table_steps // args.table_evals
     warmup = every  # ERW spends the first evaluation interval on Phase 1 (no generator exists yet there)
     out = os.path.join(args.out, "table")

@@ -20,10 +20,9 @@ import argparse
 
 from erw.cli import ArgumentParser, run_main
 from erw.checkpoint import WEIGHTS, add_repa_model_flags
+from erw.config import SAMPLER_OPTIONS_BY_NAME, add_flags
 from erw.generation import LABEL_MODES
-from erw.precision import PRECISIONS
 from erw.sample_run import DEVICES, run_sampling
-from erw.samplers import MODES
 from erw.transport import PATH_TYPES
 from models.vae import PIXEL_ROUNDINGS
 
@@ -49,17 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "must then agree)")
 
     sampler = parser.add_argument_group("sampler")
-    sampler.add_argument("--mode", choices=MODES, default="sde",
-                         help="sde: Euler-Maruyama (SiT's default, as the paper); ode: Euler or Heun (--heun)")
-    sampler.add_argument("--num-steps", type=int, default=250, help="model evaluations per sample (Heun: 2N-1)")
+    sampler_flags = dict(typed=True, defaults=True)  # declared once with the in-training FID's: erw/config.py
+    add_flags(sampler, [SAMPLER_OPTIONS_BY_NAME[name] for name in ("mode", "num_steps")], **sampler_flags)
     sampler.add_argument("--heun", action="store_true", help="Heun instead of Euler (ODE only)")
     sampler.add_argument("--path-type", choices=PATH_TYPES, default=None,
                          help="interpolant; default: our checkpoint's training path, else linear")
-    sampler.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    sampler.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
-                         help="guidance only for t >= this (t = 1 is noise)")
-    sampler.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0,
-                         help="guidance only for t <= this")
+    add_flags(sampler, [SAMPLER_OPTIONS_BY_NAME[name] for name in ("cfg_scale", "guidance_low", "guidance_high")],
+              aliases={"guidance_low": ["--guidance_low"], "guidance_high": ["--guidance_high"]}, **sampler_flags)
     sampler.add_argument("--global-seed", type=int, default=0, help="sample i is seeded by (global seed, i)")
     sampler.add_argument("--label-mode", choices=LABEL_MODES, default="random",
                          help="random: uniform per sample; balanced: label = i mod num_classes")
@@ -69,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per batch on each process")
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="auto: the GPU of this process (LOCAL_RANK) when there is one, else the CPU")
-    run.add_argument("--precision", choices=PRECISIONS, default="tf32",
-                     help="fp32, tf32 (TF32 matmuls, REPA's default) or bf16 (autocast for the SiT)")
+    add_flags(run, [SAMPLER_OPTIONS_BY_NAME["precision"]], **sampler_flags)
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the SiT (about 1.7x faster on GPUs after one compilation per batch shape)")
     run.add_argument("--micro-batch-size", type=int, default=None,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.config import OPTIONS_BY_NAME, add_flags
 from erw.files import atomic_write, temp_path_for
 from erw.preemption import EXIT_IO_ERROR
@@ -49,14 +50,14 @@ def save_checkpoint(state: dict, path: str) -> None:
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint on the CPU with weights_only=True (plain dicts, tensors and numbers only)."""
     if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint {path} is a folder; give a checkpoint file in it, e.g. "
-                                f"{os.path.join(path, 'checkpoints', LAST_CHECKPOINT)}")
+        raise InvalidInput(f"checkpoint {path} is a folder; give a checkpoint file in it, e.g. "
+                           f"{os.path.join(path, 'checkpoints', LAST_CHECKPOINT)}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInput(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        raise InvalidInput(f"could not read checkpoint {path}: {e}") from e
 
 
 WEIGHTS = ("ema", "model")  # the two sets of weights a checkpoint holds
@@ -84,13 +85,13 @@ def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[s
     if os.path.isfile(last):
         candidates.append(last)
     if not candidates:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
+        raise MissingInput(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
     for path in candidates:
         try:
             return path, load_checkpoint(path)
-        except RuntimeError as e:
+        except InvalidInput as e:
             log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
-    raise RuntimeError(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
+    raise InvalidInput(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
 
 
 def numbered_checkpoint(ckpt_dir: str, step: int) -> str:
@@ -143,7 +144,7 @@ def read_checkpoint(path: str) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+        raise InvalidInput(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
 
 
@@ -176,8 +177,8 @@ def sit_weights_id(ckpt: dict, weights: str, ckpt_path: str, show_progress: bool
     if checkpoint_id is None:
         return f"sha256:{state_dict_sha256(ckpt[weights], show_progress)}/{weights}"
     if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID.fullmatch(checkpoint_id):
-        raise ValueError(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
-                         "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
+        raise InvalidInput(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
+                           "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
     return f"{checkpoint_id}/{weights}"
 
 
@@ -200,7 +201,7 @@ def _z_dims(flag_value: str) -> List[int]:
     try:
         return [int(z) for z in flag_value.split(",") if z.strip()]
     except ValueError:
-        raise ValueError(f"--projector-embed-dims must be comma-separated integers, got {flag_value!r}") from None
+        raise InvalidInput(f"--projector-embed-dims must be comma-separated integers, got {flag_value!r}") from None
 
 
 def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
@@ -210,12 +211,12 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
         implied["model"] = flags["model"]
     if flags.get("resolution") is not None:
         if flags["resolution"] % 8:
-            raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
-                             f"got {flags['resolution']}")
+            raise InvalidInput(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
+                               f"got {flags['resolution']}")
         implied["input_size"] = flags["resolution"] // 8
     if flags.get("encoder_depth") == "auto":
-        raise ValueError("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
-                         "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
+        raise InvalidInput("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
+                           "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
     for name in ("num_classes", "encoder_depth", "qk_norm"):
         if flags.get(name) is not None:
             implied[name] = flags[name]
@@ -227,7 +228,7 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
 def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
           ) -> Tuple[SiT, Dict[str, object], dict]:
     if weights not in WEIGHTS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        raise InvalidInput(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
     implied = _model_args_from_flags(model_flags or {})
     if "model_args" in ckpt:
@@ -235,17 +236,19 @@ def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]]
         conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
                      for k, v in implied.items() if model_args.get(k) != v]
         if conflicts and flags_for_ours:
-            raise ValueError(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
-                             f"drop the flags): " + "; ".join(conflicts))
+            raise InvalidInput(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
+                               f"drop the flags): " + "; ".join(conflicts))
         info = {"format": "erw", "config": dict(ckpt.get("config") or {})}
     else:
         model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS,
                                              **{k: v for k, v in (model_flags or {}).items() if v is not None}})
         info = {"format": "repa", "config": {}}
     if weights not in ckpt:
-        raise ValueError(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    model = create_sit(**model_args)
-    load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
+        raise InvalidInput(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    with refusals_of_models(ckpt_path):
+        model = create_sit(**model_args)
+    with refusals_of_models("checkpoint"):
+        load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
     info.update(model_args=model_args, step=checkpoint_step(ckpt))
     return model.eval().requires_grad_(False), info, ckpt
 
@@ -271,8 +274,8 @@ def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optio
     checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
     model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
     if info["model_args"].get("built_depth") is not None:
-        raise ValueError(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
-                         "generate; sample from a Phase-2 checkpoint")
+        raise InvalidInput(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
+                           "generate; sample from a Phase-2 checkpoint")
     info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),
                 weights_id=sit_weights_id(ckpt, weights, ckpt_path, show_progress))
     return model, info

@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
 from erw.preemption import report_exit_status
@@ -74,12 +75,39 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class UserError(Exception):
     """Input that cannot be used (a flag, a config key, a file, a folder); the message says which and how to
-    proceed. erw/config.py's ConfigError is one kind."""
+    proceed. run_main prints exactly these (and errors that carry an `exit_code`) as one line; any other exception
+    is a bug or a failed run and keeps its traceback.
+
+    Each kind is also the built-in error it refines, so `except ValueError` keeps working around code that raises
+    it. erw/config.py's ConfigError is an InvalidInput."""
 
 
-# What run_main prints as one line. The built-in types are here until every refusal of user input raises a
-# UserError kind: until then a ValueError is taken for the user's.
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+class InvalidInput(UserError, ValueError):
+    """A value that cannot be used: a flag, a file's contents, a checkpoint or folder that does not fit the run."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the user named (or the run needs) is not there."""
+
+
+class FolderTaken(UserError, FileExistsError):
+    """The folder already holds a run (or a live run holds it)."""
+
+
+@contextmanager
+def refusals_of_models(what: str):
+    """models/ imports nothing of erw/, so its refusals of user input are plain ValueError / FileNotFoundError.
+    The erw function that hands models/ a user's setting or file wraps that one call in this, which re-raises them
+    as UserError kinds prefixed with `what` (the flag or file). Keep the wrapped call narrow: inside it, a bug's
+    ValueError would read as the user's."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingInput(f"{what}: {e}") from e
+    except ValueError as e:
+        raise InvalidInput(f"{what}: {e}") from e
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
@@ -95,7 +123,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         raise
     except Exception as error:
         error_code = getattr(error, "exit_code", None)
-        if (error_code is None and not isinstance(error, USER_ERRORS)) or os.environ.get("ERW_DEBUG"):
+        if (error_code is None and not isinstance(error, UserError)) or os.environ.get("ERW_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
         code = error_code or 2

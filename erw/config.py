@@ -7,6 +7,7 @@ setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys
 errors that name the key and the file.
 """
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -15,8 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from erw.cli import ArgumentParser, UserError
+from erw.cli import ArgumentParser, InvalidInput
 from erw.files import atomic_write
+from erw.precision import PRECISIONS
+from erw.samplers import MODES
 
 WARMUP, TRAIN = "warmup", "train"
 BOTH = (WARMUP, TRAIN)
@@ -127,6 +130,34 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+# The sampler's settings, declared once. sample_ddp.py takes them as these flags (--mode, --num-steps, ...); the
+# in-training FID (evaluations/training_fid.py), which runs the same generation code, takes them as config keys
+# through training_fid_option. Everything else sample_ddp.py and the evaluation tools take is their own: they are
+# one-shot commands with positional inputs, so they build plain argparse parsers (erw/cli.py), while OPTIONS adds
+# what only a training run needs (YAML, phases, a resume policy, config.yaml).
+SAMPLER_OPTIONS: List[Option] = [
+    Option("mode", _text, "sde", "sde: Euler-Maruyama (SiT's default, the paper's); ode: Euler (or Heun with "
+           "sample_ddp.py --heun)", choices=MODES),
+    Option("num_steps", _int, 250, "sampler steps per sample (Heun: 2N-1 model evaluations)", bounds="[1, inf)"),
+    Option("cfg_scale", _float, 1.0, "classifier-free guidance scale (1 = none; REPA's flag)", bounds="[1, inf)"),
+    Option("guidance_low", _float, 0.0, "guidance only for t >= this (t = 1 is noise; REPA's flag)", bounds="[0, 1]"),
+    Option("guidance_high", _float, 1.0, "guidance only for t <= this (REPA's flag; 0.7 in REPA's best setting)",
+           bounds="[0, 1]"),
+    Option("precision", _text, "tf32", "fp32, tf32 (TF32 matmuls, REPA's default) or bf16 (autocast for the SiT)",
+           choices=PRECISIONS),
+]
+SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in SAMPLER_OPTIONS}
+
+
+def training_fid_option(name: str, key: str, default: Any = None, note: str = "") -> Option:
+    """SAMPLER_OPTIONS[name] as the in-training FID's config key `key`: REPA's flag names where REPA has them
+    (cfg_scale, guidance_*), fid_ where a bare name would read as a training setting (mode, num_steps, precision)."""
+    option = SAMPLER_OPTIONS_BY_NAME[name]
+    where = f"sample_ddp.py {option.flag}" + (f"; {note}" if note else "")
+    return dataclasses.replace(option, name=key, default=option.default if default is None else default,
+                               help=f"in-training FID: {option.help} ({where})", phases=(TRAIN,), run_control=True)
+
+
 OPTIONS: List[Option] = [
     # --- experiment ---
     Option("exp_name", _text_or_none, None, "experiment name: outputs go to OUTPUT_DIR/EXP_NAME", required=True,
@@ -197,24 +228,18 @@ OPTIONS: List[Option] = [
            run_control=True, bounds="[0, inf)"),
     Option("fid_num_samples", _int, 10000, "samples per in-training FID (a reduced FID, as appendix D's search; the "
            "paper's reported FIDs use 50K)", phases=(TRAIN,), run_control=True, bounds="[2, inf)"),
-    Option("fid_num_steps", _int, 50, "sampler steps of the in-training FID (sample_ddp.py --num-steps; the paper's "
-           "FIDs use 250)", phases=(TRAIN,), run_control=True, bounds="[1, inf)"),
-    Option("fid_mode", _text, "sde", "sampler of the in-training FID: sde (Euler-Maruyama, the paper's) or ode "
-           "(Euler) (sample_ddp.py --mode)", phases=(TRAIN,), choices=("sde", "ode"), run_control=True),
-    Option("fid_precision", _text, "tf32", "precision of the in-training FID's sampler: fp32, tf32 or bf16 "
-           "(sample_ddp.py --precision)", phases=(TRAIN,), choices=("fp32", "tf32", "bf16"), run_control=True),
+    training_fid_option("num_steps", "fid_num_steps", default=50, note="the paper's FIDs use 250"),
+    training_fid_option("mode", "fid_mode"),
+    training_fid_option("precision", "fid_precision"),
     Option("fid_ref", _text_or_none, None, "reference batch .npz of the in-training FID, e.g. ADM's "
            "VIRTUAL_imagenet256_labeled.npz (its mu/sigma when it holds them, else statistics of its images, "
            "cached)", phases=(TRAIN,), run_control=True),
     Option("inception_weights", _text_or_none, None, "Inception of the in-training FID: the "
            "pt_inception-2015-12-05-6726825d.pth file, none = the torch hub cache, or random (meaningless numbers; "
            "tests)", phases=(TRAIN,), run_control=True),
-    Option("cfg_scale", _float, 1.0, "classifier-free guidance scale of the in-training FID (1 = none; REPA's flag)",
-           phases=(TRAIN,), run_control=True, bounds="[1, inf)"),
-    Option("guidance_low", _float, 0.0, "in-training FID: guidance only for t >= this (REPA's flag)",
-           phases=(TRAIN,), run_control=True, bounds="[0, 1]"),
-    Option("guidance_high", _float, 1.0, "in-training FID: guidance only for t <= this (REPA's flag; 0.7 in REPA's "
-           "best setting)", phases=(TRAIN,), run_control=True, bounds="[0, 1]"),
+    training_fid_option("cfg_scale", "cfg_scale"),
+    training_fid_option("guidance_low", "guidance_low"),
+    training_fid_option("guidance_high", "guidance_high"),
     # --- optimisation ---
     Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", bounds="[1, inf)"),
     Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", bounds="[1, inf)"),
@@ -240,7 +265,7 @@ OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
 INVOCATION_KEYS = ("resume", "resume_override")  # describe this command, not the run: never compared on resume
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(InvalidInput):
     """A setting that cannot be used, named by its flag or YAML key and file."""
 
 
@@ -314,23 +339,40 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
     return values
 
 
-def add_flags(parser, names: Sequence[str], typed: bool = False) -> None:
-    """Add the flags of config keys `names` to an argparse parser or group, as every entry point defines them
-    (same flag and help); each defaults to None, meaning "not given". typed=False leaves the values as strings
-    for resolve_config to check against the YAML's; typed=True converts and checks choices in argparse."""
-    for name in names:
-        option = OPTIONS_BY_NAME[name]
-        choices = f"choices: {', '.join(map(str, option.choices))}; " if option.choices else ""
-        bounds = f"in {option.bounds}; " if option.bounds else ""
-        kwargs = dict(dest=option.name, default=None,
-                      help=f"{option.help} ({choices}{bounds}default: {option.default})")
+def add_flags(parser, options: Sequence[Any], typed: bool = False, defaults: bool = False,
+              aliases: Optional[Dict[str, Sequence[str]]] = None) -> None:
+    """Add the flags of `options` (Options, or names of OPTIONS) to an argparse parser or group, as every entry
+    point defines them (same flag and help).
+
+    typed=False: each flag defaults to None ("not given") and stays a string for resolve_config to check against
+    the YAML's. typed=True: argparse converts and checks the value (type, choices, bounds), and defaults=True makes
+    the option's default the flag's (a command without a config file, such as sample_ddp.py). aliases: extra
+    spellings per option name."""
+    for option in options:
+        option = OPTIONS_BY_NAME[option] if isinstance(option, str) else option
+        details = ([f"choices: {', '.join(map(str, option.choices))}"] if option.choices else []) + \
+            ([f"in {option.bounds}"] if option.bounds else []) + \
+            ([] if defaults else [f"default: {option.default}"])  # else HelpFormatter adds it
+        kwargs = dict(dest=option.name, default=option.default if defaults else None,
+                      help=option.help + (f" ({'; '.join(details)})" if details else ""))
         if option.type is _bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = option.name.upper()
             if typed:
-                kwargs.update(type=option.type, choices=option.choices)
-        parser.add_argument(option.flag, **kwargs)
+                kwargs["type"] = _flag_type(option)
+        parser.add_argument(option.flag, *(aliases or {}).get(option.name, ()), **kwargs)
+
+
+def _flag_type(option: Option) -> Callable[[str], Any]:
+    """An argparse `type` that converts and checks like a config value and names the flag in argparse's error."""
+    def convert(text: str) -> Any:
+        try:
+            return _convert(option, text, "")
+        except ConfigError as e:  # argparse names the flag before the message
+            raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
+    convert.__name__ = option.type.__name__
+    return convert
 
 
 def build_parser(phase: str, description: str) -> argparse.ArgumentParser:

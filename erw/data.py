@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from erw.batch_random import BatchRandom, derive_seed
+from erw.cli import InvalidInput, MissingInput
 from models.vae import vae_to_model_latents
 
 IMAGES_DIR = "images"
@@ -56,18 +57,19 @@ def read_labels(path: str) -> dict:
             entries = json.load(f)["labels"]
         pairs = [(str(relpath), label) for relpath, label in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
-                         f"{e}") from e
+        raise InvalidInput(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
+                           f"{e}") from e
     labels = {}
     for relpath, label in pairs:
         # int() would read 3.7 as class 3, and bool is an int subclass: both would train on a wrong class silently.
         if type(label) is not int:
-            raise ValueError(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
-                             f"fix the file or regenerate it with `preprocessing/dataset_tools.py` (which writes ints)")
+            raise InvalidInput(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
+                               f"fix the file or regenerate it with `preprocessing/dataset_tools.py` "
+                               f"(which writes ints)")
         if labels.setdefault(relpath, label) != label:
-            raise ValueError(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
-                             f"right cannot be told from the file: fix it or regenerate it with "
-                             f"`preprocessing/dataset_tools.py`")
+            raise InvalidInput(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
+                               f"right cannot be told from the file: fix it or regenerate it with "
+                               f"`preprocessing/dataset_tools.py`")
     return labels
 
 
@@ -82,14 +84,14 @@ def _pair_key(relpath: str) -> Tuple[str, str]:
 def check_data_dir(data_dir: str) -> None:
     """Raise FileNotFoundError naming what is missing if `data_dir` lacks images/, vae-sd/ or vae-sd/dataset.json."""
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
+        raise MissingInput(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
     for required in (IMAGES_DIR, LATENTS_DIR):
         if not os.path.isdir(os.path.join(data_dir, required)):
-            raise FileNotFoundError(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
+            raise MissingInput(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
     labels_path = os.path.join(data_dir, LATENTS_DIR, LABELS_FILE)
     if not os.path.isfile(labels_path):
-        raise FileNotFoundError(f"missing labels file {labels_path} (written at the end of "
-                                f"`preprocessing/dataset_tools.py encode`; was it interrupted?)")
+        raise MissingInput(f"missing labels file {labels_path} (written at the end of "
+                           f"`preprocessing/dataset_tools.py encode`; was it interrupted?)")
 
 
 def load_image(path: str) -> np.ndarray:
@@ -98,7 +100,7 @@ def load_image(path: str) -> np.ndarray:
         with PIL.Image.open(path) as image:
             array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot read image {path}: {e}") from e
+        raise InvalidInput(f"cannot read image {path}: {e}") from e
     return array.transpose(2, 0, 1)
 
 
@@ -107,9 +109,9 @@ def load_moments(path: str) -> np.ndarray:
     try:
         moments = np.load(path)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot read latent file {path}: {e}") from e
+        raise InvalidInput(f"cannot read latent file {path}: {e}") from e
     if moments.ndim != 3 or moments.shape[0] != MOMENT_CHANNELS:
-        raise RuntimeError(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
+        raise InvalidInput(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
                            f"= [posterior mean | std]")
     return moments.astype(np.float32, copy=False)
 
@@ -132,7 +134,7 @@ class ImageLatentDataset(Dataset):
         self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
         self.latent_files = list_files(self.latents_dir, (LATENT_EXTENSION,))
         if not self.latent_files:
-            raise ValueError(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
+            raise InvalidInput(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
         self._check_pairs()
         self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
         self.num_classes = int(self.labels.max()) + 1
@@ -148,35 +150,35 @@ class ImageLatentDataset(Dataset):
         latents = {_pair_key(f): f for f in self.latent_files}
         for key, image in images.items():
             if key not in latents:
-                raise ValueError(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
-                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
-                                 f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
+                raise InvalidInput(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
+                                   f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
+                                   f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
         for key, latent in latents.items():
             if key not in images:
-                raise ValueError(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
-                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
+                raise InvalidInput(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
+                                   f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
         if len(self.image_files) != len(self.latent_files):
-            raise ValueError(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
-                             f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
+            raise InvalidInput(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
+                               f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
         for image, latent in zip(self.image_files, self.latent_files):
             if _pair_key(image) != _pair_key(latent):
-                raise ValueError(f"sorted images and latents do not line up: {image} is paired with {latent}; "
-                                 f"rename them so that both sort in the same order")
+                raise InvalidInput(f"sorted images and latents do not line up: {image} is paired with {latent}; "
+                                   f"rename them so that both sort in the same order")
 
     def _read_labels(self, labels_path: str) -> np.ndarray:
         labels = read_labels(labels_path)
         missing = [f for f in self.latent_files if f not in labels]
         if missing:
-            raise ValueError(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
-                             f"rerun `preprocessing/dataset_tools.py encode` to rewrite it")
+            raise InvalidInput(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
+                               f"rerun `preprocessing/dataset_tools.py encode` to rewrite it")
         extra = sorted(set(labels) - set(self.latent_files))
         if extra:
-            raise ValueError(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
-                             f"({len(extra)} such entries); the labels file belongs to another set of latents")
+            raise InvalidInput(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
+                               f"({len(extra)} such entries); the labels file belongs to another set of latents")
         values = np.array([labels[f] for f in self.latent_files], dtype=np.int64)
         if values.min() < 0:
             bad = self.latent_files[int(np.argmin(values))]
-            raise ValueError(f"{labels_path} gives {bad} the negative class {values.min()}")
+            raise InvalidInput(f"{labels_path} gives {bad} the negative class {values.min()}")
         return values
 
     def _check_first_item(self) -> int:
@@ -185,8 +187,8 @@ class ImageLatentDataset(Dataset):
         _, height, width = image.shape
         expected = (MOMENT_CHANNELS, height // VAE_DOWNSAMPLING, width // VAE_DOWNSAMPLING)
         if height != width or tuple(moments.shape) != expected:
-            raise ValueError(f"{self.image_files[0]} ({height}x{width}) and {self.latent_files[0]} "
-                             f"{tuple(moments.shape)} do not fit: expected square images and latents {expected}")
+            raise InvalidInput(f"{self.image_files[0]} ({height}x{width}) and {self.latent_files[0]} "
+                               f"{tuple(moments.shape)} do not fit: expected square images and latents {expected}")
         return height
 
     def __len__(self) -> int:
@@ -198,11 +200,11 @@ class ImageLatentDataset(Dataset):
         image = load_image(image_path) if self.load_images else np.zeros((0,), dtype=np.uint8)
         moments = load_moments(latent_path)
         if self.load_images and image.shape != self.image_shape:
-            raise RuntimeError(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
+            raise InvalidInput(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
                                f"first image {self.image_files[0]}; delete it and its latent and rerun "
                                f"`preprocessing/dataset_tools.py convert` and `encode` (they redo only missing files)")
         if moments.shape != self.moments_shape:
-            raise RuntimeError(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
+            raise InvalidInput(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
                                f"for {self.resolution}-px images; delete it and rerun "
                                f"`preprocessing/dataset_tools.py encode` (it redoes only missing files)")
         label = torch.tensor(self.labels[index])
@@ -232,8 +234,8 @@ class ResumableShardSampler(Sampler):
                  start_micro_batch: int = 0):
         self.micro_batches_per_epoch = dataset_len // (world_size * local_batch_size)
         if self.micro_batches_per_epoch == 0:
-            raise ValueError(f"dataset of {dataset_len} items is smaller than one global micro-batch "
-                             f"({world_size} processes x {local_batch_size}): lower --batch-size")
+            raise InvalidInput(f"dataset of {dataset_len} items is smaller than one global micro-batch "
+                               f"({world_size} processes x {local_batch_size}): lower --batch-size")
         self.dataset_len, self.local_batch_size = dataset_len, local_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_micro_batch = start_micro_batch

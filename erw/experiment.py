@@ -4,6 +4,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.config import resolve_config
 from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset, check_data_dir
 from erw.trainer import Trainer
@@ -24,10 +25,11 @@ def build_teachers(config: Dict[str, Any], device, log) -> List[torch.nn.Module]
     """Frozen teachers on `device`, or [] when the run has no alignment term (they are then not even loaded)."""
     if not uses_alignment(config):
         if config["phase"] == "warmup":
-            raise ValueError("Phase 1 aligns with a teacher: --enc-type must name one")
+            raise InvalidInput("Phase 1 aligns with a teacher: --enc-type must name one")
         log("No alignment term (proj_coeff = 0 or enc_type = none): no teacher loaded")
         return []
-    teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])
+    with refusals_of_models("--enc-type/--enc-weights"):
+        teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])
     for teacher in teachers:
         if teacher.name.startswith("random"):
             log(f"WARNING: teacher {teacher.name} has RANDOM weights: alignment targets are meaningless "
@@ -42,11 +44,11 @@ def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
     check_data_dir(config["data_dir"])
     dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config))
     if dataset.resolution != config["resolution"]:
-        raise ValueError(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "
-                         f"{config['resolution']}")
+        raise InvalidInput(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "
+                           f"{config['resolution']}")
     if dataset.num_classes > config["num_classes"]:
-        raise ValueError(f"{config['data_dir']} has labels up to {dataset.num_classes - 1} but --num-classes is "
-                         f"{config['num_classes']}")
+        raise InvalidInput(f"{config['data_dir']} has labels up to {dataset.num_classes - 1} but --num-classes is "
+                           f"{config['num_classes']}")
     return dataset
 
 
@@ -55,7 +57,7 @@ def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) ->
     Phase 1: built_depth = warmup_depth blocks, the projector after the last; Phase 2: every block, the projector
     after block encoder_depth."""
     if config["resolution"] % VAE_DOWNSAMPLING:
-        raise ValueError(f"--resolution {config['resolution']} is not divisible by {VAE_DOWNSAMPLING} (the VAE)")
+        raise InvalidInput(f"--resolution {config['resolution']} is not divisible by {VAE_DOWNSAMPLING} (the VAE)")
     warmup = config["phase"] == "warmup"
     return {
         "model": config["model"],
@@ -77,11 +79,11 @@ def check_inputs(config: Dict[str, Any]) -> None:
     warm start needs."""
     warmup_ckpt = config.get("warmup_ckpt")
     if warmup_ckpt and not config["resume"] and not os.path.isfile(warmup_ckpt):
-        raise FileNotFoundError(f"--warmup-ckpt {warmup_ckpt} does not exist: run Phase 1 first (train_warmup.py "
-                                "with the same --config), or pass --warmup-ckpt none for a baseline without warmup")
+        raise MissingInput(f"--warmup-ckpt {warmup_ckpt} does not exist: run Phase 1 first (train_warmup.py "
+                           "with the same --config), or pass --warmup-ckpt none for a baseline without warmup")
     if config["model"] not in SiT_models:
-        raise ValueError(f"--model {config['model']} is not one of {', '.join(SiT_models)}")
-    with torch.device("meta"):  # the architecture without allocating it
+        raise InvalidInput(f"--model {config['model']} is not one of {', '.join(SiT_models)}")
+    with torch.device("meta"), refusals_of_models("--model"):  # the architecture without allocating it
         depth = SiT_models[config["model"]](z_dims=[]).depth
     checks = []
     if config["phase"] == "warmup" or warmup_ckpt:  # a run without warm start never reads --warmup-depth
@@ -90,7 +92,7 @@ def check_inputs(config: Dict[str, Any]) -> None:
         checks.append(("--encoder-depth", config["encoder_depth"]))
     for flag, value in checks:
         if not 1 <= value <= depth:
-            raise ValueError(f"{flag} {value} is outside 1..{depth}: {config['model']} has {depth} blocks")
+            raise InvalidInput(f"{flag} {value} is outside 1..{depth}: {config['model']} has {depth} blocks")
 
 
 class Run(NamedTuple):
@@ -111,4 +113,6 @@ def prepare_run(phase: str, argv: Optional[Sequence[str]], description: str) -> 
     teachers = build_teachers(config, trainer.device, trainer.log)
     dataset = build_dataset(config)
     model_args = build_model_args(config, teachers)
-    return Run(config, trainer, teachers, dataset, model_args, create_sit(**model_args))
+    with refusals_of_models(f"--model {config['model']}"):
+        model = create_sit(**model_args)
+    return Run(config, trainer, teachers, dataset, model_args, model)

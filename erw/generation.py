@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from erw.cli import InvalidInput
 from erw.precision import cpu_threads
 from erw.samplers import GuidedVelocity, check_sampler, run_in_chunks, sample_batch, standard_normal
 from erw.transport import PATH_TYPES, get_path
@@ -47,7 +48,7 @@ def sample_seed(global_seed: int, index: int) -> int:
     seed lives modulo 2**32: an offset hashed from the global seed plus an odd multiple of the index, which gives
     every index < 2**32 of one run its own seed."""
     if global_seed < 0 or not 0 <= index < 2 ** 32:
-        raise ValueError(f"need global_seed >= 0 and 0 <= index < 2**32, got {global_seed}, {index}")
+        raise InvalidInput(f"need global_seed >= 0 and 0 <= index < 2**32, got {global_seed}, {index}")
     return (_splitmix64(global_seed) + index * _SEED_INDEX_MULTIPLIER) % 2 ** 32
 
 
@@ -62,7 +63,7 @@ def draw_label(generator: torch.Generator, index: int, num_classes: int, label_m
         return int(torch.randint(num_classes, (1,), generator=generator))
     if label_mode == "balanced":
         return index % num_classes
-    raise ValueError(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
+    raise InvalidInput(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
 
 
 def sample_inputs(global_seed: int, indices: Sequence[int], latent_shape: Sequence[int], num_classes: int,
@@ -96,6 +97,15 @@ def default_micro_batch_size(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 0
 
 
+def check_pixel_rounding_setting(pixel_rounding: str) -> None:
+    """models/vae.py's check_pixel_rounding, its refusal raised as the user's (InvalidInput): its message already
+    names --pixel-rounding, so it is kept as it is."""
+    try:
+        check_pixel_rounding(pixel_rounding)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+
+
 def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int, label_mode: str = "random",
                     mode: str = "sde", num_steps: int = 250, heun: bool = False, path_type: str = "linear",
                     cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
@@ -112,9 +122,9 @@ def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int
     if batch_size < 1:
         raise ValueError(f"the sampling batch size must be >= 1, got {batch_size}")
     check_sampler(mode, heun)
-    check_pixel_rounding(pixel_rounding)
+    check_pixel_rounding_setting(pixel_rounding)
     if path_type not in PATH_TYPES:
-        raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+        raise InvalidInput(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
     device = next(model.parameters()).device
     velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, micro_batch_size)
     latent_size = model.grid_size * model.patch_size

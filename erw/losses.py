@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from erw.batch_random import BatchRandom
+from erw.cli import InvalidInput
 from erw.transport import Path
 
 
@@ -55,8 +56,8 @@ def ntxent_loss(h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.T
     gradients equal those of one process holding the whole batch (all processes need the same B).
     """
     if h.shape != y.shape:
-        raise ValueError(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape "
-                         "(token count or width): check resolution, patch size and teacher")
+        raise InvalidInput(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape "
+                           "(token count or width): check resolution, patch size and teacher")
     # Logits up to 1/tau = 10 need float32: bf16 would leave them ~0.04 off. Autocast around the training step
     # would turn the einsums into half-precision matmuls, so it is switched off here.
     dtype = torch.promote_types(h.dtype, torch.float32)
@@ -78,7 +79,7 @@ def ntxent_loss(h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.T
 def cosine_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """REPA's alignment: negative cosine similarity per token, averaged. h, y: (B, T, D)."""
     if h.shape != y.shape:
-        raise ValueError(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape")
+        raise InvalidInput(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape")
     return -(F.normalize(h.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(dim=-1).mean()
 
 
@@ -92,7 +93,7 @@ def alignment_loss(kind: str, projections: Sequence[torch.Tensor], teacher_token
     elif kind == "cosine":
         losses = [cosine_loss(h, y) for h, y in zip(projections, teacher_tokens)]
     else:
-        raise ValueError(f"unknown alignment loss {kind!r}; choose ntxent or cosine")
+        raise InvalidInput(f"unknown alignment loss {kind!r}; choose ntxent or cosine")
     return torch.stack(losses).mean()
 
 
@@ -103,7 +104,7 @@ def align_weight(step: int, proj_coeff: float, proj_half_life: float, proj_decay
         return proj_coeff
     if proj_decay == "exp":
         return proj_coeff * 2.0 ** (-step / proj_half_life)
-    raise ValueError(f"unknown proj_decay {proj_decay!r}; choose exp or none")
+    raise InvalidInput(f"unknown proj_decay {proj_decay!r}; choose exp or none")
 
 
 def sample_time(n: int, weighting: str, path: Path, device=None, rng: Optional[BatchRandom] = None) -> torch.Tensor:
@@ -119,7 +120,7 @@ def sample_time(n: int, weighting: str, path: Path, device=None, rng: Optional[B
         if path.name == "cosine":
             return 2 / math.pi * torch.atan(sigma)
         raise ValueError(f"lognormal weighting is not defined for path {path.name!r}")
-    raise ValueError(f"unknown weighting {weighting!r}; choose uniform or lognormal")
+    raise InvalidInput(f"unknown weighting {weighting!r}; choose uniform or lognormal")
 
 
 class Objective:

@@ -6,6 +6,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from erw.cli import InvalidInput
 from erw.files import atomic_write
 
 
@@ -35,8 +36,8 @@ def write_images_npz(path: str, images: Iterable[np.ndarray], num_images: int, i
                     if written == num_images:
                         break
                     if image.dtype != np.uint8 or image.shape != image_shape:
-                        raise ValueError(f"{path}: image {written} is {image.dtype} {image.shape}, expected uint8 "
-                                         f"{image_shape}")
+                        raise InvalidInput(f"{path}: image {written} is {image.dtype} {image.shape}, expected uint8 "
+                                           f"{image_shape}")
                     f.write(np.ascontiguousarray(image).tobytes())
                     written += 1
             if written != num_images:

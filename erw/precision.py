@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
+from erw.cli import InvalidInput
+
 AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -27,7 +29,7 @@ class MixedPrecision:
 
     def __init__(self, mode: str, device: torch.device):
         if mode not in AUTOCAST_DTYPES:
-            raise ValueError(f"--mixed-precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {mode!r}")
+            raise InvalidInput(f"--mixed-precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {mode!r}")
         self.mode, self.device_type = mode, device.type
         self.dtype = AUTOCAST_DTYPES[mode]
         self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
@@ -84,7 +86,7 @@ def apply_precision(precision: str) -> Optional[torch.dtype]:
     autocast (the VAE stays float32 with TF32). Sets the process-wide switches; returns the autocast dtype for
     GuidedVelocity."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     set_fp32_precision("ieee" if precision == "fp32" else "tf32")
     return torch.bfloat16 if precision == "bf16" else None
 

@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from erw.checkpoint import LAST_CHECKPOINT, find_resume_checkpoint, numbered_checkpoints
+from erw.cli import FolderTaken
 from erw.config import dump_config
 from erw.files import atomic_write, remove_stale_temps
 from erw.run_lock import FolderInUse, RunLock, describe_holder
@@ -136,7 +137,7 @@ class RunDir:
         if os.path.isfile(os.path.join(self.ckpt_dir, LAST_CHECKPOINT)):
             existing.append(LAST_CHECKPOINT)
         if existing:
-            raise FileExistsError(
+            raise FolderTaken(
                 f"{self.path} already holds a run ({', '.join(existing[-3:])} in {self.ckpt_dir}): pass "
                 "--resume to continue it from its newest checkpoint, or choose another --exp-name")
         return None

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Dict, Optional
 
+from erw.cli import FolderTaken
 from erw.files import current_umask
 
 LOCK_FILE = "run.lock"
@@ -51,7 +52,7 @@ def _close_held_fds_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_fds_in_child)
 
 
-class FolderInUse(FileExistsError):
+class FolderInUse(FolderTaken):
     """Another live run holds the folder (or may: see the module docstring). The message names it."""
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erw.cli import refusals_of_models
 from erw.files import atomic_write
 from erw.samplers import GuidedVelocity, sample_ode
 from models.vae import decode_latents, load_vae
@@ -42,7 +43,9 @@ class SampleGridHook:
         if step % self.every and step != self.last_step:
             return
         if self.vae is None:
-            self.vae = load_vae(self.vae_name).to(trainer.device)
+            with refusals_of_models("--vae"):
+                vae = load_vae(self.vae_name)
+            self.vae = vae.to(trainer.device)
         latents = sample_ode(GuidedVelocity(ema), self.noise.to(trainer.device), self.labels.to(trainer.device),
                              self.num_steps)
         grid = image_grid(decode_latents(self.vae, latents.float()).cpu().numpy())

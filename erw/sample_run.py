@@ -13,14 +13,16 @@ import torch.distributed as dist
 from PIL import Image
 
 from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, current_model_args, load_sampling_model, numbered_checkpoint
+from erw.cli import InvalidInput, refusals_of_models
 from erw.files import atomic_write, remove_stale_temps
-from erw.generation import all_labels, default_micro_batch_size, exact_cpu, generate_images
+from erw.generation import (all_labels, check_pixel_rounding_setting, default_micro_batch_size, exact_cpu,
+                            generate_images)
 from erw.npz import write_images_npz
 from erw.precision import apply_precision
 from erw.run_lock import FolderInUse, RunLock, describe_holder
 from erw.samplers import check_guidance, check_sampler
 from erw.transport import PATH_TYPES
-from models.vae import check_pixel_rounding, load_vae
+from models.vae import load_vae
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -53,9 +55,9 @@ def _read_png(path: str, shape: Optional[Tuple[int, ...]]) -> np.ndarray:
         with Image.open(path) as img:
             array = np.asarray(img)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot read sample {path}: {e}; delete it and rerun to regenerate it") from e
+        raise InvalidInput(f"cannot read sample {path}: {e}; delete it and rerun to regenerate it") from e
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or (shape and array.shape != shape):
-        raise RuntimeError(f"sample {path} is {array.dtype} {array.shape}, expected uint8 "
+        raise InvalidInput(f"sample {path} is {array.dtype} {array.shape}, expected uint8 "
                            f"{shape or '(H, W, 3)'}; delete it and rerun to regenerate it")
     return array
 
@@ -90,9 +92,9 @@ def setup_distributed(device_kind: str = "auto") -> Tuple[int, int, torch.device
     """(rank, world size, device); device_kind auto = cuda:LOCAL_RANK when there is a GPU, else cpu. Joins a
     process group when WORLD_SIZE > 1 (torchrun / accelerate launch set it): nccl on GPUs, gloo on the CPU."""
     if device_kind not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device_kind!r}")
+        raise InvalidInput(f"--device must be one of {', '.join(DEVICES)}, got {device_kind!r}")
     if device_kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible")
+        raise InvalidInput("--device cuda: no CUDA GPU is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available()):
@@ -124,7 +126,7 @@ def check_same_weights(ids_by_rank: Sequence[str], ckpt_path: str) -> None:
     """Every process loads the checkpoint itself; refuse unless all of them got the same weights."""
     if len(set(ids_by_rank)) > 1:
         listing = ", ".join(f"rank {rank}: {i}" for rank, i in enumerate(ids_by_rank))
-        raise RuntimeError(f"the processes loaded different weights from {ckpt_path} ({listing}): the file was "
+        raise InvalidInput(f"the processes loaded different weights from {ckpt_path} ({listing}): the file was "
                            "replaced while they read it, as last.pt is whenever training saves; sample a numbered "
                            "checkpoint (checkpoints/NNNNNNN.pt) instead")
 
@@ -184,7 +186,7 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
     """Refuse to add samples to a folder made with other image-changing settings."""
     if not os.path.isfile(settings_path):
         if finished_indices(folder):
-            raise RuntimeError(f"{folder} holds samples but {settings_path} (their settings) is missing, so they "
+            raise InvalidInput(f"{folder} holds samples but {settings_path} (their settings) is missing, so they "
                                "cannot be checked against this run; move them away or use another --sample-dir")
         return
     with open(settings_path) as f:
@@ -193,14 +195,14 @@ def check_resumable(settings_path: str, folder: str, settings: Dict[str, object]
     previous["model_args"] = current_model_args(previous.get("model_args"))
     current = json.loads(json.dumps(settings))  # the same JSON round trip as the stored copy (tuples -> lists)
     if previous.get("weights_id") != current["weights_id"]:
-        raise RuntimeError(f"{folder} holds samples of the weights {previous.get('weights_id') or '(not recorded)'} "
+        raise InvalidInput(f"{folder} holds samples of the weights {previous.get('weights_id') or '(not recorded)'} "
                            f"(from {previous.get('ckpt')}), but this run's weights are {current['weights_id']} "
                            f"(from {current['ckpt']}); one .npz must come from one set of weights: use another "
                            "--sample-dir, or delete the folder to sample it again")
     diffs = [f"{k}: {previous.get(k)!r} before, {current[k]!r} now" for k in IDENTITY_KEYS
              if previous.get(k) != current[k]]
     if diffs:
-        raise RuntimeError(f"{folder} was sampled with other settings ({'; '.join(diffs)}); use another "
+        raise InvalidInput(f"{folder} was sampled with other settings ({'; '.join(diffs)}); use another "
                            "--sample-dir or delete the folder")
 
 
@@ -244,14 +246,14 @@ def run_sampling(args: Dict[str, object]) -> str:
     """
     # Every setting is checked before anything is loaded or created: a refused run leaves no folder behind.
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:
-        raise ValueError("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
+        raise InvalidInput("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
     check_sampler(args["mode"], args["heun"])
     check_guidance(args["cfg_scale"], args["guidance_low"], args["guidance_high"])
-    check_pixel_rounding(args["pixel_rounding"])
+    check_pixel_rounding_setting(args["pixel_rounding"])
     if args["micro_batch_size"] is not None and args["micro_batch_size"] < 0:
-        raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {args['micro_batch_size']}")
+        raise InvalidInput(f"--micro-batch-size must be >= 0 (0 = whole batch), got {args['micro_batch_size']}")
     if args["path_type"] is not None and args["path_type"] not in PATH_TYPES:
-        raise ValueError(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {args['path_type']!r}")
+        raise InvalidInput(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {args['path_type']!r}")
     rank, world_size, device = setup_distributed(args["device"])
     autocast_dtype = apply_precision(args["precision"])
 
@@ -265,7 +267,7 @@ def run_sampling(args: Dict[str, object]) -> str:
         model = torch.compile(model)
     path_type = args["path_type"] or info["path_type"] or "linear"
     if path_type not in PATH_TYPES:
-        raise ValueError(f"the checkpoint's path type {path_type!r} is none of {', '.join(PATH_TYPES)}")
+        raise InvalidInput(f"the checkpoint's path type {path_type!r} is none of {', '.join(PATH_TYPES)}")
     micro_batch_size = args["micro_batch_size"]
     if micro_batch_size is None:
         micro_batch_size = default_micro_batch_size(device)
@@ -308,7 +310,9 @@ def run_sampling(args: Dict[str, object]) -> str:
             _write_json(settings_path, settings)
         _barrier()
 
-        vae = load_vae(settings["vae"], allow_download=args["allow_download"]).to(device)
+        with refusals_of_models("--vae"):
+            vae = load_vae(settings["vae"], allow_download=args["allow_download"])
+        vae = vae.to(device)
 
         num_samples = args["num_fid_samples"]
         finished = finished_indices(folder)

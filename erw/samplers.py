@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from erw.cli import InvalidInput
 from erw.transport import Path
 from models.sit import SiT
 
@@ -34,7 +35,7 @@ MODES = ("sde", "ode")
 
 def _check_num_steps(num_steps: int) -> None:
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise InvalidInput(f"num_steps must be >= 1, got {num_steps}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,9 +124,9 @@ def sample_sde(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tenso
 
 def check_sampler(mode: str, heun: bool) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise InvalidInput(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "sde" and heun:
-        raise ValueError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
+        raise InvalidInput("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
 
 
 def sample_batch(mode: str, velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
@@ -162,9 +163,9 @@ def run_in_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tenso
 def check_guidance(cfg_scale: float, guidance_low: float, guidance_high: float) -> None:
     """Classifier-free guidance settings as the flags name them: a scale >= 1, an interval inside [0, 1]."""
     if not cfg_scale >= 1.0:  # nan too
-        raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        raise InvalidInput(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     if not 0.0 <= guidance_low <= guidance_high <= 1.0:
-        raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
+        raise InvalidInput(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
 
 
 class GuidedVelocity:
@@ -183,7 +184,7 @@ class GuidedVelocity:
                  autocast_dtype: Optional[torch.dtype] = None, micro_batch_size: int = 0):
         check_guidance(cfg_scale, guidance_low, guidance_high)
         if micro_batch_size < 0:
-            raise ValueError(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
+            raise InvalidInput(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
         self.model = model
         self.cfg_scale = cfg_scale
         self.guidance_low = guidance_low

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from erw.batch_random import BatchRandom, derive_seed
 from erw.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, current_model_args, load_state_dict_strict,
                             numbered_checkpoint, write_checkpoint, write_failure_reason)
+from erw.cli import InvalidInput, refusals_of_models
 from erw.config import resume_changes
 from erw.data import ResumableShardSampler, sample_latents
 from erw.losses import Objective
@@ -204,9 +205,9 @@ class Trainer:
         acc = self.accelerator
         per_process, rem = divmod(config["batch_size"], acc.num_processes * config["gradient_accumulation_steps"])
         if rem or per_process == 0:
-            raise ValueError(f"--batch-size {config['batch_size']} is not divisible by processes "
-                             f"({acc.num_processes}) x gradient accumulation steps "
-                             f"({config['gradient_accumulation_steps']})")
+            raise InvalidInput(f"--batch-size {config['batch_size']} is not divisible by processes "
+                               f"({acc.num_processes}) x gradient accumulation steps "
+                               f"({config['gradient_accumulation_steps']})")
         self.local_batch_size = per_process
         if config["allow_tf32"]:
             set_fp32_precision("tf32")
@@ -223,7 +224,7 @@ class Trainer:
             if resume_payload is not None:
                 self._check_resume(*resume_payload)
             elif config["resume_override"]:
-                raise ValueError("--resume-override applies only together with --resume")
+                raise InvalidInput("--resume-override applies only together with --resume")
             self.run_dir.start(config, self.resume_from["step"] if self.resume_from else 0)
         except BaseException:  # a refused resume, say: the folder is free again at once
             self.run_dir.release()
@@ -236,17 +237,17 @@ class Trainer:
         cfg = self.config
         stored = ckpt.get("config") or {}
         if stored.get("phase") not in (None, cfg["phase"]):
-            raise ValueError(f"--resume: {path} is a {stored['phase']} checkpoint; this is the {cfg['phase']} "
-                             "phase (give each phase its own --exp-name)")
+            raise InvalidInput(f"--resume: {path} is a {stored['phase']} checkpoint; this is the {cfg['phase']} "
+                               "phase (give each phase its own --exp-name)")
         if ckpt["step"] > cfg["max_train_steps"]:
             # Doing nothing and exiting 0 would leave config.yaml saying a target the run is already past.
-            raise ValueError(f"--resume: {path} is at step {ckpt['step']:,}, past --max-train-steps "
-                             f"{cfg['max_train_steps']:,}: there is nothing to train. Pass --max-train-steps above "
-                             f"{ckpt['step']:,} to go on (the run's files are left as they are)")
+            raise InvalidInput(f"--resume: {path} is at step {ckpt['step']:,}, past --max-train-steps "
+                               f"{cfg['max_train_steps']:,}: there is nothing to train. Pass --max-train-steps above "
+                               f"{ckpt['step']:,} to go on (the run's files are left as they are)")
         training, run_control = resume_changes(stored, cfg)
         refused = {k: v for k, v in training.items() if k not in cfg["resume_override"]}
         if refused:
-            raise ValueError(
+            raise InvalidInput(
                 f"--resume: {path} was trained with other settings:\n" +
                 "".join(f"  {k}: {old!r} in the checkpoint, {new!r} now\n" for k, (old, new) in refused.items()) +
                 "These change what is trained. Restore them, or pass --resume-override "
@@ -301,10 +302,11 @@ class Trainer:
         steps). The optimizer takes this run's hyperparameters, so that config.yaml states what is used."""
         cfg, acc, ckpt = self.config, self.accelerator, self.resume_from
         if current_model_args(ckpt.get("model_args")) != model_args:
-            raise ValueError(f"--resume: {self.last_good} was written for model {ckpt.get('model_args')}, "
-                             f"this run builds {model_args}")
-        load_state_dict_strict(model, ckpt["model"], f"{self.last_good} [model]")
-        load_state_dict_strict(ema, ckpt["ema"], f"{self.last_good} [ema]")
+            raise InvalidInput(f"--resume: {self.last_good} was written for model {ckpt.get('model_args')}, "
+                               f"this run builds {model_args}")
+        with refusals_of_models("--resume"):
+            load_state_dict_strict(model, ckpt["model"], f"{self.last_good} [model]")
+            load_state_dict_strict(ema, ckpt["ema"], f"{self.last_good} [ema]")
         optimizer.load_state_dict(ckpt["opt"])
         for group in optimizer.param_groups:
             group.update(lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
@@ -313,9 +315,9 @@ class Trainer:
         position = ckpt["data_position"]
         if position.get("dataset_len", len(dataset)) != len(dataset) and "data_dir" not in cfg["resume_override"]:
             # The same folder name with other contents: the data order (a permutation of the items) changes.
-            raise ValueError(f"--resume: {self.last_good} was trained on {position['dataset_len']:,} items, but "
-                             f"{cfg['data_dir']} now holds {len(dataset):,}; restore the data, or pass "
-                             "--resume-override data_dir to continue on it deliberately")
+            raise InvalidInput(f"--resume: {self.last_good} was trained on {position['dataset_len']:,} items, but "
+                               f"{cfg['data_dir']} now holds {len(dataset):,}; restore the data, or pass "
+                               "--resume-override data_dir to continue on it deliberately")
         micro_batch = position["micro_batch"]
         old_world = position.get("world_size", acc.num_processes)
         old_local = position.get("local_batch_size", self.local_batch_size)

@@ -10,6 +10,7 @@ from typing import Dict
 import torch
 
 from erw.checkpoint import current_model_args, load_checkpoint, plain_state_dict
+from erw.cli import InvalidInput
 from models.sit import SiT
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -22,32 +23,33 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
     ckpt = load_checkpoint(path)
     args = current_model_args(ckpt.get("model_args")) or {}
     if args.get("built_depth") is None:
-        raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.built_depth, the "
-                         "blocks it built)")
+        raise InvalidInput(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.built_depth, the "
+                           "blocks it built)")
     if weights not in ("model", "ema"):
-        raise ValueError(f"--warmup-weights must be model or ema, got {weights!r}")
+        raise InvalidInput(f"--warmup-weights must be model or ema, got {weights!r}")
     source: Dict[str, torch.Tensor] = plain_state_dict(ckpt[weights])
     k = args["built_depth"]
     depth = len(model.blocks)
     if expected_depth is not None and expected_depth != k:
-        raise ValueError(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")
+        raise InvalidInput(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")
     if start_layer < 0 or start_layer + k > depth:
-        raise ValueError(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
-                         f"not fit a {depth}-block model (--warmup-layers {start_layer})")
+        raise InvalidInput(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
+                           f"not fit a {depth}-block model (--warmup-layers {start_layer})")
     hidden, ckpt_hidden = model.pos_embed.shape[-1], source["pos_embed"].shape[-1]
     if hidden != ckpt_hidden:
-        raise ValueError(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
-                         f"{hidden}-wide {model.__class__.__name__}")
+        raise InvalidInput(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
+                           f"{hidden}-wide {model.__class__.__name__}")
     # Attention options add no shape a key check would catch (RoPE has no weights; q/k norms not in the checkpoint
     # would start fresh), yet the warmed blocks were trained with or without them.
     for name, flag in (("qk_norm", "--qk-norm"), ("use_rope", "--use-rope")):
         trained, now = bool(args.get(name, False)), getattr(model, name)
         if trained != now:
-            raise ValueError(f"{path} was trained with {name} = {trained}, but this run sets {flag} = {now}: "
-                             f"warmed blocks must keep their attention; {'drop' if now else 'add'} {flag}")
+            raise InvalidInput(f"{path} was trained with {name} = {trained}, but this run sets {flag} = {now}: "
+                               f"warmed blocks must keep their attention; {'drop' if now else 'add'} {flag}")
     ckpt_z = list(args.get("z_dims", []))
     if ckpt_z != model.z_dims:
-        raise ValueError(f"{path} has projectors for teacher widths {ckpt_z}; this run's teachers give {model.z_dims}")
+        raise InvalidInput(f"{path} has projectors for teacher widths {ckpt_z}; "
+                           f"this run's teachers give {model.z_dims}")
 
     target = model.state_dict()
     mapped = {}
@@ -55,17 +57,17 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
         match = _BLOCK_KEY.match(key)
         new_key = f"blocks.{start_layer + int(match.group(1))}.{match.group(2)}" if match else key
         if not match and not key.startswith(TRANSFERRED_PREFIXES):
-            raise ValueError(f"{path}: unexpected tensor {key} in a Phase-1 checkpoint")
+            raise InvalidInput(f"{path}: unexpected tensor {key} in a Phase-1 checkpoint")
         if new_key not in target:
-            raise ValueError(f"{path}: {key} has no counterpart {new_key} in the model")
+            raise InvalidInput(f"{path}: {key} has no counterpart {new_key} in the model")
         if target[new_key].shape != value.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but the model's {new_key} is "
-                             f"{tuple(target[new_key].shape)}")
+            raise InvalidInput(f"{path}: {key} has shape {tuple(value.shape)} but the model's {new_key} is "
+                               f"{tuple(target[new_key].shape)}")
         mapped[new_key] = value
     uncovered = [k_ for k_ in target if k_.startswith(TRANSFERRED_PREFIXES) and k_ not in mapped]
     if uncovered:
-        raise ValueError(f"{path} lacks {len(uncovered)} embedder/projector tensor(s) of the model: "
-                         f"{', '.join(uncovered[:5])}")
+        raise InvalidInput(f"{path} lacks {len(uncovered)} embedder/projector tensor(s) of the model: "
+                           f"{', '.join(uncovered[:5])}")
     target.update(mapped)
     model.load_state_dict(target, strict=True)
     fresh = [i for i in range(depth) if not start_layer <= i < start_layer + k]

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from erw.files import atomic_write  # noqa: E402
-from erw.cli import ArgumentParser, run_main  # noqa: E402
+from erw.cli import ArgumentParser, InvalidInput, refusals_of_models, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
 from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
 from erw.generation import sample_generator  # noqa: E402
@@ -95,7 +95,7 @@ def prepare_features(feats: torch.Tensor, outlier_quantile: float = DEFAULT_OUTL
     """(n, D) features -> (n, D) float64: clamped at the mean per-row |.| quantile (1 = no clamp), then each row
     L2-normalised."""
     if not 0 < outlier_quantile <= 1:
-        raise ValueError(f"--outlier-quantile must be in (0, 1], got {outlier_quantile}")
+        raise InvalidInput(f"--outlier-quantile must be in (0, 1], got {outlier_quantile}")
     feats = feats.double()
     if outlier_quantile < 1:
         rows_per_block = max(1, QUANTILE_BLOCK_ELEMENTS // feats.shape[1])
@@ -126,7 +126,7 @@ def hsic_unbiased_sparse(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor
     rows, cols: (E,) distinct off-diagonal positions; a, b: (E,) float64. Returns a 0-dim tensor.
     """
     if n < 4:
-        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {n}")
+        raise InvalidInput(f"the unbiased HSIC needs at least 4 samples, got {n}")
     trace_ab = torch.zeros((), dtype=a.dtype, device=a.device)
     if rows.numel():
         # tr(A B) = sum over (i, j) of A_ij B_ji: look up each entry's transposed position among the entries.
@@ -173,7 +173,7 @@ def knn_kernel(feats: torch.Tensor, topk: int) -> KnnKernel:
     """Features (n, D), already prepared -> the KnnKernel used by cknna_between (compute once, pair many times)."""
     n = feats.shape[0]
     if not 1 <= topk <= n - 1:
-        raise ValueError(f"--topk must be in 1..n-1 = 1..{n - 1} for n = {n} samples, got {topk}")
+        raise InvalidInput(f"--topk must be in 1..n-1 = 1..{n - 1} for n = {n} samples, got {topk}")
     feats = feats.double()
     knn = knn_indices(feats, topk)
     return KnnKernel(feats, knn, float(knn_alignment(feats, knn, feats, knn)))
@@ -233,7 +233,7 @@ class AnalysisItems(Dataset):
 def select_indices(dataset_len: int, num_images: int, seed: int) -> List[int]:
     """Sorted dataset indices of a seeded random subset of min(num_images, dataset_len) images."""
     if num_images < 4:
-        raise ValueError(f"--num-images must be at least 4 (the unbiased HSIC needs 4 samples), got {num_images}")
+        raise InvalidInput(f"--num-images must be at least 4 (the unbiased HSIC needs 4 samples), got {num_images}")
     if num_images >= dataset_len:
         return list(range(dataset_len))
     generator = torch.Generator().manual_seed(seed)
@@ -253,10 +253,10 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
             elif part.strip():
                 layers.add(int(part))
     except ValueError:
-        raise ValueError(f"--layers must be comma-separated block numbers or ranges like 1,2,8-12, got {text!r}"
-                         ) from None
+        raise InvalidInput(f"--layers must be comma-separated block numbers or ranges like 1,2,8-12, got {text!r}"
+                           ) from None
     if not layers or min(layers) < 0:
-        raise ValueError(f"--layers must name block numbers >= 0 (1-based; 0 = input tokens), got {text!r}")
+        raise InvalidInput(f"--layers must name block numbers >= 0 (1-based; 0 = input tokens), got {text!r}")
     return sorted(layers)
 
 
@@ -289,15 +289,15 @@ def setting_from_checkpoints(name: str, flag_value, checkpoints: List[AnalysedCh
     values = {c.path: c.config.get(name) for c in checkpoints if c.config.get(name) is not None}
     if len(set(values.values())) > 1:
         listing = "; ".join(f"{path}: {value}" for path, value in values.items())
-        raise ValueError(f"the checkpoints were trained with different {name} ({listing}); choose one with {flag}")
+        raise InvalidInput(f"the checkpoints were trained with different {name} ({listing}); choose one with {flag}")
     return next(iter(values.values()), None)
 
 
 def resolve_device(kind: str) -> torch.device:
     if kind not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {kind!r}")
+        raise InvalidInput(f"--device must be one of {', '.join(DEVICES)}, got {kind!r}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible")
+        raise InvalidInput("--device cuda: no CUDA GPU is visible")
     return torch.device("cuda" if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -375,9 +375,9 @@ def load_checkpoints(paths: Sequence[str], labels: Optional[Sequence[str]], weig
     if labels is None:
         labels = [default_label(p) for p in paths]
     elif len(labels) != len(paths):
-        raise ValueError(f"--labels gives {len(labels)} name(s) for {len(paths)} --ckpt file(s)")
+        raise InvalidInput(f"--labels gives {len(labels)} name(s) for {len(paths)} --ckpt file(s)")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must be distinct, got {list(labels)} (name them with --labels)")
+        raise InvalidInput(f"labels must be distinct, got {list(labels)} (name them with --labels)")
     checkpoints = []
     for path, label in zip(paths, labels):
         model, info = load_model(path, weights, repa_model_flags, flags_for_ours=False)
@@ -385,7 +385,7 @@ def load_checkpoints(paths: Sequence[str], labels: Optional[Sequence[str]], weig
         available = list(range(1, len(model.blocks) + 1)) if layers is None else \
             [layer for layer in layers if layer <= len(model.blocks)]
         if not available:
-            raise ValueError(f"{path} has {len(model.blocks)} blocks: none of --layers {layers} exists there")
+            raise InvalidInput(f"{path} has {len(model.blocks)} blocks: none of --layers {layers} exists there")
         if layers is not None and len(available) < len(layers):
             print(f"{label}: {path} has {len(model.blocks)} blocks; layers {available[0]}..{available[-1]} of "
                   f"--layers are analysed there")
@@ -427,10 +427,10 @@ def main(argv=None) -> dict:
     """Run the analysis; returns what it writes to cknna.json (layers as int keys)."""
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.t <= 1.0:
-        raise ValueError(f"--t must be in [0, 1] (0 = data, 1 = noise), got {args.t}")
+        raise InvalidInput(f"--t must be in [0, 1] (0 = data, 1 = noise), got {args.t}")
     if args.batch_size < 1 or args.num_workers < 0:
-        raise ValueError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size}, "
-                         f"{args.num_workers}")
+        raise InvalidInput(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size}, "
+                           f"{args.num_workers}")
     device = resolve_device(args.device)
     repa_model_flags = {name: getattr(args, name) for name in REPA_MODEL_FLAG_DEFAULTS}
     checkpoints = load_checkpoints(args.ckpt, args.labels, args.weights, parse_layers(args.layers), args.path_type,
@@ -438,20 +438,22 @@ def main(argv=None) -> dict:
 
     data_dir = setting_from_checkpoints("data_dir", args.data_dir, checkpoints, "--data-dir")
     if data_dir is None:
-        raise ValueError("no --data-dir given and the checkpoints' configs name none")
+        raise InvalidInput("no --data-dir given and the checkpoints' configs name none")
     dataset = ImageLatentDataset(data_dir)
     for c in checkpoints:
         side = c.model.grid_size * c.model.patch_size * VAE_DOWNSAMPLING
         if side != dataset.resolution:
-            raise ValueError(f"{c.path} models {side}px images but {data_dir} holds {dataset.resolution}px ones")
+            raise InvalidInput(f"{c.path} models {side}px images but {data_dir} holds {dataset.resolution}px ones")
         if dataset.num_classes > c.model.num_classes:
-            raise ValueError(f"{data_dir} has labels up to {dataset.num_classes - 1} but {c.path} knows "
-                             f"{c.model.num_classes} classes")
+            raise InvalidInput(f"{data_dir} has labels up to {dataset.num_classes - 1} but {c.path} knows "
+                               f"{c.model.num_classes} classes")
     enc_type = setting_from_checkpoints("enc_type", args.enc_type, checkpoints, "--enc-type")
     if enc_type is None or "," in enc_type:
-        raise ValueError(f"CKNNA compares with one teacher: give --enc-type with one name (checkpoints: {enc_type})")
+        raise InvalidInput(f"CKNNA compares with one teacher: give --enc-type with one name (checkpoints: {enc_type})")
     enc_weights = setting_from_checkpoints("enc_weights", args.enc_weights, checkpoints, "--enc-weights")
-    teacher = load_teachers(enc_type, dataset.resolution, enc_weights)[0].to(device)
+    with refusals_of_models("--enc-type"):
+        teachers = load_teachers(enc_type, dataset.resolution, enc_weights)
+    teacher = teachers[0].to(device)
 
     indices = select_indices(len(dataset), args.num_images, args.seed)
     if len(indices) < args.num_images:

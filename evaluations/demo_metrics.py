@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from erw.cli import ArgumentParser, run_main  # noqa: E402
+from erw.cli import ArgumentParser, InvalidInput, MissingInput, refusals_of_models, run_main  # noqa: E402
 from evaluations.evaluator import compute_statistics, frechet_distance  # noqa: E402
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -58,10 +58,12 @@ def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
     from safetensors.torch import load_file
     from erw.checkpoint import load_state_dict_strict
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"demo classifier weights not found: {path} (they ship with the repository; "
-                                "rebuild them with `python -m preprocessing.train_demo_components`)")
+        raise MissingInput(f"demo classifier weights not found: {path} (they ship with the repository; "
+                           "rebuild them with `python -m preprocessing.train_demo_components`)")
     model = DemoClassifier()
-    load_state_dict_strict(model, load_file(path), f"demo classifier {path}")
+    state_dict = load_file(path)
+    with refusals_of_models("--classifier"):
+        load_state_dict_strict(model, state_dict, f"demo classifier {path}")
     return model.eval().requires_grad_(False)
 
 
@@ -69,8 +71,8 @@ def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
 def classify(model: DemoClassifier, images: np.ndarray, batch_size: int = 256):
     """uint8 (N, H, W, 3) -> (predicted classes (N,), pooled features float64 (N, 128))."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (DEMO_RESOLUTION, DEMO_RESOLUTION, 3):
-        raise ValueError(f"the demo classifier reads uint8 (N, {DEMO_RESOLUTION}, {DEMO_RESOLUTION}, 3) images, "
-                         f"got {images.dtype} {images.shape}")
+        raise InvalidInput(f"the demo classifier reads uint8 (N, {DEMO_RESOLUTION}, {DEMO_RESOLUTION}, 3) images, "
+                           f"got {images.dtype} {images.shape}")
     predictions, features = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
@@ -84,7 +86,7 @@ def demo_metrics(reference: np.ndarray, samples: np.ndarray, sample_labels: np.n
                  model: Optional[DemoClassifier] = None) -> Dict[str, float]:
     """{"class_accuracy", "fd_demo", "num_samples", "reference_accuracy"?}: see the module doc."""
     if len(sample_labels) != len(samples):
-        raise ValueError(f"{len(samples)} samples but {len(sample_labels)} labels")
+        raise InvalidInput(f"{len(samples)} samples but {len(sample_labels)} labels")
     model = model or load_classifier()
     predicted, sample_features = classify(model, samples)
     _, reference_features = classify(model, reference)
@@ -96,12 +98,14 @@ def demo_metrics(reference: np.ndarray, samples: np.ndarray, sample_labels: np.n
 
 
 def _read_npz(path: str, with_labels: bool):
+    if not os.path.isfile(path):
+        raise MissingInput(f"{path}: no such .npz file")
     with np.load(path) as data:
         if "arr_0" not in data:
-            raise ValueError(f"{path} has no arr_0 (images)")
+            raise InvalidInput(f"{path} has no arr_0 (images)")
         if with_labels and "arr_1" not in data:
-            raise ValueError(f"{path} has no arr_1: the labels the samples were generated for (sample_ddp.py writes "
-                             "them)")
+            raise InvalidInput(f"{path} has no arr_1: the labels the samples were generated for (sample_ddp.py writes "
+                               "them)")
         return data["arr_0"], (data["arr_1"] if with_labels else None)
 
 

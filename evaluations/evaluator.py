@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from erw.files import atomic_write, temp_path_for  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
-from erw.cli import ArgumentParser, run_main  # noqa: E402
+from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    file_sha256, inception_weights_id, load_inception)
 
@@ -71,23 +71,23 @@ class NpzArrayReader:
 
     def __init__(self, path: str, key: str = IMAGES_KEY):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found")
+            raise MissingInput(f"{path}: file not found")
         self.path, self.key = path, key
         self._member = key + ".npy"
         try:
             archive = zipfile.ZipFile(path)
         except zipfile.BadZipFile:
-            raise ValueError(f"{path}: not an .npz file (not a zip archive)") from None
+            raise InvalidInput(f"{path}: not an .npz file (not a zip archive)") from None
         with archive:
             names = archive.namelist()
             if self._member not in names:
                 keys = ", ".join(n[:-4] for n in names if n.endswith(".npy")) or "none"
-                raise ValueError(f"{path}: missing {key} in npz file (keys: {keys})")
+                raise InvalidInput(f"{path}: missing {key} in npz file (keys: {keys})")
             try:
                 with archive.open(self._member) as f:
                     header = self._read_header(f)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a small member is read whole here
-                raise ValueError(f"{path}: {key} is damaged ({e}); write the file again") from None
+                raise InvalidInput(f"{path}: {key} is damaged ({e}); write the file again") from None
         self._in_memory = None
         if header is None:
             self._in_memory = self._load_whole()
@@ -100,7 +100,7 @@ class NpzArrayReader:
             with np.load(self.path) as data:
                 return data[self.key]
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
-            raise ValueError(f"{self.path}: {self.key} is damaged ({e}); write the file again") from None
+            raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}); write the file again") from None
 
     @staticmethod
     def _read_header(f):
@@ -137,10 +137,10 @@ class NpzArrayReader:
                     try:
                         chunk = f.read(rows * row_bytes - len(buffer))
                     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
-                        raise ValueError(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
-                                         f"{start}..{start + rows - 1}; write the file again") from None
+                        raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
+                                           f"{start}..{start + rows - 1}; write the file again") from None
                     if not chunk:
-                        raise ValueError(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
+                        raise InvalidInput(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
                     buffer += chunk
                 yield start, np.frombuffer(buffer, dtype=self.dtype).reshape((rows,) + row_shape)
 
@@ -150,14 +150,14 @@ def open_images(path: str) -> NpzArrayReader:
     reader = NpzArrayReader(path, IMAGES_KEY)
     shape = reader.shape
     if len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
-        raise ValueError(f"{path}: {IMAGES_KEY} must be non-empty RGB images (N, H, W, 3) in NHWC order, got shape "
-                         f"{shape}")
+        raise InvalidInput(f"{path}: {IMAGES_KEY} must be non-empty RGB images (N, H, W, 3) in NHWC order, got shape "
+                           f"{shape}")
     # Only uint8 has one meaning: a float array may be in [0, 1] or [0, 255], and guessing gave FID 6174.
     if reader.dtype != np.uint8:
-        raise ValueError(f"{path}: {IMAGES_KEY} has dtype {reader.dtype}; the evaluator reads uint8 images in "
-                         f"[0, 255], as ADM's reference batches and sample_ddp.py hold them. Convert images in [0, 1] "
-                         f"with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype(np.uint8)), or "
-                         f"write the .npz with sample_ddp.py")
+        raise InvalidInput(f"{path}: {IMAGES_KEY} has dtype {reader.dtype}; the evaluator reads uint8 images in "
+                           f"[0, 255], as ADM's reference batches and sample_ddp.py hold them. Convert images in "
+                           f"[0, 1] with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype("
+                           f"np.uint8)), or write the .npz with sample_ddp.py")
     return reader
 
 
@@ -167,20 +167,20 @@ def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choo
     pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing."""
     target = os.path.abspath(path)
     if not folder and os.path.isdir(target):
-        raise ValueError(f"{flag} {path} is a folder, not a file; {hint}")
+        raise InvalidInput(f"{flag} {path} is a folder, not a file; {hint}")
     existing = target if folder else os.path.dirname(target)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"{flag} {path} cannot be written: {existing} is not a folder; {hint}")
+        raise InvalidInput(f"{flag} {path} cannot be written: {existing} is not a folder; {hint}")
     # A real write, not os.access: permission bits say yes to root where e.g. a root-squashed NFS mount says no.
     probe = temp_path_for(os.path.join(existing, os.path.basename(target)))
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.remove(probe)
     except OSError as error:
-        raise ValueError(f"{flag} {path} cannot be written: creating a file in {existing} failed "
-                         f"({error.strerror or error}); {hint}") from None
+        raise InvalidInput(f"{flag} {path} cannot be written: creating a file in {existing} failed "
+                           f"({error.strerror or error}); {hint}") from None
 
 
 def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -192,13 +192,13 @@ def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarra
             stats = {}
             for key, shape in STATS_KEYS.items():
                 if key not in data.files:
-                    raise ValueError(f"{path}: holds mu but not {key}; ADM reference statistics are mu, sigma, "
-                                     "mu_s, sigma_s")
+                    raise InvalidInput(f"{path}: holds mu but not {key}; ADM reference statistics are mu, sigma, "
+                                       "mu_s, sigma_s")
                 stats[key] = data[key]
                 if stats[key].shape != shape:
-                    raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
+                    raise InvalidInput(f"{path}: {key} has shape {stats[key].shape}, expected {shape}")
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ValueError(f"{path}: damaged .npz ({e}); write the file again") from None
+        raise InvalidInput(f"{path}: damaged .npz ({e}); write the file again") from None
     stats = {"pool": (stats["mu"], stats["sigma"]), "spatial": (stats["mu_s"], stats["sigma_s"])}
     check_finite_statistics(stats, f"{path}: its stored statistics")
     return stats
@@ -211,8 +211,8 @@ def check_finite_statistics(stats: Dict[str, Tuple[np.ndarray, np.ndarray]], wha
         for key, array in zip(keys, stats[name]):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             if bad:
-                raise ValueError(f"{what}: {key} holds {bad:,} NaN or infinite value(s); no FID can be computed "
-                                 "from it")
+                raise InvalidInput(f"{what}: {key} holds {bad:,} NaN or infinite value(s); no FID can be computed "
+                                   "from it")
 
 
 def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
@@ -328,8 +328,8 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
     """ADM's IS: probs (N, C) float32 softmax outputs, consecutive splits of `split_size` (the last one may be
     smaller), no shuffling; exp(mean KL(p(y|x) || p(y))) per split, mean over splits."""
     if len(probs) < split_size:
-        raise ValueError(f"Inception Score needs at least one split of {split_size} samples, got {len(probs)} "
-                         f"(lower the split size, e.g. --is-split-size, for small sample sets)")
+        raise InvalidInput(f"Inception Score needs at least one split of {split_size} samples, got {len(probs)} "
+                           f"(lower the split size, e.g. --is-split-size, for small sample sets)")
     scores = []
     for start in range(0, len(probs), split_size):
         part = probs[start:start + split_size]
@@ -406,7 +406,7 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
     """
     for name, feats in (("reference", ref_features), ("sample", sample_features)):
         if len(feats) < k + 1:
-            raise ValueError(f"precision/recall with k={k} needs at least {k + 1} {name} images, got {len(feats)}")
+            raise InvalidInput(f"precision/recall with k={k} needs at least {k + 1} {name} images, got {len(feats)}")
     n_ref, n_sample = len(ref_features), len(sample_features)
     ref_blocks, sample_blocks = -(-n_ref // batch_size), -(-n_sample // batch_size)
     bar = tqdm(total=ref_blocks ** 2 + sample_blocks ** 2 + ref_blocks * sample_blocks,
@@ -450,22 +450,22 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     """
     log = log or (lambda line: None)
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
-        raise ValueError(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
-                         f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
+        raise InvalidInput(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
+                           f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
     cache_dir = cache_dir or default_cache_dir()
     if use_cache:
         check_writable(cache_dir, "--cache-dir", folder=True, hint="pass another --cache-dir, or --no-cache")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise InvalidInput(f"--device {device}: CUDA is not available on this machine")
     ref_reader, sample_reader = open_images(ref_batch), open_images(sample_batch)
     if len(sample_reader) < is_split_size:
-        raise ValueError(f"{sample_batch}: {len(sample_reader)} samples, fewer than one Inception-Score split of "
-                         f"{is_split_size} (ADM uses 50000 samples; lower --is-split-size for small sets)")
+        raise InvalidInput(f"{sample_batch}: {len(sample_reader)} samples, fewer than one Inception-Score split of "
+                           f"{is_split_size} (ADM uses 50000 samples; lower --is-split-size for small sets)")
     for path, reader in ((ref_batch, ref_reader), (sample_batch, sample_reader)):
         if len(reader) < PR_NEIGHBOURHOOD + 1:
-            raise ValueError(f"{path}: {len(reader)} images; precision/recall needs at least "
-                             f"{PR_NEIGHBOURHOOD + 1}")
+            raise InvalidInput(f"{path}: {len(reader)} images; precision/recall needs at least "
+                               f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
     timings = {}
     clock = time.perf_counter()

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erw.checkpoint import load_checkpoint, load_state_dict_strict
+from erw.cli import MissingInput, refusals_of_models
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -278,15 +279,15 @@ def find_weights(weights: Optional[str]) -> str:
     """An explicit path, else the torch hub cache (checkpoints/<file name>), else an error saying what to get."""
     if weights is not None:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--inception-weights {weights}: file not found (expected {WEIGHTS_FILENAME}, "
-                                    f"the 2015-12-05 TF Inception-v3 converted to PyTorch, or '{RANDOM_WEIGHTS}')")
+            raise MissingInput(f"--inception-weights {weights}: file not found (expected {WEIGHTS_FILENAME}, "
+                               f"the 2015-12-05 TF Inception-v3 converted to PyTorch, or '{RANDOM_WEIGHTS}')")
         return weights
     hub_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
     for name in (WEIGHTS_FILENAME, WEIGHTS_FILENAME_TORCH_FIDELITY):
         path = os.path.join(hub_dir, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise MissingInput(
         f"Inception weights not found. The ADM metrics need {WEIGHTS_FILENAME} (the 2015-12-05 TF Inception-v3 "
         f"converted to PyTorch, {WEIGHTS_URL}; torch-fidelity's {WEIGHTS_FILENAME_TORCH_FIDELITY} is the same "
         f"network). Nothing is downloaded at run time: put the file at {os.path.join(hub_dir, WEIGHTS_FILENAME)} "
@@ -325,5 +326,6 @@ def load_inception(weights: Optional[str] = None, device="cpu", seed: int = 0) -
         for key, value in model.state_dict().items():
             if key.endswith("num_batches_tracked"):
                 state_dict.setdefault(key, value)
-        load_state_dict_strict(model, state_dict, f"Inception weights {path}")
+        with refusals_of_models("--inception-weights"):
+            load_state_dict_strict(model, state_dict, f"Inception weights {path}")
     return model.requires_grad_(False).eval().to(device)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.generation import default_micro_batch_size, exact_cpu, generate_images
 from erw.precision import precision_scope
 from evaluations import evaluator
@@ -49,13 +50,13 @@ class FidHook:
         """Checks the settings and loads what every FID needs (VAE, Inception, the reference statistics) now, so
         that a missing file stops the run before training, not at the first FID."""
         if not config["fid_ref"]:
-            raise ValueError(f"--fid-every {config['fid_every']}: give the reference batch with --fid-ref "
-                             "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+            raise InvalidInput(f"--fid-every {config['fid_every']}: give the reference batch with --fid-ref "
+                               "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
         if not os.path.isfile(config["fid_ref"]):
-            raise FileNotFoundError(f"--fid-ref {config['fid_ref']}: file not found")
+            raise MissingInput(f"--fid-ref {config['fid_ref']}: file not found")
         if not 0.0 <= config["guidance_low"] <= config["guidance_high"] <= 1.0:
-            raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {config['guidance_low']}, "
-                             f"{config['guidance_high']}")
+            raise InvalidInput(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {config['guidance_low']}, "
+                               f"{config['guidance_high']}")
         acc = trainer.accelerator
         self.every, self.last_step = config["fid_every"], config["max_train_steps"]
         self.num_samples, self.precision = config["fid_num_samples"], config["fid_precision"]
@@ -70,7 +71,9 @@ class FidHook:
         self.random_inception = config["inception_weights"] == RANDOM_WEIGHTS
         reference = evaluator.open_images(config["fid_ref"])  # header checks on every process
         self.inception = evaluator.load_inception(config["inception_weights"], self.device)
-        self.vae = load_vae(config["vae"]).to(self.device)
+        with refusals_of_models("--vae"):
+            vae = load_vae(config["vae"])
+        self.vae = vae.to(self.device)
         # A CPU group for the gathered activations (about 200 MB for 10K samples): they stay off the GPUs. Created
         # by every process, in the same order, as new_group requires.
         self.group = None

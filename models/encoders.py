@@ -150,7 +150,7 @@ def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"could not read teacher weights {path}: {e}") from e
+        raise ValueError(f"could not read teacher weights {path}: {e}") from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"teacher weights {path} are not a flat state dict of tensors (expected the official "
                          f"dinov2_vit*14_pretrain.pth or timm's model.safetensors)")

@@ -100,7 +100,7 @@ def load_vae(name_or_path: str, allow_download: bool = False):
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path)
         except Exception as e:
-            raise RuntimeError(f"could not load a diffusers AutoencoderKL from the folder {name_or_path}: {e}") from e
+            raise ValueError(f"could not load a diffusers AutoencoderKL from the folder {name_or_path}: {e}") from e
     elif os.path.exists(name_or_path):
         raise ValueError(f"VAE path {name_or_path} is a file; pass a diffusers folder (config.json + weights), "
                          f"a hub id such as stabilityai/sd-vae-ft-ema, or '{RANDOM_TINY_VAE}'")
@@ -110,7 +110,7 @@ def load_vae(name_or_path: str, allow_download: bool = False):
         except Exception as e:
             hint = ("it is neither a local folder nor in the local Hugging Face cache. Download it once with "
                     f"`hf download {name_or_path}` (the CLI huggingface_hub installs), or pass a local folder, or "
-                    "let the tool download it: sample_ddp.py --allow-download, dataset_tools.py encode "
+                    "let the tool download it: sample_ddp.py --allow-download, preprocessing.dataset_tools encode "
                     "--allow-download" if not allow_download else "the download failed (offline? HF_HUB_OFFLINE set?)")
             raise FileNotFoundError(f"cannot load VAE '{name_or_path}': {hint}. Cause: {e}") from e
     return vae.eval().requires_grad_(False)

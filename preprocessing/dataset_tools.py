@@ -30,6 +30,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from erw.cli import InvalidInput, refusals_of_models  # noqa: E402
 from erw.files import atomic_write, remove_stale_temps  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
@@ -99,8 +100,8 @@ def check_or_write_settings(folder: str, settings: dict, must_match: Sequence[st
         differing = [f"{k}: {previous.get(k)!r} before, {settings.get(k)!r} now"
                      for k in must_match if previous.get(k) != settings.get(k)]
         if differing:
-            raise ValueError(f"{folder} was written by an earlier run with other settings "
-                             f"({'; '.join(differing)}); use an empty destination or the same settings to resume")
+            raise InvalidInput(f"{folder} was written by an earlier run with other settings "
+                               f"({'; '.join(differing)}); use an empty destination or the same settings to resume")
     save_json_atomic(settings, path, indent=1)
 
 
@@ -137,12 +138,12 @@ def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], in
     Classes are the sorted subfolder names (label k = k-th name); images are found recursively inside each.
     """
     if not os.path.isdir(source):
-        raise ValueError(f"--source {source} is not a folder")
+        raise InvalidInput(f"--source {source} is not a folder")
     pil_extensions = tuple(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
     class_names = sorted(e.name for e in os.scandir(source) if e.is_dir())
     if not class_names:
-        raise ValueError(f"--source {source} has no class subfolders (expected ImageNet's layout "
-                         f"SOURCE/<class>/<image>)")
+        raise InvalidInput(f"--source {source} has no class subfolders (expected ImageNet's layout "
+                           f"SOURCE/<class>/<image>)")
     stray = sum(1 for e in os.scandir(source) if e.is_file())
     files, labels = [], []
     for label, name in enumerate(class_names):
@@ -150,7 +151,7 @@ def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], in
             files.append(f"{name}/{rel}")
             labels.append(label)
     if not files:
-        raise ValueError(f"no images found in the class folders of {source}")
+        raise InvalidInput(f"no images found in the class folders of {source}")
     return files, labels, class_names, stray
 
 
@@ -238,8 +239,8 @@ class _ImageFiles(torch.utils.data.Dataset):
         path = os.path.join(self.root, self.files[index])
         image = load_image(path)
         if image.shape[1:] != (self.size, self.size):
-            raise ValueError(f"image {path} is {image.shape[2]}x{image.shape[1]}, but the first image is "
-                             f"{self.size}x{self.size}: all images of a dataset must have one size")
+            raise InvalidInput(f"image {path} is {image.shape[2]}x{image.shape[1]}, but the first image is "
+                               f"{self.size}x{self.size}: all images of a dataset must have one size")
         return index, torch.from_numpy(np.ascontiguousarray(image))
 
 
@@ -259,7 +260,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     rank, local_rank, world_size = distributed_env()
     is_main = rank == 0
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available")
+        raise InvalidInput("--device cuda, but CUDA is not available")
     if device_type == "cuda" or (device_type == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -273,20 +274,20 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     try:
         labels_path = os.path.join(source, LABELS_FILE)
         if not os.path.isfile(labels_path):
-            raise ValueError(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
+            raise InvalidInput(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
         image_labels = read_labels(labels_path)
         files = list_files(source, IMAGE_EXTENSIONS)
         if max_images is not None:
             files = files[:max_images]
         if not files:
-            raise ValueError(f"no images under --source {source}")
+            raise InvalidInput(f"no images under --source {source}")
         unlabeled = [f for f in files if f not in image_labels]
         if unlabeled:
-            raise ValueError(f"{labels_path} has no label for {os.path.join(source, unlabeled[0])} "
-                             f"({len(unlabeled)} image(s) unlabeled)")
+            raise InvalidInput(f"{labels_path} has no label for {os.path.join(source, unlabeled[0])} "
+                               f"({len(unlabeled)} image(s) unlabeled)")
         size = load_image(os.path.join(source, files[0])).shape[1]
         if size % 8:
-            raise ValueError(f"image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
+            raise InvalidInput(f"image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
 
         if is_main:
             os.makedirs(dest, exist_ok=True)
@@ -304,7 +305,9 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
         if is_main:
             print(f"encode: {len(files)} images, {world_size} process(es) on {device.type}; "
                   f"{len(shard) - len(pending)} of rank 0's {len(shard)} already done")
-        vae = load_vae(vae_name, allow_download=allow_download).to(device)
+        with refusals_of_models("--vae"):
+            vae = load_vae(vae_name, allow_download=allow_download)
+        vae = vae.to(device)
         loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
                                              num_workers=workers, pin_memory=device.type == "cuda")
         progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
@@ -333,7 +336,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
 
 def encode(args) -> None:
     if not os.path.isdir(args.source):
-        raise ValueError(f"--source {args.source} is not a folder")
+        raise InvalidInput(f"--source {args.source} is not a folder")
     run_encode(args.source, args.dest, args.vae, args.batch_size, args.workers, args.max_images,
                args.allow_download, args.device)
 
@@ -414,12 +417,12 @@ def demo_image(label: int, index: int, seed: int, resolution: int) -> np.ndarray
 
 def make_demo(args) -> None:
     if distributed_env()[2] > 1:
-        raise ValueError("make-demo runs as a single process (it is small); start it with plain python")
+        raise InvalidInput("make-demo runs as a single process (it is small); start it with plain python")
     if not 2 <= args.num_classes <= len(DEMO_SHAPES):
-        raise ValueError(f"--num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
+        raise InvalidInput(f"--num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
     if args.resolution % 16:
-        raise ValueError(f"--resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
-                         f"got {args.resolution}")
+        raise InvalidInput(f"--resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
+                           f"got {args.resolution}")
     images_dir = os.path.join(args.dest, IMAGES_DIR)
     os.makedirs(images_dir, exist_ok=True)
     num_images = args.num_classes * args.images_per_class

@@ -186,6 +186,27 @@ def test_a_missing_input_file_is_one_line_in_every_entry_point(command, argv, na
     assert fill(names) in line
 
 
+def test_only_user_errors_become_one_line_and_a_bugs_value_error_keeps_its_traceback(monkeypatch, capsys):
+    """run_main's line is for input the user can fix; a ValueError from our own code is a bug and must surface whole
+    (exit 1, the exception itself), not as an `error:` line that blames the user."""
+    from erw.cli import FolderTaken, InvalidInput, MissingInput, run_main
+    monkeypatch.delenv("ERW_DEBUG", raising=False)
+
+    def raising(error):
+        def main(argv):
+            raise error
+        return main
+
+    for error in (InvalidInput("bad --flag"), MissingInput("no file x"), FolderTaken("run exists")):
+        with pytest.raises(SystemExit) as exited:
+            run_main(raising(error))
+        assert exited.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
+    for bug in (ValueError("shapes of our own tensors differ"), FileNotFoundError("internal"), KeyError("k")):
+        with pytest.raises(type(bug)):
+            run_main(raising(bug))
+        assert "error:" not in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "ERW_DEBUG": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample_ddp.py"), "--ckpt", str(tmp_path / "x.pt")],
@@ -224,3 +245,29 @@ def test_a_package_script_started_as_a_path_names_the_module_command(module):
     result = run_entry([os.path.join(ROOT, *module.split(".")) + ".py", "--help"], ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"python -m {module}" in result.stderr
+
+
+@pytest.mark.parametrize("sample_flag, training_flag, bad, good", [
+    ("--num-steps", "--fid-num-steps", "0", "7"),
+    ("--mode", "--fid-mode", "heun", "ode"),
+    ("--precision", "--fid-precision", "fp16", "bf16"),
+    ("--cfg-scale", "--cfg-scale", "0.5", "2.2"),
+    ("--guidance-low", "--guidance-low", "-0.1", "0.3"),
+    ("--guidance-high", "--guidance-high", "1.5", "0.95"),
+])
+def test_sample_ddp_and_the_in_training_fid_take_the_same_sampler_values(sample_flag, training_flag, bad, good,
+                                                                         capsys):
+    """One declaration of the sampler's settings: what sample_ddp.py refuses, a training config refuses too, and a
+    value one takes reaches the other's settings as the same number or word."""
+    import sample_ddp
+    from erw.config import ConfigError, TRAIN, resolve_config
+    required = ["--exp-name", "x"]
+    with pytest.raises(SystemExit):
+        sample_ddp.build_parser().parse_args(["--ckpt", "x.pt", sample_flag, bad])
+    assert sample_flag in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=training_flag):
+        resolve_config(TRAIN, [*required, training_flag, bad])
+    sampled = vars(sample_ddp.build_parser().parse_args(["--ckpt", "x.pt", sample_flag, good]))
+    trained = resolve_config(TRAIN, [*required, training_flag, good])
+    assert sampled[sample_flag[2:].replace("-", "_")] == trained[training_flag[2:].replace("-", "_")] == \
+        type(trained[training_flag[2:].replace("-", "_")])(good)

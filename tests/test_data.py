@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
+from erw.cli import InvalidInput
 from erw.data import ImageLatentDataset, check_data_dir, sample_latents
 from models.vae import SD_VAE_SCALE, load_vae
 from preprocessing import dataset_tools
@@ -232,10 +233,10 @@ def test_corrupt_files_are_named_when_read(tmp_path):
     _write_tiny_dataset(tmp_path)
     dataset = ImageLatentDataset(str(tmp_path))
     (tmp_path / "vae-sd/00000/img-mean-std-00000003.npy").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match=r"img-mean-std-00000003\.npy"):
+    with pytest.raises(InvalidInput, match=r"img-mean-std-00000003\.npy"):
         dataset[3]
     (tmp_path / "images/00000/img00000002.png").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match=r"img00000002\.png"):
+    with pytest.raises(InvalidInput, match=r"img00000002\.png"):
         dataset[2]
 
 
@@ -252,7 +253,7 @@ def test_wrong_shape_latent_mid_dataset_is_named_by_the_loader(demo_data, tmp_pa
     bad = root / "vae-sd" / dataset.latent_files[37]
     np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=0)
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(InvalidInput) as raised:
         for _ in loader:
             pass
     message = str(raised.value)
@@ -265,12 +266,12 @@ def test_wrong_size_image_mid_dataset_is_named_by_the_loader(demo_data, tmp_path
     dataset = ImageLatentDataset(str(root))
     bad = root / "images" / dataset.image_files[50]
     random_image(32, 32, seed=1).save(bad)
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(InvalidInput) as raised:
         dataset[50]
     message = str(raised.value)
     assert str(bad) in message and "(3, 32, 32)" in message and "(3, 64, 64)" in message and "convert" in message
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(48, 56)), batch_size=8)
-    with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+    with pytest.raises(InvalidInput, match=re.escape(str(bad))):
         next(iter(loader))
 
 

@@ -160,8 +160,8 @@ def test_readme_tiny_recipe_works_as_typed(tmp_path):
     """Each command exactly as the README prints it, in a fresh checkout's layout (the repository's files linked into
     an empty folder, so data/, exps/ and samples/ start empty), in order."""
     commands = readme_tiny_recipe()
-    steps = ["make-demo", "train_warmup.py", "train.py", "sample_ddp.py", "reference", "demo_metrics.py",
-             "cknna.py"]
+    steps = ["make-demo", "train_warmup.py", "train.py", "sample_ddp.py", "reference", "evaluations.demo_metrics",
+             "evaluations.cknna"]
     assert len(commands) == len(steps) and all(step in command for step, command in zip(steps, commands)), commands
     checkout = tmp_path / "checkout"
     checkout.mkdir()

@@ -17,6 +17,7 @@ from PIL import Image
 import erw.sample_run
 import sample_ddp
 from erw.checkpoint import load_sampling_model, save_checkpoint
+from erw.cli import InvalidInput
 from erw.generation import all_labels
 from models.sit import create_sit
 
@@ -257,21 +258,21 @@ def test_a_folder_is_never_extended_with_other_weights(checkpoints, tmp_path):
     ckpt = _save_ours(tmp_path / "last.pt", checkpoints["weights"], 10, "12345678" + "a" * 24)
     _run(ckpt, tmp_path / "samples", "--num-fid-samples", "1")
     _save_ours(ckpt, checkpoints["other_weights"], 10, "12345678" + "b" * 24)
-    with pytest.raises(RuntimeError, match=r"12345678a{24}/ema.*12345678b{24}/ema"):
+    with pytest.raises(InvalidInput, match=r"12345678a{24}/ema.*12345678b{24}/ema"):
         _run(ckpt, tmp_path / "samples", "--num-fid-samples", "2")
 
 
 def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monkeypatch):
     # last.pt can be replaced between two ranks' loads: stand in a second rank that read the newer file.
     monkeypatch.setattr(erw.sample_run, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
-    with pytest.raises(RuntimeError, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
+    with pytest.raises(InvalidInput, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
         _run(checkpoints["ours"], tmp_path / "samples")
     assert not os.path.exists(tmp_path / "samples")  # refused before anything was written
 
 
 def test_resume_with_other_settings_is_refused(checkpoints, reference, tmp_path):
     _run(checkpoints["ours"], tmp_path, "--num-fid-samples", "1")
-    with pytest.raises(RuntimeError,
+    with pytest.raises(InvalidInput,
                        match="was sampled with other settings.*label_mode: .random. before, .balanced. now"):
         _run(checkpoints["ours"], tmp_path, "--num-fid-samples", "1", "--label-mode", "balanced")
 
@@ -298,7 +299,7 @@ def test_pixel_rounding_is_recorded_and_part_of_a_folders_identity(checkpoints, 
     del settings["pixel_rounding"]
     with open(settings_path, "w") as f:
         json.dump(settings, f)
-    with pytest.raises(RuntimeError, match="pixel_rounding: 'dit' before, 'repa' now"):
+    with pytest.raises(InvalidInput, match="pixel_rounding: 'dit' before, 'repa' now"):
         _run(checkpoints["ours"], folder, "--num-fid-samples", "2")
 
 
@@ -337,7 +338,7 @@ def test_bad_checkpoints_and_flags_are_named(checkpoints):
         load_sampling_model(checkpoints["warmup"], "ema")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_sampling_model(checkpoints["ours"] + ".missing", "ema")
-    with pytest.raises(IsADirectoryError, match=r"is a folder; give a checkpoint file in it, e\.g\. .*last\.pt"):
+    with pytest.raises(InvalidInput, match=r"is a folder; give a checkpoint file in it, e\.g\. .*last\.pt"):
         load_sampling_model(os.path.dirname(checkpoints["ours"]), "ema")
 
 
