@@ -30,7 +30,8 @@ def main(argv=None):
     config, model_args = run.config, run.model_args
     if config["warmup_ckpt"] and not config["resume"]:
         run.trainer.log(load_warmup(run.model, config["warmup_ckpt"], config["warmup_weights"],
-                                    config["warmup_layers"], expected_depth=config["warmup_depth"]))
+                                    config["warmup_layers"], expected_depth=config["warmup_depth"],
+                                    add_rope=config["add_rope_after_warmup"]))
     elif not config["warmup_ckpt"]:
         run.trainer.log("No warm start: every block starts from its fresh initialization (a baseline run)")
     objective = Objective(velocity=True, align=config["align_loss"] if run.teachers else None,

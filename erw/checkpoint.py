@@ -225,14 +225,109 @@ def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
     return implied
 
 
+# REPA's train.py flags that describe the model, as its checkpoints' `args` spell them (the ERW release adds
+# use_rope and l2r_depth, its Phase-1 depth) -> our model_args names.
+_REPA_ARGS = ("model", "num_classes", "encoder_depth", "qk_norm", "use_rope")
+# The ERW release (LINs-lab/ERW, weights SempraETY/ERW) stores its RoPE tables in the state dict.
+RELEASE_ROPE_KEYS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def checkpoint_args(ckpt: dict, path: str) -> Dict[str, Any]:
+    """A REPA-style checkpoint's `args` (REPA's and the ERW release's train.py pickle their argparse.Namespace) as a
+    dict of plain values; {} when there is none. read_checkpoint unpickles nothing but Namespace and plain types."""
+    args = ckpt.get("args")
+    if args is None:
+        return {}
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(args, dict):
+        raise InvalidInput(f"checkpoint {path}: 'args' is a {type(args).__name__}; expected REPA's argparse.Namespace")
+    odd = [k for k, v in args.items() if not isinstance(v, _PLAIN) and not (
+        isinstance(v, (list, tuple)) and all(isinstance(x, _PLAIN) for x in v))]
+    if odd:
+        raise InvalidInput(f"checkpoint {path}: 'args' holds values that are not plain: {', '.join(sorted(odd))}")
+    return dict(args)
+
+
+def _block_count(state_dict: Dict[str, torch.Tensor]) -> int:
+    return len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+
+
+def repa_model_args(ckpt: dict, path: str, weights: Dict[str, torch.Tensor],
+                    model_flags: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """create_sit arguments of a REPA-style checkpoint (REPA's, or the ERW release's).
+
+    The checkpoint's own `args` give model, resolution, classes, encoder_depth, qk_norm and use_rope; a model flag
+    that is given must agree with them (refused naming both), and fills what `args` lacks; REPA_MODEL_FLAG_DEFAULTS
+    the rest. The projectors' widths come from the weights unless --projector-embed-dims is given. A state dict
+    without a final layer is a Phase-1 file (the release's warmup: blocks 0..k-1 with the projectors after block k,
+    and no RoPE whatever `args.use_rope` says, as its Phase 1 builds it): built_depth = encoder_depth = k, which must
+    equal `args.l2r_depth` when present."""
+    args = checkpoint_args(ckpt, path)
+    from_args = {name: args[name] for name in _REPA_ARGS if args.get(name) is not None}
+    if args.get("resolution") is not None:
+        from_args["resolution"] = args["resolution"]
+    given = {k: v for k, v in (model_flags or {}).items() if v is not None}
+    conflicts = [f"{k}: flag gives {given[k]!r}, checkpoint args have {from_args[k]!r}"
+                 for k in sorted(set(given) & set(from_args)) if given[k] != from_args[k]]
+    if conflicts:
+        raise InvalidInput(f"model flags disagree with {path} (its args describe the model it holds; drop the flags "
+                           f"or correct them): " + "; ".join(conflicts))
+    use_rope = bool(from_args.pop("use_rope", False))
+    model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS, "projector_embed_dims": None, **from_args,
+                                         **given})
+    if "z_dims" not in model_args:
+        heads = sorted((int(k.split(".")[1]), t.shape[0]) for k, t in weights.items()
+                       if re.fullmatch(r"projectors\.\d+\.4\.weight", k))
+        model_args["z_dims"] = [width for _, width in heads]
+    model_args.update(use_rope=use_rope, built_depth=None)
+    if "final_layer.linear.weight" not in weights:
+        k = _block_count(weights)
+        if args.get("l2r_depth") is not None and args["l2r_depth"] != k:
+            raise InvalidInput(f"{path} holds {k} blocks and no final layer (a Phase-1 file), but its args say "
+                               f"l2r_depth {args['l2r_depth']}")
+        model_args.update(built_depth=k, encoder_depth=k, use_rope=False)
+    return model_args
+
+
+def without_rope_tables(model: SiT, weights: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """The weights without the ERW release's RoPE tables, once they are shown to be the model's own: a table that
+    differs would make its weights run as a model nobody trained. Present only with RoPE, both of them; without RoPE
+    they stay in and the strict load names them as unexpected. Tolerance: our tables come from float64 angles, the
+    release's from float32 ones (up to grid - 1 rad, off by ~grid eps32 before the cosine): 4 grid eps32."""
+    if model.feat_rope is None:
+        return weights
+    missing = [key for key in RELEASE_ROPE_KEYS if key not in weights]
+    if len(missing) == 1:
+        raise InvalidInput(f"{path}: has one RoPE table but not {missing[0]}")
+    if missing:
+        return weights
+    tol = 4 * model.grid_size * torch.finfo(torch.float32).eps
+    for key in RELEASE_ROPE_KEYS:
+        ours = getattr(model.feat_rope, key.split(".")[1])
+        theirs = weights[key]
+        if theirs.shape != ours.shape:
+            raise InvalidInput(f"{path}: {key} has shape {tuple(theirs.shape)}, the model's RoPE table "
+                               f"{tuple(ours.shape)}")
+        error = float((theirs.float() - ours).abs().max())
+        if not error <= tol:
+            raise InvalidInput(f"{path}: {key} differs from the model's RoPE table by up to {error:.3g} (tolerance "
+                               f"{tol:.1g}): it was made for another RoPE convention, grid or base; refusing to run "
+                               "its weights with other rotations")
+    return {k: v for k, v in weights.items() if k not in RELEASE_ROPE_KEYS}
+
+
 def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
           ) -> Tuple[SiT, Dict[str, object], dict]:
     if weights not in WEIGHTS:
         raise InvalidInput(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
-    implied = _model_args_from_flags(model_flags or {})
+    if weights not in ckpt:
+        raise InvalidInput(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
+    state_dict = plain_state_dict(ckpt[weights])
     if "model_args" in ckpt:
         model_args = current_model_args(ckpt["model_args"])
+        implied = _model_args_from_flags(model_flags or {})
         conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
                      for k, v in implied.items() if model_args.get(k) != v]
         if conflicts and flags_for_ours:
@@ -240,15 +335,13 @@ def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]]
                                f"drop the flags): " + "; ".join(conflicts))
         info = {"format": "erw", "config": dict(ckpt.get("config") or {})}
     else:
-        model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS,
-                                             **{k: v for k, v in (model_flags or {}).items() if v is not None}})
+        model_args = repa_model_args(ckpt, ckpt_path, state_dict, model_flags)
         info = {"format": "repa", "config": {}}
-    if weights not in ckpt:
-        raise InvalidInput(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     with refusals_of_models(ckpt_path):
         model = create_sit(**model_args)
+    state_dict = without_rope_tables(model, state_dict, ckpt_path)
     with refusals_of_models("checkpoint"):
-        load_state_dict_strict(model, ckpt[weights], f"{ckpt_path} ['{weights}']")
+        load_state_dict_strict(model, state_dict, f"{ckpt_path} ['{weights}']")
     info.update(model_args=model_args, step=checkpoint_step(ckpt))
     return model.eval().requires_grad_(False), info, ckpt
 

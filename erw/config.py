@@ -206,6 +206,9 @@ OPTIONS: List[Option] = [
            phases=(TRAIN,)),
     Option("warmup_weights", _text, "model", "which Phase-1 weights to load", phases=(TRAIN,),
            choices=("model", "ema")),
+    Option("add_rope_after_warmup", _bool, False, "the warm-start blocks were warmed without RoPE and this run adds "
+           "it (--use-rope), as the ERW release's recipe does; without this a warm start refuses the mismatch",
+           phases=(TRAIN,)),
     Option("warmup_layers", _int, 0, "place the k warmed blocks at START..START+k-1 (paper table 4)",
            phases=(TRAIN,), bounds="[0, inf)"),
     # --- diffusion (Phase 2) ---

@@ -81,6 +81,8 @@ def check_inputs(config: Dict[str, Any]) -> None:
     if warmup_ckpt and not config["resume"] and not os.path.isfile(warmup_ckpt):
         raise MissingInput(f"--warmup-ckpt {warmup_ckpt} does not exist: run Phase 1 first (train_warmup.py "
                            "with the same --config), or pass --warmup-ckpt none for a baseline without warmup")
+    if config.get("add_rope_after_warmup") and not warmup_ckpt:
+        raise InvalidInput("--add-rope-after-warmup describes a warm start; it needs --warmup-ckpt")
     if config["model"] not in SiT_models:
         raise InvalidInput(f"--model {config['model']} is not one of {', '.join(SiT_models)}")
     with torch.device("meta"), refusals_of_models("--model"):  # the architecture without allocating it

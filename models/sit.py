@@ -105,28 +105,37 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 class RotaryEmbedding2D(nn.Module):
-    """Axial 2D RoPE for a (grid x grid) token layout: half of each head's channels rotate with the row
-    index, half with the column index. Tables are non-persistent so state dicts stay REPA-identical."""
+    """Axial 2D RoPE for a (grid x grid) token layout, in the ERW release's convention (LightningDiT's
+    VisionRotaryEmbeddingFast built with dim = head_dim / 2), so that the release's weights run as they were trained.
+
+    For token (row r, column c) and j = 0 .. head_dim/4 - 1, with f_j = theta^(-2j / (head_dim/2)):
+        channels 0 .. head_dim/2 - 1 rotate with the row:     pair (2j, 2j+1) by angle r * f_j
+        channels head_dim/2 .. head_dim - 1 with the column:  pair (head_dim/2 + 2j, head_dim/2 + 2j + 1) by c * f_j
+    i.e. x * cos + rotate_pairs(x) * sin, where rotate_pairs maps each adjacent pair (a, b) to (-b, a). Pairing
+    adjacent channels (not m with m + head_dim/2) matters: the two conventions are different functions of the same
+    weights. The tables freqs_cos / freqs_sin (T, head_dim) are computed in float64 and kept out of state dicts (the
+    release stores them; its loader checks them against these: erw/checkpoint.py).
+    """
 
     def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
-        quarter = head_dim // 4
-        freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-        pos = torch.arange(grid_size, dtype=torch.float64)
-        ang = torch.outer(pos, freqs)                                         # (G, hd/4)
-        ang_h = ang[:, None, :].expand(grid_size, grid_size, quarter)
-        ang_w = ang[None, :, :].expand(grid_size, grid_size, quarter)
-        angles = torch.cat([ang_h, ang_w], dim=-1).reshape(grid_size * grid_size, head_dim // 2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (T, hd/2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        half = head_dim // 2
+        freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)       # (hd/4,) f_j
+        per_channel = torch.outer(torch.arange(grid_size, dtype=torch.float64), freqs).repeat_interleave(2, dim=-1)
+        rows = per_channel[:, None, :].expand(grid_size, grid_size, half)                # (G, G, hd/2): row angle
+        cols = per_channel[None, :, :].expand(grid_size, grid_size, half)                # column angle
+        angles = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, hd), row-major
+        self.register_buffer("freqs_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("freqs_sin", angles.sin().float(), persistent=False)
 
     def forward(self, x):
-        """x: (N, heads, T, head_dim) -> same shape, rotated (rotate-half convention)."""
-        x1, x2 = x.float().chunk(2, dim=-1)
-        cos, sin = self.cos, self.sin
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+        """x: (N, heads, T, head_dim) -> same shape, rotated."""
+        x32 = x.float()
+        a, b = x32.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-b, a], dim=-1).flatten(-2)
+        return (x32 * self.freqs_cos + rotated * self.freqs_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -257,7 +266,7 @@ class SiT(nn.Module):
         num_patches = self.grid_size ** 2
         # Fixed sin-cos embedding; a Parameter (not a buffer) only so that DiT/REPA keys and counts match.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.rope = RotaryEmbedding2D(hidden_size // num_heads, self.grid_size) if use_rope else None
+        self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, self.grid_size) if use_rope else None
 
         num_built = depth if built_depth is None else built_depth
         self.blocks = nn.ModuleList(
@@ -328,7 +337,7 @@ class SiT(nn.Module):
         h, c = self.embed(x, t, y, force_drop_ids)                  # (N, T, D), (N, D)
         zs = []
         for i, block in enumerate(self.blocks):
-            h = block(h, c, self.rope)                               # (N, T, D)
+            h = block(h, c, self.feat_rope)                               # (N, T, D)
             if return_projections and i + 1 == self.encoder_depth:
                 zs = self.project(h)
         if self.final_layer is None:
@@ -345,7 +354,7 @@ class SiT(nn.Module):
         h, c = self.embed(x, t, y)
         feats = {0: h} if 0 in layers else {}
         for i, block in enumerate(self.blocks[: layers[-1] if layers else 0]):
-            h = block(h, c, self.rope)
+            h = block(h, c, self.feat_rope)
             if i + 1 in layers:
                 feats[i + 1] = h
         return feats

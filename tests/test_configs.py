@@ -137,9 +137,15 @@ def test_release_preset_differs_from_the_paper_preset_in_the_stated_keys():
     release_warmup = resolved(RELEASE_PRESET, WARMUP)
     # Phase 2 starts from the release's own Phase 1 (the release's bug: it did not).
     phase1_last = os.path.join(release_warmup["output_dir"], release_warmup["exp_name"], "checkpoints", "last.pt")
-    assert differences[WARMUP] == {"exp_name": "sit-xl2-erw-release-warmup", "align_loss": "cosine"}
-    assert differences[TRAIN] == {"exp_name": "sit-xl2-erw-release", "align_loss": "cosine", "proj_coeff": 6.0,
-                                  "warmup_ckpt": phase1_last}
+    # Written from the release's README command and train.py: l2r_depth 4, --encoder-depth 14, cosine, lambda0 6 for
+    # XL, RoPE built in Phase 2 only, 100K + 200K steps, --allow-tf32 with fp16.
+    release = {"warmup_depth": 4, "align_loss": "cosine", "allow_tf32": True}
+    assert differences[WARMUP] == {"exp_name": "sit-xl2-erw-release-warmup", **release}
+    assert differences[TRAIN] == {"exp_name": "sit-xl2-erw-release", **release, "encoder_depth": 14,
+                                  "proj_coeff": 6.0, "use_rope": True, "add_rope_after_warmup": True,
+                                  "max_train_steps": 200000, "warmup_ckpt": phase1_last}
+    assert resolved(RELEASE_PRESET, WARMUP)["use_rope"] is False and resolved(RELEASE_PRESET, TRAIN)[
+        "proj_half_life"] == 50000
     # The README's config table states the training differences, key by key.
     row = next(line for line in readme().splitlines() if line.startswith(f"| `configs/{RELEASE_PRESET}`"))
     stated = dict(re.findall(r"`(\w+): ([\w.]+)`", row))

@@ -248,6 +248,42 @@ def test_rope_attention_depends_only_on_relative_position():
     torch.testing.assert_close(rq[0], q)
 
 
+def release_rope_tables(head_dim, grid):
+    """The ERW release's RoPE tables as its LightningDiT module builds them, written out here in float32 from the
+    formula (dim = head_dim / 2, pt_seq_len = grid): per-axis frequencies 1 / 10000^(2j / dim), each repeated for a
+    channel pair, row angles in the first half of the channels and column angles in the second."""
+    dim = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(grid) / grid * grid
+    per_axis = torch.einsum("i,f->if", t, freqs)
+    per_axis = torch.stack([per_axis, per_axis], dim=-1).reshape(grid, dim)        # f0 f0 f1 f1 ...
+    table = torch.cat([per_axis[:, None, :].expand(grid, grid, dim), per_axis[None, :, :].expand(grid, grid, dim)],
+                      dim=-1).reshape(grid * grid, head_dim)
+    return table.cos(), table.sin()
+
+
+def release_rope(x, cos, sin):
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
+@pytest.mark.parametrize("head_dim, grid", [(8, 4), (64, 16), (72, 16), (64, 32)])
+def test_rope_is_the_erw_releases_adjacent_pair_rotation(head_dim, grid):
+    """The release's tables and rotation, built independently above, against ours. Our tables come from float64
+    angles; the release's float32 angles (up to grid - 1 rad) are off by at most ~grid eps32 before the cosine, so the
+    tables agree within 4 grid eps32; a rotation mixes two table entries, so outputs agree within 2 x that x |x|max.
+    The other pairing (m with m + head_dim/2) differs by O(|x|)."""
+    rope = RotaryEmbedding2D(head_dim, grid)
+    cos, sin = release_rope_tables(head_dim, grid)
+    table_tol = 4 * grid * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(rope.freqs_cos, cos, rtol=0, atol=table_tol)
+    torch.testing.assert_close(rope.freqs_sin, sin, rtol=0, atol=table_tol)
+    x = torch.randn(2, 3, grid * grid, head_dim, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rope(x), release_rope(x, cos, sin), rtol=0,
+                               atol=2 * table_tol * float(x.abs().max()))
+
+
 def test_qk_norm_and_rope_run_and_keep_repa_keys_plus_timm_norm_keys():
     model = randomize_(tiny(qk_norm=True, use_rope=True))
     keys = set(model.state_dict())

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import train
 import train_warmup
@@ -149,6 +150,29 @@ def test_encoder_depth_auto_puts_the_head_after_the_last_warmed_block(demo_data,
     ckpt = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert ckpt["model_args"]["encoder_depth"] == 3 and ckpt["config"]["encoder_depth"] == 3
     assert ckpt["config"]["encoder_depth_source"] == "auto: warmup_layers 1 + warmup_depth 2"
+
+
+def test_the_release_preset_runs_both_phases_at_tiny_size(demo_data, tmp_path):
+    """configs/table1_2_sit_xl2_erw_release.yaml with only size and data overridden (SiT-Tiny/2 has 4 blocks: the
+    preset's warmup depth 4 fits, its projection depth 14 does not): Phase 1 without RoPE, Phase 2 adds it over the
+    warmed blocks on purpose, says so in the log and records it in config.yaml."""
+    preset = os.path.join(ROOT, "configs", "table1_2_sit_xl2_erw_release.yaml")
+    tiny = ["--config", preset, "--data-dir", str(demo_data), "--output-dir", str(tmp_path), "--model", "SiT-Tiny/2",
+            "--resolution", "64", "--num-classes", "10", "--batch-size", "8", "--max-train-steps", "2",
+            "--mixed-precision", "no", "--num-workers", "0", "--report-to", "none", "--enc-type", "random-vit-tiny"]
+    train_warmup.main(tiny)
+    phase1 = os.path.join(tmp_path, "sit-xl2-erw-release-warmup", "checkpoints", "last.pt")
+    args = torch.load(phase1, weights_only=True)["model_args"]
+    assert args["built_depth"] == 4 and args["use_rope"] is False
+    result = train.main([*tiny, "--warmup-ckpt", phase1, "--encoder-depth", "3", "--vae",
+                         os.path.join(str(demo_data), "vae"), "--sample-grid-every", "1000", "--sample-num-steps", "2"])
+    assert result["model"].feat_rope is not None and result["history"][-1]["lambda_used"] > 0
+    run = os.path.join(tmp_path, "sit-xl2-erw-release")
+    with open(os.path.join(run, "config.yaml")) as f:
+        recorded = yaml.safe_load(f)
+    assert recorded["add_rope_after_warmup"] is True and recorded["use_rope"] is True
+    with open(os.path.join(run, "log.txt")) as f:
+        assert "RoPE added over the warmed blocks, which were trained without it" in f.read()
 
 
 @pytest.mark.parametrize("config,extra", [

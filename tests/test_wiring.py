@@ -136,7 +136,7 @@ def check_path_and_weighting(monkeypatch, demo_data, tmp_path, phase1):
 def check_attention_options(monkeypatch, demo_data, tmp_path, phase1):
     for entry in (train, train_warmup):
         call = built(monkeypatch, entry, demo_data, tmp_path / entry.__name__, "--qk-norm", "--use-rope")
-        assert isinstance(call.model.blocks[0].attn.q_norm, torch.nn.LayerNorm) and call.model.rope is not None
+        assert isinstance(call.model.blocks[0].attn.q_norm, torch.nn.LayerNorm) and call.model.feat_rope is not None
         assert call.model_args["qk_norm"] is True and call.model_args["use_rope"] is True
 
 
