@@ -10,7 +10,8 @@
 
     python demo.py            # resumes whatever an earlier run left; finished stages are not redone
     python demo.py --fresh    # deletes exps/demo first
-    python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW at the same step budget
+    python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW, at equal total steps and at
+                              # equal Phase-2 steps
 
 The demo's VAE, teacher and classifier are small networks trained on such images by
 preprocessing/train_demo_components.py and shipped with the repository: the VAE decodes real shapes, the teacher's
@@ -47,7 +48,8 @@ def build_parser():
                         help="also run the ADM suite (FID, IS, ...) with a RANDOM Inception: plumbing only")
     parser.add_argument("--table", action="store_true", help="run the SiT / REPA / ERW comparison instead")
     parser.add_argument("--table-steps", type=int, default=2000,
-                        help="--table: optimizer steps per method, ERW's warmup included")
+                        help="--table: the step budget; SiT, REPA and ERW's Phase 2 run it, ERW's warmup is a "
+                             "further 1 / --table-evals of it, and the table compares both ways")
     parser.add_argument("--table-evals", type=int, default=4, help="--table: evaluations along each run")
     return parser
 
@@ -179,9 +181,47 @@ def losses_figure(phase1, phase2):
 TABLE_METHODS = ("SiT", "REPA", "ERW")
 
 
+def training_flops_per_step(exp_dir: str) -> float:
+    """FLOPs of one optimizer step of the run in exp_dir (its checkpoint's model_args and config): the batch times
+    bench/flops.py's per-image count (3 x the SiT forward, projectors included when it has any, plus the teacher's
+    forward). A Phase-1 run's truncated SiT makes its steps cheaper."""
+    import torch
+
+    from bench.flops import sit_forward_flops, training_step_flops, vit_forward_flops
+    from erw.checkpoint import LAST_CHECKPOINT, current_model_args, load_checkpoint
+    from models.encoders import load_teachers
+    from models.sit import create_sit
+    ckpt = load_checkpoint(os.path.join(exp_dir, "checkpoints", LAST_CHECKPOINT))
+    config = ckpt["config"]
+    with torch.device("meta"):
+        model = create_sit(**current_model_args(ckpt["model_args"]))
+    teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"]) \
+        if config["enc_type"] else []
+    teacher = sum(vit_forward_flops(t.vit)["total"] for t in teachers)
+    return float(training_step_flops(sit_forward_flops(model)["total"], teacher) * config["batch_size"])
+
+
+def table_rows(curves: dict, convention: str) -> list:
+    """One markdown row per method at the table's budget, in one of two conventions: "total" compares at equal
+    optimizer steps with ERW's warmup counted; "phase2" at equal Phase-2 (generator) steps, as the paper's Table 2
+    puts "100K warmup + 100K" beside REPA at 100K. SiT and REPA have no warmup: the same row in both."""
+    budget = max(p["total_steps"] for p in curves["SiT"])
+    rows = []
+    for method in TABLE_METHODS:
+        point = next(p for p in curves[method] if p[f"{convention}_steps"] == budget)
+        steps = f"{point['warmup_steps']} + {point['phase2_steps']}" if point["warmup_steps"] else \
+            f"{point['phase2_steps']}"
+        rows.append(f"| {method} | {steps} | {point['fd_demo']:.2f} | {point['class_accuracy']:.1%} | "
+                    f"{point['tflop']:.2f} |")
+    return rows
+
+
 def run_table(args, start: float) -> dict:
-    """SiT vs REPA vs ERW on the demo data: the same seeds and the same number of optimizer steps for each (ERW's
-    warmup counts), evaluated --table-evals times along the way. Writes table.md, table.json and table.png."""
+    """SiT vs REPA vs ERW on the demo data with the same seeds, evaluated every --table-steps / --table-evals steps,
+    and compared in two conventions: at equal optimizer steps (ERW's warmup counts: its Phase 2 is shorter) and at
+    equal Phase-2 steps (the paper's: warmup on top), each with the compute it used. ERW's Phase 2 runs the whole
+    budget, which gives both. Its lambda half-life is half its Phase 2, the paper's proportion (50K of 100K).
+    Writes table.md, table.json and table.png."""
     import train
     import train_warmup
     from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
@@ -190,44 +230,48 @@ def run_table(args, start: float) -> dict:
         raise InvalidInput(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
                            f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
     every = args.table_steps // args.table_evals
-    warmup = every  # ERW spends the first evaluation interval on Phase 1 (no generator exists yet there)
+    warmup = every  # ERW's Phase 1 spans the first evaluation interval (no generator exists yet there)
     out = os.path.join(args.out, "table")
     reference = make_data(args.data_dir, args.images_per_class)
-    common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out]
+    common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out,
+              "--max-train-steps", str(args.table_steps)]
     phase2 = {
-        "SiT": ["--enc-type", "none", "--warmup-ckpt", "none", "--max-train-steps", str(args.table_steps)],
-        "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none",
-                 "--max-train-steps", str(args.table_steps)],
+        "SiT": ["--enc-type", "none", "--warmup-ckpt", "none"],
+        "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none"],
         "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", LAST_CHECKPOINT),
-                "--max-train-steps", str(args.table_steps - warmup)],
+                "--proj-half-life", str(args.table_steps / 2)],
     }
-    offsets = {"SiT": 0, "REPA": 0, "ERW": warmup}
     stage(f"table: ERW Phase 1, {warmup} steps")
-    run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)],
-              os.path.join(out, "ERW-warmup"))
+    warmup_dir = os.path.join(out, "ERW-warmup")
+    run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)], warmup_dir)
+    warmup_tflop = warmup * training_flops_per_step(warmup_dir) / 1e12
     curves = {}
     for method in TABLE_METHODS:
-        stage(f"table: {method}, {args.table_steps - offsets[method]} Phase-2 steps")
+        stage(f"table: {method}, {args.table_steps} Phase-2 steps")
         exp_dir = os.path.join(out, method)
         run_phase(train, [*common, "--exp-name", method, "--checkpointing-steps", str(every), *phase2[method]],
                   exp_dir)
+        warmup_steps, before = (warmup, warmup_tflop) if method == "ERW" else (0, 0.0)
+        step_tflop = training_flops_per_step(exp_dir) / 1e12
         curves[method] = []
         for step, ckpt in numbered_checkpoints(os.path.join(exp_dir, "checkpoints")):
             metrics = evaluate_checkpoint(ckpt, reference, os.path.join(out, "samples"), args,
                                           os.path.join(exp_dir, f"demo_metrics-{step:07d}.json"))
-            curves[method].append({"total_steps": step + offsets[method], **metrics})
-    lines = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy |", "|---|---|---|---|"]
-    for method in TABLE_METHODS:
-        last = curves[method][-1]
-        lines.append(f"| {method} | {last['total_steps']} | {last['fd_demo']:.2f} | {last['class_accuracy']:.1%} |")
-    table = "\n".join(lines)
+            curves[method].append({"warmup_steps": warmup_steps, "phase2_steps": step,
+                                   "total_steps": warmup_steps + step, "tflop": before + step * step_tflop,
+                                   **metrics})
+    header = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy | compute (TFLOP) |",
+              "|---|---|---|---|---|"]
+    table = "\n".join([f"At equal optimizer steps ({args.table_steps}, ERW's warmup counted):", "", *header,
+                       *table_rows(curves, "total"), "",
+                       f"At equal Phase-2 steps ({args.table_steps}, the paper's Table 2: warmup on top):", "",
+                       *header, *table_rows(curves, "phase2")])
     from erw.files import atomic_write
     atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
     atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
     _save(table_figure(curves), os.path.join(out, "table.png"))
     minutes = (time.perf_counter() - start) / 60
-    print(f"\n=== SiT vs REPA vs ERW on the demo data, {args.table_steps} optimizer steps each "
-          f"({minutes:.1f} min) ===\n{table}\n"
+    print(f"\n=== SiT vs REPA vs ERW on the demo data ({minutes:.1f} min) ===\n{table}\n"
           f"  curves: {os.path.join(out, 'table.png')}, {os.path.join(out, 'table.json')}")
     return {"curves": curves, "table": table, "minutes": minutes}
 

@@ -324,7 +324,7 @@ def test_cli_reads_a_repa_checkpoint_given_model_flags(demo_data, tmp_path):
     assert both["settings"]["checkpoints"]["warmup"]["model_args"]["encoder_depth"] == 2
     with pytest.raises(ValueError, match=r"repa.pt \['ema'\] does not match the model"):
         ck.main(["--ckpt", str(repa), "--data-dir", str(demo_data), "--enc-type", "random-vit-tiny", *common,
-                 "--output-dir", str(tmp_path / "d")])  # no flags: REPA's defaults, SiT-XL/2
+                 "--output-dir", str(tmp_path / "d")])  # no flags: args name the model, resolution 256 by default
 
 
 def test_cli_input_errors(demo_data, tmp_path):

@@ -85,29 +85,50 @@ def test_the_demos_samples_show_their_class(tmp_path):
     assert result["metrics"]["num_samples"] == 40 and result["metrics"]["class_accuracy"] >= 0.25
 
 
-def test_table_runs_the_three_methods_at_the_same_step_budget(tmp_path, capsys):
+def test_table_compares_at_equal_total_steps_and_at_equal_phase2_steps_with_the_compute(tmp_path, capsys):
     out = tmp_path / "demo"
     result = demo.main(["--out", str(out), "--data-dir", str(tmp_path / "data"), "--table", "--table-steps", "8",
                         "--table-evals", "2", "--images-per-class", "4", "--num-samples", "10", "--sample-steps",
                         "2"])
     curves = result["curves"]
     assert list(curves) == list(demo.TABLE_METHODS)
-    # Evaluated every 4 optimizer steps; ERW's first 4 are Phase 1 (no generator yet), so its first point is at 8.
+    # Evaluated every 4 optimizer steps; ERW's first 4 are Phase 1, then its Phase 2 runs the whole budget of 8.
     assert [p["total_steps"] for p in curves["SiT"]] == [4, 8] == [p["total_steps"] for p in curves["REPA"]]
-    assert [p["total_steps"] for p in curves["ERW"]] == [8]
+    assert [(p["warmup_steps"], p["phase2_steps"], p["total_steps"]) for p in curves["ERW"]] == [(4, 4, 8),
+                                                                                               (4, 8, 12)]
     configs = {m: yaml.safe_load((out / "table" / m / "config.yaml").read_text()) for m in demo.TABLE_METHODS}
     assert configs["SiT"]["enc_type"] is None and configs["SiT"]["max_train_steps"] == 8
     assert (configs["REPA"]["align_loss"], configs["REPA"]["proj_decay"], configs["REPA"]["warmup_ckpt"],
             configs["REPA"]["max_train_steps"]) == ("cosine", "none", None, 8)
-    assert "ERW-warmup" in configs["ERW"]["warmup_ckpt"] and configs["ERW"]["max_train_steps"] == 4  # 4 + 4 steps
-    assert (configs["ERW"]["align_loss"], configs["ERW"]["proj_decay"]) == ("ntxent", "exp")
+    assert "ERW-warmup" in configs["ERW"]["warmup_ckpt"] and configs["ERW"]["max_train_steps"] == 8
+    # The paper's proportion: a half-life of half the Phase 2 (50K of 100K).
+    assert (configs["ERW"]["align_loss"], configs["ERW"]["proj_decay"], configs["ERW"]["proj_half_life"]) == \
+        ("ntxent", "exp", 4.0)
     assert len({c["seed"] for c in configs.values()}) == 1
-    table = (out / "table" / "table.md").read_text().splitlines()
-    assert len(table) == 5 and [row.split("|")[1].strip() for row in table[2:]] == list(demo.TABLE_METHODS)
-    for row, method in zip(table[2:], demo.TABLE_METHODS):
-        last = curves[method][-1]
-        assert f"{last['fd_demo']:.2f}" in row and f"{last['class_accuracy']:.1%}" in row and "| 8 |" in row
-    assert os.path.isfile(out / "table" / "table.png") and "\n".join(table) in capsys.readouterr().out
+    # Compute from the closed form, written here: per image 3 x the SiT forward (+ the teacher), times the batch.
+    # SiT-Tiny/2 on 8x8 latents: T = 16 tokens, D = 128, 4 blocks (ERW's Phase 1: 2), MLP 512; the demo teacher: a
+    # 4-block ViT of width 96 (MLP 384) on the 64 px image resized to 56 px, 14 px patches: 16 patches + CLS.
+    T, D, H, F = 16, 128, 512, 256
+    teacher = 2 * 16 * 3 * 14 * 14 * 96 + 4 * (2 * 17 * (96 * 288 + 96 * 96 + 2 * 96 * 384) + 4 * 17 * 17 * 96)
+
+    def sit(blocks, final=True, projector=0):
+        return (2 * T * 16 * D + 2 * (F * D + D * D) + blocks * (2 * D * 6 * D + 2 * T * D * 3 * D + 2 * T * D * D
+                + 2 * T * 2 * D * H + 4 * T * T * D) + final * (2 * D * 2 * D + 2 * T * D * 16) + projector)
+    projector = 2 * T * (D * 256 + 256 * 256 + 256 * 96)
+    per_step = {"SiT": 3 * sit(4) * 32, "REPA": (3 * sit(4, projector=projector) + teacher) * 32}
+    warmup = (3 * sit(2, final=False, projector=projector) + teacher) * 32
+    for method in ("SiT", "REPA"):
+        assert [p["tflop"] for p in curves[method]] == pytest.approx([s * per_step[method] / 1e12 for s in (4, 8)])
+    assert [p["tflop"] for p in curves["ERW"]] == pytest.approx(
+        [(4 * warmup + s * per_step["REPA"]) / 1e12 for s in (4, 8)])
+    lines = (out / "table" / "table.md").read_text().splitlines()
+    total, phase2 = [lines[i + 4:i + 7] for i, line in enumerate(lines) if line.startswith("At equal")]
+    for rows, erw in ((total, curves["ERW"][0]), (phase2, curves["ERW"][1])):
+        assert [row.split("|")[1].strip() for row in rows] == list(demo.TABLE_METHODS)
+        for row, point in zip(rows, [curves["SiT"][-1], curves["REPA"][-1], erw]):
+            assert f"| {point['fd_demo']:.2f} | {point['class_accuracy']:.1%} | {point['tflop']:.2f} |" in row
+    assert "| 4 + 4 |" in total[2] and "| 4 + 8 |" in phase2[2] and "| 8 |" in total[0]
+    assert os.path.isfile(out / "table" / "table.png") and result["table"] in capsys.readouterr().out
 
 
 def axis_texts(axis):

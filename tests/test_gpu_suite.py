@@ -270,11 +270,13 @@ def test_a_spawned_part_is_stopped_at_its_deadline_and_keeps_its_output(tmp_path
     command = [sys.executable, "-c", "import time; from bench.part_runner import run_and_record; print('started', "
                f"flush=True); raise SystemExit(run_and_record(time.sleep, (60,), {result!r}))"]
     lines = []
-    outcome = part_runner.run_part(None, (), limit_s=3.0, grace_s=5.0, result_path=result, emit=lines.append,
+    # The grace period is generous because a loaded machine (CI's 2 cores under the rest of the suite) may take
+    # seconds to run the child's exit path; the child uses it only as long as it needs.
+    outcome = part_runner.run_part(None, (), limit_s=5.0, grace_s=30.0, result_path=result, emit=lines.append,
                                    spawn=command, spawn_cwd=ROOT)
-    assert outcome.status == "interrupted" and outcome.stopped == "deadline: 3 s" and "KeyboardInterrupt" in \
-        outcome.error
-    assert lines[0] == "started\n" and outcome.elapsed_s < 3 + 5
+    assert outcome.status == "interrupted" and outcome.stopped == "deadline: 5 s" and "KeyboardInterrupt" in \
+        outcome.error, (outcome.status, outcome.stopped, outcome.error)
+    assert lines[0] == "started\n" and outcome.elapsed_s < 5 + 30
 
 
 def _trajectory_checkpoints(seed=0, params=4000, m=20):

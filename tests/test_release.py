@@ -246,3 +246,15 @@ def test_readme_gives_the_three_commands_for_the_released_files():
     config = resolve_config(TRAIN, argv)
     assert config["warmup_ckpt"] == "ERW/0100000.pt" and config["add_rope_after_warmup"] and config["use_rope"]
     assert (config["warmup_depth"], config["encoder_depth"], config["proj_coeff"]) == (4, 14, 6.0)
+
+
+def test_cknna_reads_a_release_checkpoint_from_its_args(demo_data, tmp_path):
+    from evaluations import cknna
+    path = str(tmp_path / "best.pt")
+    save_release(path, qk_norm=True)
+    result = cknna.main(["--ckpt", path, "--labels", "erw", "--data-dir", str(demo_data), "--enc-type",
+                         "random-vit-tiny", "--t", "0.3", "--layers", "1,4", "--batch-size", "64", "--num-workers",
+                         "0", "--device", "cpu", "--output-dir", str(tmp_path / "cknna")])
+    checkpoint = result["settings"]["checkpoints"]["erw"]
+    assert checkpoint["format"] == "repa" and checkpoint["model_args"]["qk_norm"] is True
+    assert checkpoint["model_args"]["use_rope"] is True and sorted(result["results"]["erw"]) == [1, 4]
