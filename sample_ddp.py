@@ -9,8 +9,9 @@ arr_1 labels) that the ADM evaluator reads.
 Sample i depends only on (--global-seed, i) and the sampler settings, not on the number of processes or the batch
 size; rerunning an interrupted command skips the finished PNGs. Pixels are written as REPA writes them
 (--pixel-rounding, recorded in the settings .json; a folder is never resumed with the other convention). The
-generation loop (erw/generation.py) is the one train.py's in-training FID runs. REPA checkpoints load too: give
-REPA's model flags (--model, --encoder-depth, --projector-embed-dims, --qk-norm, --resolution, --num-classes).
+generation loop (erw/generation.py) is the one train.py's in-training FID runs. REPA's checkpoints and the ERW
+release's load too: the model comes from the flags they pickled (`args`), and model flags given must agree with them
+(erw/checkpoint.py, repa_model_args).
 
 A sample folder belongs to the weights that made it, not to the --ckpt path (SAMPLE_DIR/SiT-XL-2-step0400000-
 3f2a9c1b-ema-size-256-...; the rule and what it implies: erw/sample_run.py, IDENTITY_KEYS). While training is still
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "samples (the pixels the paper's FIDs are computed on); dit: clamp(127.5 x + 128) "
                          "truncated, i.e. rounded, as DiT's sample_ddp.py (one level higher on ~half the pixels)")
 
-    add_repa_model_flags(parser, "model (REPA checkpoints only; our checkpoints carry their architecture, and these "
-                                 "must then agree)")
+    add_repa_model_flags(parser, "model (not needed: every checkpoint names its architecture; flags given must "
+                                 "agree with it, and fill what a REPA-style checkpoint's args lack)")
 
     sampler = parser.add_argument_group("sampler")
     sampler_flags = dict(typed=True, defaults=True)  # declared once with the in-training FID's: erw/config.py

@@ -1,7 +1,8 @@
 """The checkpoint format, in one place: a run's checkpoints/ folder (NNNNNNN.pt per save, last.pt a hard link to
 the newest; the newest intact one found for --resume), writing them atomically, loading them safely, and every
-reader that turns a checkpoint into a SiT: ours (model_args inside) and REPA's (model flags beside it), with strict
-weight imports that name what differs. A write that fails says why and which checkpoint is the last good one."""
+reader that turns a checkpoint into a SiT: ours (model_args inside) and REPA-style ones, REPA's and the ERW
+release's (their pickled `args`, model flags beside them), with strict weight imports that name what differs. A write
+that fails says why and which checkpoint is the last good one."""
 import argparse
 import errno
 import hashlib
@@ -352,9 +353,11 @@ def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[
 
     Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
     (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
-    checkpoints at once). REPA's ({"model", "ema", "opt", "args"}): the architecture comes from REPA's model flags
-    (missing ones take REPA_MODEL_FLAG_DEFAULTS). Returns (model in eval mode, info) with info = {"format": "erw" |
-    "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step" (checkpoint_step)}.
+    checkpoints at once). REPA-style ({"model", "ema", "opt", "steps", "args"}; REPA's and the ERW release's): the
+    architecture comes from their `args`, model flags must agree and fill the rest (repa_model_args), and the
+    release's RoPE tables are checked (without_rope_tables). Returns (model in eval mode, info) with info =
+    {"format": "erw" | "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step"
+    (checkpoint_step)}.
     """
     model, info, _ = _load(ckpt_path, weights, model_flags, flags_for_ours)
     return model, info

@@ -9,9 +9,10 @@ appendix C.1) and linear CKA (Kornblith et al., 2019), as a JSON table and a PNG
 writes exps/cknna/cknna.json = {"settings": {...}, "results": {label: {layer: {"cknna": c, "cka": c}}}} and
 exps/cknna/cknna.png. The data folder, teacher and interpolant default to what the checkpoints were trained with.
 Checkpoints are ours (train_warmup.py / train.py: architecture in "model_args"; a Phase-1 checkpoint holds only its
-k warmed blocks, so only layers 1..k exist there) or REPA's, described by REPA's model flags as sample_ddp.py takes
-them (--model, --resolution, --num-classes, --encoder-depth, --projector-embed-dims, --qk-norm); the flags describe
-the REPA checkpoints of the list only (ours carry their architecture), and a REPA checkpoint names no data or
+k warmed blocks, so only layers 1..k exist there) or REPA-style (REPA's, the ERW release's), read as sample_ddp.py
+reads them: from their pickled args, with REPA's model flags (--model, --resolution, --num-classes, --encoder-depth,
+--projector-embed-dims, --qk-norm) to agree or fill in; the flags describe the REPA-style checkpoints of the list
+only (ours carry their architecture), and a REPA checkpoint names no data or
 teacher, so --data-dir and --enc-type come from the flags or from our checkpoints in the same call. E.g.
 
     python -m evaluations.cknna --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
@@ -341,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one name per --ckpt for the table and plot (default: EXP/STEP from the path)")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA weights (default) or the raw model")
-    add_repa_model_flags(parser, "model (REPA checkpoints only, as in sample_ddp.py; our checkpoints carry their "
-                                 "architecture)")
+    add_repa_model_flags(parser, "model (REPA-style checkpoints only, as in sample_ddp.py; our checkpoints carry "
+                                 "their architecture)")
     parser.add_argument("--data-dir", default=None,
                         help="dataset folder (images/ + vae-sd/); default: the checkpoints' training data_dir")
     parser.add_argument("--enc-type", default=None,
