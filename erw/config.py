@@ -187,6 +187,9 @@ OPTIONS: List[Option] = [
     Option("enc_type", _text_or_none, "dinov2-vit-b", "frozen teacher(s), comma-separated REPA names "
            "(dinov2-vit-b, ..., random-vit-tiny); none = no alignment"),
     Option("enc_weights", _text_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
+    Option("teacher_cache", _text_or_none, None, "folder of the teachers' tokens computed once (python -m "
+           "preprocessing.dataset_tools cache-teachers): no teacher is built and no image decoded; a cache made "
+           "for another teacher, weights, resolution or file list is refused"),
     Option("warmup_depth", _int, 5, "Phase 1 trains blocks 0..k-1 with the projector on block k's output "
            "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", bounds="[1, inf)"),
     Option("align_loss", _text, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",

@@ -7,6 +7,16 @@
 Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
 latent's relative path. The folder is checked once at construction, so a broken folder fails before training, and
 each item's shapes when it is read, so that a stray file mid-dataset is named.
+
+Packed, for cluster file systems where opening two small files per item is the bottleneck
+(`python -m preprocessing.dataset_tools pack` writes it from the per-file layout):
+
+    DATA/packed/moments.npy     float32 (N, 8, H/8, W/8), read through a memory map
+    DATA/packed/labels.npy      int64 (N,)
+    DATA/packed/index.json      the items' image and latent paths (the per-file layout's order), resolution, count
+
+When DATA/packed/index.json exists the dataset reads it instead of vae-sd/, item for item the same; images/ is then
+needed only when a live teacher looks at the pixels (not with a teacher cache, erw/teacher_cache.py).
 """
 import json
 import os
@@ -24,6 +34,8 @@ from models.vae import vae_to_model_latents
 
 IMAGES_DIR = "images"
 LATENTS_DIR = "vae-sd"
+PACKED_DIR = "packed"
+PACKED_MOMENTS, PACKED_LABELS, PACKED_INDEX = "moments.npy", "labels.npy", "index.json"
 LABELS_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LATENT_EXTENSION = ".npy"
@@ -81,10 +93,20 @@ def _pair_key(relpath: str) -> Tuple[str, str]:
     return folder, number.group(1) if number else stem
 
 
-def check_data_dir(data_dir: str) -> None:
-    """Raise FileNotFoundError naming what is missing if `data_dir` lacks images/, vae-sd/ or vae-sd/dataset.json."""
+def packed_index_path(data_dir: str) -> str:
+    return os.path.join(data_dir, PACKED_DIR, PACKED_INDEX)
+
+
+def check_data_dir(data_dir: str, need_images: bool = True) -> None:
+    """Raise MissingInput naming what is missing: the per-file layout needs images/, vae-sd/ and its dataset.json; a
+    packed folder needs only packed/ (and images/ when need_images)."""
     if not os.path.isdir(data_dir):
         raise MissingInput(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
+    if os.path.isfile(packed_index_path(data_dir)):
+        if need_images and not os.path.isdir(os.path.join(data_dir, IMAGES_DIR)):
+            raise MissingInput(f"data folder {data_dir} has packed latents but no {IMAGES_DIR}/ subfolder, which a "
+                               "live teacher reads; give --teacher-cache, or restore the images")
+        return
     for required in (IMAGES_DIR, LATENTS_DIR):
         if not os.path.isdir(os.path.join(data_dir, required)):
             raise MissingInput(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
@@ -118,32 +140,70 @@ def load_moments(path: str) -> np.ndarray:
 
 class ImageLatentDataset(Dataset):
     """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path;
-    with load_images=False the image is an empty uint8 (0,) tensor and no PNG is read.
+    with load_images=False the image is an empty uint8 (0,) tensor and no PNG is read; with a teacher_cache
+    (erw/teacher_cache.py) the first slot holds the image's cached teacher tokens (T, D) instead.
 
-    Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, and the
-    shapes every item must have (the first item's): image_shape (3, R, R), moments_shape (8, R/8, R/8).
+    Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, packed
+    (whether packed/ is read), and the shapes every item must have (the first item's): image_shape (3, R, R),
+    moments_shape (8, R/8, R/8).
     """
 
-    def __init__(self, data_dir: str, load_images: bool = True):
-        check_data_dir(data_dir)
+    def __init__(self, data_dir: str, load_images: bool = True, teacher_cache=None):
+        self.teacher_cache = teacher_cache
+        # Only a live teacher looks at the pixels; a run without one (plain SiT, or a teacher cache) would decode
+        # every PNG for nothing.
+        self.load_images = load_images and teacher_cache is None
+        check_data_dir(data_dir, need_images=self.load_images)
         self.data_dir = data_dir
-        # Only a teacher looks at the pixels; a run without one (plain SiT) would decode every PNG for nothing.
-        self.load_images = load_images
         self.images_dir = os.path.join(data_dir, IMAGES_DIR)
         self.latents_dir = os.path.join(data_dir, LATENTS_DIR)
-        self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
-        self.latent_files = list_files(self.latents_dir, (LATENT_EXTENSION,))
-        if not self.latent_files:
-            raise InvalidInput(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
-        self._check_pairs()
-        self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
+        self.packed = os.path.isfile(packed_index_path(data_dir))
+        if self.packed:
+            self._open_packed()
+        else:
+            self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
+            self.latent_files = list_files(self.latents_dir, (LATENT_EXTENSION,))
+            if not self.latent_files:
+                raise InvalidInput(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
+            self._check_pairs()
+            self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
+            self.resolution = self._check_first_item()
         self.num_classes = int(self.labels.max()) + 1
-        self.resolution = self._check_first_item()
         # Every item must have the first one's shapes. __getitem__ compares them (a tuple comparison, nothing read),
         # so that a stray file is named instead of failing in default_collate as "stack expects ... equal size".
         self.image_shape = (3, self.resolution, self.resolution)
         latent_size = self.resolution // VAE_DOWNSAMPLING
         self.moments_shape = (MOMENT_CHANNELS, latent_size, latent_size)
+
+    def _open_packed(self) -> None:
+        """The packed layout: its index, labels and the moments' memory map (mapped again in each DataLoader
+        worker, see __getstate__)."""
+        index_path = packed_index_path(self.data_dir)
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            self.image_files, self.latent_files = list(index["image_files"]), list(index["latent_files"])
+            self.resolution = int(index["resolution"])
+            self.labels = np.load(os.path.join(self.data_dir, PACKED_DIR, PACKED_LABELS))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidInput(f"cannot read the packed dataset {index_path}: {e}; rerun `python -m "
+                               "preprocessing.dataset_tools pack`") from e
+        self._moments = None
+        moments = self._packed_moments()
+        latent = self.resolution // VAE_DOWNSAMPLING
+        expected = (len(self.latent_files), MOMENT_CHANNELS, latent, latent)
+        if moments.shape != expected or moments.dtype != np.float32 or self.labels.shape != (expected[0],):
+            raise InvalidInput(f"packed dataset in {os.path.join(self.data_dir, PACKED_DIR)}: moments {moments.dtype} "
+                               f"{moments.shape} and labels {self.labels.shape} do not fit its index ({expected[0]} "
+                               f"items of float32 {expected[1:]}); rerun `python -m preprocessing.dataset_tools pack`")
+
+    def _packed_moments(self) -> np.ndarray:
+        if self._moments is None:
+            self._moments = np.load(os.path.join(self.data_dir, PACKED_DIR, PACKED_MOMENTS), mmap_mode="r")
+        return self._moments
+
+    def __getstate__(self):  # a DataLoader worker maps the packed moments itself
+        return {**self.__dict__, "_moments": None} if self.packed else self.__dict__
 
     def _check_pairs(self) -> None:
         images = {_pair_key(f): f for f in self.image_files}
@@ -197,8 +257,15 @@ class ImageLatentDataset(Dataset):
     def __getitem__(self, index: int):
         image_path = os.path.join(self.images_dir, self.image_files[index])
         latent_path = os.path.join(self.latents_dir, self.latent_files[index])
-        image = load_image(image_path) if self.load_images else np.zeros((0,), dtype=np.uint8)
-        moments = load_moments(latent_path)
+        if self.teacher_cache is not None:
+            image = self.teacher_cache.tokens(index)
+        else:
+            image = load_image(image_path) if self.load_images else np.zeros((0,), dtype=np.uint8)
+        if self.packed:
+            moments = np.array(self._packed_moments()[index])  # a copy: the map stays read-only
+            latent_path = f"{os.path.join(self.data_dir, PACKED_DIR, PACKED_MOMENTS)}[{index}]"
+        else:
+            moments = load_moments(latent_path)
         if self.load_images and image.shape != self.image_shape:
             raise InvalidInput(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
                                f"first image {self.image_files[0]}; delete it and its latent and rerun "

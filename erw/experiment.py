@@ -7,8 +7,10 @@ import torch
 from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.config import resolve_config
 from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset, check_data_dir
+from erw.teacher_cache import (TeacherCache, TeacherCacheIdentity, cached_teachers, run_identity,
+                               teacher_weights_sha256)
 from erw.trainer import Trainer
-from models.encoders import load_teachers
+from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
 from models.sit import SiT, SiT_models, create_sit
 
 LATENT_CHANNELS = MOMENT_CHANNELS // 2  # the stored moments are [mean | std] of the latent
@@ -21,13 +23,33 @@ def uses_alignment(config: Dict[str, Any]) -> bool:
     return config["phase"] == "warmup" or config["proj_coeff"] > 0
 
 
-def build_teachers(config: Dict[str, Any], device, log) -> List[torch.nn.Module]:
-    """Frozen teachers on `device`, or [] when the run has no alignment term (they are then not even loaded)."""
+def open_teacher_cache(config: Dict[str, Any]) -> Optional[TeacherCache]:
+    """The run's --teacher-cache, when it has one and aligns."""
+    return TeacherCache(config["teacher_cache"]) if config["teacher_cache"] and uses_alignment(config) else None
+
+
+def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentDataset) -> List[torch.nn.Module]:
+    """Frozen teachers on `device`, or [] when the run has no alignment term (they are then not even loaded). With a
+    teacher cache (on the dataset), stand-ins that pass its tokens on, once its identity is shown to be the run's."""
     if not uses_alignment(config):
         if config["phase"] == "warmup":
             raise InvalidInput("Phase 1 aligns with a teacher: --enc-type must name one")
         log("No alignment term (proj_coeff = 0 or enc_type = none): no teacher loaded")
         return []
+    cache = dataset.teacher_cache
+    if cache is not None:
+        with refusals_of_models("--enc-type/--enc-weights"):
+            names = teacher_names(config["enc_type"])
+            hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
+        run = run_identity(names, hashes, config["resolution"], TEACHER_PREPROCESSING, dataset.image_files)
+        differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
+        if differences:
+            raise InvalidInput(f"--teacher-cache {cache.cache_dir} was made for other settings than this run's: "
+                               f"{'; '.join(differences)}; make a cache for this run (python -m "
+                               "preprocessing.dataset_tools cache-teachers) or drop --teacher-cache")
+        log(f"Teacher tokens from the cache {cache.cache_dir} ({cache.identity.dtype}, {', '.join(names)}): no "
+            "teacher built, no image decoded")
+        return [teacher.to(device) for teacher in cached_teachers(cache.identity)]
     with refusals_of_models("--enc-type/--enc-weights"):
         teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])
     for teacher in teachers:
@@ -40,9 +62,11 @@ def build_teachers(config: Dict[str, Any], device, log) -> List[torch.nn.Module]
 
 
 def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
-    """The training set, checked against --resolution and --num-classes."""
-    check_data_dir(config["data_dir"])
-    dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config))
+    """The training set (with the teacher cache when the run has one), checked against --resolution and
+    --num-classes."""
+    cache = open_teacher_cache(config)
+    check_data_dir(config["data_dir"], need_images=uses_alignment(config) and cache is None)
+    dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config), teacher_cache=cache)
     if dataset.resolution != config["resolution"]:
         raise InvalidInput(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "
                            f"{config['resolution']}")
@@ -112,8 +136,10 @@ def prepare_run(phase: str, argv: Optional[Sequence[str]], description: str) -> 
     config = resolve_config(phase, argv, description=description)
     check_inputs(config)
     trainer = Trainer(config)
-    teachers = build_teachers(config, trainer.device, trainer.log)
     dataset = build_dataset(config)
+    if dataset.packed:
+        trainer.log(f"Latents from the packed dataset in {config['data_dir']} (memory-mapped, {len(dataset):,} items)")
+    teachers = build_teachers(config, trainer.device, trainer.log, dataset)
     model_args = build_model_args(config, teachers)
     with refusals_of_models(f"--model {config['model']}"):
         model = create_sit(**model_args)

@@ -566,6 +566,6 @@ def compile_blocks(model: torch.nn.Module, teachers: List[torch.nn.Module]) -> N
     place leaves the state-dict keys as they are (wrapping adds "_orig_mod.")."""
     for block in model.blocks:
         block.compile()
-    for teacher in teachers:
+    for teacher in (t for t in teachers if hasattr(t, "vit")):  # a teacher cache's stand-ins run no network
         for block in teacher.vit.blocks:
             block.compile()

@@ -72,6 +72,11 @@ def _imagenet_mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor
                 torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
 
 
+# What preprocess_for_teacher does, recorded in a teacher-token cache's identity (erw/teacher_cache.py): a cache made
+# with other preprocessing is refused. Change this text whenever the function changes.
+TEACHER_PREPROCESSING = "uint8 / 255, ImageNet mean/std, then bicubic resize to 224/256 of the side (REPA's order)"
+
+
 def preprocess_for_teacher(images: torch.Tensor, input_size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 (N, 3, input_size, input_size): /255, ImageNet normalisation, bicubic resize.
 
@@ -283,7 +288,31 @@ def build_teacher(name: str, resolution: int, weights: Optional[str] = None) -> 
     return Teacher(name, vit, resolution)
 
 
-def _split_weights(enc_weights: Union[None, str, Sequence[Optional[str]]], names: List[str]) -> List[Optional[str]]:
+def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[str]:
+    """The file build_teacher(name, ..., weights) reads its weights from; None for a random teacher, whose weights
+    follow from its name and seed."""
+    if name == DEMO_TEACHER:
+        return None if weights == "random" else (weights or DEMO_TEACHER_WEIGHTS)
+    if name == RANDOM_TEACHER or re.fullmatch(RANDOM_DINOV2_PATTERN, name):
+        return None
+    match = re.fullmatch(r"dinov2-vit-([sblg])", name)
+    if match is None:
+        return None  # build_teacher names the unknown teacher
+    path = weights or _cached_dinov2_weights(match.group(1))
+    if path is None:
+        raise _missing_weights_error(name, match.group(1))
+    return path
+
+
+def teacher_names(enc_type: str) -> List[str]:
+    """The teachers a comma-separated --enc-type names, in order."""
+    names = [n.strip() for n in enc_type.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--enc-type is empty ({enc_type!r}); name at least one teacher, e.g. dinov2-vit-b")
+    return names
+
+
+def split_weights(enc_weights: Union[None, str, Sequence[Optional[str]]], names: List[str]) -> List[Optional[str]]:
     if enc_weights is None:
         return [None] * len(names)
     parts = enc_weights.split(",") if isinstance(enc_weights, str) else list(enc_weights)
@@ -296,8 +325,6 @@ def _split_weights(enc_weights: Union[None, str, Sequence[Optional[str]]], names
 
 def load_teachers(enc_type: str, resolution: int, enc_weights=None) -> List[Teacher]:
     """Frozen teachers for a comma-separated `enc_type`; `enc_weights`: None, a path, or comma-separated paths."""
-    names = [n.strip() for n in enc_type.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"--enc-type is empty ({enc_type!r}); name at least one teacher, e.g. dinov2-vit-b")
-    weights_per_name = _split_weights(enc_weights, names)
+    names = teacher_names(enc_type)
+    weights_per_name = split_weights(enc_weights, names)
     return [build_teacher(name, resolution, weights) for name, weights in zip(names, weights_per_name)]

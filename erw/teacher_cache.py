@@ -1,0 +1,197 @@
+"""Teacher tokens computed once: each image's frozen-teacher patch tokens on disk, read by training instead of
+running the teacher (and decoding the image) at every step.
+
+    CACHE/identity.json        what the tokens are (TeacherCacheIdentity): the teachers (name, sha256 of the weights
+                               file, width), resolution, preprocessing, dtype, tokens per image, and the dataset's file
+                               list (count and sha256 of the sorted image paths), the shard size
+    CACHE/shard-00000.npy ...  (items, T, D) in the stored dtype: the images [s * S, (s + 1) * S) in sorted order, the
+                               teachers' tokens side by side along the last axis (in --enc-type order)
+
+This is exact, not an approximation of training: REPA's pipeline has no augmentation and the teachers are frozen, so
+an image's tokens are the same at every step. (The VAE latent is not cached as a sample: each step draws it anew
+from the stored posterior moments.) float16 is the default: DINOv2's final-norm tokens are O(1)-O(10), where float16
+keeps 11 significant bits; float32 keeps the teacher's own numbers.
+
+Disk: images x T x D x bytes per value; ImageNet-1k (1,281,167 images) with DINOv2-B at 256 px (T = 256 tokens of
+D = 768): 1,281,167 x 256 x 768 x 2 B = 504 GB in float16, 1.0 TB in float32.
+
+A run refuses a cache whose identity differs from its own in any field (another teacher, other weights, another
+resolution or preprocessing, a changed file list), naming the field.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from erw.cli import InvalidInput, MissingInput
+from erw.files import atomic_write
+from models.encoders import split_weights, teacher_names, teacher_weights_file
+
+IDENTITY_FILE = "identity.json"
+SHARD_ITEMS = 1024  # images per shard: 0.4 GB of DINOv2-B float16 tokens at 256 px, few enough files for Lustre
+CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.npy"
+
+
+def file_list_sha256(relpaths: Sequence[str]) -> str:
+    """sha256 of the sorted relative image paths, one per line: a dataset with a file added, removed or renamed
+    has another list, and its item i may be another image."""
+    digest = hashlib.sha256()
+    for path in relpaths:
+        digest.update(path.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherCacheIdentity:
+    """What a cache's tokens are; two caches (or a cache and a run) agree when every field does."""
+    teachers: List[str]             # --enc-type names, in order
+    weights_sha256: List[str]       # per teacher: sha256 of its weights file, or "random:<name>" (seeded, no file)
+    widths: List[int]               # per teacher: D
+    tokens: int                     # T per image
+    resolution: int
+    preprocessing: str              # models.encoders.TEACHER_PREPROCESSING
+    dtype: str                      # float16 | float32
+    num_images: int
+    file_list_sha256: str
+    shard_items: int = SHARD_ITEMS
+
+    # The fields a training run compares with its own (the dtype and shard size are the cache's own business).
+    RUN_FIELDS = ("teachers", "weights_sha256", "resolution", "preprocessing", "num_images", "file_list_sha256")
+
+    def differences(self, other: "TeacherCacheIdentity", fields: Sequence[str]) -> List[str]:
+        return [f"{field}: cache has {getattr(self, field)!r}, this run {getattr(other, field)!r}"
+                for field in fields if getattr(self, field) != getattr(other, field)]
+
+
+def read_identity(cache_dir: str) -> TeacherCacheIdentity:
+    path = os.path.join(cache_dir, IDENTITY_FILE)
+    if not os.path.isfile(path):
+        raise MissingInput(f"teacher cache {cache_dir} has no {IDENTITY_FILE}: not a cache, or its writing never got "
+                           "started (`python -m preprocessing.dataset_tools cache-teachers`)")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+        return TeacherCacheIdentity(**fields)
+    except (OSError, ValueError, TypeError) as e:
+        raise InvalidInput(f"cannot read the teacher cache identity {path}: {e}") from e
+
+
+def write_identity(cache_dir: str, identity: TeacherCacheIdentity) -> None:
+    """Write the identity of a new cache, or check that an existing cache (being resumed) has this one."""
+    path = os.path.join(cache_dir, IDENTITY_FILE)
+    if os.path.isfile(path):
+        differences = read_identity(cache_dir).differences(identity, list(asdict(identity)))
+        if differences:
+            raise InvalidInput(f"{cache_dir} holds a teacher cache of other settings ({'; '.join(differences)}); "
+                               "give another --out, or delete it to rebuild")
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write(path, lambda f: f.write((json.dumps(asdict(identity), indent=1) + "\n").encode()))
+
+
+def num_shards(identity: TeacherCacheIdentity) -> int:
+    return -(-identity.num_images // identity.shard_items)
+
+
+def missing_shards(cache_dir: str, identity: TeacherCacheIdentity) -> List[int]:
+    return [s for s in range(num_shards(identity)) if not os.path.isfile(os.path.join(cache_dir, shard_name(s)))]
+
+
+def write_shard(cache_dir: str, shard: int, tokens: np.ndarray) -> None:
+    atomic_write(os.path.join(cache_dir, shard_name(shard)), lambda f: np.save(f, tokens))
+
+
+class TeacherCache:
+    """Read side: tokens(i) -> (T, D) array of image i in the stored dtype (that image i is the dataset's item i,
+    erw/experiment.py's build_teachers checks through the identity). Shards are memory-mapped on first use in each
+    process (a DataLoader worker maps its own), so reading an item opens no file."""
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+        self.identity = read_identity(cache_dir)
+        missing = missing_shards(cache_dir, self.identity)
+        if missing:
+            raise InvalidInput(f"teacher cache {cache_dir} lacks {len(missing)} of {num_shards(self.identity)} "
+                               f"shards (first: {shard_name(missing[0])}): its writing was interrupted; rerun the "
+                               "same `cache-teachers` command (it resumes)")
+        self._shards: Dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.identity.num_images
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            path = os.path.join(self.cache_dir, shard_name(shard))
+            array = np.load(path, mmap_mode="r")
+            items = min(self.identity.shard_items, self.identity.num_images - shard * self.identity.shard_items)
+            expected = (items, self.identity.tokens, sum(self.identity.widths))
+            if array.shape != expected or array.dtype != CACHE_DTYPES[self.identity.dtype]:
+                raise InvalidInput(f"teacher cache shard {path} is {array.dtype} {array.shape}, expected "
+                                   f"{self.identity.dtype} {expected} by {IDENTITY_FILE}")
+            self._shards[shard] = array
+        return self._shards[shard]
+
+    def tokens(self, index: int) -> np.ndarray:
+        shard, row = divmod(index, self.identity.shard_items)
+        return np.array(self._shard(shard)[row])  # a copy: the map stays read-only
+
+    def __getstate__(self):  # DataLoader workers map the shards themselves
+        return {**self.__dict__, "_shards": {}}
+
+
+class CachedTeacher(torch.nn.Module):
+    """Stands in for a teacher when the tokens come from a cache: the dataset puts each image's cached tokens
+    (N, T, D_all) where the images would be, and this returns this teacher's slice as float32, as a live teacher
+    returns its tokens."""
+
+    def __init__(self, name: str, offset: int, embed_dim: int):
+        super().__init__()
+        self.name, self.offset, self.embed_dim = name, offset, embed_dim
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        return cached[..., self.offset:self.offset + self.embed_dim].float()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, cached tokens [{self.offset}:{self.offset + self.embed_dim}]"
+
+
+def cached_teachers(identity: TeacherCacheIdentity) -> List[CachedTeacher]:
+    offsets = np.cumsum([0] + identity.widths[:-1]).tolist()
+    return [CachedTeacher(name, offset, width) for name, offset, width in
+            zip(identity.teachers, offsets, identity.widths)]
+
+
+def teacher_weights_sha256(enc_type: str, enc_weights=None) -> List[str]:
+    """Per teacher of --enc-type: sha256 of the weights file it loads, or "random:<name>" for a seeded random one."""
+    names = teacher_names(enc_type)
+    hashes = []
+    for name, weights in zip(names, split_weights(enc_weights, names)):
+        path = teacher_weights_file(name, weights)
+        hashes.append(f"random:{name}" if path is None else file_sha256(path))
+    return hashes
+
+
+def run_identity(teacher_names: Sequence[str], weights_sha256: Sequence[str], resolution: int, preprocessing: str,
+                 image_files: Sequence[str], widths: Optional[Sequence[int]] = None, tokens: int = 0,
+                 dtype: str = "float16") -> TeacherCacheIdentity:
+    """An identity from a run's (or a cache command's) settings and dataset."""
+    return TeacherCacheIdentity(teachers=list(teacher_names), weights_sha256=list(weights_sha256),
+                                widths=list(widths or []), tokens=tokens, resolution=resolution,
+                                preprocessing=preprocessing, dtype=dtype, num_images=len(image_files),
+                                file_list_sha256=file_list_sha256(image_files))

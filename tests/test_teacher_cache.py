@@ -1,0 +1,154 @@
+"""Training that reads no images: the teacher-token cache (erw/teacher_cache.py) and packed latents (erw/data.py)
+against the live teacher and the per-file layout they replace."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import train_warmup
+from erw.cli import InvalidInput
+from erw.data import ImageLatentDataset
+from erw.teacher_cache import IDENTITY_FILE, TeacherCache
+from models.encoders import load_teachers
+from preprocessing import dataset_tools
+from tests.conftest import tiny_args
+
+
+@pytest.fixture(scope="module")
+def data(demo_data, tmp_path_factory):
+    """A copy of the demo data (packing adds packed/, which must not reach other tests' data), its float32 and
+    float16 caches of the random tiny teacher, and a packed copy."""
+    root = tmp_path_factory.mktemp("cache-data")
+    per_file = root / "per-file"
+    shutil.copytree(demo_data, per_file)
+    for dtype in ("float32", "float16"):
+        dataset_tools.main(["cache-teachers", "--data-dir", str(per_file), "--enc-type", "random-vit-tiny",
+                            "--out", str(root / dtype), "--dtype", dtype, "--batch-size", "48", "--workers", "0",
+                            "--device", "cpu"])
+    packed = root / "packed"
+    shutil.copytree(per_file, packed)
+    dataset_tools.main(["pack", "--data-dir", str(packed), "--workers", "0"])
+    return root
+
+
+def steps(result):
+    return [record["align_loss"] for record in result["history"]]
+
+
+def test_the_cache_holds_the_teachers_tokens_of_every_image(data):
+    """float32: the live teacher's tokens of each image, computed here one image at a time (the cache batched 48):
+    equal within what batching may change in float32 GEMMs (a few eps32 of the tokens' scale); float16: within its
+    rounding, 2^-11 relative."""
+    dataset = ImageLatentDataset(str(data / "per-file"))
+    (teacher,) = load_teachers("random-vit-tiny", dataset.resolution)
+    cache32, cache16 = TeacherCache(str(data / "float32")), TeacherCache(str(data / "float16"))
+    assert len(cache32) == len(dataset) == 160 and cache32.identity.tokens == 16
+    for index in (0, 17, 101, 159):  # shard 0 holds all 160: the last index is the last row
+        image = dataset[index][0][None]
+        live = teacher(image)[0].numpy()
+        scale = float(np.abs(live).max())
+        np.testing.assert_allclose(cache32.tokens(index), live, rtol=0, atol=64 * np.finfo(np.float32).eps * scale)
+        np.testing.assert_allclose(cache16.tokens(index).astype(np.float32), live, rtol=2 ** -11,
+                                   atol=2 ** -24 * 2)  # subnormal halves near zero
+
+
+def test_a_run_from_a_float32_cache_trains_what_the_live_teacher_trains(data, tmp_path):
+    """Phase 1 (the teacher's heaviest use), 4 steps: the same losses and weights within float32 rounding. The cached
+    tokens differ from the live ones by a few eps32 (other batch shapes in the teacher's GEMMs); NT-Xent, Adam and
+    the SiT pass that on at that relative size over 4 steps, so 1e-4 relative bounds it, while a wrong image's or
+    teacher's tokens change the alignment loss by O(0.1)."""
+    common = ["--max-train-steps", "4", "--batch-size", "16"]
+    live = train_warmup.main(tiny_args(data / "per-file", tmp_path / "live", *common))
+    cached = train_warmup.main(tiny_args(data / "per-file", tmp_path / "cached", *common,
+                                         "--teacher-cache", str(data / "float32")))
+    np.testing.assert_allclose(steps(cached), steps(live), rtol=1e-4)
+    for (name, a), (_, b) in zip(live["model"].state_dict().items(), cached["model"].state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_float16_cache_stays_within_its_rounding(data, tmp_path):
+    """The first step's loss sees the same weights: only the tokens differ, by <= 2^-11 relative (float16). The
+    NT-Xent logits are cosines over tau = 0.1, so each moves by <= 2^-11 x 2 / tau, and the loss (a log-softmax)
+    by at most twice that: 0.02."""
+    common = ["--max-train-steps", "1", "--batch-size", "16"]
+    live = train_warmup.main(tiny_args(data / "per-file", tmp_path / "live", *common))
+    cached = train_warmup.main(tiny_args(data / "per-file", tmp_path / "cached", *common,
+                                         "--teacher-cache", str(data / "float16")))
+    assert abs(steps(cached)[0] - steps(live)[0]) <= 2 * 2 ** -11 * 2 / 0.1
+
+
+@pytest.mark.parametrize("field, value", [("teachers", ["demo-vit-tiny"]), ("weights_sha256", ["0" * 64]),
+                                          ("resolution", 128), ("preprocessing", "another"),
+                                          ("num_images", 161), ("file_list_sha256", "f" * 64)])
+def test_a_cache_made_for_other_settings_is_refused_naming_the_field(data, tmp_path, field, value):
+    cache = tmp_path / "cache"
+    shutil.copytree(data / "float32", cache)
+    with open(cache / IDENTITY_FILE) as f:
+        identity = json.load(f)
+    identity[field] = value
+    (cache / IDENTITY_FILE).write_text(json.dumps(identity))
+    with pytest.raises(InvalidInput, match=rf"--teacher-cache .* other settings than this run's: {field}: cache has"):
+        train_warmup.main(tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1",
+                                    "--teacher-cache", str(cache)))
+
+
+def test_a_cache_for_another_teacher_is_refused(data, tmp_path):
+    with pytest.raises(InvalidInput, match=r"teachers: cache has \['random-vit-tiny'\], this run \['demo-vit-tiny'\]"):
+        train_warmup.main(tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1",
+                                    "--enc-type", "demo-vit-tiny", "--teacher-cache", str(data / "float32")))
+
+
+def test_an_interrupted_cache_is_refused_and_resumed(data, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(data / "float32", cache)
+    shard = cache / "shard-00000.npy"
+    expected = np.load(shard)
+    shard.unlink()
+    with pytest.raises(InvalidInput, match="lacks 1 of 1 shards .*shard-00000.npy.* rerun"):
+        TeacherCache(str(cache))
+    dataset_tools.main(["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", "random-vit-tiny",
+                        "--out", str(cache), "--dtype", "float32", "--batch-size", "48", "--workers", "0",
+                        "--device", "cpu"])
+    np.testing.assert_array_equal(np.load(shard), expected)  # the same batches: bit for bit
+    with pytest.raises(InvalidInput, match="other settings .*dtype: cache has 'float32', this run 'float16'"):
+        dataset_tools.main(["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", "random-vit-tiny",
+                            "--out", str(cache), "--dtype", "float16", "--workers", "0", "--device", "cpu"])
+
+
+def test_packed_latents_give_the_same_items_bit_for_bit(data):
+    per_file, packed = ImageLatentDataset(str(data / "per-file")), ImageLatentDataset(str(data / "packed"))
+    assert packed.packed and not per_file.packed and len(packed) == len(per_file)
+    assert packed.image_files == per_file.image_files and packed.latent_files == per_file.latent_files
+    for index in range(len(per_file)):
+        for a, b in zip(per_file[index], packed[index]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_training_on_packed_latents_equals_training_on_the_per_file_layout(data, tmp_path):
+    common = ["--max-train-steps", "3", "--batch-size", "16", "--num-workers", "2"]
+    per_file = train_warmup.main(tiny_args(data / "per-file", tmp_path / "a", *common))
+    packed = train_warmup.main(tiny_args(data / "packed", tmp_path / "b", *common))
+    assert steps(packed) == steps(per_file)
+    for (name, a), (_, b) in zip(per_file["model"].state_dict().items(), packed["model"].state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_run_needs_no_image_folder_with_packed_latents_and_a_cache(data, tmp_path):
+    """Both phases, after the images (and the per-file latents) are deleted."""
+    folder = tmp_path / "data"
+    shutil.copytree(data / "packed", folder)
+    shutil.rmtree(folder / "images")
+    shutil.rmtree(folder / "vae-sd")
+    cache = ["--teacher-cache", str(data / "float16")]
+    phase1 = train_warmup.main(tiny_args(folder, tmp_path / "runs", "--max-train-steps", "2", *cache))
+    assert phase1["history"][-1]["align_loss"] > 0
+    checkpoint = os.path.join(tmp_path, "runs", "tiny-warmup", "checkpoints", "last.pt")
+    phase2 = train.main(tiny_args(folder, tmp_path / "runs", "--max-train-steps", "2", "--warmup-ckpt", checkpoint,
+                                  "--vae", "random-tiny", "--sample-grid-every", "1000", *cache))
+    assert phase2["history"][-1]["align_loss"] > 0 and phase2["history"][-1]["velocity_loss"] > 0
+    with pytest.raises(Exception, match="no images/ subfolder, which a live teacher reads"):
+        train_warmup.main(tiny_args(folder, tmp_path / "live", "--max-train-steps", "1"))
