@@ -656,6 +656,20 @@ def run_profile(ctx: Context, part: Part) -> Dict[str, Any]:
     return {**summary, "table": path}
 
 
+def run_teacher_cache(ctx: Context, part: Part) -> Dict[str, Any]:
+    """bench/bench_teacher_cache.py's Phase-1 comparison on SiT-XL/2 (k blocks): the step fed by the live teacher
+    against the step fed by cached float16 tokens, alternated in this process."""
+    from bench.bench_teacher_cache import bench_phase1
+    from models.encoders import build_teacher
+    scale = ctx.scale
+    try:
+        return bench_phase1(scale.models["XL"], scale.warmup_depth, scale.batch, scale.resolution,
+                            part.settings["steps"], 1, torch.device(scale.device),
+                            build_teacher(scale.teacher, scale.resolution))
+    finally:
+        _free_device()
+
+
 def _train_part(name, size, phase, compile_, estimate_s, optional=False):
     what = (f"SiT-{size}/2 Phase {phase}" + (" (k blocks)" if phase == 1 else "") +
             (" --compile" if compile_ else " eager") + ": real training loop, teacher included, bf16")
@@ -674,6 +688,8 @@ PARTS = [
     Part("sampler-xl2", "bench", 35, "SiT-XL/2 sampling, SDE, bf16, without and with the CFG interval (1.8 on t <= "
          "0.7)", run_sampler, {"sampler": True, "cases": ("no-cfg", "cfg-interval")}),
     _train_part("train-b2-phase2", "B", 2, False, 25),
+    Part("teacher-cache-xl2", "bench", 20, "SiT-XL/2 Phase-1 step (k blocks), live DINOv2-B teacher against cached "
+         "float16 tokens, alternated", run_teacher_cache, {"steps": 5}),
     Part("evaluator-50k", "bench", 90, "ADM evaluator end to end on synthetic samples and references, random "
          "Inception", run_evaluator, {"evaluator": True}),
     # The tests take what the parts before them leave (a test that would not finish in time skips): ~150 s runs the

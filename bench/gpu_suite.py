@@ -192,6 +192,9 @@ def _note(p: Dict[str, Any], r: Dict[str, Any]) -> str:
         return f"synced {r['synced_images_per_sec']} img/s; windows {r['images_per_sec_by_window']}"
     if "model_rows_per_sample" in r:
         return f"{r['model_rows_per_sample']:.0f} model rows per sample"
+    if "cached_over_live" in r:
+        return (f"Phase-1 step {r['live_teacher_step_s']} s with the live teacher, {r['cached_tokens_step_s']} s from "
+                f"cached tokens: x{r['cached_over_live']}")
     if "evaluate_s" in r:
         return f"evaluate() {r['evaluate_s']} s end to end ({r['end_to_end_samples_per_sec']} samples/s)"
     if "first_batch_one_off_s" in r:

@@ -80,6 +80,8 @@ def test_the_rehearsal_runs_every_part_end_to_end(rehearsal):
         assert r["images_per_sec"] > 0 and r["flops_per_image"] > 0 and len(r["images_per_sec_by_window"]) == 2
     assert set(parts["sampler-xl2"]["result"]["cases"]) == {"no-cfg", "cfg-interval"}
     assert parts["evaluator-50k"]["result"]["n_samples"] == gpu_parts.REHEARSAL.evaluator["n_samples"]
+    cache = parts["teacher-cache-xl2"]["result"]
+    assert cache["live_teacher_step_s"] > 0 and cache["cached_tokens_step_s"] > 0 and cache["cached_over_live"] > 0
     tests = {t["test"]: t["status"] for t in parts["tests"]["result"]["tests"]}
     assert tests and set(tests.values()) == {"passed"}, tests
     assert "test_sampling_steps_do_not_synchronize" in tests and "test_phase1_phase2_resume[fp16-eager]" in tests

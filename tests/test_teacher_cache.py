@@ -152,3 +152,34 @@ def test_a_run_needs_no_image_folder_with_packed_latents_and_a_cache(data, tmp_p
     assert phase2["history"][-1]["align_loss"] > 0 and phase2["history"][-1]["velocity_loss"] > 0
     with pytest.raises(Exception, match="no images/ subfolder, which a live teacher reads"):
         train_warmup.main(tiny_args(folder, tmp_path / "live", "--max-train-steps", "1"))
+
+
+def test_two_processes_and_a_resume_train_from_the_cache_what_one_process_trains(data, tmp_path):
+    """From packed latents and a float32 cache, without images: 2 processes (torchrun + gloo), stopped after 2 steps
+    and resumed, against one process straight through. Tolerances as in test_training_paths.py's
+    test_two_processes_train_what_one_process_trains (float32 summation order over the two halves of the batch)."""
+    import subprocess
+    import sys
+
+    from erw.checkpoint import load_checkpoint
+    from tests.conftest import ROOT
+    from tests.dist_utils import free_port
+    folder = tmp_path / "data"
+    shutil.copytree(data / "packed", folder)
+    shutil.rmtree(folder / "images")
+    common = ["--max-train-steps", "4", "--log-every", "1", "--checkpointing-steps", "2", "--batch-size", "16",
+              "--teacher-cache", str(data / "float32")]
+    single = train_warmup.main(tiny_args(folder, tmp_path, "--exp-name", "one", *common))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "train_warmup.py"), *tiny_args(folder, tmp_path, "--exp-name", "two", *common)]
+    for extra in (["--max-train-steps", "2"], ["--resume"]):
+        proc = subprocess.run([*cmd, *extra], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(tmp_path, "two", "metrics.jsonl")) as f:
+        losses_two = [json.loads(line)["loss"] for line in f]
+    assert losses_two == pytest.approx([r["loss"] for r in single["history"]], rel=1e-5)
+    one, two = (load_checkpoint(os.path.join(tmp_path, run, "checkpoints", "last.pt")) for run in ("one", "two"))
+    assert one["step"] == two["step"] == 4
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, rtol=0, atol=1e-4, msg=name)
