@@ -27,18 +27,20 @@ from models.encoders import DINOV2_MODELS, Teacher, teacher_input_size  # noqa: 
 from models.sit import create_sit  # noqa: E402
 
 
+def timed(fn, device) -> float:
+    """Seconds of fn(), the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_time(fn, steps, warmup, device):
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [timed(fn, device) for _ in range(warmup + steps)]
+    return statistics.median(times[warmup:])
 
 
 def train_step_fn(model, objective, latents, labels, teacher_tokens):

@@ -34,7 +34,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
-from bench.bench_phases import train_step_fn  # noqa: E402
+from bench.bench_phases import timed  # noqa: E402
 from erw.data import ImageLatentDataset  # noqa: E402
 from erw.losses import Objective  # noqa: E402
 from erw.teacher_cache import TeacherCache, run_identity, write_identity, write_shard  # noqa: E402
@@ -74,26 +74,31 @@ def bench_phase1(model_name: str, warmup_depth: int, batch_size: int, resolution
         cache = synthetic_cache(folder, 4 * n, teacher.num_tokens, teacher.embed_dim)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+
+        def step(tokens):
+            with autocast:
+                loss, _ = objective(model, latents, labels, tokens, 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+
         def live():
             with autocast:
-                tokens = [teacher(images).float()]
-            train_step_fn(model, objective, latents, labels, tokens)()
+                tokens = teacher(images).float()
+            step([tokens])
 
-        def cached():
+        def cached():  # the rows a DataLoader worker would read for the batch, then to the device
             rows = torch.from_numpy(np.stack([cache.tokens(i) for i in range(n)]))
-            train_step_fn(model, objective, latents, labels, [rows.to(device).float()])()
+            step([rows.to(device, non_blocking=True).float()])
 
         times = {"live": [], "cached": []}
         for i in range(warmup + steps):
-            for name, step in (("live", live), ("cached", cached)):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            for name, fn in (("live", live), ("cached", cached)):
+                seconds = timed(fn, device)
                 if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(seconds)
     live_s, cached_s = statistics.median(times["live"]), statistics.median(times["cached"])
     return {"model": model_name, "warmup_depth": warmup_depth, "batch_size": n, "device": device.type,
             "teacher": teacher.name, "live_teacher_step_s": round(live_s, 4),
