@@ -688,7 +688,8 @@ ImageNet-1k, DINOv2-B at 256 px, float16: 1,281,167 x 256 x 768 x 2 B = 504 GB (
       --enc-type dinov2-vit-b --out data/imagenet256/teacher-dinov2-vit-b""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ (and its latents)")
     p.add_argument("--enc-type", required=True, help="teacher(s), comma-separated, as train.py's --enc-type")
-    p.add_argument("--enc-weights", default=None, help="local weight file(s), as train.py's --enc-weights")
+    p.add_argument("--enc-weights", default=None, help="local weight file(s), as train.py's --enc-weights "
+                   "(default: none, the local torch hub / Hugging Face cache)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
     p.add_argument("--batch-size", type=int, default=64, help="images per teacher call, per process")
