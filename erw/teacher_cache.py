@@ -109,6 +109,11 @@ def num_shards(identity: TeacherCacheIdentity) -> int:
     return -(-identity.num_images // identity.shard_items)
 
 
+def shard_items(identity: TeacherCacheIdentity, shard: int) -> List[int]:
+    """The dataset indices shard `shard` holds."""
+    return list(range(shard * identity.shard_items, min((shard + 1) * identity.shard_items, identity.num_images)))
+
+
 def missing_shards(cache_dir: str, identity: TeacherCacheIdentity) -> List[int]:
     return [s for s in range(num_shards(identity)) if not os.path.isfile(os.path.join(cache_dir, shard_name(s)))]
 
@@ -139,8 +144,7 @@ class TeacherCache:
         if shard not in self._shards:
             path = os.path.join(self.cache_dir, shard_name(shard))
             array = np.load(path, mmap_mode="r")
-            items = min(self.identity.shard_items, self.identity.num_images - shard * self.identity.shard_items)
-            expected = (items, self.identity.tokens, sum(self.identity.widths))
+            expected = (len(shard_items(self.identity, shard)), self.identity.tokens, sum(self.identity.widths))
             if array.shape != expected or array.dtype != CACHE_DTYPES[self.identity.dtype]:
                 raise InvalidInput(f"teacher cache shard {path} is {array.dtype} {array.shape}, expected "
                                    f"{self.identity.dtype} {expected} by {IDENTITY_FILE}")
@@ -189,9 +193,9 @@ def teacher_weights_sha256(enc_type: str, enc_weights=None) -> List[str]:
 
 def run_identity(teacher_names: Sequence[str], weights_sha256: Sequence[str], resolution: int, preprocessing: str,
                  image_files: Sequence[str], widths: Optional[Sequence[int]] = None, tokens: int = 0,
-                 dtype: str = "float16") -> TeacherCacheIdentity:
+                 dtype: str = "float16", shard_items: int = SHARD_ITEMS) -> TeacherCacheIdentity:
     """An identity from a run's (or a cache command's) settings and dataset."""
     return TeacherCacheIdentity(teachers=list(teacher_names), weights_sha256=list(weights_sha256),
                                 widths=list(widths or []), tokens=tokens, resolution=resolution,
                                 preprocessing=preprocessing, dtype=dtype, num_images=len(image_files),
-                                file_list_sha256=file_list_sha256(image_files))
+                                file_list_sha256=file_list_sha256(image_files), shard_items=shard_items)

@@ -34,6 +34,8 @@ from erw.cli import InvalidInput, refusals_of_models  # noqa: E402
 from erw.files import atomic_write, remove_stale_temps  # noqa: E402
 from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
                       load_image, read_labels)
+from erw.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, missing_shards, num_shards, run_identity,  # noqa: E402
+                               shard_items, teacher_weights_sha256, write_identity, write_shard)
 from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
 
 SETTINGS_FILE = "preprocess_settings.json"
@@ -518,8 +520,6 @@ def cache_teachers(args) -> None:
     """The teachers' tokens of every image of DATA -> a teacher cache (erw/teacher_cache.py); resumable (finished
     shards are kept), data-parallel under torchrun (process r writes shards r, r + W, ...)."""
     from erw.data import ImageLatentDataset
-    from erw.teacher_cache import (CACHE_DTYPES, missing_shards, num_shards, run_identity, teacher_weights_sha256,
-                                   write_identity, write_shard)
     from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
     rank, world_size, device = start_processes(args.device)
     try:
@@ -529,36 +529,30 @@ def cache_teachers(args) -> None:
             names = teacher_names(args.enc_type)
         identity = run_identity(names, teacher_weights_sha256(args.enc_type, args.enc_weights), dataset.resolution,
                                 TEACHER_PREPROCESSING, dataset.image_files, widths=[t.embed_dim for t in teachers],
-                                tokens=teachers[0].num_tokens, dtype=args.dtype)
+                                tokens=teachers[0].num_tokens, dtype=args.dtype, shard_items=args.shard_items)
         if rank == 0:
             write_identity(args.out, identity)
             remove_stale_temp_files(args.out)
         _barrier(world_size)
         mine = [s for s in missing_shards(args.out, identity) if s % world_size == rank]
-        items = [i for s in mine for i in range(s * identity.shard_items,
-                                                  min((s + 1) * identity.shard_items, len(dataset)))]
         total = num_shards(identity)
         if rank == 0:
             print(f"cache-teachers: {len(dataset)} images, {total} shards, {world_size} process(es) on "
                   f"{device.type}; rank 0 has {len(mine)} shard(s) to write")
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, items), batch_size=args.batch_size,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
         dtype = CACHE_DTYPES[args.dtype]
-        progress = tqdm(total=len(items), desc="cache-teachers (rank 0)", unit="img", disable=rank != 0)
-        shard_rows: List[np.ndarray] = []
-        shards = iter(mine)
-        shard = next(shards, None)
-        with torch.no_grad():
-            for images, _, _ in loader:
-                images = images.to(device, non_blocking=True)
-                tokens = torch.cat([teacher(images).float() for teacher in teachers], dim=-1)
-                shard_rows.extend(tokens.cpu().numpy().astype(dtype))
-                progress.update(len(images))
-                while shard is not None and len(shard_rows) >= min(identity.shard_items,
-                                                                    len(dataset) - shard * identity.shard_items):
-                    size = min(identity.shard_items, len(dataset) - shard * identity.shard_items)
-                    write_shard(args.out, shard, np.stack(shard_rows[:size]))
-                    shard_rows, shard = shard_rows[size:], next(shards, None)
+        progress = tqdm(total=sum(len(shard_items(identity, s)) for s in mine), desc="cache-teachers (rank 0)",
+                        unit="img", disable=rank != 0)
+        for shard in mine:  # shard by shard, so that a shard's batches do not depend on the process count
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard_items(identity, shard)),
+                                                 batch_size=args.batch_size, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda")
+            rows = []
+            with torch.no_grad():
+                for images, _, _ in loader:
+                    images = images.to(device, non_blocking=True)
+                    rows.append(torch.cat([teacher(images).float() for teacher in teachers], dim=-1).cpu().numpy())
+                    progress.update(len(images))
+            write_shard(args.out, shard, np.concatenate(rows).astype(dtype))
         progress.close()
         _barrier(world_size)
         if rank == 0:
@@ -692,6 +686,7 @@ ImageNet-1k, DINOv2-B at 256 px, float16: 1,281,167 x 256 x 768 x 2 B = 504 GB (
                    "(default: none, the local torch hub / Hugging Face cache)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
+    p.add_argument("--shard-items", type=int, default=SHARD_ITEMS, help="images per shard (per file)")
     p.add_argument("--batch-size", type=int, default=64, help="images per teacher call, per process")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",

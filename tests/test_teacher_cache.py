@@ -183,3 +183,25 @@ def test_two_processes_and_a_resume_train_from_the_cache_what_one_process_trains
     assert one["step"] == two["step"] == 4
     for name, value in one["model"].items():
         torch.testing.assert_close(two["model"][name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_two_processes_write_the_cache_one_process_writes(data, tmp_path):
+    """torchrun with 2 processes, 5 shards of 32 images: process r writes shards r, r + 2, ... shard by shard, so
+    each shard's batches are the single process's: the same bytes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.dist_utils import free_port
+    args = ["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", "random-vit-tiny", "--dtype",
+            "float32", "--shard-items", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    dataset_tools.main([*args, "--out", str(tmp_path / "one")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "preprocessing.dataset_tools"]
+    proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len([n for n in names if n.startswith("shard")]) == 5
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
