@@ -62,6 +62,9 @@ def _write_json(path: str, payload: Dict[str, Any]) -> None:
 
 def run_and_record(fn: Callable[..., Dict[str, Any]], args: Sequence[Any], result_path: str) -> int:
     """fn(*args), its result or the error that ended it written to result_path; the exit code for the process."""
+    # SIGINT is how a part is stopped at its deadline. A process started from a shell's background job inherits
+    # SIGINT ignored (and Python then installs no handler), so it is set here, in every part, forked or spawned.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 1
     try:
         try:
@@ -94,7 +97,6 @@ def _child(fn: Callable[..., Dict[str, Any]], args: Sequence[Any], result_path: 
     code = 1
     try:
         os.setpgid(0, 0)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         os.dup2(write_fd, 1)

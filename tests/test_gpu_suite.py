@@ -273,9 +273,14 @@ def test_a_spawned_part_is_stopped_at_its_deadline_and_keeps_its_output(tmp_path
                f"flush=True); raise SystemExit(run_and_record(time.sleep, (60,), {result!r}))"]
     lines = []
     # The grace period is generous because a loaded machine (CI's 2 cores under the rest of the suite) may take
-    # seconds to run the child's exit path; the child uses it only as long as it needs.
-    outcome = part_runner.run_part(None, (), limit_s=5.0, grace_s=30.0, result_path=result, emit=lines.append,
-                                   spawn=command, spawn_cwd=ROOT)
+    # seconds to run the child's exit path; the child uses it only as long as it needs. SIGINT is ignored here while
+    # the child starts, as it is in a process whose parent ignored it: a part must still stop at its deadline.
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        outcome = part_runner.run_part(None, (), limit_s=5.0, grace_s=30.0, result_path=result, emit=lines.append,
+                                       spawn=command, spawn_cwd=ROOT)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert outcome.status == "interrupted" and outcome.stopped == "deadline: 5 s" and "KeyboardInterrupt" in \
         outcome.error, (outcome.status, outcome.stopped, outcome.error)
     assert lines[0] == "started\n" and outcome.elapsed_s < 5 + 30
