@@ -6,7 +6,7 @@ import torch
 
 from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.config import resolve_config
-from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset, check_data_dir
+from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset
 from erw.teacher_cache import (TeacherCache, TeacherCacheIdentity, cached_teachers, run_identity,
                                teacher_weights_sha256)
 from erw.trainer import Trainer
@@ -65,7 +65,6 @@ def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
     """The training set (with the teacher cache when the run has one), checked against --resolution and
     --num-classes."""
     cache = open_teacher_cache(config)
-    check_data_dir(config["data_dir"], need_images=uses_alignment(config) and cache is None)
     dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config), teacher_cache=cache)
     if dataset.resolution != config["resolution"]:
         raise InvalidInput(f"{config['data_dir']} holds {dataset.resolution}px images but --resolution is "

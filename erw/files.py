@@ -1,6 +1,7 @@
 """Files written so that a crash never leaves half of one: atomic writes with the umask's permissions, and the
 recognition and removal of the temp files an interrupted write left. Used for checkpoints, PNGs, YAML, JSON and .npz
 alike."""
+import hashlib
 import os
 import re
 import tempfile
@@ -75,3 +76,12 @@ def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, 
         if not recursive:
             break
     return removed
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from erw.cli import InvalidInput, MissingInput
-from erw.files import atomic_write
+from erw.files import atomic_write, file_sha256
 from models.encoders import split_weights, teacher_names, teacher_weights_file
 
 IDENTITY_FILE = "identity.json"
@@ -46,14 +46,6 @@ def file_list_sha256(relpaths: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for path in relpaths:
         digest.update(path.encode() + b"\n")
-    return digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2 ** 24), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -39,11 +39,11 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.files import atomic_write, temp_path_for  # noqa: E402
+from erw.files import atomic_write, file_sha256, temp_path_for  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
-                                   file_sha256, inception_weights_id, load_inception)
+                                   inception_weights_id, load_inception)
 
 IMAGES_KEY = "arr_0"
 STATS_KEYS = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),

@@ -11,7 +11,6 @@ Outputs (ADM's tensors): `pool` = pool_3 (N, 2048); `spatial` = mixed_6/conv, i.
 Mixed_6d.branch1x1, first 7 channels, flattened in TF's H, W, C order (N, 17*17*7 = 2023); `logits` = pool_3 @
 fc.weight.T without the bias (N, 1008), the input of ADM's Inception-Score softmax.
 """
-import hashlib
 import math
 import os
 from typing import NamedTuple, Optional
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from erw.checkpoint import load_checkpoint, load_state_dict_strict
 from erw.cli import MissingInput, refusals_of_models
+from erw.files import file_sha256
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -293,15 +293,6 @@ def find_weights(weights: Optional[str]) -> str:
         f"network). Nothing is downloaded at run time: put the file at {os.path.join(hub_dir, WEIGHTS_FILENAME)} "
         f"or pass --inception-weights PATH ('--inception-weights {RANDOM_WEIGHTS}' runs with meaningless random "
         f"weights, for tests and demos).")
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inception_weights_id(weights: Optional[str], seed: int = 0) -> str:
