@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from bench.bench_phases import timed  # noqa: E402
-from erw.data import ImageLatentDataset  # noqa: E402
+from erw.data import ImageLatentDataset, dataset_identity  # noqa: E402
+from erw.files import file_sha256  # noqa: E402
 from erw.losses import Objective  # noqa: E402
 from erw.teacher_cache import TeacherCache, run_identity, write_identity, write_shard  # noqa: E402
 from models.encoders import TEACHER_PREPROCESSING, Teacher, build_teacher  # noqa: E402
@@ -50,7 +51,7 @@ GPU_BATCH = 32
 
 def synthetic_cache(folder: str, count: int, tokens: int, width: int) -> TeacherCache:
     identity = run_identity(["random-dinov2-vit-b"], ["random:random-dinov2-vit-b"], 256, TEACHER_PREPROCESSING,
-                            [f"{i:08d}.png" for i in range(count)], widths=[width], tokens=tokens)
+                            count, "synthetic images", widths=[width], tokens=tokens)
     write_identity(folder, identity)
     rng = np.random.default_rng(0)
     for shard in range(math.ceil(count / identity.shard_items)):
@@ -108,7 +109,7 @@ def bench_phase1(model_name: str, warmup_depth: int, batch_size: int, resolution
 
 def write_layouts(folder: str, count: int) -> str:
     """A per-file data folder of `count` items at ImageNet-256's latent size (black 256-px PNGs: only the first is
-    ever read), then packed; returns the folder (packed/ beside vae-sd/)."""
+    ever read) with its dataset identity, as `encode` records it; returns the folder."""
     rng = np.random.default_rng(0)
     images, latents = os.path.join(folder, "images"), os.path.join(folder, "vae-sd")
     black = np.zeros((256, 256, 3), dtype=np.uint8)
@@ -121,8 +122,12 @@ def write_layouts(folder: str, count: int) -> str:
         os.makedirs(os.path.dirname(os.path.join(latents, latent_rel)), exist_ok=True)
         np.save(os.path.join(latents, latent_rel), rng.standard_normal((8, 32, 32), dtype=np.float32))
         labels.append([latent_rel, i % 1000])
+    image_files = [dataset_tools.image_relpath(i) for i in range(count)]
+    identity = dataset_identity(image_files, [rel for rel, _ in labels], [label for _, label in labels],
+                                [file_sha256(os.path.join(images, rel)) for rel in image_files],
+                                [file_sha256(os.path.join(latents, rel)) for rel, _ in labels])
     with open(os.path.join(latents, "dataset.json"), "w") as f:
-        json.dump({"labels": labels}, f)
+        json.dump({"labels": labels, "identity": identity}, f)
     return folder
 
 

@@ -2,7 +2,8 @@
 
     DATA/images/00000/img00000000.png ...              uint8 RGB, the ADM center crop
     DATA/vae-sd/00000/img-mean-std-00000000.npy ...    float32 (8, H/8, W/8) = [posterior mean | std]
-    DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...]}
+    DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...],
+                                                        "identity": {...}} (dataset_identity, written by `encode`)
 
 Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
 latent's relative path. The folder is checked once at construction, so a broken folder fails before training, and
@@ -14,14 +15,18 @@ Packed, for cluster file systems where opening two small files per item is the b
     DATA/packed/moments.npy     float32 (N, 8, H/8, W/8), read through a memory map
     DATA/packed/labels.npy      int64 (N,)
     DATA/packed/index.json      the items' image and latent paths (the per-file layout's order), resolution, count
+                                and the dataset identity of the data it was packed from
 
 When DATA/packed/index.json exists the dataset reads it instead of vae-sd/, item for item the same; images/ is then
-needed only when a live teacher looks at the pixels (not with a teacher cache, erw/teacher_cache.py).
+needed only when a live teacher looks at the pixels (not with a teacher cache, erw/teacher_cache.py). What is derived
+from a dataset (packed latents, a teacher cache) records the dataset's identity and is used only with that dataset
+(docs/data.md, "What identifies a dataset").
 """
+import hashlib
 import json
 import os
 import re
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
@@ -36,11 +41,14 @@ IMAGES_DIR = "images"
 LATENTS_DIR = "vae-sd"
 PACKED_DIR = "packed"
 PACKED_MOMENTS, PACKED_LABELS, PACKED_INDEX = "moments.npy", "labels.npy", "index.json"
+PACKED_FORMAT = 2  # 1: without the dataset identity
 LABELS_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LATENT_EXTENSION = ".npy"
 MOMENT_CHANNELS = 8  # [mean (4) | std (4)]
 VAE_DOWNSAMPLING = 8
+IDENTITY_KEY = "identity"
+IDENTITY_FIELDS = ("items_sha256", "images_sha256", "sha256")
 MAKE_DATA_HINT = ("create it with `python -m preprocessing.dataset_tools convert` + `encode` (ImageNet) or "
                   "`python -m preprocessing.dataset_tools make-demo` (offline demo data)")
 
@@ -61,13 +69,50 @@ def list_files(root: str, extensions) -> List[str]:
     return sorted(found)
 
 
-def read_labels(path: str) -> dict:
-    """{relative path: int class} from an EDM2/REPA dataset.json; refuses non-integer labels and a file labelled
-    twice with different classes."""
+def _sha256_of_lines(lines: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def items_sha256(image_files: Sequence[str], latent_files: Sequence[str], labels: Sequence[int]) -> str:
+    """sha256 of every item's image path, latent path and label, in order: what a run recomputes at its start from
+    what it reads, to show that a recorded identity still describes the items."""
+    return _sha256_of_lines(f"{image}\t{latent}\t{int(label)}"
+                            for image, latent, label in zip(image_files, latent_files, labels))
+
+
+def dataset_identity(image_files: Sequence[str], latent_files: Sequence[str], labels: Sequence[int],
+                     image_sha256: Sequence[str], latent_sha256: Sequence[str]) -> Dict[str, str]:
+    """What identifies a dataset's content (docs/data.md), from the sha256 of every image and latent file, which
+    `encode` takes of the bytes it reads and writes: items_sha256 (paths and labels), images_sha256 (image paths and
+    bytes, what a teacher cache is made from) and sha256 (all of it, what packed latents are made from)."""
+    return {"items_sha256": items_sha256(image_files, latent_files, labels),
+            "images_sha256": _sha256_of_lines(f"{image}\t{sha}" for image, sha in zip(image_files, image_sha256)),
+            "sha256": _sha256_of_lines(f"{image}\t{image_sha}\t{latent}\t{latent_sha}\t{int(label)}"
+                                       for image, image_sha, latent, latent_sha, label
+                                       in zip(image_files, image_sha256, latent_files, latent_sha256, labels))}
+
+
+def _identity_record(value, path: str) -> Optional[Dict[str, str]]:
+    """A recorded dataset identity (None where none is recorded), checked for its fields."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and sorted(value) == sorted(IDENTITY_FIELDS)
+            and all(isinstance(v, str) for v in value.values())):
+        raise InvalidInput(f"{path}: its {IDENTITY_KEY} is {json.dumps(value)[:200]}, not the strings "
+                           f"{', '.join(IDENTITY_FIELDS)} that `preprocessing.dataset_tools` writes")
+    return value
+
+
+def read_labels(path: str) -> Tuple[dict, Optional[Dict[str, str]]]:
+    """({relative path: int class}, the recorded dataset identity or None) from an EDM2/REPA dataset.json; refuses
+    non-integer labels and a file labelled twice with different classes."""
     try:
         with open(path, "r") as f:
-            entries = json.load(f)["labels"]
-        pairs = [(str(relpath), label) for relpath, label in entries]
+            content = json.load(f)
+        pairs = [(str(relpath), label) for relpath, label in content["labels"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidInput(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
                            f"{e}") from e
@@ -82,7 +127,7 @@ def read_labels(path: str) -> dict:
             raise InvalidInput(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
                                f"right cannot be told from the file: fix it or regenerate it with "
                                f"`preprocessing/dataset_tools.py`")
-    return labels
+    return labels, _identity_record(content.get(IDENTITY_KEY), path)
 
 
 def _pair_key(relpath: str) -> Tuple[str, str]:
@@ -97,12 +142,13 @@ def packed_index_path(data_dir: str) -> str:
     return os.path.join(data_dir, PACKED_DIR, PACKED_INDEX)
 
 
-def check_data_dir(data_dir: str, need_images: bool = True) -> None:
+def check_data_dir(data_dir: str, need_images: bool = True, read_packed: bool = True) -> None:
     """Raise MissingInput naming what is missing: the per-file layout needs images/, vae-sd/ and its dataset.json; a
-    packed folder needs only packed/ (and images/ when need_images)."""
+    packed folder needs only packed/ (and images/ when need_images); read_packed=False: the per-file layout of a
+    packed folder."""
     if not os.path.isdir(data_dir):
         raise MissingInput(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
-    if os.path.isfile(packed_index_path(data_dir)):
+    if read_packed and os.path.isfile(packed_index_path(data_dir)):
         if need_images and not os.path.isdir(os.path.join(data_dir, IMAGES_DIR)):
             raise MissingInput(f"data folder {data_dir} has packed latents but no {IMAGES_DIR}/ subfolder, which a "
                                "live teacher reads; give --teacher-cache, or restore the images")
@@ -148,16 +194,16 @@ class ImageLatentDataset(Dataset):
     moments_shape (8, R/8, R/8).
     """
 
-    def __init__(self, data_dir: str, load_images: bool = True, teacher_cache=None):
+    def __init__(self, data_dir: str, load_images: bool = True, teacher_cache=None, read_packed: bool = True):
         self.teacher_cache = teacher_cache
         # Only a live teacher looks at the pixels; a run without one (plain SiT, or a teacher cache) would decode
         # every PNG for nothing.
         self.load_images = load_images and teacher_cache is None
-        check_data_dir(data_dir, need_images=self.load_images)
+        check_data_dir(data_dir, need_images=self.load_images, read_packed=read_packed)
         self.data_dir = data_dir
         self.images_dir = os.path.join(data_dir, IMAGES_DIR)
         self.latents_dir = os.path.join(data_dir, LATENTS_DIR)
-        self.packed = os.path.isfile(packed_index_path(data_dir))
+        self.packed = read_packed and os.path.isfile(packed_index_path(data_dir))
         if self.packed:
             self._open_packed()
         else:
@@ -166,7 +212,7 @@ class ImageLatentDataset(Dataset):
             if not self.latent_files:
                 raise InvalidInput(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
             self._check_pairs()
-            self.labels = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
+            self.labels, self._identity = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
             self.resolution = self._check_first_item()
         self.num_classes = int(self.labels.max()) + 1
         # Every item must have the first one's shapes. __getitem__ compares them (a tuple comparison, nothing read),
@@ -175,19 +221,48 @@ class ImageLatentDataset(Dataset):
         latent_size = self.resolution // VAE_DOWNSAMPLING
         self.moments_shape = (MOMENT_CHANNELS, latent_size, latent_size)
 
+    def identity(self, needed_by: str) -> Dict[str, str]:
+        """The dataset identity (dataset_identity) that `needed_by` (a command or flag) records or checks. Refused,
+        saying how to get one, where the folder records none, or one of other items than it holds now."""
+        if self.packed:
+            return self._identity  # shown to be the pack's items when it was opened
+        labels_path = os.path.join(self.latents_dir, LABELS_FILE)
+        rerun = (f"run `python -m preprocessing.dataset_tools encode --source {self.images_dir} --dest "
+                 f"{self.latents_dir}` with the --vae that encoded them (it finds the latents done and hashes them)")
+        if self._identity is None:
+            raise InvalidInput(f"{needed_by} needs the dataset identity of {self.data_dir}, and {labels_path} records "
+                               f"none (it was written by another tool or an older version); {rerun}")
+        if self._identity["items_sha256"] != items_sha256(self.image_files, self.latent_files, self.labels):
+            raise InvalidInput(f"{needed_by} needs the dataset identity of {self.data_dir}, and the one {labels_path} "
+                               "records is of other items than the folder holds (files or labels changed since "
+                               f"`encode` wrote it); {rerun}")
+        return self._identity
+
     def _open_packed(self) -> None:
         """The packed layout: its index, labels and the moments' memory map (mapped again in each DataLoader
-        worker, see __getstate__)."""
+        worker, see __getstate__), all checked now: against each other, against the items the pack recorded, and
+        against vae-sd/ while that is there."""
         index_path = packed_index_path(self.data_dir)
+        labels_path = os.path.join(self.data_dir, PACKED_DIR, PACKED_LABELS)
+        repack = f"rerun `python -m preprocessing.dataset_tools pack --data-dir {self.data_dir}`"
         try:
             with open(index_path) as f:
                 index = json.load(f)
             self.image_files, self.latent_files = list(index["image_files"]), list(index["latent_files"])
             self.resolution = int(index["resolution"])
-            self.labels = np.load(os.path.join(self.data_dir, PACKED_DIR, PACKED_LABELS))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InvalidInput(f"cannot read the packed dataset {index_path}: {e}; rerun `python -m "
-                               "preprocessing.dataset_tools pack`") from e
+            version, identity = index.get("format"), index.get(IDENTITY_KEY)
+            labels = np.load(labels_path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidInput(f"cannot read the packed dataset {index_path}: {e}; {repack}") from e
+        if version != PACKED_FORMAT or identity is None:
+            raise InvalidInput(f"{index_path} records no dataset identity (an older version of pack wrote it); "
+                               f"{repack}")
+        self._identity = _identity_record(identity, index_path)
+        # The per-file layout refuses these when it reads dataset.json; here they would pass until drawn.
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise InvalidInput(f"{labels_path} holds {labels.dtype} {labels.shape}, not integer class indices; "
+                               f"{repack}")
+        self.labels = labels.astype(np.int64)
         self._moments = None
         moments = self._packed_moments()
         latent = self.resolution // VAE_DOWNSAMPLING
@@ -195,11 +270,35 @@ class ImageLatentDataset(Dataset):
         if moments.shape != expected or moments.dtype != np.float32 or self.labels.shape != (expected[0],):
             raise InvalidInput(f"packed dataset in {os.path.join(self.data_dir, PACKED_DIR)}: moments {moments.dtype} "
                                f"{moments.shape} and labels {self.labels.shape} do not fit its index ({expected[0]} "
-                               f"items of float32 {expected[1:]}); rerun `python -m preprocessing.dataset_tools pack`")
+                               f"items of float32 {expected[1:]}); {repack}")
+        if not len(self.labels):
+            raise InvalidInput(f"packed dataset {index_path} holds no items; {repack} from a folder that holds some")
+        if self.labels.min() < 0:
+            bad = int(np.argmin(self.labels))
+            raise InvalidInput(f"{labels_path} gives item {bad} ({self.latent_files[bad]}) the negative class "
+                               f"{self.labels[bad]}; {repack}")
+        if items_sha256(self.image_files, self.latent_files, self.labels) != self._identity["items_sha256"]:
+            raise InvalidInput(f"{index_path} and {labels_path} do not hold the items the pack recorded (their paths "
+                               f"or labels were changed after pack wrote them); {repack}")
+        source = os.path.join(self.latents_dir, LABELS_FILE)
+        if os.path.isfile(source):  # else the per-file latents are gone, and the pack is the data
+            labels, identity = read_labels(source)
+            if labels != dict(zip(self.latent_files, self.labels.tolist())):
+                raise InvalidInput(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} labels {len(labels)} latents "
+                                   f"now, and not the {len(self.labels)} items packed; {repack}")
+            if identity != self._identity:
+                raise InvalidInput(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} records "
+                                   f"{'no' if identity is None else 'another'} dataset identity (vae-sd/ was encoded "
+                                   f"again since it was packed); {repack}")
 
     def _packed_moments(self) -> np.ndarray:
         if self._moments is None:
-            self._moments = np.load(os.path.join(self.data_dir, PACKED_DIR, PACKED_MOMENTS), mmap_mode="r")
+            path = os.path.join(self.data_dir, PACKED_DIR, PACKED_MOMENTS)
+            try:
+                self._moments = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # a truncated file: "mmap length is greater than file size"
+                raise InvalidInput(f"cannot read the packed moments {path}: {e} (truncated or damaged); rerun "
+                                   f"`python -m preprocessing.dataset_tools pack --data-dir {self.data_dir}`") from e
         return self._moments
 
     def __getstate__(self):  # a DataLoader worker maps the packed moments itself
@@ -225,8 +324,8 @@ class ImageLatentDataset(Dataset):
                 raise InvalidInput(f"sorted images and latents do not line up: {image} is paired with {latent}; "
                                    f"rename them so that both sort in the same order")
 
-    def _read_labels(self, labels_path: str) -> np.ndarray:
-        labels = read_labels(labels_path)
+    def _read_labels(self, labels_path: str) -> Tuple[np.ndarray, Optional[Dict[str, str]]]:
+        labels, identity = read_labels(labels_path)
         missing = [f for f in self.latent_files if f not in labels]
         if missing:
             raise InvalidInput(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
@@ -239,7 +338,7 @@ class ImageLatentDataset(Dataset):
         if values.min() < 0:
             bad = self.latent_files[int(np.argmin(values))]
             raise InvalidInput(f"{labels_path} gives {bad} the negative class {values.min()}")
-        return values
+        return values, identity
 
     def _check_first_item(self) -> int:
         image = load_image(os.path.join(self.images_dir, self.image_files[0]))

@@ -41,7 +41,8 @@ def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentData
         with refusals_of_models("--enc-type/--enc-weights"):
             names = teacher_names(config["enc_type"])
             hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
-        run = run_identity(names, hashes, config["resolution"], TEACHER_PREPROCESSING, dataset.image_files)
+        run = run_identity(names, hashes, config["resolution"], TEACHER_PREPROCESSING, len(dataset),
+                           dataset.identity("--teacher-cache")["images_sha256"])
         differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
         if differences:
             raise InvalidInput(f"--teacher-cache {cache.cache_dir} was made for other settings than this run's: "

@@ -2,8 +2,9 @@
 running the teacher (and decoding the image) at every step.
 
     CACHE/identity.json        what the tokens are (TeacherCacheIdentity): the teachers (name, sha256 of the weights
-                               file, width), resolution, preprocessing, dtype, tokens per image, and the dataset's file
-                               list (count and sha256 of the sorted image paths), the shard size
+                               file, width), resolution, preprocessing, dtype, tokens per image, the shard size, and
+                               the images they are of: their count and the dataset identity's images_sha256 (image
+                               paths and bytes, erw/data.py dataset_identity)
     CACHE/shard-00000.npy ...  (items, T, D) in the stored dtype: the images [s * S, (s + 1) * S) in sorted order, the
                                teachers' tokens side by side along the last axis (in --enc-type order)
 
@@ -16,11 +17,11 @@ Disk: images x T x D x bytes per value; ImageNet-1k (1,281,167 images) with DINO
 D = 768): 1,281,167 x 256 x 768 x 2 B = 504 GB in float16, 1.0 TB in float32.
 
 A run refuses a cache whose identity differs from its own in any field (another teacher, other weights, another
-resolution or preprocessing, a changed file list), naming the field.
+resolution or preprocessing, other images), naming the field.
 """
-import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -40,15 +41,6 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.npy"
 
 
-def file_list_sha256(relpaths: Sequence[str]) -> str:
-    """sha256 of the sorted relative image paths, one per line: a dataset with a file added, removed or renamed
-    has another list, and its item i may be another image."""
-    digest = hashlib.sha256()
-    for path in relpaths:
-        digest.update(path.encode() + b"\n")
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class TeacherCacheIdentity:
     """What a cache's tokens are; two caches (or a cache and a run) agree when every field does."""
@@ -60,15 +52,37 @@ class TeacherCacheIdentity:
     preprocessing: str              # models.encoders.TEACHER_PREPROCESSING
     dtype: str                      # float16 | float32
     num_images: int
-    file_list_sha256: str
+    images_sha256: str              # the dataset identity's (erw/data.py): image paths and bytes, in item order
     shard_items: int = SHARD_ITEMS
 
     # The fields a training run compares with its own (the dtype and shard size are the cache's own business).
-    RUN_FIELDS = ("teachers", "weights_sha256", "resolution", "preprocessing", "num_images", "file_list_sha256")
+    RUN_FIELDS = ("teachers", "weights_sha256", "resolution", "preprocessing", "num_images", "images_sha256")
 
     def differences(self, other: "TeacherCacheIdentity", fields: Sequence[str]) -> List[str]:
         return [f"{field}: cache has {getattr(self, field)!r}, this run {getattr(other, field)!r}"
                 for field in fields if getattr(self, field) != getattr(other, field)]
+
+    def problems(self) -> List[str]:
+        """What makes the fields unusable (types, ranges, per-teacher lists of unequal length)."""
+        def texts(v):
+            return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+        def count(v):
+            return type(v) is int and v >= 1  # bool is an int subclass, and 0 would divide by zero
+
+        checks = {"teachers": (texts, "a list of names"), "weights_sha256": (texts, "a list of strings"),
+                  "widths": (lambda v: isinstance(v, list) and all(count(x) for x in v), "a list of integers >= 1"),
+                  "tokens": (count, "an integer >= 1"), "resolution": (count, "an integer >= 1"),
+                  "preprocessing": (lambda v: isinstance(v, str), "a string"),
+                  "dtype": (lambda v: v in CACHE_DTYPES, f"one of {', '.join(CACHE_DTYPES)}"),
+                  "num_images": (count, "an integer >= 1"), "images_sha256": (lambda v: isinstance(v, str), "a string"),
+                  "shard_items": (count, "an integer >= 1")}
+        found = [f"{name} is {json.dumps(getattr(self, name))}, not {expected}"
+                 for name, (check, expected) in checks.items() if not check(getattr(self, name))]
+        if not found and not 1 <= len(self.teachers) == len(self.weights_sha256) == len(self.widths):
+            found.append(f"teachers, weights_sha256 and widths have {len(self.teachers)}, {len(self.weights_sha256)} "
+                         f"and {len(self.widths)} entries, not one per teacher")
+        return found
 
 
 def read_identity(cache_dir: str) -> TeacherCacheIdentity:
@@ -78,21 +92,35 @@ def read_identity(cache_dir: str) -> TeacherCacheIdentity:
                            "started (`python -m preprocessing.dataset_tools cache-teachers`)")
     try:
         with open(path) as f:
-            fields = json.load(f)
-        return TeacherCacheIdentity(**fields)
+            identity = TeacherCacheIdentity(**json.load(f))
     except (OSError, ValueError, TypeError) as e:
         raise InvalidInput(f"cannot read the teacher cache identity {path}: {e}") from e
+    problems = identity.problems()
+    if problems:
+        raise InvalidInput(f"teacher cache identity {path}: {'; '.join(problems)}; write the cache again "
+                           "(`python -m preprocessing.dataset_tools cache-teachers`)")
+    return identity
+
+
+def has_shards(cache_dir: str) -> bool:
+    return any(re.fullmatch(r"shard-\d{5,}\.npy", name) for name in os.listdir(cache_dir))
 
 
 def write_identity(cache_dir: str, identity: TeacherCacheIdentity) -> None:
-    """Write the identity of a new cache, or check that an existing cache (being resumed) has this one."""
+    """Write the identity of a new cache, or check that an existing cache (being resumed) has this one. An identity
+    beside which no shard was written yet (a command that stopped before its first shard) is replaced: it holds
+    nothing that could be lost."""
     path = os.path.join(cache_dir, IDENTITY_FILE)
     if os.path.isfile(path):
-        differences = read_identity(cache_dir).differences(identity, list(asdict(identity)))
-        if differences:
+        try:
+            differences = read_identity(cache_dir).differences(identity, list(asdict(identity)))
+        except InvalidInput as error:
+            differences = [str(error)]
+        if not differences:
+            return
+        if has_shards(cache_dir):
             raise InvalidInput(f"{cache_dir} holds a teacher cache of other settings ({'; '.join(differences)}); "
                                "give another --out, or delete it to rebuild")
-        return
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(asdict(identity), indent=1) + "\n").encode()))
 
@@ -127,20 +155,30 @@ class TeacherCache:
             raise InvalidInput(f"teacher cache {cache_dir} lacks {len(missing)} of {num_shards(self.identity)} "
                                f"shards (first: {shard_name(missing[0])}): its writing was interrupted; rerun the "
                                "same `cache-teachers` command (it resumes)")
+        for shard in range(num_shards(self.identity)):  # each shard's header and size, now rather than mid-run
+            self._open_shard(shard)
         self._shards: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.identity.num_images
 
+    def _open_shard(self, shard: int) -> np.ndarray:
+        path = os.path.join(self.cache_dir, shard_name(shard))
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:  # a truncated file: "mmap length is greater than file size"
+            raise InvalidInput(f"cannot read the teacher cache shard {path}: {e} (truncated or damaged); delete it "
+                               "and rerun the `cache-teachers` command that wrote the cache (it writes what is "
+                               "missing)") from e
+        expected = (len(shard_items(self.identity, shard)), self.identity.tokens, sum(self.identity.widths))
+        if array.shape != expected or array.dtype != CACHE_DTYPES[self.identity.dtype]:
+            raise InvalidInput(f"teacher cache shard {path} is {array.dtype} {array.shape}, expected "
+                               f"{self.identity.dtype} {expected} by {IDENTITY_FILE}")
+        return array
+
     def _shard(self, shard: int) -> np.ndarray:
         if shard not in self._shards:
-            path = os.path.join(self.cache_dir, shard_name(shard))
-            array = np.load(path, mmap_mode="r")
-            expected = (len(shard_items(self.identity, shard)), self.identity.tokens, sum(self.identity.widths))
-            if array.shape != expected or array.dtype != CACHE_DTYPES[self.identity.dtype]:
-                raise InvalidInput(f"teacher cache shard {path} is {array.dtype} {array.shape}, expected "
-                                   f"{self.identity.dtype} {expected} by {IDENTITY_FILE}")
-            self._shards[shard] = array
+            self._shards[shard] = self._open_shard(shard)
         return self._shards[shard]
 
     def tokens(self, index: int) -> np.ndarray:
@@ -184,10 +222,10 @@ def teacher_weights_sha256(enc_type: str, enc_weights=None) -> List[str]:
 
 
 def run_identity(teacher_names: Sequence[str], weights_sha256: Sequence[str], resolution: int, preprocessing: str,
-                 image_files: Sequence[str], widths: Optional[Sequence[int]] = None, tokens: int = 0,
+                 num_images: int, images_sha256: str, widths: Optional[Sequence[int]] = None, tokens: int = 0,
                  dtype: str = "float16", shard_items: int = SHARD_ITEMS) -> TeacherCacheIdentity:
-    """An identity from a run's (or a cache command's) settings and dataset."""
+    """An identity from a run's (or a cache command's) settings and its dataset's identity."""
     return TeacherCacheIdentity(teachers=list(teacher_names), weights_sha256=list(weights_sha256),
                                 widths=list(widths or []), tokens=tokens, resolution=resolution,
-                                preprocessing=preprocessing, dtype=dtype, num_images=len(image_files),
-                                file_list_sha256=file_list_sha256(image_files), shard_items=shard_items)
+                                preprocessing=preprocessing, dtype=dtype, num_images=num_images,
+                                images_sha256=images_sha256, shard_items=shard_items)

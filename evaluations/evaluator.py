@@ -39,7 +39,7 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.files import atomic_write, file_sha256, temp_path_for  # noqa: E402
+from erw.files import atomic_write, check_writable, file_sha256  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
@@ -159,28 +159,6 @@ def open_images(path: str) -> NpzArrayReader:
                            f"[0, 1] with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype("
                            f"np.uint8)), or write the .npz with sample_ddp.py")
     return reader
-
-
-def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choose another path") -> None:
-    """Raise ValueError naming `flag` and `path` unless the file `path` (with `folder`, the folder) can be written
-    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name
-    pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing."""
-    target = os.path.abspath(path)
-    if not folder and os.path.isdir(target):
-        raise InvalidInput(f"{flag} {path} is a folder, not a file; {hint}")
-    existing = target if folder else os.path.dirname(target)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise InvalidInput(f"{flag} {path} cannot be written: {existing} is not a folder; {hint}")
-    # A real write, not os.access: permission bits say yes to root where e.g. a root-squashed NFS mount says no.
-    probe = temp_path_for(os.path.join(existing, os.path.basename(target)))
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.remove(probe)
-    except OSError as error:
-        raise InvalidInput(f"{flag} {path} cannot be written: creating a file in {existing} failed "
-                           f"({error.strerror or error}); {hint}") from None
 
 
 def read_statistics(path: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:

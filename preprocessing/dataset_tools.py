@@ -10,7 +10,9 @@ Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
     DATA/vae-sd/00000/img-mean-std-00000000.npy, ...
         + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
 Each step writes its resolved settings to preprocess_settings.json in its output folder, and refuses to resume into
-a folder written with different settings.
+a folder written with different settings. Every command holds its output folder while it writes there (run.lock,
+erw/run_lock.py): a second command on the same folder is refused. `encode` also records the dataset's identity
+(erw/data.py dataset_identity) in DATA/vae-sd/dataset.json, which `pack` and `cache-teachers` record in turn.
 """
 import os
 import sys
@@ -19,9 +21,12 @@ if not __package__:  # started as a path: the repository root, where erw/ lives,
     sys.exit("error: run from the repository root as `python -m preprocessing.dataset_tools ...`")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from typing import List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -31,9 +36,11 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from erw.cli import InvalidInput, refusals_of_models  # noqa: E402
-from erw.files import atomic_write, remove_stale_temps  # noqa: E402
-from erw.data import (IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, list_files,  # noqa: E402
-                      load_image, read_labels)
+from erw.files import atomic_write, file_sha256, remove_stale_temps  # noqa: E402
+from erw.data import (IDENTITY_KEY, IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR,  # noqa: E402
+                      dataset_identity, list_files, load_image, read_labels)
+from erw.flag_types import number, writable  # noqa: E402
+from erw.run_lock import FolderInUse, RunLock  # noqa: E402
 from erw.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, missing_shards, num_shards, run_identity,  # noqa: E402
                                shard_items, teacher_weights_sha256, write_identity, write_shard)
 from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
@@ -64,8 +71,13 @@ def latent_relpath(image_rel: str) -> str:
     return f"{folder}/{latent_name}" if folder else latent_name
 
 
-def save_npy_atomic(array: np.ndarray, path: str) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
+def save_npy_atomic(array: np.ndarray, path: str) -> str:
+    """Write `array` as .npy, atomically; returns the sha256 of the bytes written (what file_sha256 reads back)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_png_atomic(array: np.ndarray, path: str, compress_level: int) -> None:
@@ -85,12 +97,31 @@ def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def remove_stale_temp_files(root: str) -> int:
-    """Delete the temp files an interrupted run of ours left under `root` and say how many; returns that count."""
-    removed = remove_stale_temps(root, recursive=True)
-    if removed:
-        print(f"removed {removed} stale temp file(s) of an interrupted run under {root}")
-    return removed
+@contextmanager
+def holding(folder: str, rank: int = 0, world_size: int = 1, nested: bool = False):
+    """Hold `folder` (its run.lock, erw/run_lock.py) while the block writes there, from process 0; every process
+    learns of a refusal, so that none waits in a barrier for a command that was refused. Under the lock a temp file
+    in the folder (and its subfolders, when `nested`) is a killed command's leftover, and is removed."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(folder).acquire()
+        except FolderInUse as error:
+            refusal = error
+    refused = [refusal is not None]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise refusal or FolderInUse(f"{folder} is in use by another run (process 0 names it)")
+    try:
+        if rank == 0:
+            removed = remove_stale_temps(folder, recursive=nested)
+            if removed:
+                print(f"removed {removed} stale temp file(s) of an interrupted run under {folder}")
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def check_or_write_settings(folder: str, settings: dict, must_match: Sequence[str]) -> None:
@@ -172,36 +203,38 @@ def _convert_one(task: Tuple[str, str, int, int]) -> Optional[str]:
 
 
 def convert(args) -> None:
+    if args.resolution % 8:
+        raise InvalidInput(f"--resolution {args.resolution} is not a multiple of 8 (the VAE that encodes the images "
+                           "downsamples 8x)")
     files, labels, class_names, stray = scan_class_folders(args.source)
     if args.max_images is not None:
         files, labels = files[:args.max_images], labels[:args.max_images]
-    os.makedirs(args.dest, exist_ok=True)
-    check_or_write_settings(args.dest, {
-        "command": "convert", "source": os.path.abspath(args.source), "resolution": args.resolution,
-        "transform": "center-crop-dhariwal (ADM center_crop_arr)", "max_images": args.max_images,
-        "compress_level": args.compress_level, "num_classes": len(class_names), "num_source_images": len(files),
-    }, must_match=("source", "resolution", "max_images"))
-    remove_stale_temp_files(args.dest)
-    print(f"convert: {len(files)} images in {len(class_names)} classes from {args.source} -> {args.dest} "
-          f"({args.resolution}x{args.resolution})")
-    if stray:
-        print(f"convert: ignoring {stray} file(s) at the top level of {args.source} (not inside a class folder)")
+    with holding(args.dest, nested=True):
+        check_or_write_settings(args.dest, {
+            "command": "convert", "source": os.path.abspath(args.source), "resolution": args.resolution,
+            "transform": "center-crop-dhariwal (ADM center_crop_arr)", "max_images": args.max_images,
+            "compress_level": args.compress_level, "num_classes": len(class_names), "num_source_images": len(files),
+        }, must_match=("source", "resolution", "max_images"))
+        print(f"convert: {len(files)} images in {len(class_names)} classes from {args.source} -> {args.dest} "
+              f"({args.resolution}x{args.resolution})")
+        if stray:
+            print(f"convert: ignoring {stray} file(s) at the top level of {args.source} (not inside a class folder)")
 
-    tasks = [(os.path.join(args.source, rel), os.path.join(args.dest, image_relpath(i)), args.resolution,
-              args.compress_level) for i, rel in enumerate(files)]
-    failures = []
-    progress = tqdm(total=len(tasks), desc="convert", unit="img")
-    if args.workers > 0:
-        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            results = pool.imap(_convert_one, tasks, chunksize=64)
-            failures = _collect_failures(results, files, args.source, progress)
-    else:
-        failures = _collect_failures(map(_convert_one, tasks), files, args.source, progress)
-    progress.close()
+        tasks = [(os.path.join(args.source, rel), os.path.join(args.dest, image_relpath(i)), args.resolution,
+                  args.compress_level) for i, rel in enumerate(files)]
+        failures = []
+        progress = tqdm(total=len(tasks), desc="convert", unit="img")
+        if args.workers > 0:
+            with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+                results = pool.imap(_convert_one, tasks, chunksize=64)
+                failures = _collect_failures(results, files, args.source, progress)
+        else:
+            failures = _collect_failures(map(_convert_one, tasks), files, args.source, progress)
+        progress.close()
 
-    failed = {i for i, _ in failures}
-    written = [(image_relpath(i), labels[i]) for i in range(len(files)) if i not in failed]
-    write_image_labels(args.dest, written, class_names)
+        failed = {i for i, _ in failures}
+        written = [(image_relpath(i), labels[i]) for i in range(len(files)) if i not in failed]
+        write_image_labels(args.dest, written, class_names)
     print(f"convert: wrote {len(written)} images and {os.path.join(args.dest, LABELS_FILE)}")
     if failures:
         print(f"convert: skipped {len(failures)} unreadable image(s) (listed above); their indices are left "
@@ -248,7 +281,8 @@ def start_processes(device_type: str) -> Tuple[int, int, torch.device]:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Loads the images to encode: item = (position in `files`, uint8 (3, H, W)); all must be size x size."""
+    """Loads the images to encode: item = (position in `files`, uint8 (3, H, W), sha256 of the file); all must be
+    size x size."""
 
     def __init__(self, root: str, files: Sequence[str], size: int):
         self.root, self.files, self.size = root, list(files), size
@@ -262,7 +296,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         if image.shape[1:] != (self.size, self.size):
             raise InvalidInput(f"image {path} is {image.shape[2]}x{image.shape[1]}, but the first image is "
                                f"{self.size}x{self.size}: all images of a dataset must have one size")
-        return index, torch.from_numpy(np.ascontiguousarray(image))
+        return index, torch.from_numpy(np.ascontiguousarray(image)), file_sha256(path)  # read again: page cache
 
 
 def _barrier(world_size: int) -> None:
@@ -275,7 +309,10 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     """Encode source/*.png into dest/*.npy (float32 [mean | std]) and dest/dataset.json; resumable, data-parallel.
 
     Each process (RANK of WORLD_SIZE) encodes images rank, rank + W, ...; finished files are skipped, so rerunning
-    the same command continues an interrupted run. Rank 0 writes dataset.json once every shard is done.
+    the same command continues an interrupted run. Every process takes the sha256 of each image it reads and each
+    latent it writes, and reads back the files finished before; rank 0 then writes dataset.json with the labels
+    and the dataset identity (erw/data.py dataset_identity). A rerun that finds every latent done only hashes, and
+    changes no file when the identity is the same.
     device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or "cpu".
     """
     rank, world_size, device = start_processes(device_type)
@@ -284,7 +321,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
         labels_path = os.path.join(source, LABELS_FILE)
         if not os.path.isfile(labels_path):
             raise InvalidInput(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
-        image_labels = read_labels(labels_path)
+        image_labels, _ = read_labels(labels_path)
         files = list_files(source, IMAGE_EXTENSIONS)
         if max_images is not None:
             files = files[:max_images]
@@ -298,46 +335,54 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
         if size % 8:
             raise InvalidInput(f"image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
 
-        if is_main:
-            os.makedirs(dest, exist_ok=True)
-            check_or_write_settings(dest, {
-                "command": "encode", "source": os.path.abspath(source), "vae": vae_name,
-                "moments": "float32 [posterior mean | posterior std] of the VAE latents (unscaled)",
-                "batch_size": batch_size, "world_size": world_size, "max_images": max_images,
-                "num_images": len(files), "resolution": size,
-            }, must_match=("vae", "source"))
-            remove_stale_temp_files(dest)
-        _barrier(world_size)
+        with holding(dest, rank, world_size, nested=True):
+            if is_main:
+                check_or_write_settings(dest, {
+                    "command": "encode", "source": os.path.abspath(source), "vae": vae_name,
+                    "moments": "float32 [posterior mean | posterior std] of the VAE latents (unscaled)",
+                    "batch_size": batch_size, "world_size": world_size, "max_images": max_images,
+                    "num_images": len(files), "resolution": size,
+                }, must_match=("vae", "source"))
+            _barrier(world_size)
 
-        shard = files[rank::world_size]
-        pending = [f for f in shard if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
-        if is_main:
-            print(f"encode: {len(files)} images, {world_size} process(es) on {device.type}; "
-                  f"{len(shard) - len(pending)} of rank 0's {len(shard)} already done")
-        with refusals_of_models("--vae"):
-            vae = load_vae(vae_name, allow_download=allow_download)
-        vae = vae.to(device)
-        loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
-                                             num_workers=workers, pin_memory=device.type == "cuda")
-        progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
-                        disable=not is_main)
-        for indices, images in loader:
-            moments = encode_moments(vae, images.to(device, non_blocking=True)).cpu().numpy()
-            for index, moment in zip(indices.tolist(), moments):
-                save_npy_atomic(moment, os.path.join(dest, latent_relpath(pending[index])))
-            progress.update(len(indices))
-        progress.close()
-        _barrier(world_size)
+            shard = files[rank::world_size]
+            pending = [f for f in shard if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
+            if is_main:
+                print(f"encode: {len(files)} images, {world_size} process(es) on {device.type}; "
+                      f"{len(shard) - len(pending)} of rank 0's {len(shard)} already done")
+            hashes = {}  # image relpath -> (sha256 of the image file, sha256 of its latent file)
+            progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
+                            disable=not is_main)
+            if pending:
+                with refusals_of_models("--vae"):
+                    vae = load_vae(vae_name, allow_download=allow_download)
+                vae = vae.to(device)
+                loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
+                                                     num_workers=workers, pin_memory=device.type == "cuda")
+                for indices, images, image_sha256 in loader:
+                    moments = encode_moments(vae, images.to(device, non_blocking=True)).cpu().numpy()
+                    for index, moment, image_sha in zip(indices.tolist(), moments, image_sha256):
+                        path = os.path.join(dest, latent_relpath(pending[index]))
+                        hashes[pending[index]] = (image_sha, save_npy_atomic(moment, path))
+                    progress.update(len(indices))
+            progress.close()
+            for f in tqdm([f for f in shard if f not in hashes], desc="hash finished items (rank 0)", unit="img",
+                          disable=not is_main):
+                hashes[f] = (file_sha256(os.path.join(source, f)), file_sha256(os.path.join(dest, latent_relpath(f))))
+            if world_size > 1:
+                shares = [None] * world_size
+                torch.distributed.all_gather_object(shares, hashes)
+                hashes = {f: pair for share in shares for f, pair in share.items()}
 
-        if is_main:
-            missing = [f for f in files if not os.path.isfile(os.path.join(dest, latent_relpath(f)))]
-            if missing:
-                raise ValueError(f"{len(missing)} latent(s) missing after encoding, e.g. for {missing[0]}; "
-                                 f"rerun the same command to resume")
-            entries = [[latent_relpath(f), image_labels[f]] for f in files]
-            save_json_atomic({"labels": entries}, os.path.join(dest, LABELS_FILE))
-            print(f"encode: wrote {len(files)} latents and {os.path.join(dest, LABELS_FILE)}")
-        _barrier(world_size)
+            if is_main:
+                latents = [latent_relpath(f) for f in files]
+                labels = [image_labels[f] for f in files]
+                identity = dataset_identity(files, latents, labels, [hashes[f][0] for f in files],
+                                            [hashes[f][1] for f in files])
+                save_json_atomic({"labels": [list(entry) for entry in zip(latents, labels)], IDENTITY_KEY: identity},
+                                 os.path.join(dest, LABELS_FILE))
+                print(f"encode: wrote {len(files)} latents and {os.path.join(dest, LABELS_FILE)}")
+            _barrier(world_size)
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -427,29 +472,26 @@ def demo_image(label: int, index: int, seed: int, resolution: int) -> np.ndarray
 def make_demo(args) -> None:
     if distributed_env()[2] > 1:
         raise InvalidInput("make-demo runs as a single process (it is small); start it with plain python")
-    if not 2 <= args.num_classes <= len(DEMO_SHAPES):
-        raise InvalidInput(f"--num-classes must be in [2, {len(DEMO_SHAPES)}], got {args.num_classes}")
     if args.resolution % 16:
         raise InvalidInput(f"--resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
                            f"got {args.resolution}")
     images_dir = os.path.join(args.dest, IMAGES_DIR)
-    os.makedirs(images_dir, exist_ok=True)
     num_images = args.num_classes * args.images_per_class
-    check_or_write_settings(images_dir, {
-        "command": "make-demo", "seed": args.seed, "resolution": args.resolution, "num_classes": args.num_classes,
-        "images_per_class": args.images_per_class, "num_images": num_images, "compress_level": 0,
-        "classes": "label k = DEMO_COLOURS[k] + DEMO_SHAPES[k]; image i has label i % num_classes",
-    }, must_match=("seed", "resolution", "num_classes", "images_per_class"))
-    remove_stale_temp_files(images_dir)
-    class_names = [f"{DEMO_SHAPES[k]}-{k}" for k in range(args.num_classes)]
-    labels = []
-    for index in tqdm(range(num_images), desc="make-demo images", unit="img"):
-        label = index % args.num_classes  # interleaved, so every prefix of the sorted files is class-balanced
-        path = os.path.join(images_dir, image_relpath(index))
-        if not os.path.isfile(path):
-            save_png_atomic(demo_image(label, index, args.seed, args.resolution), path, compress_level=0)
-        labels.append((image_relpath(index), label))
-    write_image_labels(images_dir, labels, class_names)
+    with holding(images_dir, nested=True):
+        check_or_write_settings(images_dir, {
+            "command": "make-demo", "seed": args.seed, "resolution": args.resolution, "num_classes": args.num_classes,
+            "images_per_class": args.images_per_class, "num_images": num_images, "compress_level": 0,
+            "classes": "label k = DEMO_COLOURS[k] + DEMO_SHAPES[k]; image i has label i % num_classes",
+        }, must_match=("seed", "resolution", "num_classes", "images_per_class"))
+        class_names = [f"{DEMO_SHAPES[k]}-{k}" for k in range(args.num_classes)]
+        labels = []
+        for index in tqdm(range(num_images), desc="make-demo images", unit="img"):
+            label = index % args.num_classes  # interleaved, so every prefix of the sorted files is class-balanced
+            path = os.path.join(images_dir, image_relpath(index))
+            if not os.path.isfile(path):
+                save_png_atomic(demo_image(label, index, args.seed, args.resolution), path, compress_level=0)
+            labels.append((image_relpath(index), label))
+        write_image_labels(images_dir, labels, class_names)
     run_encode(images_dir, os.path.join(args.dest, LATENTS_DIR), args.vae, args.batch_size, workers=0,
                device_type=args.device)
     if args.vae == RANDOM_TINY_VAE:
@@ -485,33 +527,46 @@ def reference(args) -> None:
 
 def pack(args) -> None:
     """DATA/vae-sd/*.npy + dataset.json -> DATA/packed (erw/data.py): one memory-mappable moments file, the labels
-    and an index, written atomically, the index last (a folder without it is not a packed dataset)."""
-    from erw.data import (PACKED_DIR, PACKED_INDEX, PACKED_LABELS, PACKED_MOMENTS, ImageLatentDataset,
+    and an index with the dataset identity, written atomically, the index last (a folder without it is not a packed
+    dataset). A pack that no longer describes vae-sd/ is written again."""
+    from erw.data import (PACKED_DIR, PACKED_FORMAT, PACKED_LABELS, PACKED_MOMENTS, ImageLatentDataset,
                           packed_index_path)
     from erw.files import temp_path_for
-    if os.path.isfile(packed_index_path(args.data_dir)):
-        print(f"pack: {packed_index_path(args.data_dir)} exists; {args.data_dir} is packed already")
-        return
-    dataset = ImageLatentDataset(args.data_dir, load_images=False)
+    index_path = packed_index_path(args.data_dir)
+    if os.path.isfile(index_path):
+        try:
+            ImageLatentDataset(args.data_dir, load_images=False)  # checks the pack, against vae-sd/ where it is
+            print(f"pack: {args.data_dir} is packed already ({index_path} describes its data)")
+            return
+        except InvalidInput as error:
+            print(f"pack: packing again, as training would refuse the pack: {error}")
+    dataset = ImageLatentDataset(args.data_dir, load_images=False, read_packed=False)
+    identity = dataset.identity("pack")
     out = os.path.join(args.data_dir, PACKED_DIR)
-    os.makedirs(out, exist_ok=True)
-    remove_stale_temp_files(out)
-    moments_path = os.path.join(out, PACKED_MOMENTS)
-    tmp = temp_path_for(moments_path)
-    packed = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), *dataset.moments_shape))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
-    start = 0
-    for _, moments, _ in tqdm(loader, desc="pack", unit="batch"):
-        packed[start:start + len(moments)] = moments.numpy()
-        start += len(moments)
-    packed.flush()
-    del packed
-    os.replace(tmp, moments_path)
-    atomic_write(os.path.join(out, PACKED_LABELS), lambda f: np.save(f, dataset.labels))
-    index = {"format": 1, "num_items": len(dataset), "resolution": dataset.resolution,
-             "moments": f"float32 {(len(dataset), *dataset.moments_shape)} [posterior mean | std], per-file order",
-             "image_files": dataset.image_files, "latent_files": dataset.latent_files}
-    save_json_atomic(index, os.path.join(out, PACKED_INDEX))
+    with holding(out):
+        if os.path.isfile(index_path):
+            os.remove(index_path)  # from here until the new index, the folder is not packed: no reader mixes the two
+        moments_path = os.path.join(out, PACKED_MOMENTS)
+        tmp = temp_path_for(moments_path)
+        try:  # a refused item must not leave a full-size temp file behind (42 GB for ImageNet)
+            packed = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=(len(dataset), *dataset.moments_shape))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
+            start = 0
+            for _, moments, _ in tqdm(loader, desc="pack", unit="batch"):
+                packed[start:start + len(moments)] = moments.numpy()
+                start += len(moments)
+            packed.flush()
+            del packed
+            os.replace(tmp, moments_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        atomic_write(os.path.join(out, PACKED_LABELS), lambda f: np.save(f, dataset.labels))
+        index = {"format": PACKED_FORMAT, "num_items": len(dataset), "resolution": dataset.resolution,
+                 "moments": f"float32 {(len(dataset), *dataset.moments_shape)} [posterior mean | std], per-file order",
+                 IDENTITY_KEY: identity, "image_files": dataset.image_files, "latent_files": dataset.latent_files}
+        save_json_atomic(index, index_path)
     size = os.path.getsize(moments_path) / 2 ** 30
     print(f"pack: {len(dataset)} items of {args.data_dir} -> {out} ({size:.2f} GiB of moments)")
 
@@ -524,47 +579,54 @@ def cache_teachers(args) -> None:
     rank, world_size, device = start_processes(args.device)
     try:
         dataset = ImageLatentDataset(args.data_dir, load_images=True)
+        images_sha256 = dataset.identity("cache-teachers")["images_sha256"]
         with refusals_of_models("--enc-type/--enc-weights"):
             teachers = [t.to(device) for t in load_teachers(args.enc_type, dataset.resolution, args.enc_weights)]
             names = teacher_names(args.enc_type)
         identity = run_identity(names, teacher_weights_sha256(args.enc_type, args.enc_weights), dataset.resolution,
-                                TEACHER_PREPROCESSING, dataset.image_files, widths=[t.embed_dim for t in teachers],
-                                tokens=teachers[0].num_tokens, dtype=args.dtype, shard_items=args.shard_items)
-        if rank == 0:
-            write_identity(args.out, identity)
-            remove_stale_temp_files(args.out)
-        _barrier(world_size)
-        mine = [s for s in missing_shards(args.out, identity) if s % world_size == rank]
-        total = num_shards(identity)
-        if rank == 0:
-            print(f"cache-teachers: {len(dataset)} images, {total} shards, {world_size} process(es) on "
-                  f"{device.type}; rank 0 has {len(mine)} shard(s) to write")
-        dtype = CACHE_DTYPES[args.dtype]
-        progress = tqdm(total=sum(len(shard_items(identity, s)) for s in mine), desc="cache-teachers (rank 0)",
-                        unit="img", disable=rank != 0)
-        for shard in mine:  # shard by shard, so that a shard's batches do not depend on the process count
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard_items(identity, shard)),
-                                                 batch_size=args.batch_size, num_workers=args.workers,
-                                                 pin_memory=device.type == "cuda")
-            rows = []
-            with torch.no_grad():
-                for images, _, _ in loader:
-                    images = images.to(device, non_blocking=True)
-                    rows.append(torch.cat([teacher(images).float() for teacher in teachers], dim=-1).cpu().numpy())
-                    progress.update(len(images))
-            write_shard(args.out, shard, np.concatenate(rows).astype(dtype))
-        progress.close()
-        _barrier(world_size)
-        if rank == 0:
-            left = missing_shards(args.out, identity)
-            if left:
-                raise RuntimeError(f"{len(left)} shard(s) missing after caching, e.g. {left[0]}")
-            print(f"cache-teachers: {total} shards of {identity.tokens} x {sum(identity.widths)} {args.dtype} tokens "
-                  f"per image -> {args.out}")
-        _barrier(world_size)
+                                TEACHER_PREPROCESSING, len(dataset), images_sha256,
+                                widths=[t.embed_dim for t in teachers], tokens=teachers[0].num_tokens,
+                                dtype=args.dtype, shard_items=args.shard_items)
+        with holding(args.out, rank, world_size):
+            if rank == 0:
+                write_identity(args.out, identity)
+            _barrier(world_size)
+            _write_cache(args, dataset, teachers, identity, rank, world_size, device)
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, device: torch.device) -> None:
+    """The shards this process writes: r, r + W, ... of those missing."""
+    mine = [s for s in missing_shards(args.out, identity) if s % world_size == rank]
+    total = num_shards(identity)
+    if rank == 0:
+        print(f"cache-teachers: {len(dataset)} images, {total} shards, {world_size} process(es) on "
+              f"{device.type}; rank 0 has {len(mine)} shard(s) to write")
+    dtype = CACHE_DTYPES[args.dtype]
+    progress = tqdm(total=sum(len(shard_items(identity, s)) for s in mine), desc="cache-teachers (rank 0)",
+                    unit="img", disable=rank != 0)
+    for shard in mine:  # shard by shard, so that a shard's batches do not depend on the process count
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard_items(identity, shard)),
+                                             batch_size=args.batch_size, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
+        rows = []
+        with torch.no_grad():
+            for images, _, _ in loader:
+                images = images.to(device, non_blocking=True)
+                rows.append(torch.cat([teacher(images).float() for teacher in teachers], dim=-1).cpu().numpy())
+                progress.update(len(images))
+        write_shard(args.out, shard, np.concatenate(rows).astype(dtype))
+    progress.close()
+    _barrier(world_size)
+    if rank == 0:
+        left = missing_shards(args.out, identity)
+        if left:
+            raise RuntimeError(f"{len(left)} shard(s) missing after caching, e.g. {left[0]}")
+        print(f"cache-teachers: {total} shards of {identity.tokens} x {sum(identity.widths)} {args.dtype} tokens "
+              f"per image -> {args.out}")
+    _barrier(world_size)
 
 
 #################################################################################
@@ -588,11 +650,13 @@ Rerunning the same command resumes (finished PNGs are kept).
 
   python -m preprocessing.dataset_tools convert --source ILSVRC/Data/CLS-LOC/train --dest data/imagenet256/images""")
     p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
-    p.add_argument("--dest", required=True, metavar="DIR", help="output images folder, e.g. DATA/images")
-    p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512 in the paper)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
+    p.add_argument("--dest", required=True, metavar="DIR", type=writable(folder=True),
+                   help="output images folder, e.g. DATA/images")
+    p.add_argument("--resolution", type=number("[8, inf)"), default=256,
+                   help="output side in pixels, a multiple of 8 (256 or 512 in the paper)")
+    p.add_argument("--max-images", type=number("[1, inf)"), default=None, metavar="N",
                    help="only the first N images (sorted; default: all)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=number("[0, inf)"), default=min(8, os.cpu_count() or 1),
                    help="decoding/resizing processes (0 = in this process)")
     p.add_argument("--compress-level", type=int, default=0, choices=range(10), metavar="0-9",
                    help="PNG zlib level; 0 (EDM2's default) is largest on disk and fastest to load")
@@ -608,14 +672,16 @@ accelerate launch (each process encodes a disjoint shard):
 
   torchrun --nproc_per_node 8 -m preprocessing.dataset_tools encode --source DATA/images --dest DATA/vae-sd""")
     p.add_argument("--source", required=True, metavar="DIR", help="images folder written by convert")
-    p.add_argument("--dest", required=True, metavar="DIR", help="output latents folder, e.g. DATA/vae-sd")
+    p.add_argument("--dest", required=True, metavar="DIR", type=writable(folder=True),
+                   help="output latents folder, e.g. DATA/vae-sd")
     p.add_argument("--vae", "--model-url", default="stabilityai/sd-vae-ft-mse", metavar="NAME",
                    help="diffusers VAE: local folder, hub id (read from the local cache), or random-tiny "
                         "(default: %(default)s, as REPA)")
     p.add_argument("--allow-download", action="store_true", help="fetch a hub --vae that is not cached locally")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per process")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers per process")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=number("[1, inf)"), default=64, help="images per VAE call, per process")
+    p.add_argument("--workers", type=number("[0, inf)"), default=min(8, os.cpu_count() or 1),
+                   help="PNG-loading workers per process")
+    p.add_argument("--max-images", type=number("[1, inf)"), default=None, metavar="N",
                    help="only the first N images (sorted; default: all)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
@@ -631,15 +697,18 @@ random-tiny (unit tests) the VAE is also saved to DEST/vae so that later stages 
 encoded.
 
   python -m preprocessing.dataset_tools make-demo --dest data/demo""")
-    p.add_argument("--dest", required=True, metavar="DIR", help="output data folder")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (64 -> 8x8 latents)")
-    p.add_argument("--num-classes", type=int, default=10, help=f"number of classes (2..{len(DEMO_SHAPES)})")
-    p.add_argument("--images-per-class", type=int, default=32, help="images of each class")
-    p.add_argument("--seed", type=int, default=0, help="draws every image's position, size, colour and noise")
+    p.add_argument("--dest", required=True, metavar="DIR", type=writable(folder=True), help="output data folder")
+    p.add_argument("--resolution", type=number("[16, inf)"), default=64,
+                   help="image side in pixels, a multiple of 16 (64 -> 8x8 latents)")
+    p.add_argument("--num-classes", type=number(f"[2, {len(DEMO_SHAPES)}]"), default=10,
+                   help=f"number of classes (2..{len(DEMO_SHAPES)})")
+    p.add_argument("--images-per-class", type=number("[1, inf)"), default=32, help="images of each class")
+    p.add_argument("--seed", type=number("[0, inf)"), default=0,
+                   help="draws every image's position, size, colour and noise")
     p.add_argument("--vae", default=DEMO_VAE, metavar="NAME",
                    help=f"VAE that encodes the latents: {DEMO_VAE} (trained, assets/demo/vae), {RANDOM_TINY_VAE} "
                         "(random weights, tests) or a diffusers folder")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
+    p.add_argument("--batch-size", type=number("[1, inf)"), default=64, help="images per VAE call")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where the VAE runs (auto: GPU when available)")
     p.set_defaults(func=make_demo)
@@ -652,8 +721,8 @@ use ADM's VIRTUAL_imagenet256_labeled.npz instead (it also holds the FID statist
 
   python -m preprocessing.dataset_tools reference --data-dir data/demo --out data/demo/reference.npz""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
-    p.add_argument("--out", required=True, metavar="NPZ", help="output .npz")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("--out", required=True, metavar="NPZ", type=writable(), help="output .npz")
+    p.add_argument("--max-images", type=number("[1, inf)"), default=None, metavar="N",
                    help="at most this many images, evenly spread over the folder (default: all)")
     p.set_defaults(func=reference)
 
@@ -666,7 +735,8 @@ as it is. Disk: N x 8 x (R/8)^2 x 4 bytes, 42 GB for ImageNet-1k at 256 px.
 
   python -m preprocessing.dataset_tools pack --data-dir data/imagenet256""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help=".npy-loading workers")
+    p.add_argument("--workers", type=number("[0, inf)"), default=min(8, os.cpu_count() or 1),
+                   help=".npy-loading workers")
     p.set_defaults(func=pack)
 
     p = commands.add_parser("cache-teachers", formatter_class=formatter,
@@ -684,11 +754,12 @@ ImageNet-1k, DINOv2-B at 256 px, float16: 1,281,167 x 256 x 768 x 2 B = 504 GB (
     p.add_argument("--enc-type", required=True, help="teacher(s), comma-separated, as train.py's --enc-type")
     p.add_argument("--enc-weights", default=None, help="local weight file(s), as train.py's --enc-weights "
                    "(default: none, the local torch hub / Hugging Face cache)")
-    p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
+    p.add_argument("--out", required=True, metavar="DIR", type=writable(folder=True), help="cache folder")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
-    p.add_argument("--shard-items", type=int, default=SHARD_ITEMS, help="images per shard (per file)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per teacher call, per process")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-loading workers")
+    p.add_argument("--shard-items", type=number("[1, inf)"), default=SHARD_ITEMS, help="images per shard (per file)")
+    p.add_argument("--batch-size", type=number("[1, inf)"), default=64, help="images per teacher call, per process")
+    p.add_argument("--workers", type=number("[0, inf)"), default=min(8, os.cpu_count() or 1),
+                   help="PNG-loading workers")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
     p.set_defaults(func=cache_teachers)

@@ -1,4 +1,5 @@
 """preprocessing/dataset_tools.py and erw/data.py: ADM crop, convert -> encode -> dataset, resume, checks, DDP."""
+import hashlib
 import json
 import os
 import re
@@ -172,7 +173,25 @@ def test_encode_resumes_without_redoing_or_leaving_partial_files(encoded, monkey
     assert len(recomputed) == 4
     for path in recomputed:
         np.testing.assert_allclose(np.load(dest / path.relative_to(reference)), np.load(path), **BATCHING_TOLERANCE)
-    assert json.load(open(dest / "dataset.json")) == json.load(open(reference / "dataset.json"))
+    written = json.load(open(dest / "dataset.json"))
+    assert written["labels"] == json.load(open(reference / "dataset.json"))["labels"]
+    assert written["identity"] == identity_of_files(converted / "images", dest)  # the sentinel's bytes included
+
+
+def identity_of_files(images, latents):
+    """The dataset identity (docs/data.md) recomputed from the files on disk with hashlib: per item, in sorted
+    order, a line of image path, its sha256, latent path, its sha256 and label."""
+    with open(latents / "dataset.json") as f:
+        labels = json.load(f)["labels"]
+    image_files = sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))
+    lines = {"items_sha256": [], "images_sha256": [], "sha256": []}
+    for image, (latent, label) in zip(image_files, labels, strict=True):
+        image_sha = hashlib.sha256((images / image).read_bytes()).hexdigest()
+        latent_sha = hashlib.sha256((latents / latent).read_bytes()).hexdigest()
+        lines["items_sha256"].append(f"{image}\t{latent}\t{label}\n")
+        lines["images_sha256"].append(f"{image}\t{image_sha}\n")
+        lines["sha256"].append(f"{image}\t{image_sha}\t{latent}\t{latent_sha}\t{label}\n")
+    return {key: hashlib.sha256("".join(text).encode()).hexdigest() for key, text in lines.items()}
 
 
 def test_encode_refuses_to_mix_vaes(encoded, tmp_path):
@@ -348,7 +367,8 @@ def _free_port():
 
 
 def test_encode_data_parallel_with_torchrun_matches_single_process(encoded):
-    """Two CPU processes (gloo) write exactly the files and labels of the single-process run."""
+    """Two CPU processes (gloo) write the files and labels of the single-process run, and the identity of what they
+    wrote."""
     converted = encoded
     dest = converted / "vae-sd-ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -364,4 +384,7 @@ def test_encode_data_parallel_with_torchrun_matches_single_process(encoded):
     assert files == sorted(p.relative_to(dest) for p in dest.rglob("*.npy"))
     for rel in files:
         np.testing.assert_allclose(np.load(dest / rel), np.load(reference / rel), **BATCHING_TOLERANCE)
-    assert json.load(open(dest / "dataset.json")) == json.load(open(reference / "dataset.json"))
+    written = json.load(open(dest / "dataset.json"))
+    assert written["labels"] == json.load(open(reference / "dataset.json"))["labels"]
+    # Each process hashed its share; the identity is of every file, in item order (other batches: other last bits)
+    assert written["identity"] == identity_of_files(converted / "images", dest)
