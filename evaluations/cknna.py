@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from erw.files import atomic_write  # noqa: E402
+from erw.flag_types import number, writable  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, refusals_of_models, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
 from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
@@ -353,19 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", default=None,
                         help="SiT blocks to analyse, 1-based, e.g. 1,2,8-12 (default: every block; blocks a "
                              "checkpoint lacks, as in a Phase-1 one, are skipped for it)")
-    parser.add_argument("--t", type=float, default=0.0, help="diffusion time of the SiT input (0 = clean latents)")
+    parser.add_argument("--t", type=number("[0, 1]", float), default=0.0,
+                        help="diffusion time of the SiT input (0 = clean latents, 1 = noise)")
     parser.add_argument("--path-type", choices=PATH_TYPES, default=None,
                         help=f"interpolant for t > 0; default: each checkpoint's, else {DEFAULT_PATH_TYPE}")
-    parser.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="k of the nearest-neighbour mask")
-    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+    parser.add_argument("--topk", type=number("[1, inf)"), default=DEFAULT_TOPK,
+                        help="k of the nearest-neighbour mask (below the number of images)")
+    parser.add_argument("--num-images", type=number("[4, inf)"), default=DEFAULT_NUM_IMAGES,
                         help="images in the seeded random subset (all of them when the folder holds fewer)")
-    parser.add_argument("--outlier-quantile", type=float, default=DEFAULT_OUTLIER_QUANTILE,
+    parser.add_argument("--outlier-quantile", type=number("(0, 1]", float), default=DEFAULT_OUTLIER_QUANTILE,
                         help="clamp features at this mean per-row |.| quantile before normalising (1 = no clamp)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the subset and each image's latent and noise")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per SiT and teacher call")
-    parser.add_argument("--num-workers", type=int, default=4, help="data loader worker processes")
+    parser.add_argument("--batch-size", type=number("[1, inf)"), default=128, help="images per SiT and teacher call")
+    parser.add_argument("--num-workers", type=number("[0, inf)"), default=4, help="data loader worker processes")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
-    parser.add_argument("--output-dir", default="exps/cknna",
+    parser.add_argument("--output-dir", default="exps/cknna", type=writable(folder=True),
                         help=f"writes {JSON_NAME} (table and settings) and {PLOT_NAME} here")
     return parser
 
@@ -427,11 +430,6 @@ def plot_alignment(results: Dict[str, Dict[int, Dict[str, float]]], title: str, 
 def main(argv=None) -> dict:
     """Run the analysis; returns what it writes to cknna.json (layers as int keys)."""
     args = build_parser().parse_args(argv)
-    if not 0.0 <= args.t <= 1.0:
-        raise InvalidInput(f"--t must be in [0, 1] (0 = data, 1 = noise), got {args.t}")
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise InvalidInput(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size}, "
-                           f"{args.num_workers}")
     device = resolve_device(args.device)
     repa_model_flags = {name: getattr(args, name) for name in REPA_MODEL_FLAG_DEFAULTS}
     checkpoints = load_checkpoints(args.ckpt, args.labels, args.weights, parse_layers(args.layers), args.path_type,

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, refusals_of_models, run_main  # noqa: E402
+from erw.flag_types import writable  # noqa: E402
 from evaluations.evaluator import compute_statistics, frechet_distance  # noqa: E402
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -113,7 +114,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("ref_batch", help="reference .npz of demo images (arr_0 uint8 N x 64 x 64 x 3)")
     parser.add_argument("sample_batch", help="sample .npz from sample_ddp.py (arr_0 images, arr_1 labels)")
-    parser.add_argument("--json", default=None, help="also write the metrics to this file (default: none)")
+    parser.add_argument("--json", default=None, type=writable(),
+                        help="also write the metrics to this file (default: none)")
     parser.add_argument("--classifier", default=CLASSIFIER_WEIGHTS, help="classifier weights")
     return parser
 

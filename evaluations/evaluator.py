@@ -3,13 +3,15 @@ precision and recall of a sample batch against a reference batch, with the same 
 
     python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
 
-Both files are .npz with images in `arr_0` (N, H, W, 3), uint8, any size: what ADM's reference batches and our
-samplers hold. Other dtypes are refused from the .npy header, before any image is read: float images in [0, 1] would
-otherwise give meaningless numbers (FID ~6000) instead of an error. A file that also holds `mu`, `sigma`, `mu_s`,
-`sigma_s` (ADM's VIRTUAL_* reference batches) supplies its FID / sFID statistics from those keys; its images are
-still needed for precision/recall. Images are streamed in batches. Reference activations are cached on disk, keyed
-by the file's sha256 and the Inception weights. Every output path (--json, --cache-dir) is checked to be writable
-before any work starts.
+Both files are .npz with images in `arr_0` (N, H, W, 3), uint8: what ADM's reference batches and our samplers hold.
+Other dtypes are refused from the .npy header, before any image is read: float images in [0, 1] would otherwise give
+meaningless numbers (FID ~6000) instead of an error. So are samples of another size than the reference batch's,
+unless --allow-resolution-mismatch (then a warning names both sizes): the Inception resizes every image to 299 px,
+and a 512-px batch scored against the 256-px reference would give numbers without a word. A file that also holds
+`mu`, `sigma`, `mu_s`, `sigma_s` (ADM's VIRTUAL_* reference batches) supplies its FID / sFID statistics from those
+keys; its images are still needed for precision/recall. Images are streamed in batches. Reference activations are
+cached on disk, keyed by the file's sha256 and the Inception weights. Every output path (--json, --cache-dir) is
+checked to be writable before any work starts.
 
 What is ADM's, on purpose: IS over all 1008 classes of the unbiased logits, consecutive splits of 5000 with no
 shuffling, mean over splits; FID with scipy's sqrtm, sigma1 = samples, the eps retry and the imaginary-part check;
@@ -42,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from erw.files import atomic_write, check_writable, file_sha256  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
+from erw.flag_types import number  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    inception_weights_id, load_inception)
 
@@ -419,12 +422,14 @@ def result_lines(results: dict) -> list:
 def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
              pr_batch_size: int = PR_BATCH_SIZE, cache_dir: Optional[str] = None, use_cache: bool = True,
-             progress: bool = True, log: Optional[Callable[[str], None]] = print) -> dict:
+             progress: bool = True, log: Optional[Callable[[str], None]] = print,
+             allow_resolution_mismatch: bool = False) -> dict:
     """ADM metrics of `sample_batch` against `ref_batch` (.npz paths).
 
     inception_weights: .pth path, None (torch hub cache) or 'random' (meaningless numbers). Returns
     {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}; `log` gets ADM's progress
-    and result lines (None: silent).
+    and result lines (None: silent). Samples of another size than the reference's are refused unless
+    allow_resolution_mismatch (then the warning names both sizes).
     """
     log = log or (lambda line: None)
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
@@ -437,6 +442,14 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput(f"--device {device}: CUDA is not available on this machine")
     ref_reader, sample_reader = open_images(ref_batch), open_images(sample_batch)
+    (ref_h, ref_w), (sample_h, sample_w) = ref_reader.shape[1:3], sample_reader.shape[1:3]
+    mismatch = None
+    if (ref_h, ref_w) != (sample_h, sample_w):
+        mismatch = (f"{sample_batch} holds {sample_h}x{sample_w} images, the reference batch {ref_batch} "
+                    f"{ref_h}x{ref_w} (height x width)")
+        if not allow_resolution_mismatch:
+            raise InvalidInput(f"{mismatch}: the numbers would compare two resolutions; evaluate samples at the "
+                               "reference's resolution, or pass --allow-resolution-mismatch")
     if len(sample_reader) < is_split_size:
         raise InvalidInput(f"{sample_batch}: {len(sample_reader)} samples, fewer than one Inception-Score split of "
                            f"{is_split_size} (ADM uses 50000 samples; lower --is-split-size for small sets)")
@@ -491,6 +504,8 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     lap("precision_recall")
     if inception_weights == RANDOM_WEIGHTS:  # once, next to the numbers it is about
         log(RANDOM_WEIGHTS_WARNING)
+    if mismatch:
+        log(f"WARNING: {mismatch}, evaluated as asked (--allow-resolution-mismatch)")
     for line in result_lines(results):
         log(line)
 
@@ -502,6 +517,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         "inception_weights": inception_weights or "torch hub cache", "inception_id": net_id,
         "device": str(device), "batch_size": batch_size, "is_split_size": is_split_size,
         "pr_batch_size": pr_batch_size, "pr_k": PR_NEIGHBOURHOOD, "activation_cache": cache_state,
+        "image_sizes": {"ref": [ref_h, ref_w], "samples": [sample_h, sample_w]},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
     if inception_weights == RANDOM_WEIGHTS:
@@ -520,14 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pt_inception-2015-12-05-6726825d.pth path (default: the torch hub cache), or "
                              "'random' for meaningless numbers (tests, demos)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (ADM: 64)")
-    parser.add_argument("--is-split-size", type=int, default=IS_SPLIT_SIZE,
+    parser.add_argument("--batch-size", type=number("[1, inf)"), default=64,
+                        help="images per Inception batch (ADM: 64)")
+    parser.add_argument("--is-split-size", type=number("[1, inf)"), default=IS_SPLIT_SIZE,
                         help="samples per Inception-Score split (ADM: 5000)")
-    parser.add_argument("--pr-batch-size", type=int, default=PR_BATCH_SIZE,
+    parser.add_argument("--pr-batch-size", type=number("[1, inf)"), default=PR_BATCH_SIZE,
                         help="rows/columns per precision/recall distance block (ADM: 10000)")
     parser.add_argument("--cache-dir", default=None,
                         help=f"where reference activations are cached (default: {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    parser.add_argument("--allow-resolution-mismatch", action="store_true",
+                        help="evaluate samples of another size than the reference batch's (a warning names both); "
+                             "refused otherwise")
     return parser
 
 
@@ -537,7 +557,8 @@ def main(argv=None):
         check_writable(args.json, "--json")
     results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
                        device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
-                       pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                       pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                       allow_resolution_mismatch=args.allow_resolution_mismatch)
     if args.json:
         atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
 

@@ -70,6 +70,11 @@ class FidHook:
                             guidance_high=config["guidance_high"], pixel_rounding="repa")
         self.random_inception = config["inception_weights"] == RANDOM_WEIGHTS
         reference = evaluator.open_images(config["fid_ref"])  # header checks on every process
+        side = config["resolution"]
+        if reference.shape[1:3] != (side, side):
+            raise InvalidInput(f"--fid-ref {config['fid_ref']} holds {reference.shape[1]}x{reference.shape[2]} images, "
+                               f"but this run samples {side}x{side} ones: an FID between two resolutions; give the "
+                               "reference batch of the run's resolution")
         self.inception = evaluator.load_inception(config["inception_weights"], self.device)
         with refusals_of_models("--vae"):
             vae = load_vae(config["vae"])

@@ -327,7 +327,7 @@ def test_cli_reads_a_repa_checkpoint_given_model_flags(demo_data, tmp_path):
                  "--output-dir", str(tmp_path / "d")])  # no flags: args name the model, resolution 256 by default
 
 
-def test_cli_input_errors(demo_data, tmp_path):
+def test_cli_input_errors(demo_data, tmp_path, capsys):
     warmup_path = tmp_path / "warmup.pt"
     _tiny_checkpoint(warmup_path, demo_data, truncated=True, depth_or_k=2, seed=0)
     common = ["--device", "cpu", "--output-dir", str(tmp_path / "out")]
@@ -337,8 +337,12 @@ def test_cli_input_errors(demo_data, tmp_path):
         ck.main(["--ckpt", str(warmup_path), str(warmup_path), "--labels", "a", "a", *common])
     with pytest.raises(ValueError, match="has 2 blocks: none of --layers"):
         ck.main(["--ckpt", str(warmup_path), "--layers", "3-4", *common])
-    with pytest.raises(ValueError, match="--t must be in"):
-        ck.main(["--ckpt", str(warmup_path), "--t", "1.5", *common])
+    (tmp_path / "afile").write_text("")
+    for flag, bad in (("--t", "1.5"), ("--topk", "0"), ("--num-images", "3"), ("--outlier-quantile", "0"),
+                      ("--batch-size", "0"), ("--num-workers", "-1"), ("--output-dir", str(tmp_path / "afile"))):
+        with pytest.raises(SystemExit):  # argparse: the flag named, before any checkpoint is read
+            ck.main(["--ckpt", str(warmup_path), *common, flag, bad])
+        assert f"argument {flag}: " in capsys.readouterr().err
     with pytest.raises(ValueError, match="one teacher"):
         ck.main(["--ckpt", str(warmup_path), "--enc-type", "random-vit-tiny,random-vit-tiny", *common])
     not_a_checkpoint = tmp_path / "state_dict.pt"

@@ -417,12 +417,12 @@ def stub_network(monkeypatch):
 def test_evaluate_matches_recomputation_from_the_features(tmp_path, stub_network):
     rng = np.random.default_rng(11)
     ref_images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
-    sample_images = rng.integers(0, 256, (20, 6, 10, 3)).astype(np.uint8)  # another size: allowed
+    sample_images = rng.integers(0, 256, (20, 6, 10, 3)).astype(np.uint8)  # another size: allowed when asked
     np.savez(tmp_path / "ref.npz", ref_images)
     np.savez_compressed(tmp_path / "sample.npz", sample_images, np.arange(20))
     lines = []
     kwargs = dict(inception_weights="random", device="cpu", batch_size=3, is_split_size=6, pr_batch_size=7,
-                  cache_dir=str(tmp_path / "cache"), progress=False)
+                  cache_dir=str(tmp_path / "cache"), progress=False, allow_resolution_mismatch=True)
     results = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=lines.append, **kwargs)
 
     stub = StubInception()
@@ -445,7 +445,8 @@ def test_evaluate_matches_recomputation_from_the_features(tmp_path, stub_network
     assert (results["precision"], results["recall"]) == precision_recall_reference(
         ref_feats.pool.numpy()[:, :STUB_DIMS], sample_feats.pool.numpy()[:, :STUB_DIMS])
 
-    assert lines[-6] == evaluator.RANDOM_WEIGHTS_WARNING and lines.count(evaluator.RANDOM_WEIGHTS_WARNING) == 1
+    assert lines[-7] == evaluator.RANDOM_WEIGHTS_WARNING and lines.count(evaluator.RANDOM_WEIGHTS_WARNING) == 1
+    assert lines[-6].startswith("WARNING: ") and "6x10 images" in lines[-6] and "8x8" in lines[-6]
     assert lines[-5:] == [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}",
                           f"sFID: {results['sfid']}", f"Precision: {results['precision']}",
                           f"Recall: {results['recall']}"]
@@ -511,7 +512,7 @@ def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys):
     2048-dim sqrtm is cheap); IS and precision/recall run through the random-weight Inception."""
     rng = np.random.default_rng(12)
     stats = {}
-    for name, n, size in (("ref", 4, (24, 20)), ("sample", 4, (17, 31))):
+    for name, n, size in (("ref", 4, (24, 20)), ("sample", 4, (24, 20))):
         stats[name] = dict(mu=rng.normal(size=POOL_DIM), sigma=np.diag(rng.uniform(0.5, 2, POOL_DIM)),
                            mu_s=rng.normal(size=SPATIAL_DIM), sigma_s=np.diag(rng.uniform(0.5, 2, SPATIAL_DIM)))
         np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (n,) + size + (3,)).astype(np.uint8),
@@ -592,3 +593,33 @@ def test_unwritable_cache_dir_is_refused_before_any_work(tmp_path, inception_loa
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
     evaluator.main(args + ["--no-cache"])  # a cache that is not used is not checked
     assert json.load(open(tmp_path / "m.json"))["settings"]["activation_cache"] == "off"
+
+
+def test_samples_at_another_resolution_are_refused_naming_both_sizes_unless_asked(tmp_path, inception_loads,
+                                                                                  capsys):
+    """128-px samples against a 64-px reference once gave an FID without a word (the Inception resizes both to 299
+    px). Refused before any work, one line naming both sizes and the flag; with the flag, evaluated with a warning."""
+    rng = np.random.default_rng(15)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (6, 64, 64, 3)).astype(np.uint8))
+    np.savez(tmp_path / "sample.npz", rng.integers(0, 256, (6, 128, 128, 3)).astype(np.uint8))
+    args = [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--inception-weights", "random", "--device",
+            "cpu", "--is-split-size", "6", "--no-cache", "--json", str(tmp_path / "m.json")]
+    result = subprocess.run([sys.executable, "-m", "evaluations.evaluator", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.fullmatch(r"error: .*sample\.npz holds 128x128 images, the reference batch .*ref\.npz 64x64 .*"
+                        r"--allow-resolution-mismatch\n", result.stderr)
+    assert not (tmp_path / "m.json").exists()
+    evaluator.main([*args, "--allow-resolution-mismatch"])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: ")]
+    assert [w for w in warnings if "128x128" in w and "64x64" in w] and len(warnings) == 2  # and the random one
+    assert json.load(open(tmp_path / "m.json"))["settings"]["image_sizes"] == {"ref": [64, 64], "samples": [128, 128]}
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--is-split-size", "--pr-batch-size"])
+@pytest.mark.parametrize("bad", ["0", "-1", "2.5"])
+def test_sizes_are_checked_where_they_enter_naming_the_flag(tmp_path, inception_loads, capsys, flag, bad):
+    with pytest.raises(SystemExit) as exited:
+        evaluator.main([*_cli_inputs(tmp_path), "--json", str(tmp_path / "m.json"), flag, bad])
+    assert exited.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert inception_loads == [] and not (tmp_path / "m.json").exists()

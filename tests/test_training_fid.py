@@ -207,5 +207,10 @@ def test_bad_fid_settings_are_named_before_training(demo_data, fid_setup, tmp_pa
     with pytest.raises(ValueError, match="--guidance-low <= --guidance-high"):
         train.main(train_args(demo_data, tmp_path, fid_setup, "--fid-every", "2", "--guidance-low", "0.8",
                               "--exp-name", "c"))
-    for name in ("a", "b", "c"):  # refused before any step
+    with np.load(fid_setup) as ref:  # the demo's 64-px images at 32 px: a reference of another resolution
+        np.savez(tmp_path / "ref32.npz", ref["arr_0"][:, ::2, ::2])
+    with pytest.raises(ValueError, match=r"--fid-ref .*ref32.npz holds 32x32 images, but this run samples 64x64"):
+        train.main(train_args(demo_data, tmp_path, str(tmp_path / "ref32.npz"), "--fid-every", "2",
+                              "--exp-name", "d"))
+    for name in ("a", "b", "c", "d"):  # refused before any step
         assert not os.listdir(os.path.join(tmp_path, name, "checkpoints"))
