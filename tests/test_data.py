@@ -388,3 +388,78 @@ def test_encode_data_parallel_with_torchrun_matches_single_process(encoded):
     assert written["labels"] == json.load(open(reference / "dataset.json"))["labels"]
     # Each process hashed its share; the identity is of every file, in item order (other batches: other last bits)
     assert written["identity"] == identity_of_files(converted / "images", dest)
+
+
+#################################################################################
+#        Counts, sizes and paths are checked where they enter                   #
+#################################################################################
+
+@pytest.mark.parametrize("argv, flag", [
+    (["convert", "--source", "{demo}/images", "--dest", "{tmp}/out", "--max-images", "-1"], "--max-images"),
+    (["convert", "--source", "{demo}/images", "--dest", "{tmp}/out", "--max-images", "0"], "--max-images"),
+    (["convert", "--source", "{demo}/images", "--dest", "{tmp}/out", "--resolution", "0"], "--resolution"),
+    (["convert", "--source", "{demo}/images", "--dest", "{tmp}/out", "--workers", "-1"], "--workers"),
+    (["convert", "--source", "{demo}/images", "--dest", "{tmp}/afile"], "--dest"),
+    (["encode", "--source", "{demo}/images", "--dest", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    (["encode", "--source", "{demo}/images", "--dest", "{tmp}/out", "--max-images", "-1"], "--max-images"),
+    (["encode", "--source", "{demo}/images", "--dest", "{tmp}/out", "--workers", "-1"], "--workers"),
+    (["encode", "--source", "{demo}/images", "--dest", "{tmp}/afile/vae-sd"], "--dest"),
+    (["make-demo", "--dest", "{tmp}/out", "--images-per-class", "0"], "--images-per-class"),
+    (["make-demo", "--dest", "{tmp}/out", "--num-classes", "11"], "--num-classes"),
+    (["make-demo", "--dest", "{tmp}/out", "--resolution", "-16"], "--resolution"),
+    (["make-demo", "--dest", "{tmp}/out", "--seed", "-1"], "--seed"),
+    (["make-demo", "--dest", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    (["make-demo", "--dest", "{tmp}/afile"], "--dest"),
+    (["reference", "--data-dir", "{demo}", "--out", "{tmp}/r.npz", "--max-images", "0"], "--max-images"),
+    (["reference", "--data-dir", "{demo}", "--out", "{tmp}/r.npz", "--max-images", "-1"], "--max-images"),
+    (["reference", "--data-dir", "{demo}", "--out", "{tmp}/adir"], "--out"),
+    (["pack", "--data-dir", "{tmp}/nodata", "--workers", "-1"], "--workers"),
+    (["cache-teachers", "--data-dir", "{demo}", "--enc-type", "random-vit-tiny", "--out", "{tmp}/c", "--workers", "-1"],
+     "--workers"),
+    (["cache-teachers", "--data-dir", "{demo}", "--enc-type", "random-vit-tiny", "--out", "{tmp}/afile"], "--out"),
+])
+def test_counts_sizes_and_output_paths_are_refused_where_they_enter(demo_data, tmp_path, capsys, argv, flag):
+    """argparse names the flag, and nothing is written: `convert --max-images -1` once dropped the last image,
+    `reference --max-images 0` wrote a 0-image .npz and -1 ended in a traceback, an output folder that is a file
+    in a NotADirectoryError."""
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "adir").mkdir()
+    fill = [arg.replace("{demo}", str(demo_data)).replace("{tmp}", str(tmp_path)) for arg in argv]
+    with pytest.raises(SystemExit) as exited:
+        dataset_tools.main(fill)
+    assert exited.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and not os.listdir(tmp_path / "adir")
+
+
+#################################################################################
+#        Every command that writes a folder holds it                            #
+#################################################################################
+
+@pytest.mark.parametrize("command", ["convert", "encode", "pack", "cache-teachers"])
+def test_a_command_on_a_folder_another_command_holds_is_refused_and_deletes_nothing(demo_data, tmp_path, command):
+    """Two cache-teachers on one --out: the second once deleted the first's in-flight shard as "stale" (its temp
+    cleanup is recursive), and the first crashed. Here this process holds the folder, as a live command does; the
+    command, a real process, exits 2 with one line naming this process, and leaves the live write's temp file."""
+    from erw.run_lock import RunLock
+    root = _copy_of_demo_data(demo_data, tmp_path)
+    argv, held, temp = {
+        "convert": (["--source", str(root / "images"), "--dest", str(tmp_path / "converted"), "--resolution", "64",
+                     "--workers", "0"], tmp_path / "converted", "00000/.img00000003.png.abcd1234.tmp"),
+        "encode": (["--source", str(root / "images"), "--dest", str(tmp_path / "latents"), "--vae", "random-tiny",
+                    "--workers", "0", "--device", "cpu"], tmp_path / "latents", "00000/.x.npy.abcd1234.tmp"),
+        "pack": (["--data-dir", str(root), "--workers", "0"], root / "packed", ".moments.npy.abcd1234.tmp"),
+        "cache-teachers": (["--data-dir", str(root), "--enc-type", "random-vit-tiny", "--out", str(tmp_path / "cache"),
+                            "--workers", "0", "--device", "cpu"], tmp_path / "cache", ".shard-00000.npy.abcd1234.tmp"),
+    }[command]
+    lock = RunLock(str(held)).acquire()
+    try:
+        (held / temp).parent.mkdir(parents=True, exist_ok=True)
+        (held / temp).write_bytes(b"a live write")
+        result = subprocess.run([sys.executable, "-m", "preprocessing.dataset_tools", command, *argv], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {held} is in use by another run (host {socket.gethostname()}, PID {os.getpid()},")
+    assert (held / temp).read_bytes() == b"a live write"
