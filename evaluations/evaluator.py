@@ -290,10 +290,13 @@ def reference_activations(model, ref_batch: str, reader: NpzArrayReader, net_id:
     if cache_dir is not None:
         key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
         cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-        if os.path.isfile(cache_path):
+        try:  # a cache file that does not hold this batch's activations is computed again
             with np.load(cache_path) as cached:
-                if cached["pool"].shape == (len(reader), POOL_DIM):
-                    return {"pool": cached["pool"], "spatial": cached["spatial"]}, "hit"
+                acts = {"pool": cached["pool"], "spatial": cached["spatial"]}
+            if acts["pool"].shape == (len(reader), POOL_DIM) and acts["spatial"].shape == (len(reader), SPATIAL_DIM):
+                return acts, "hit"
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError):
+            pass
     acts = compute_activations(model, reader, batch_size, device, with_probs=False, desc="reference batch",
                                progress=progress)
     if cache_path is not None:

@@ -128,8 +128,12 @@ def check_or_write_settings(folder: str, settings: dict, must_match: Sequence[st
     """Record `settings` in folder/preprocess_settings.json; on resume, refuse if any `must_match` key differs."""
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+        try:
+            with open(path) as f:
+                previous = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise InvalidInput(f"cannot read {path} ({e}): the settings of the run that wrote {folder}; use an empty "
+                               "destination, or delete the file if you know they were this command's") from e
         differing = [f"{k}: {previous.get(k)!r} before, {settings.get(k)!r} now"
                      for k in must_match if previous.get(k) != settings.get(k)]
         if differing:

@@ -463,3 +463,13 @@ def test_a_command_on_a_folder_another_command_holds_is_refused_and_deletes_noth
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: {held} is in use by another run (host {socket.gethostname()}, PID {os.getpid()},")
     assert (held / temp).read_bytes() == b"a live write"
+
+
+def test_unreadable_preprocess_settings_are_named_in_one_line(demo_data, tmp_path):
+    dest = tmp_path / "converted"
+    dest.mkdir()
+    (dest / dataset_tools.SETTINGS_FILE).write_text("{ cut short")
+    with pytest.raises(InvalidInput, match=rf"cannot read {re.escape(str(dest / dataset_tools.SETTINGS_FILE))}"):
+        dataset_tools.main(["convert", "--source", str(demo_data / "images"), "--dest", str(dest), "--workers", "0",
+                            "--resolution", "64"])
+    assert sorted(os.listdir(dest)) == [dataset_tools.SETTINGS_FILE, "run.lock"]

@@ -623,3 +623,24 @@ def test_sizes_are_checked_where_they_enter_naming_the_flag(tmp_path, inception_
         evaluator.main([*_cli_inputs(tmp_path), "--json", str(tmp_path / "m.json"), flag, bad])
     assert exited.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
     assert inception_loads == [] and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["not an npz", "spatial of another width", "no spatial"])
+def test_a_cache_file_that_does_not_hold_the_batchs_activations_is_computed_again(tmp_path, stub_network, damage):
+    """The cache is keyed by the reference file's sha256; a file under that key that cannot be read, or holds
+    activations of other shapes, once ended in a traceback or fed them to the statistics."""
+    args = _cli_inputs(tmp_path)
+    kwargs = dict(inception_weights="random", device="cpu", is_split_size=6, cache_dir=str(tmp_path / "cache"),
+                  progress=False, log=None)
+    first = evaluate(args[0], args[1], **kwargs)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    if damage == "not an npz":
+        cache_file.write_bytes(b"garbage")
+    else:
+        with np.load(cache_file) as cached:
+            pool = cached["pool"]
+        spatial = {"spatial": np.zeros((len(pool), SPATIAL_DIM - 1), np.float32)} if "width" in damage else {}
+        np.savez(cache_file, pool=pool, **spatial)
+    again = evaluate(args[0], args[1], **kwargs)
+    assert again["settings"]["activation_cache"] == "miss" and again["sfid"] == first["sfid"]
+    assert evaluate(args[0], args[1], **kwargs)["settings"]["activation_cache"] == "hit"
