@@ -1,13 +1,11 @@
 """Files written so that a crash never leaves half of one: atomic writes with the umask's permissions, and the
-recognition and removal of the temp files an interrupted write left, and the check that a path can be written before
-any work starts. Used for checkpoints, PNGs, YAML, JSON and .npz alike."""
+recognition and removal of the temp files an interrupted write left. Used for checkpoints, PNGs, YAML, JSON and .npz
+alike."""
 import hashlib
 import os
 import re
 import tempfile
 from typing import IO, Callable, Iterable, Optional
-
-from erw.cli import InvalidInput
 
 
 # What atomic_write's temp files are called: `.<final name>.<8 random characters>.tmp` (tempfile.mkstemp's
@@ -87,27 +85,3 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choose another path") -> None:
-    """Raise InvalidInput naming `flag` and `path` unless the file `path` (with `folder`, the folder) can be written
-    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name
-    pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing. An
-    empty `flag` starts the message with the path (argparse names the flag itself)."""
-    named = f"{flag} {path}".lstrip()
-    target = os.path.abspath(path)
-    if not folder and os.path.isdir(target):
-        raise InvalidInput(f"{named} is a folder, not a file; {hint}")
-    existing = target if folder else os.path.dirname(target)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise InvalidInput(f"{named} cannot be written: {existing} is not a folder; {hint}")
-    # A real write, not os.access: permission bits say yes to root where e.g. a root-squashed NFS mount says no.
-    probe = temp_path_for(os.path.join(existing, os.path.basename(target)))
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.remove(probe)
-    except OSError as error:
-        raise InvalidInput(f"{named} cannot be written: creating a file in {existing} failed "
-                           f"({error.strerror or error}); {hint}") from None

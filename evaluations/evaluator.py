@@ -41,10 +41,10 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.files import atomic_write, check_writable, file_sha256  # noqa: E402
+from erw.files import atomic_write, file_sha256  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
-from erw.flag_types import number  # noqa: E402
+from erw.flag_types import check_writable, number  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    inception_weights_id, load_inception)
 

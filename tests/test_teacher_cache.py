@@ -358,6 +358,8 @@ def test_a_truncated_cache_shard_is_named_in_one_line_before_training(data, tmp_
     """Once `ValueError: mmap length is greater than file size`, naming no file, from the first batch that read it."""
     cache = _copy(data / "float32", tmp_path, "cache")
     _truncate(cache / "shard-00000.npy")
+    with pytest.raises(InvalidInput, match="shard-00000.npy: mmap length"):
+        TeacherCache(str(cache))  # when the cache is opened, not when a worker first reads the shard
     command = [sys.executable, os.path.join(ROOT, "train_warmup.py"),
                *tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1", "--teacher-cache", str(cache))]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
