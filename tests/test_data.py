@@ -154,7 +154,7 @@ def test_encode_resumes_without_redoing_or_leaving_partial_files(encoded, monkey
         if len(calls) == 3:
             raise KeyboardInterrupt("simulated crash")
         calls.append(path)
-        real_save(array, path)
+        return real_save(array, path)
 
     monkeypatch.setattr(dataset_tools, "save_npy_atomic", dying_save)
     with pytest.raises(KeyboardInterrupt):
