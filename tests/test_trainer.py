@@ -228,6 +228,32 @@ def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
 
 
+@pytest.mark.parametrize("damage", ["newest-numbered-deleted", "last-pt-a-stale-copy"])
+def test_resume_takes_the_newest_state_whichever_file_holds_it(demo_data, tmp_path, damage):
+    """Users delete numbered checkpoints to save disk: last.pt then holds the newest state alone. Where last.pt is a
+    copy of an older one (no hard links), the newer numbered file wins. Nothing newer is dropped or overwritten."""
+    args = ("--max-train-steps", "6", "--checkpointing-steps", "2", "--log-every", "1")
+    train_warmup.main(tiny_args(demo_data, tmp_path, *args))
+    if damage == "newest-numbered-deleted":
+        os.remove(_ckpt(tmp_path, "0000006.pt"))
+        newest = _ckpt(tmp_path, "last.pt")
+    else:
+        os.remove(_ckpt(tmp_path, "last.pt"))
+        shutil.copyfile(_ckpt(tmp_path, "0000004.pt"), _ckpt(tmp_path, "last.pt"))
+        newest = _ckpt(tmp_path, "0000006.pt")
+    with open(os.path.join(_exp(tmp_path), run_dir_module.METRICS_FILE)) as f:
+        logged = f.read()
+    train_warmup.main(tiny_args(demo_data, tmp_path, *args, "--resume", "--max-train-steps", "8"))
+    assert f"Resuming from {newest} (step 6)" in _log_text(tmp_path)
+    assert "Dropped" not in _log_text(tmp_path)
+    with open(os.path.join(_exp(tmp_path), run_dir_module.METRICS_FILE)) as f:
+        assert f.read().startswith(logged)
+    assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    resumed = load_checkpoint(_ckpt(tmp_path, "0000008.pt"))
+    assert resumed["step"] == 8 and resumed["data_position"]["micro_batch"] == 8
+    assert [entry["resumed_from"] for entry in resumed["config_history"]] == [newest]
+
+
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_here(demo_data, tmp_path, monkeypatch):
     """A checkpoint saved on an 8-GPU node (older checkpoints hold one CUDA generator state per GPU) resumes on a
     machine with fewer GPUs, and new checkpoints hold no per-device state at all. Here "fewer GPUs" is one visible
