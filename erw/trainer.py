@@ -47,7 +47,7 @@ from erw.config import resume_changes
 from erw.data import ResumableShardSampler, sample_latents
 from erw.losses import Objective
 from erw.precision import MixedPrecision, set_fp32_precision
-from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, early_preemption
+from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, TRAINING, early_preemption, report_exit_status
 from erw.run_dir import CONFIG_HISTORY_FILE, RunDir
 
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
@@ -95,6 +95,7 @@ class PreemptionHandler:
                 self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        report_exit_status(TRAINING)  # launch.py: a death without a status from now on may lose a preemption save
         return self
 
     def __exit__(self, *exc):
