@@ -94,6 +94,16 @@ class FolderTaken(UserError, FileExistsError):
     """The folder already holds a run (or a live run holds it)."""
 
 
+def check_folder_path(path: str, flag: str) -> None:
+    """Refuse a folder to be made or used at `path` when it, or a folder above it, is a file (os.makedirs would end
+    in a NotADirectoryError traceback), naming the flag. Entry points call it before they write anything."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InvalidInput(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 @contextmanager
 def refusals_of_models(what: str):
     """models/ imports nothing of erw/, so its refusals of user input are plain ValueError / FileNotFoundError.
@@ -108,6 +118,17 @@ def refusals_of_models(what: str):
         raise MissingInput(f"{what}: {e}") from e
     except ValueError as e:
         raise InvalidInput(f"{what}: {e}") from e
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a user-input error. One raised in a DataLoader worker comes back as the same type carrying
+    torch's "Caught X in DataLoader worker process N." and the worker's whole traceback: its message is the
+    traceback's last line(s), what the same error says without workers."""
+    text = str(error)
+    prefix = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith(f"Caught {type(error).__name__} ") and prefix in text:
+        text = text[text.rindex(prefix) + len(prefix):].rstrip("\n")
+    return text
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
@@ -125,7 +146,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         error_code = getattr(error, "exit_code", None)
         if (error_code is None and not isinstance(error, UserError)) or os.environ.get("ERW_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         code = error_code or 2
     finally:
         report_exit_status(code)

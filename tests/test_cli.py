@@ -166,6 +166,69 @@ def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, 
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("script, flags, says", [
+    ("train_warmup", ["--data-dir", "{tmp}/nodata"], "data folder {tmp}/nodata does not exist"),
+    ("train_warmup", ["--enc-type", "no-such-teacher"], "unknown teacher 'no-such-teacher' in --enc-type"),
+    ("train_warmup", ["--resolution", "128"], "holds 64px images but --resolution is 128"),
+    ("train_warmup", ["--batch-size", "320"], "holds 160 items, fewer than one micro-batch of 320"),
+    ("train_warmup", ["--output-dir", "{tmp}/a-file"], "--output-dir/--exp-name {tmp}/a-file/tiny-warmup: "
+                                                        "{tmp}/a-file is a file, not a folder"),
+    ("train_warmup", ["--output-dir", "{tmp}/a-file/under"], "{tmp}/a-file is a file, not a folder"),
+    ("train", ["--warmup-ckpt", "{tmp}/phase2.pt"], "{tmp}/phase2.pt is not a Phase-1 checkpoint"),
+    ("sample_ddp", ["--ckpt", "{tmp}/phase2.pt", "--sample-dir", "{tmp}/a-file"],
+     "--sample-dir {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
+], ids=["no-data", "unknown-teacher", "resolution", "batch-over-dataset", "output-dir-a-file",
+        "output-dir-under-a-file", "not-a-phase1-checkpoint", "sample-dir-a-file"])
+def test_inputs_are_checked_before_anything_is_written(demo_data, tmp_path, capsys, monkeypatch, script, flags,
+                                                       says):
+    """Refused in one line before the experiment (or sample) folder exists: before, a run made exps/NAME/ with its
+    config.yaml and log.txt, or a NotADirectoryError traceback, first."""
+    import sample_ddp
+    import train
+    import train_warmup
+    from erw.checkpoint import save_checkpoint
+    from models.sit import create_sit
+    monkeypatch.setenv("ERW_DEBUG", "")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    (tmp_path / "a-file").write_text("not a folder")
+    model_args = dict(model="SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.1,
+                      encoder_depth=2, z_dims=[64], qk_norm=False, use_rope=False, built_depth=None)
+    save_checkpoint({"model": create_sit(**model_args).state_dict(), "ema": {}, "model_args": model_args},
+                    str(tmp_path / "phase2.pt"))
+    module = {"train_warmup": train_warmup, "train": train, "sample_ddp": sample_ddp}[script]
+    argv = [*map(fill, flags)] if script == "sample_ddp" else \
+        [*tiny_args(demo_data, tmp_path / "exps", "--max-train-steps", "1"), *map(fill, flags)]
+    line = in_process_error(module, argv, capsys)
+    assert fill(says) in line
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "phase2.pt"]
+
+
+@pytest.mark.parametrize("command", ["train_warmup.py", "dataset_tools pack"])
+def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers(demo_data, tmp_path, command):
+    """Before: "error: Caught InvalidInput in DataLoader worker process 0." and the worker's 15-line traceback."""
+    import shutil
+
+    import numpy as np
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    bad = sorted((data / "vae-sd").rglob("*.npy"))[37]
+    np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent among 64-px ones
+    lines = []
+    for workers in ("0", "2"):
+        if command == "train_warmup.py":
+            args = [os.path.join(ROOT, "train_warmup.py"),
+                    *tiny_args(data, tmp_path / f"exps{workers}", "--num-workers", workers, "--max-train-steps", "10")]
+        else:
+            args = ["-m", "preprocessing.dataset_tools", "pack", "--data-dir", str(data), "--workers", workers]
+        result = run_entry(args, ROOT)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and result.stderr.rstrip().endswith("\n" + errors[0]), result.stderr
+        lines.append(errors[0])
+    assert lines[0] == lines[1]
+    assert str(bad) in lines[0] and "(8, 4, 4)" in lines[0]
+
+
 @pytest.mark.parametrize("command, argv, names", [
     ("sample_ddp.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
     ("-m evaluations.evaluator", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],

@@ -226,7 +226,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, p
                                "--sample-grid-every", "1000", "--sample-num-steps", "2"))
     assert str(error.value).endswith(f"The last good checkpoint is {last_good}")
     with open(os.path.join(tmp_path, "tiny", "log.txt")) as f:
-        assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); stopping. The last " \
+        assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); the step's 32 items " \
+               "(listed in the log) hold finite values: the training diverged, not the data; stopping. The last " \
                f"good checkpoint is {last_good}" in f.read()
     last = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values())

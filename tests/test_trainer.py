@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +17,7 @@ import yaml
 import train_warmup
 from erw import run_dir as run_dir_module
 from erw import trainer as trainer_module
+from erw.batch_random import derive_seed
 from erw.checkpoint import load_checkpoint
 from erw.files import atomic_write
 from erw.losses import Objective
@@ -118,6 +120,26 @@ def test_nan_weights_are_never_saved(demo_data, tmp_path, monkeypatch):
     assert "not saved" in str(error.value) and _ckpt(tmp_path, "0000002.pt") in str(error.value)
     assert not os.path.exists(_ckpt(tmp_path, "0000003.pt"))
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 2
+
+
+def test_a_non_finite_latent_is_named_with_the_batch_of_the_first_non_finite_loss(demo_data, tmp_path):
+    """The data order is recomputed here from its definition (epoch 0: a permutation seeded by (seed, 0), cut into
+    micro-batches of 32): item perm[40] falls in step 2's batch. The error names its file as the one that holds a
+    NaN; the log lists the whole batch."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    latents = sorted(str(p.relative_to(data / "vae-sd")) for p in (data / "vae-sd").rglob("*.npy"))
+    perm = torch.randperm(len(latents), generator=torch.Generator().manual_seed(derive_seed(0, 0))).tolist()
+    poisoned = latents[perm[40]]
+    moments = np.load(data / "vae-sd" / poisoned)
+    moments[2, 3, 4] = np.nan
+    np.save(data / "vae-sd" / poisoned, moments)
+    with pytest.raises(FloatingPointError) as error:
+        train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "4", "--log-every", "1"))
+    assert (f"non-finite loss at step 2 (found at step 2; its update was skipped); 1 of the step's 32 items (listed "
+            f"in the log) hold a NaN or an infinity: {poisoned} (item {perm[40]}) in {data}") in str(error.value)
+    batch = ", ".join(f"{latents[i]} (item {i})" for i in perm[32:64])
+    assert f"step 2's batch, from {data}: {batch}\n" in _log_text(tmp_path)
 
 
 # ------------------------------------------------------------------ resume with changed settings (item 5)
