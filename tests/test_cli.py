@@ -229,6 +229,50 @@ def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers
     assert str(bad) in lines[0] and "(8, 4, 4)" in lines[0]
 
 
+# train_warmup.py, with rank 1 ending slowly once it has failed (as one with loader workers and files to close does):
+# it drops its connections first, so its peer notices at once and could end before it.
+_SLOW_TO_END = """import atexit, os, sys, time
+sys.path.insert(0, {root!r})
+from erw.preemption import catch_early_preemption
+catch_early_preemption()
+import torch.distributed as dist
+import train_warmup
+from erw.cli import run_main
+if os.environ["RANK"] == "1":
+    atexit.register(lambda: (dist.destroy_process_group(), time.sleep(3)))
+run_main(train_warmup.main)
+"""
+
+
+def test_under_torchrun_the_failing_process_is_the_root_cause_with_its_one_line(demo_data, tmp_path):
+    """An unreadable image in rank 1's first batch. Before: torchrun's summary, the last thing printed, named rank 0
+    (its gloo "Connection closed by peer") as the root cause, and no process's error."""
+    import itertools
+    import shutil
+
+    from erw.data import ImageLatentDataset, ResumableShardSampler
+    from tests.dist_utils import free_port
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    dataset = ImageLatentDataset(str(data))
+    first = [list(itertools.islice(ResumableShardSampler(len(dataset), 16, rank, 2, 0), 16)) for rank in (0, 1)]
+    item = next(i for i in first[1] if i != 0)  # item 0 is read when the dataset opens
+    bad = data / "images" / dataset.image_files[item]
+    bad.write_bytes(b"not an image")
+    script = tmp_path / "slow_to_end.py"
+    script.write_text(_SLOW_TO_END.format(root=ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(script), *tiny_args(data, tmp_path / "exps", "--max-train-steps", "5", "--num-workers", "0")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "ERW_DEBUG": ""}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode != 0
+    root_cause = result.stderr.rsplit("Root Cause (first observed failure):", 1)[-1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, result.stderr[-3000:]
+    assert f"traceback : error: cannot read image {bad}" in root_cause, result.stderr[-3000:]
+    assert "error: lost the connection to another process of the run (RuntimeError" in result.stderr
+
+
 @pytest.mark.parametrize("command, argv, names", [
     ("sample_ddp.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
     ("-m evaluations.evaluator", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],
