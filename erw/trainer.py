@@ -16,7 +16,7 @@ No step waits for the GPU: losses, gradient norms and skipped updates stay on th
 at log steps and before every checkpoint. What the loop guarantees besides:
 - no update is ever applied from a non-finite gradient: it is skipped on the device and counted, as fp16's
   GradScaler does (which also lowers its scale); a non-finite loss, or MAX_CONSECUTIVE_SKIPS skips in a row, stops
-  the run at the next check;
+  the run at the next check (a non-finite loss naming the items of its step and those that hold a NaN or an inf);
 - a checkpoint never holds non-finite weights, and an error names the checkpoint that really is the last good one;
 - --resume continues from the newest intact checkpoint and refuses settings that would change what is trained
   (erw/config.py: run_control), unless named in --resume-override; metrics.jsonl then drops records past that step;
