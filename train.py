@@ -21,19 +21,12 @@ from erw.experiment import prepare_run
 from erw.losses import Objective
 from erw.sample_grid import SampleGridHook
 from erw.transport import get_path
-from erw.warm_start import load_warmup
 from evaluations.training_fid import build_fid_hook
 
 
 def main(argv=None):
     run = prepare_run(TRAIN, argv, __doc__)
     config, model_args = run.config, run.model_args
-    if config["warmup_ckpt"] and not config["resume"]:
-        run.trainer.log(load_warmup(run.model, config["warmup_ckpt"], config["warmup_weights"],
-                                    config["warmup_layers"], expected_depth=config["warmup_depth"],
-                                    add_rope=config["add_rope_after_warmup"]))
-    elif not config["warmup_ckpt"]:
-        run.trainer.log("No warm start: every block starts from its fresh initialization (a baseline run)")
     objective = Objective(velocity=True, align=config["align_loss"] if run.teachers else None,
                           ntxent_temp=config["ntxent_temp"], path=get_path(config["path_type"]),
                           weighting=config["weighting"], proj_coeff=config["proj_coeff"],

@@ -78,21 +78,39 @@ def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
 
 
 def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
-    """The newest checkpoint in ckpt_dir that loads, and its contents. Numbered files come first, newest first
-    (a crash between writing NNNNNNN.pt and linking last.pt leaves last.pt one checkpoint behind); last.pt only
-    when no numbered checkpoint is readable."""
-    candidates = [path for _, path in reversed(numbered_checkpoints(ckpt_dir))]
+    """The newest state in ckpt_dir that loads, whichever file holds it, and its contents. last.pt is usually a link
+    to the newest numbered file; it is read on its own only when it is not one (a numbered file deleted to save
+    disk, or the copy written where hard links fail), and a numbered file newer than it wins (a crash between writing
+    NNNNNNN.pt and linking last.pt leaves last.pt one behind). Files that do not load are skipped, with a warning."""
+    numbered = numbered_checkpoints(ckpt_dir)
     last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
-    if os.path.isfile(last):
-        candidates.append(last)
-    if not candidates:
+    if not numbered and not os.path.isfile(last):
         raise MissingInput(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
-    for path in candidates:
+
+    def read(path: str) -> Optional[Dict[str, Any]]:
         try:
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except InvalidInput as e:
             log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
-    raise InvalidInput(f"--resume: none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be read")
+            return None
+        if not isinstance(ckpt, dict) or checkpoint_step(ckpt) is None:
+            log(f"WARNING: skipping checkpoint {path}: it records no training step")
+            return None
+        return ckpt
+
+    found = None  # (path, contents) of last.pt when it is a file of its own
+    if os.path.isfile(last) and not any(os.path.samefile(last, path) for _, path in numbered):
+        ckpt = read(last)
+        found = None if ckpt is None else (last, ckpt)
+    for step, path in reversed(numbered):
+        if found is not None and step <= checkpoint_step(found[1]):
+            break
+        ckpt = read(path)
+        if ckpt is not None:
+            return path, ckpt
+    if found is None:
+        raise InvalidInput(f"--resume: none of the checkpoints in {ckpt_dir} can be read")
+    return found
 
 
 def numbered_checkpoint(ckpt_dir: str, step: int) -> str:

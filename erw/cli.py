@@ -5,13 +5,17 @@ REPA, DiT and SiT that differ here, and errors from user input as one line with 
         run_main(main)
 
 A user-input error (a bad config value, a missing file, a run that already exists, a checkpoint that does not
-fit) is printed as `error: <message>` without a traceback; set ERW_DEBUG=1 to see the traceback. Errors of other
-kinds (a bug, a non-finite loss) keep theirs.
+fit) is printed as `error: <message>` without a traceback, also when a DataLoader worker raised it, and under
+torchrun it is what torchrun's summary shows as the root cause; set ERW_DEBUG=1 to see the traceback. Errors of
+other kinds (a bug, a non-finite loss) keep theirs.
 """
 import argparse
+import json
 import os
 import re
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
@@ -94,6 +98,16 @@ class FolderTaken(UserError, FileExistsError):
     """The folder already holds a run (or a live run holds it)."""
 
 
+def check_folder_path(path: str, flag: str) -> None:
+    """Refuse a folder to be made or used at `path` when it, or a folder above it, is a file (os.makedirs would end
+    in a NotADirectoryError traceback), naming the flag. Entry points call it before they write anything."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InvalidInput(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 @contextmanager
 def refusals_of_models(what: str):
     """models/ imports nothing of erw/, so its refusals of user input are plain ValueError / FileNotFoundError.
@@ -110,10 +124,51 @@ def refusals_of_models(what: str):
         raise InvalidInput(f"{what}: {e}") from e
 
 
+def user_message(error: BaseException) -> str:
+    """The message of a user-input error. One raised in a DataLoader worker comes back as the same type carrying
+    torch's "Caught X in DataLoader worker process N." and the worker's whole traceback: its message is the
+    traceback's last line(s), what the same error says without workers."""
+    text = str(error)
+    prefix = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith(f"Caught {type(error).__name__} ") and prefix in text:
+        text = text[text.rindex(prefix) + len(prefix):].rstrip("\n")
+    return text
+
+
+# Under torchrun (or accelerate launch on several GPUs) the elastic agent sets this for each process; its summary,
+# the last thing a user sees, shows the "Root Cause": the failure with the earliest time (in whole seconds; a tie
+# goes to the failure it recorded first) among the processes that had ended when it noticed the first one.
+ELASTIC_ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+# What gloo says in the other processes when one of them ends: their error is not the cause.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+PEER_LOST_WAIT_S = 60.0  # how long such a process waits to be stopped by the agent (longer: a peer on another node)
+
+
+def _record_for_the_launcher(line: str) -> None:
+    """Leave the one line in the agent's error file (the format its ErrorHandler writes), so that the summary's root
+    cause shows it instead of a link to the docs."""
+    path = os.environ.get(ELASTIC_ERROR_FILE_ENV)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+
+
+def _wait_to_be_stopped(error: BaseException) -> None:
+    """Another process of the run ended (its own error says why): stay alive until the agent stops this one, so
+    that its summary names that process as the root cause, not this one's lost connection."""
+    print(f"error: lost the connection to another process of the run ({type(error).__name__}: {error}); the "
+          "error of the process that ended first is the cause", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the agent's SIGTERM ends this process at once
+    time.sleep(PEER_LOST_WAIT_S)
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2, an error
     that carries its own `exit_code` (a checkpoint that could not be written: 74) one line and that status. Under
-    launch.py the exit status is also reported to the wrapper (erw/preemption.py)."""
+    launch.py the exit status is also reported to the wrapper (erw/preemption.py); under torchrun the one line is
+    what its summary shows for this process, and a process that only lost its connection to a failed one is not
+    reported as the cause."""
     code = 1  # an uncaught exception
     try:
         main(argv)
@@ -124,8 +179,12 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
     except Exception as error:
         error_code = getattr(error, "exit_code", None)
         if (error_code is None and not isinstance(error, UserError)) or os.environ.get("ERW_DEBUG"):
+            if os.environ.get(ELASTIC_ERROR_FILE_ENV) and any(text in str(error) for text in PEER_LOST):
+                _wait_to_be_stopped(error)
             raise
-        print(f"error: {error}", file=sys.stderr)
+        line = f"error: {user_message(error)}"
+        print(line, file=sys.stderr)
+        _record_for_the_launcher(line)
         code = error_code or 2
     finally:
         report_exit_status(code)

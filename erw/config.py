@@ -3,8 +3,8 @@
 Precedence: built-in defaults < the YAML file's top level < its section for the running phase (`warmup:` for
 train_warmup.py, `train:` for train.py) < command-line flags. One YAML file describes both phases of a paper
 setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys are snake_case in YAML and
---kebab-case on the command line (REPA's flag names where the concept is REPA's). Unknown keys and bad values are
-errors that name the key and the file.
+--kebab-case on the command line (REPA's flag names where the concept is REPA's). Unknown keys, bad values and a key
+given twice are errors that name the key and the file.
 """
 import argparse
 import dataclasses
@@ -289,6 +289,24 @@ def _convert(option: Option, value: Any, where: str) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word; a config that says two things is refused."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # `<<: *base` and then a key of base overrides it on purpose; a key that is not a scalar super() refuses.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"config file {self.name}: '{key}' is given twice (lines {lines[key]} and {line}); "
+                                  "keep the one you mean")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str, chain=()) -> Dict[str, Any]:
     """Raw mapping of a config file, with `base: other.yaml` (relative to this file) merged underneath it:
     top-level keys and each phase section override the base's key by key."""
@@ -298,7 +316,7 @@ def _read_yaml(path: str, chain=()) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

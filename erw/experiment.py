@@ -4,12 +4,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from erw.cli import InvalidInput, MissingInput, refusals_of_models
-from erw.config import resolve_config
+from erw.cli import InvalidInput, MissingInput, check_folder_path, refusals_of_models
+from erw.config import TRAIN, resolve_config
 from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset
 from erw.teacher_cache import (TeacherCache, TeacherCacheIdentity, cached_teachers, run_identity,
                                teacher_weights_sha256)
 from erw.trainer import Trainer
+from erw.warm_start import load_warmup
 from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
 from models.sit import SiT, SiT_models, create_sit
 
@@ -28,8 +29,8 @@ def open_teacher_cache(config: Dict[str, Any]) -> Optional[TeacherCache]:
     return TeacherCache(config["teacher_cache"]) if config["teacher_cache"] and uses_alignment(config) else None
 
 
-def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentDataset) -> List[torch.nn.Module]:
-    """Frozen teachers on `device`, or [] when the run has no alignment term (they are then not even loaded). With a
+def build_teachers(config: Dict[str, Any], log, dataset: ImageLatentDataset) -> List[torch.nn.Module]:
+    """Frozen teachers on the CPU, or [] when the run has no alignment term (they are then not even loaded). With a
     teacher cache (on the dataset), stand-ins that pass its tokens on, once its identity is shown to be the run's."""
     if not uses_alignment(config):
         if config["phase"] == "warmup":
@@ -50,7 +51,7 @@ def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentData
                                "preprocessing.dataset_tools cache-teachers) or drop --teacher-cache")
         log(f"Teacher tokens from the cache {cache.cache_dir} ({cache.identity.dtype}, {', '.join(names)}): no "
             "teacher built, no image decoded")
-        return [teacher.to(device) for teacher in cached_teachers(cache.identity)]
+        return cached_teachers(cache.identity)
     with refusals_of_models("--enc-type/--enc-weights"):
         teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])
     for teacher in teachers:
@@ -59,12 +60,12 @@ def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentData
                 "(tests and demo only)")
         else:
             log(f"Teacher {teacher.name}: {teacher.embed_dim}-wide tokens")
-    return [teacher.to(device) for teacher in teachers]
+    return teachers
 
 
 def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
-    """The training set (with the teacher cache when the run has one), checked against --resolution and
-    --num-classes."""
+    """The training set (with the teacher cache when the run has one), checked against --resolution,
+    --num-classes and the micro-batch (--batch-size / --gradient-accumulation-steps images, at least)."""
     cache = open_teacher_cache(config)
     dataset = ImageLatentDataset(config["data_dir"], load_images=uses_alignment(config), teacher_cache=cache)
     if dataset.resolution != config["resolution"]:
@@ -73,6 +74,10 @@ def build_dataset(config: Dict[str, Any]) -> ImageLatentDataset:
     if dataset.num_classes > config["num_classes"]:
         raise InvalidInput(f"{config['data_dir']} has labels up to {dataset.num_classes - 1} but --num-classes is "
                            f"{config['num_classes']}")
+    micro_batch = config["batch_size"] // config["gradient_accumulation_steps"]
+    if len(dataset) < micro_batch:
+        raise InvalidInput(f"{config['data_dir']} holds {len(dataset):,} items, fewer than one micro-batch of "
+                           f"{micro_batch:,} (--batch-size / --gradient-accumulation-steps): lower --batch-size")
     return dataset
 
 
@@ -98,9 +103,10 @@ def build_model_args(config: Dict[str, Any], teachers: List[torch.nn.Module]) ->
 
 
 def check_inputs(config: Dict[str, Any]) -> None:
-    """What can be checked before anything is built or written, named by the user's flags: block counts against the
-    model's depth (the model itself would only name its own constructor argument) and the Phase-1 checkpoint a
-    warm start needs."""
+    """What can be checked before anything is built or written, named by the user's flags: the run folder's path,
+    block counts against the model's depth (the model itself would only name its own constructor argument) and the
+    Phase-1 checkpoint a warm start needs."""
+    check_folder_path(os.path.join(config["output_dir"], config["exp_name"]), "--output-dir/--exp-name")
     warmup_ckpt = config.get("warmup_ckpt")
     if warmup_ckpt and not config["resume"] and not os.path.isfile(warmup_ckpt):
         raise MissingInput(f"--warmup-ckpt {warmup_ckpt} does not exist: run Phase 1 first (train_warmup.py "
@@ -131,16 +137,26 @@ class Run(NamedTuple):
 
 
 def prepare_run(phase: str, argv: Optional[Sequence[str]], description: str) -> Run:
-    """Resolve the config for `phase`, set up the trainer (experiment folder, accelerate), then build the teachers,
-    the dataset and the model, in that order (the model after the trainer has seeded torch)."""
+    """Resolve the config for `phase`; build the dataset, the teachers and the model (with Phase 2's warm start
+    unless resuming), which read and check every input; only then set up the trainer, which makes the experiment
+    folder: a refused run writes nothing."""
     config = resolve_config(phase, argv, description=description)
     check_inputs(config)
-    trainer = Trainer(config)
     dataset = build_dataset(config)
+    notes: List[str] = []  # logged once the run folder's log exists
     if dataset.packed:
-        trainer.log(f"Latents from the packed dataset in {config['data_dir']} (memory-mapped, {len(dataset):,} items)")
-    teachers = build_teachers(config, trainer.device, trainer.log, dataset)
+        notes.append(f"Latents from the packed dataset in {config['data_dir']} (memory-mapped, {len(dataset):,} items)")
+    teachers = build_teachers(config, notes.append, dataset)
     model_args = build_model_args(config, teachers)
+    torch.manual_seed(config["seed"])  # the model is the same on every process and every run
     with refusals_of_models(f"--model {config['model']}"):
         model = create_sit(**model_args)
-    return Run(config, trainer, teachers, dataset, model_args, model)
+    if config.get("warmup_ckpt") and not config["resume"]:
+        notes.append(load_warmup(model, config["warmup_ckpt"], config["warmup_weights"], config["warmup_layers"],
+                                 expected_depth=config["warmup_depth"], add_rope=config["add_rope_after_warmup"]))
+    elif phase == TRAIN and not config["warmup_ckpt"]:
+        notes.append("No warm start: every block starts from its fresh initialization (a baseline run)")
+    trainer = Trainer(config)
+    for note in notes:
+        trainer.log(note)
+    return Run(config, trainer, [teacher.to(trainer.device) for teacher in teachers], dataset, model_args, model)

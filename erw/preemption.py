@@ -3,14 +3,15 @@ training process tells launch.py how it ended. No torch here: launch.py and the 
 before anything heavy is imported.
 
 - SIGTERM / SIGUSR1 stop training at a step boundary with a checkpoint (erw/trainer.py), exit EXIT_PREEMPTED.
-- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (erw/checkpoint.py).
+- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (erw/checkpoint.py), and so does
+  a preempted run that launch.py sees die before its save.
 - A signal that arrives while the process is still starting up is recorded by `catch_early_preemption` instead of
   killing it (status 143, no message); the trainer reads it and stops before its first step.
 """
 import os
 import signal
 import socket
-from typing import Optional
+from typing import List, Optional
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "try again later": a requeue script can tell preemption from failure
@@ -38,9 +39,14 @@ def early_preemption() -> Optional[str]:
     return _early_signal
 
 
-def report_exit_status(code: int) -> None:
-    """Under launch.py, leave this process's exit status where the wrapper reads it (atomically, one file per
-    process). The launchers themselves pass on only 0 or 1."""
+# What a training process reports when its loop starts: from then on a preemption signal means a save. A report
+# still saying so at the end is a process that died without a word (SIGKILL, a segfault, the OOM killer).
+TRAINING = "training"
+
+
+def report_exit_status(code) -> None:
+    """Under launch.py, leave this process's exit status (or TRAINING) where the wrapper reads it (atomically, one
+    file per process). The launchers themselves pass on only 0 or 1."""
     directory = os.environ.get(EXIT_STATUS_DIR_ENV)
     if not directory or not os.path.isdir(directory):
         return
@@ -51,14 +57,17 @@ def report_exit_status(code: int) -> None:
     os.replace(tmp, os.path.join(directory, name))
 
 
-def read_exit_statuses(directory: str) -> list:
-    """The exit statuses that training processes reported into `directory` (report_exit_status)."""
+def read_exit_statuses(directory: str) -> List[Optional[int]]:
+    """The exit statuses that training processes reported into `directory` (report_exit_status); None for one that
+    reported TRAINING and nothing after it."""
     codes = []
     for name in sorted(os.listdir(directory)):
         if name.startswith("."):
             continue
         with open(os.path.join(directory, name)) as f:
             text = f.read().strip()
-        if text.lstrip("-").isdigit():
+        if text == TRAINING:
+            codes.append(None)
+        elif text.lstrip("-").isdigit():
             codes.append(int(text))
     return codes

@@ -33,19 +33,18 @@ class SampleGridHook:
 
     def __init__(self, vae: str, num_images: int, num_classes: int, latent_shape, num_steps: int, every: int,
                  last_step: int):
-        self.vae_name, self.num_steps, self.every, self.last_step = vae, num_steps, every, last_step
+        self.num_steps, self.every, self.last_step = num_steps, every, last_step
         g = torch.Generator().manual_seed(SAMPLE_GRID_SEED)
         self.noise = torch.randn((num_images, *latent_shape), generator=g)
         self.labels = torch.arange(num_images) % num_classes
-        self.vae = None
+        # Now, on the CPU: a resumed run meets its first grid many steps later, and must not fail there.
+        with refusals_of_models("--vae"):
+            self.vae = load_vae(vae)
 
     def __call__(self, trainer, step: int, ema) -> None:
         if step % self.every and step != self.last_step:
             return
-        if self.vae is None:
-            with refusals_of_models("--vae"):
-                vae = load_vae(self.vae_name)
-            self.vae = vae.to(trainer.device)
+        self.vae = self.vae.to(trainer.device)
         latents = sample_ode(GuidedVelocity(ema), self.noise.to(trainer.device), self.labels.to(trainer.device),
                              self.num_steps)
         grid = image_grid(decode_latents(self.vae, latents.float()).cpu().numpy())

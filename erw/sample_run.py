@@ -13,7 +13,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, current_model_args, load_sampling_model, numbered_checkpoint
-from erw.cli import InvalidInput, refusals_of_models
+from erw.cli import InvalidInput, check_folder_path, refusals_of_models
 from erw.files import atomic_write, remove_stale_temps
 from erw.generation import (all_labels, check_pixel_rounding_setting, default_micro_batch_size, exact_cpu,
                             generate_images)
@@ -247,6 +247,9 @@ def run_sampling(args: Dict[str, object]) -> str:
     # Every setting is checked before anything is loaded or created: a refused run leaves no folder behind.
     if args["per_proc_batch_size"] < 1 or args["num_fid_samples"] < 1 or args["num_steps"] < 1:
         raise InvalidInput("--per-proc-batch-size, --num-fid-samples and --num-steps must be >= 1")
+    if args["global_seed"] < 0:
+        raise InvalidInput(f"--global-seed must be >= 0, got {args['global_seed']}")
+    check_folder_path(args["sample_dir"], "--sample-dir")
     check_sampler(args["mode"], args["heun"])
     check_guidance(args["cfg_scale"], args["guidance_low"], args["guidance_high"])
     check_pixel_rounding_setting(args["pixel_rounding"])
@@ -281,6 +284,8 @@ def run_sampling(args: Dict[str, object]) -> str:
     folder = os.path.join(args["sample_dir"], sample_folder_name(settings))
     npz_path, settings_path = folder + ".npz", folder + ".json"
     settings.update(sample_folder=folder, npz=npz_path)
+    with refusals_of_models("--vae"):
+        vae = load_vae(settings["vae"], allow_download=args["allow_download"]).to(device)
     lock = lock_sample_folder(folder, rank)
     try:
         check_resumable(settings_path, folder, settings)
@@ -309,10 +314,6 @@ def run_sampling(args: Dict[str, object]) -> str:
                       "and beside it")
             _write_json(settings_path, settings)
         _barrier()
-
-        with refusals_of_models("--vae"):
-            vae = load_vae(settings["vae"], allow_download=args["allow_download"])
-        vae = vae.to(device)
 
         num_samples = args["num_fid_samples"]
         finished = finished_indices(folder)

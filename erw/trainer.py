@@ -16,7 +16,7 @@ No step waits for the GPU: losses, gradient norms and skipped updates stay on th
 at log steps and before every checkpoint. What the loop guarantees besides:
 - no update is ever applied from a non-finite gradient: it is skipped on the device and counted, as fp16's
   GradScaler does (which also lowers its scale); a non-finite loss, or MAX_CONSECUTIVE_SKIPS skips in a row, stops
-  the run at the next check;
+  the run at the next check (a non-finite loss naming the items of its step and those that hold a NaN or an inf);
 - a checkpoint never holds non-finite weights, and an error names the checkpoint that really is the last good one;
 - --resume continues from the newest intact checkpoint and refuses settings that would change what is trained
   (erw/config.py: run_control), unless named in --resume-override; metrics.jsonl then drops records past that step;
@@ -26,6 +26,7 @@ at log steps and before every checkpoint. What the loop guarantees besides:
 import contextlib
 import copy
 import datetime
+import itertools
 import os
 import signal
 import threading
@@ -47,7 +48,7 @@ from erw.config import resume_changes
 from erw.data import ResumableShardSampler, sample_latents
 from erw.losses import Objective
 from erw.precision import MixedPrecision, set_fp32_precision
-from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, early_preemption
+from erw.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, TRAINING, early_preemption, report_exit_status
 from erw.run_dir import CONFIG_HISTORY_FILE, RunDir
 
 # fp16's GradScaler skips a step per overflow and halves its scale each time: from the default 2^16 it needs ~20
@@ -95,6 +96,7 @@ class PreemptionHandler:
                 self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        report_exit_status(TRAINING)  # launch.py: a death without a status from now on may lose a preemption save
         return self
 
     def __exit__(self, *exc):
@@ -229,7 +231,6 @@ class Trainer:
         except BaseException:  # a refused resume, say: the folder is free again at once
             self.run_dir.release()
             raise
-        torch.manual_seed(config["seed"])  # the model built next is the same on every process and every run
 
     def _check_resume(self, path: str, ckpt: Dict[str, Any]) -> None:
         """Refuse settings that differ from the ones the checkpoint to continue from was trained with, unless
@@ -333,13 +334,17 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         return ckpt["step"], micro_batch, ckpt.get("skipped_steps", 0)
 
-    def _check_health(self, health: StepHealth, step: int, checked_until: int) -> None:
-        """Read what the steps since `checked_until` left on the device; stop on a non-finite loss or on
-        MAX_CONSECUTIVE_SKIPS skipped updates in a row, and log skipped updates."""
+    def _check_health(self, health: StepHealth, step: int, checked_until: int, dataset, micro_batch: int) -> None:
+        """Read what the steps since `checked_until` left on the device; stop on a non-finite loss (naming the data
+        of its step, `micro_batch` being where the data stream is after `step`) or on MAX_CONSECUTIVE_SKIPS skipped
+        updates in a row, and log skipped updates."""
         found = health.check(self.accelerator)
-        if found["first_bad_loss"] != StepHealth.NONE:
-            self.fail(f"non-finite loss at step {found['first_bad_loss']} (found at step {step}; its update was "
-                      "skipped); stopping")
+        bad_step = found["first_bad_loss"]
+        if bad_step != StepHealth.NONE:
+            accumulation = self.config["gradient_accumulation_steps"]
+            first = micro_batch - (step - bad_step + 1) * accumulation
+            self.fail(f"non-finite loss at step {bad_step} (found at step {step}; its update was skipped); "
+                      f"{self._check_batch(dataset, range(first, first + accumulation), bad_step)}; stopping")
         if found["longest_run"] >= MAX_CONSECUTIVE_SKIPS:
             self.fail(f"gradients were non-finite in {found['longest_run']} steps in a row (last: step "
                       f"{found['last_skipped']}); stopping")
@@ -350,6 +355,27 @@ class Trainer:
             self.log(f"steps {checked_until + 1}..{step}: {new} update(s) skipped for a non-finite gradient (last at "
                      f"step {found['last_skipped']}); {found['skipped']} skipped so far{scale}")
         self._skipped_logged = found["skipped"]
+
+    def _check_batch(self, dataset, micro_batches: range, step: int) -> str:
+        """Which items the global batch of `step` held (the data order is a pure function of (seed, epoch), so it is
+        recomputed), listed in the log, and which of them hold a NaN or an infinity: --resume would replay them."""
+        acc, items = self.accelerator, []
+        for m, rank in itertools.product(micro_batches, range(acc.num_processes)):
+            sampler = ResumableShardSampler(len(dataset), self.local_batch_size, rank, acc.num_processes,
+                                            self.config["seed"], start_micro_batch=m)
+            items += itertools.islice(sampler, self.local_batch_size)
+        names = [f"{dataset.latent_files[i]} (item {i})" for i in items]
+        self.log(f"step {step}'s batch, from {dataset.data_dir}: {', '.join(names)}")
+        # Every float the item brings: the latent's moments, and the teacher cache's tokens where there is one.
+        bad = [name for i, name in zip(items, names)
+               if not all(torch.isfinite(x).all() for x in dataset[i] if x.is_floating_point())]
+        if not bad:
+            return (f"the step's {len(items)} items (listed in the log) hold finite values: the training diverged, "
+                    "not the data")
+        return (f"{len(bad)} of the step's {len(items)} items (listed in the log) hold a NaN or an infinity: "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} in {dataset.data_dir}; remake them (a latent: "
+                "delete it, rerun `preprocessing/dataset_tools.py encode`, then `pack` if the folder is packed) "
+                "before --resume, which would train on them again")
 
     def _apply_update(self, optimizer, applied: torch.Tensor) -> None:
         """One AdamW step, or none where `applied` is False, decided on the device: fused AdamW skips its update (and
@@ -479,7 +505,7 @@ class Trainer:
                 stop_signal = preemption.requested()
                 save_due = step % cfg["checkpointing_steps"] == 0 or step == cfg["max_train_steps"] or stop_signal
                 if log_due or save_due:
-                    self._check_health(health, step, checked_until)
+                    self._check_health(health, step, checked_until, dataset, micro_batch)
                     checked_until = step
                 if log_due:
                     elapsed = time.perf_counter() - window_start

@@ -166,6 +166,113 @@ def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, 
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("script, flags, says", [
+    ("train_warmup", ["--data-dir", "{tmp}/nodata"], "data folder {tmp}/nodata does not exist"),
+    ("train_warmup", ["--enc-type", "no-such-teacher"], "unknown teacher 'no-such-teacher' in --enc-type"),
+    ("train_warmup", ["--resolution", "128"], "holds 64px images but --resolution is 128"),
+    ("train_warmup", ["--batch-size", "320"], "holds 160 items, fewer than one micro-batch of 320"),
+    ("train_warmup", ["--output-dir", "{tmp}/a-file"], "--output-dir/--exp-name {tmp}/a-file/tiny-warmup: "
+                                                        "{tmp}/a-file is a file, not a folder"),
+    ("train_warmup", ["--output-dir", "{tmp}/a-file/under"], "{tmp}/a-file is a file, not a folder"),
+    ("train", ["--warmup-ckpt", "{tmp}/phase2.pt"], "{tmp}/phase2.pt is not a Phase-1 checkpoint"),
+    ("sample_ddp", ["--ckpt", "{tmp}/phase2.pt", "--sample-dir", "{tmp}/a-file"],
+     "--sample-dir {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
+], ids=["no-data", "unknown-teacher", "resolution", "batch-over-dataset", "output-dir-a-file",
+        "output-dir-under-a-file", "not-a-phase1-checkpoint", "sample-dir-a-file"])
+def test_inputs_are_checked_before_anything_is_written(demo_data, tmp_path, capsys, monkeypatch, script, flags,
+                                                       says):
+    """Refused in one line before the experiment (or sample) folder exists: before, a run made exps/NAME/ with its
+    config.yaml and log.txt, or a NotADirectoryError traceback, first."""
+    import sample_ddp
+    import train
+    import train_warmup
+    from erw.checkpoint import save_checkpoint
+    from models.sit import create_sit
+    monkeypatch.setenv("ERW_DEBUG", "")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    (tmp_path / "a-file").write_text("not a folder")
+    model_args = dict(model="SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.1,
+                      encoder_depth=2, z_dims=[64], qk_norm=False, use_rope=False, built_depth=None)
+    save_checkpoint({"model": create_sit(**model_args).state_dict(), "ema": {}, "model_args": model_args},
+                    str(tmp_path / "phase2.pt"))
+    module = {"train_warmup": train_warmup, "train": train, "sample_ddp": sample_ddp}[script]
+    argv = [*map(fill, flags)] if script == "sample_ddp" else \
+        [*tiny_args(demo_data, tmp_path / "exps", "--max-train-steps", "1"), *map(fill, flags)]
+    line = in_process_error(module, argv, capsys)
+    assert fill(says) in line
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "phase2.pt"]
+
+
+@pytest.mark.parametrize("command", ["train_warmup.py", "dataset_tools pack"])
+def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers(demo_data, tmp_path, command):
+    """Before: "error: Caught InvalidInput in DataLoader worker process 0." and the worker's 15-line traceback."""
+    import shutil
+
+    import numpy as np
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    bad = sorted((data / "vae-sd").rglob("*.npy"))[37]
+    np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent among 64-px ones
+    lines = []
+    for workers in ("0", "2"):
+        if command == "train_warmup.py":
+            args = [os.path.join(ROOT, "train_warmup.py"),
+                    *tiny_args(data, tmp_path / f"exps{workers}", "--num-workers", workers, "--max-train-steps", "10")]
+        else:
+            args = ["-m", "preprocessing.dataset_tools", "pack", "--data-dir", str(data), "--workers", workers]
+        result = run_entry(args, ROOT)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and result.stderr.rstrip().endswith("\n" + errors[0]), result.stderr
+        lines.append(errors[0])
+    assert lines[0] == lines[1]
+    assert str(bad) in lines[0] and "(8, 4, 4)" in lines[0]
+
+
+# train_warmup.py, with rank 1 ending slowly once it has failed (as one with loader workers and files to close does):
+# it drops its connections first, so its peer notices at once and could end before it.
+_SLOW_TO_END = """import atexit, os, sys, time
+sys.path.insert(0, {root!r})
+from erw.preemption import catch_early_preemption
+catch_early_preemption()
+import torch.distributed as dist
+import train_warmup
+from erw.cli import run_main
+if os.environ["RANK"] == "1":
+    atexit.register(lambda: (dist.destroy_process_group(), time.sleep(3)))
+run_main(train_warmup.main)
+"""
+
+
+def test_under_torchrun_the_failing_process_is_the_root_cause_with_its_one_line(demo_data, tmp_path):
+    """An unreadable image in rank 1's first batch. Before: torchrun's summary, the last thing printed, named rank 0
+    (its gloo "Connection closed by peer") as the root cause, and no process's error."""
+    import itertools
+    import shutil
+
+    from erw.data import ImageLatentDataset, ResumableShardSampler
+    from tests.dist_utils import free_port
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    dataset = ImageLatentDataset(str(data))
+    first = [list(itertools.islice(ResumableShardSampler(len(dataset), 16, rank, 2, 0), 16)) for rank in (0, 1)]
+    item = next(i for i in first[1] if i != 0)  # item 0 is read when the dataset opens
+    bad = data / "images" / dataset.image_files[item]
+    bad.write_bytes(b"not an image")
+    script = tmp_path / "slow_to_end.py"
+    script.write_text(_SLOW_TO_END.format(root=ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(script), *tiny_args(data, tmp_path / "exps", "--max-train-steps", "5", "--num-workers", "0")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "ERW_DEBUG": ""}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode != 0
+    root_cause = result.stderr.rsplit("Root Cause (first observed failure):", 1)[-1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, result.stderr[-3000:]
+    assert f"traceback : error: cannot read image {bad}" in root_cause, result.stderr[-3000:]
+    assert "error: lost the connection to another process of the run (RuntimeError" in result.stderr
+
+
 @pytest.mark.parametrize("command, argv, names", [
     ("sample_ddp.py", ["--ckpt", "{tmp}/none.pt"], "{tmp}/none.pt"),
     ("-m evaluations.evaluator", ["{tmp}/ref.npz", "{tmp}/sample.npz", "--inception-weights", "random"],

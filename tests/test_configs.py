@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from erw.config import TRAIN, WARMUP, ConfigError, resolve_config
+from erw.config import TRAIN, WARMUP, ConfigError, load_yaml, resolve_config
 from tests.conftest import ROOT, TINY_CONFIG
 
 README = os.path.join(ROOT, "README.md")
@@ -210,3 +210,23 @@ def test_each_phase2_starts_from_its_own_configs_phase1(name):
 def test_every_paper_config_is_checked():
     configs = {n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")}
     assert configs - {n for n, _ in PAPER} == {RELEASE_PRESET, "tiny.yaml"}  # the release preset: its own test
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("learning_rate: 0.001\nbatch_size: 8\nlearning_rate: 0.5\n", "learning_rate", "1 and 3"),
+    ("batch_size: 8\ntrain:\n  proj_coeff: 0.5\n  proj_coeff: 0\n", "proj_coeff", "3 and 4"),
+], ids=["top-level", "in-a-section"])
+def test_a_key_given_twice_is_refused_naming_the_key_and_the_file(tmp_path, text, key, lines):
+    """yaml.safe_load keeps the last value without a word: the run would train with whichever came last."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file {path}: '{key}' is given twice \\(lines {lines}\\)"):
+        load_yaml(str(path), TRAIN)
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("warmup: &common\n  batch_size: 8\n  max_train_steps: 5\n"
+                    "train:\n  <<: *common\n  max_train_steps: 7\n")
+    assert {k: load_yaml(str(path), TRAIN)[k] for k in ("batch_size", "max_train_steps")} == \
+        {"batch_size": 8, "max_train_steps": 7}

@@ -346,11 +346,13 @@ def test_bad_checkpoints_and_flags_are_named(checkpoints):
     (["--cfg-scale", "0.5"], r"argument --cfg-scale: 'cfg_scale' must be in \[1, inf\), got 0.5"),  # argparse's
     (["--cfg-scale", "2", "--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low <= --guidance-high"),
     (["--micro-batch-size", "-1"], "--micro-batch-size must be >= 0"),
+    (["--global-seed", "-1"], "--global-seed must be >= 0, got -1"),
+    (["--vae", "/no/such/vae"], "--vae: cannot load VAE '/no/such/vae'"),
 ])
 def test_refused_settings_leave_nothing_behind(checkpoints, tmp_path, capsys, flags, message):
-    """Checked before the checkpoint is read or a folder made (by argparse, or before anything is read): no empty
-    sample folder, no settings .json."""
-    with pytest.raises((ValueError, SystemExit)) as refused:
+    """Checked before a folder is made (by argparse, before anything is read, or while loading, before the lock):
+    no empty sample folder, no settings .json."""
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as refused:
         _run(checkpoints["ours"], tmp_path / "samples", *flags)
     out, err = capsys.readouterr()
     assert re.search(message, err if isinstance(refused.value, SystemExit) else str(refused.value))

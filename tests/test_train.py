@@ -211,6 +211,17 @@ def test_phase2_resume_continues_exactly(demo_data, phase1, tmp_path):
         _state_equal(straight[key], resumed[key], key)
 
 
+def test_a_resume_with_a_vae_it_cannot_load_is_refused_before_it_trains(demo_data, tmp_path):
+    """The sample grid's VAE is loaded when the run starts, not at the first grid after the resume (hours later
+    with --sample-grid-every 10000): the run is refused with --vae named, before a step or a checkpoint."""
+    args = tiny_args(demo_data, tmp_path, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
+                     "--checkpointing-steps", "1", "--sample-grid-every", "1000", "--sample-num-steps", "2")
+    train.main([*args, "--max-train-steps", "2"])
+    with pytest.raises(FileNotFoundError, match="--vae: cannot load VAE 'no-such/vae'"):
+        train.main([*args, "--max-train-steps", "4", "--resume", "--vae", "no-such/vae"])
+    assert sorted(os.listdir(os.path.join(tmp_path, "tiny", "checkpoints"))) == ["0000001.pt", "0000002.pt", "last.pt"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, phase1, tmp_path, monkeypatch):
     class NaNAtStep4(Objective):
         def __call__(self, model, latents, labels, teacher_tokens, step, rng=None):
@@ -226,7 +237,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(demo_data, p
                                "--sample-grid-every", "1000", "--sample-num-steps", "2"))
     assert str(error.value).endswith(f"The last good checkpoint is {last_good}")
     with open(os.path.join(tmp_path, "tiny", "log.txt")) as f:
-        assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); stopping. The last " \
+        assert f"ERROR: non-finite loss at step 5 (found at step 6; its update was skipped); the step's 32 items " \
+               "(listed in the log) hold finite values: the training diverged, not the data; stopping. The last " \
                f"good checkpoint is {last_good}" in f.read()
     last = load_checkpoint(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"))
     assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +17,7 @@ import yaml
 import train_warmup
 from erw import run_dir as run_dir_module
 from erw import trainer as trainer_module
+from erw.batch_random import derive_seed
 from erw.checkpoint import load_checkpoint
 from erw.files import atomic_write
 from erw.losses import Objective
@@ -118,6 +120,26 @@ def test_nan_weights_are_never_saved(demo_data, tmp_path, monkeypatch):
     assert "not saved" in str(error.value) and _ckpt(tmp_path, "0000002.pt") in str(error.value)
     assert not os.path.exists(_ckpt(tmp_path, "0000003.pt"))
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 2
+
+
+def test_a_non_finite_latent_is_named_with_the_batch_of_the_first_non_finite_loss(demo_data, tmp_path):
+    """The data order is recomputed here from its definition (epoch 0: a permutation seeded by (seed, 0), cut into
+    micro-batches of 32): item perm[40] falls in step 2's batch. The error names its file as the one that holds a
+    NaN; the log lists the whole batch."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    latents = sorted(str(p.relative_to(data / "vae-sd")) for p in (data / "vae-sd").rglob("*.npy"))
+    perm = torch.randperm(len(latents), generator=torch.Generator().manual_seed(derive_seed(0, 0))).tolist()
+    poisoned = latents[perm[40]]
+    moments = np.load(data / "vae-sd" / poisoned)
+    moments[2, 3, 4] = np.nan
+    np.save(data / "vae-sd" / poisoned, moments)
+    with pytest.raises(FloatingPointError) as error:
+        train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "4", "--log-every", "1"))
+    assert (f"non-finite loss at step 2 (found at step 2; its update was skipped); 1 of the step's 32 items (listed "
+            f"in the log) hold a NaN or an infinity: {poisoned} (item {perm[40]}) in {data}") in str(error.value)
+    batch = ", ".join(f"{latents[i]} (item {i})" for i in perm[32:64])
+    assert f"step 2's batch, from {data}: {batch}\n" in _log_text(tmp_path)
 
 
 # ------------------------------------------------------------------ resume with changed settings (item 5)
@@ -226,6 +248,32 @@ def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
     assert f"skipping unreadable checkpoint {_ckpt(tmp_path, '0000003.pt')}" in log
     assert f"Resuming from {_ckpt(tmp_path, '0000002.pt')} (step 2)" in log
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
+
+
+@pytest.mark.parametrize("damage", ["newest-numbered-deleted", "last-pt-a-stale-copy"])
+def test_resume_takes_the_newest_state_whichever_file_holds_it(demo_data, tmp_path, damage):
+    """Users delete numbered checkpoints to save disk: last.pt then holds the newest state alone. Where last.pt is a
+    copy of an older one (no hard links), the newer numbered file wins. Nothing newer is dropped or overwritten."""
+    args = ("--max-train-steps", "6", "--checkpointing-steps", "2", "--log-every", "1")
+    train_warmup.main(tiny_args(demo_data, tmp_path, *args))
+    if damage == "newest-numbered-deleted":
+        os.remove(_ckpt(tmp_path, "0000006.pt"))
+        newest = _ckpt(tmp_path, "last.pt")
+    else:
+        os.remove(_ckpt(tmp_path, "last.pt"))
+        shutil.copyfile(_ckpt(tmp_path, "0000004.pt"), _ckpt(tmp_path, "last.pt"))
+        newest = _ckpt(tmp_path, "0000006.pt")
+    with open(os.path.join(_exp(tmp_path), run_dir_module.METRICS_FILE)) as f:
+        logged = f.read()
+    train_warmup.main(tiny_args(demo_data, tmp_path, *args, "--resume", "--max-train-steps", "8"))
+    assert f"Resuming from {newest} (step 6)" in _log_text(tmp_path)
+    assert "Dropped" not in _log_text(tmp_path)
+    with open(os.path.join(_exp(tmp_path), run_dir_module.METRICS_FILE)) as f:
+        assert f.read().startswith(logged)
+    assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    resumed = load_checkpoint(_ckpt(tmp_path, "0000008.pt"))
+    assert resumed["step"] == 8 and resumed["data_position"]["micro_batch"] == 8
+    assert [entry["resumed_from"] for entry in resumed["config_history"]] == [newest]
 
 
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_here(demo_data, tmp_path, monkeypatch):
