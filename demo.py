@@ -182,23 +182,29 @@ TABLE_METHODS = ("SiT", "REPA", "ERW")
 
 
 def training_flops_per_step(exp_dir: str) -> float:
-    """FLOPs of one optimizer step of the run in exp_dir (its checkpoint's model_args and config): the batch times
-    bench/flops.py's per-image count (3 x the SiT forward, projectors included when it has any, plus the teacher's
-    forward). A Phase-1 run's truncated SiT makes its steps cheaper."""
+    """FLOPs of one optimizer step of the run in exp_dir (its checkpoint's model_args and config): the batch times a
+    training image's FLOPs, 3 x the SiT forward (the backward costs about two forwards; projectors included when it
+    has any) plus the teachers' forward, each forward counted by torch's FlopCounterMode on the meta device (a
+    multiply-add is 2 FLOPs). A Phase-1 run's truncated SiT makes its steps cheaper."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.flops import sit_forward_flops, training_step_flops, vit_forward_flops
     from erw.checkpoint import LAST_CHECKPOINT, current_model_args, load_checkpoint
     from models.encoders import load_teachers
     from models.sit import create_sit
     ckpt = load_checkpoint(os.path.join(exp_dir, "checkpoints", LAST_CHECKPOINT))
-    config = ckpt["config"]
-    with torch.device("meta"):
-        model = create_sit(**current_model_args(ckpt["model_args"]))
-    teachers = load_teachers(config["enc_type"], config["resolution"], config["enc_weights"]) \
+    config, model_args = ckpt["config"], current_model_args(ckpt["model_args"])
+    teachers = [t.to("meta") for t in load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])] \
         if config["enc_type"] else []
-    teacher = sum(vit_forward_flops(t.vit)["total"] for t in teachers)
-    return float(training_step_flops(sit_forward_flops(model)["total"], teacher) * config["batch_size"])
+    latent, side = model_args["input_size"], config["resolution"]
+    with torch.device("meta"):
+        model = create_sit(**model_args)
+        with FlopCounterMode(display=False) as sit:
+            model(torch.zeros(1, model.in_channels, latent, latent), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        with FlopCounterMode(display=False) as teacher:
+            for t in teachers:
+                t(torch.zeros(1, 3, side, side, dtype=torch.uint8))
+    return float((3 * sit.get_total_flops() + teacher.get_total_flops()) * config["batch_size"])
 
 
 def table_rows(curves: dict, convention: str) -> list:

@@ -14,7 +14,7 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 def pytest_configure(config):
     # tests/test_gpu.py: GPU minutes, opt-in with `pytest -m gpu`, skipped without CUDA.
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; opt-in with `pytest -m gpu` (bench/gpu_suite.py)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; opt-in with `pytest -m gpu`")
     # The CPU suite runs on 2 cores (CI), where more threads than cores only add switching; the GPU tests keep every
     # core of their host for data loading and the evaluator's CPU work.
     if "gpu" not in (config.getoption("markexpr") or ""):

@@ -1,6 +1,5 @@
 """A second, independent SiT written the way REPA's models/sit.py is: timm's PatchEmbed, Attention and Mlp,
-numpy position embeddings, per-token projector calls. Tests load our weights into it and compare outputs;
-bench/bench_train_step.py times it side by side with models/sit.py."""
+numpy position embeddings, per-token projector calls. Tests load our weights into it and compare outputs."""
 import math
 
 import numpy as np

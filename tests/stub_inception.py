@@ -2,7 +2,7 @@
 cost. scipy's sqrtm of the real network's 2048 x 2048 covariances takes ~50 s on the CI's 2-core CPU, twice per FID.
 
     python -m torch.distributed.run --nproc_per_node 2 -m tests.stub_inception train.py FLAGS   # train.py, stubbed
-    python -m tests.stub_inception -m bench.gpu_suite --rehearse --output OUT                   # any script or module
+    python -m tests.stub_inception -m bench.run --rehearse --output OUT                         # any script or module
 """
 import sys
 

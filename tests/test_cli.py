@@ -347,7 +347,7 @@ def test_the_random_teacher_warning_prints_once_per_run(demo_data, tmp_path, cap
         assert len(re.findall("RANDOM weights", f.read())) == 1
 
 
-@pytest.mark.parametrize("module", ["evaluations.evaluator", "preprocessing.dataset_tools", "bench.gpu_suite"])
+@pytest.mark.parametrize("module", ["evaluations.evaluator", "preprocessing.dataset_tools", "bench.run"])
 def test_a_package_script_started_as_a_path_names_the_module_command(module):
     result = run_entry([os.path.join(ROOT, *module.split(".")) + ".py", "--help"], ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -1,8 +1,8 @@
 """GPU tests: the fast path is the tested path. Opt-in, `python -m pytest -m gpu tests/test_gpu.py` (minutes on one
-H100; bench/gpu_suite.py runs them after its benchmarks); skipped without CUDA, and on a GPU machine unless `-m gpu`
-selects them. With ERW_GPU_REHEARSE=1 (bench/gpu_suite.py --rehearse) the same tests run on the CPU at toy sizes:
-SiT-Tiny/2, the random tiny teacher, 64 px, a few steps, one chain; that proves the tests' own code runs, not what
-they check (there is no loss to fall in 4 steps, no GPU to synchronize with).
+GPU); skipped without CUDA, and on a GPU machine unless `-m gpu` selects them. With ERW_GPU_REHEARSE=1 the same tests
+run on the CPU at toy sizes (tests/test_gpu_checks.py does it in CI): SiT-Tiny/2, the random tiny teacher, 64 px, a
+few steps, one chain; that proves the tests' own code runs, not what they check (there is no loss to fall in 4 steps,
+no GPU to synchronize with).
 
 The real architectures with random weights at 256 px (32x32 latents), through the public entry points only:
 SiT-B/2 with the DINOv2-B/14 teacher (`random-dinov2-vit-b`), SD-VAE's architecture (`random-sd-vae`) and the
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -33,8 +32,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available()
 
 # The paper's SiT-B/2 setting (table 4: ERW depth 8, projector on block 8), made small where it costs time only.
 CONFIG = os.path.join(ROOT, "configs", "table4_sit_b2_erw.yaml")
-DATA_ENV = "ERW_GPU_DATA"          # bench/gpu_suite.py passes the demo data it made, so it is made once
-DEADLINE_ENV = "ERW_GPU_DEADLINE"  # and a time.time() after which tests that would not finish are skipped
 if REHEARSAL:
     MODEL, WARMUP_DEPTH, RESOLUTION, TEACHER, DEVICE, BATCH = "SiT-Tiny/2", 2, 64, "random-vit-tiny", "cpu", 4
 else:
@@ -52,43 +49,14 @@ N, M, P2_LOG = (2, 2, 1) if REHEARSAL else (20, 20, 2)  # Phase 2: N + M steps s
 FALL = 0.10
 SYNC_START, SYNC_STOP = (1, 3) if REHEARSAL else (5, 35)  # micro-batches watched for host syncs, after warm-up
 SYNC_PROBES = {}                   # (precision, compiled) -> the ObjectiveProbe of that chain's watched run
-# The rehearsal runs one chain, with loss scaling (the suite's compile parts rehearse --compile).
+# The rehearsal runs one chain, with loss scaling (tests/test_training_paths.py trains with --compile on the CPU).
 CHAINS = [("fp16", False)] if REHEARSAL else [("bf16", False), ("fp16", False), ("bf16", True), ("fp16", True)]
 CHAIN_IDS = [f"{p}-{'compile' if c else 'eager'}" for p, c in CHAINS]
-# Seconds each test takes on one H100 (eager, compiled), estimated; a test that would end past the deadline is skipped.
-ESTIMATE_S = {"test_phase1_phase2_resume": (40, 80), "test_training_steps_do_not_synchronize": (0, 0),
-              "test_sample_ddp_with_sd_vae_architecture": (20, 20), "test_evaluator_on_gpu_matches_cpu": (25, 25),
-              "test_sampling_steps_do_not_synchronize": (10, 10)}
 # Sizes of the sampling and evaluator tests: (samples, batch, steps) and (samples, references, image side).
 SAMPLE_DDP = (5, 2, 2) if REHEARSAL else (40, 16, 10)  # 40: not a multiple of the batch, the last one is partial
-# SD-VAE's architecture; the rehearsal decodes with the tiny random VAE (its fid part runs SD-VAE's on the CPU).
+# SD-VAE's architecture; the rehearsal decodes with the tiny random VAE (SD-VAE's is slow on a CPU).
 SAMPLE_VAE = "random-tiny" if REHEARSAL else "random-sd-vae"
 EVALUATOR = (6, 8, 64) if REHEARSAL else (48, 64, 256)
-
-
-def plan():
-    """[(test, estimated seconds on one H100, what it runs)] in run order, for bench/gpu_suite.py --dry-run."""
-    chain = (f"SiT-B/2 + {TEACHER}, {RESOLUTION} px, batch {BATCH}, lr {LR}: Phase 1 {P1_STEPS} steps -> Phase 2 "
-             f"{N + M} steps straight, twice (the second watched for host syncs over steps {SYNC_START + 1}.."
-             f"{SYNC_STOP}), and {N} steps then --resume to {N + M}")
-    rows = [("test_sampling_steps_do_not_synchronize", "SiT-B/2 SDE sampling, per-sample noise, CFG interval, "
-             "bf16: no host sync after a warm-up batch"),
-            ("test_sample_ddp_with_sd_vae_architecture", "2-step SiT-B/2 checkpoint -> sample_ddp.py: 40 samples, "
-             "10 SDE steps, CFG 1.5 on t <= 0.7, bf16, random-sd-vae -> .npz"),
-            ("test_evaluator_on_gpu_matches_cpu", "random Inception, 48 samples vs 64 references: activations and "
-             "metrics on the GPU vs the CPU")]
-    rows = [(name, ESTIMATE_S[name][0], what) for name, what in rows]
-    for (precision, compiled), test_id in zip(CHAINS, CHAIN_IDS):
-        rows.append((f"test_phase1_phase2_resume[{test_id}]", ESTIMATE_S["test_phase1_phase2_resume"][compiled],
-                     f"{precision}, {'--compile' if compiled else 'eager'}; {chain}"))
-    rows.append(("test_training_steps_do_not_synchronize[*]", 0, "checks the watched runs of the four chains"))
-    return rows
-
-
-def _estimate(request) -> float:
-    callspec = getattr(request.node, "callspec", None)
-    compiled = bool(callspec and callspec.params.get("compiled"))
-    return ESTIMATE_S.get(request.node.originalname, (60, 60))[compiled]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,21 +66,10 @@ def _opt_in(request):
         pytest.skip("GPU tests are opt-in (minutes of GPU time): select them with `pytest -m gpu`")
 
 
-@pytest.fixture(autouse=True)
-def _within_budget(request):
-    deadline = float(os.environ.get(DEADLINE_ENV, "inf"))
-    needed = _estimate(request)
-    if needed and time.time() + needed > deadline:
-        pytest.skip(f"bench/gpu_suite.py's time budget has less than the ~{needed:.0f} s this test needs")
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The demo dataset at RESOLUTION (10 classes x 16 images), encoded by the random tiny VAE."""
     from preprocessing import dataset_tools
-    given = os.environ.get(DATA_ENV)
-    if given:
-        return given
     dest = str(tmp_path_factory.mktemp("demo"))
     dataset_tools.main(["make-demo", "--dest", dest, "--resolution", str(RESOLUTION), "--images-per-class", "16",
                         "--vae", "random-tiny"])
@@ -327,7 +284,7 @@ def test_sampling_steps_do_not_synchronize():
     the GPU (a host read of a device value, a copy from pageable memory)."""
     import warnings
 
-    from bench.loop_probe import SYNC_WARNING
+    from tests.observers import SYNC_WARNING
     from erw.samplers import GuidedVelocity, sample_batch
     from erw.transport import get_path
     from models.sit import create_sit
@@ -366,7 +323,7 @@ def test_phase1_phase2_resume(data, runs, precision, compiled, monkeypatch):
     host syncs, see test_training_steps_do_not_synchronize), and N steps then --resume to N + M."""
     import train
     import train_warmup
-    from bench.loop_probe import ObjectiveProbe, probing
+    from tests.observers import ObjectiveProbe, probing
     from torch._dynamo.utils import counters
     _fail_on_recompile_limit(monkeypatch)
     graphs_before = counters["stats"]["unique_graphs"]

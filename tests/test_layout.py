@@ -132,10 +132,14 @@ def _sys_path_edits(path):
 
 def test_no_script_edits_sys_path_to_import_the_repository():
     """Scripts in packages run as modules from the repository root (`python -m evaluations.evaluator`), the root
-    scripts as files there: the root is importable without edits. The one edit left puts the GPU suite's installed
-    wheels first (bench/gpu_suite.py install_wheels), not the repository."""
+    scripts as files there: the root is importable without edits."""
     edits = {os.path.relpath(path, ROOT): _sys_path_edits(path)
              for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)}
-    suite = "bench/gpu_suite.py"
-    assert {path: lines for path, lines in edits.items() if lines} == {suite: edits[suite]}
-    assert len(edits[suite]) == 1
+    assert {path: lines for path, lines in edits.items() if lines} == {}
+
+
+def test_nothing_imports_bench():
+    """bench/ is a benchmark users run: the code and the other tests do not depend on it (its own test aside)."""
+    importers = [os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
+                 if "bench" in imported_packages(path)]
+    assert sorted(importers) == [os.path.join("bench", "run.py"), os.path.join("tests", "test_bench.py")]

@@ -124,7 +124,7 @@ def test_per_sample_noise_is_each_generators_own_randn():
 def test_a_sampling_step_reads_no_device_value():
     """The whole SDE sampler with a SiT under guidance calls nothing that copies a tensor's value to the host
     (.item(), float(), bool(), .tolist(), .cpu(), ...): on a GPU each such read waits for every queued kernel.
-    (bench/gpu_suite.py's GPU tests watch the copies of the per-sample noise too.)"""
+    (tests/test_gpu.py watches the copies of the per-sample noise too.)"""
     from models.sit import create_sit
     from tests.test_loop import HostReadWatch
     model = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, z_dims=[]).eval()
