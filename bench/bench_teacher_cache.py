@@ -38,7 +38,7 @@ from bench.bench_phases import timed  # noqa: E402
 from erw.data import ImageLatentDataset  # noqa: E402
 from erw.losses import Objective  # noqa: E402
 from erw.teacher_cache import TeacherCache, run_identity, write_identity, write_shard  # noqa: E402
-from models.encoders import TEACHER_PREPROCESSING, Teacher, build_teacher  # noqa: E402
+from models.encoders import Teacher, build_teacher, preprocessing_text  # noqa: E402
 from models.sit import create_sit  # noqa: E402
 from preprocessing import dataset_tools  # noqa: E402
 
@@ -49,8 +49,9 @@ GPU_BATCH = 32
 
 
 def synthetic_cache(folder: str, count: int, tokens: int, width: int) -> TeacherCache:
-    identity = run_identity(["random-dinov2-vit-b"], ["random:random-dinov2-vit-b"], 256, TEACHER_PREPROCESSING,
-                            [f"{i:08d}.png" for i in range(count)], widths=[width], tokens=tokens)
+    identity = run_identity(["random-dinov2-vit-b"], ["random:random-dinov2-vit-b"], 256,
+                            preprocessing_text(["random-dinov2-vit-b"]), [f"{i:08d}.png" for i in range(count)],
+                            widths=[width], tokens=tokens)
     write_identity(folder, identity)
     rng = np.random.default_rng(0)
     for shard in range(math.ceil(count / identity.shard_items)):

@@ -10,7 +10,7 @@ from erw.data import MOMENT_CHANNELS, VAE_DOWNSAMPLING, ImageLatentDataset
 from erw.teacher_cache import (TeacherCache, TeacherCacheIdentity, cached_teachers, run_identity,
                                teacher_weights_sha256)
 from erw.trainer import Trainer
-from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
+from models.encoders import load_teachers, preprocessing_text, teacher_names
 from models.sit import SiT, SiT_models, create_sit
 
 LATENT_CHANNELS = MOMENT_CHANNELS // 2  # the stored moments are [mean | std] of the latent
@@ -41,7 +41,8 @@ def build_teachers(config: Dict[str, Any], device, log, dataset: ImageLatentData
         with refusals_of_models("--enc-type/--enc-weights"):
             names = teacher_names(config["enc_type"])
             hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
-        run = run_identity(names, hashes, config["resolution"], TEACHER_PREPROCESSING, dataset.image_files)
+            preprocessing = preprocessing_text(names)
+        run = run_identity(names, hashes, config["resolution"], preprocessing, dataset.image_files)
         differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
         if differences:
             raise InvalidInput(f"--teacher-cache {cache.cache_dir} was made for other settings than this run's: "
