@@ -53,6 +53,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Family:
+    """What the teachers of one published model family share."""
     recipe: Recipe
     final_norm: bool = True          # False: the last block's tokens, before the final LayerNorm
     layer_scale: bool = False        # random weights start its LayerScale at 1 (1e-5 would make blocks near-identity)
@@ -296,7 +297,8 @@ def load_state(vit: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -
 def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what: str) -> None:
     """A published file's weights (read_checkpoint) into `vit`, strictly, as float32: renamed by the family's
     converter, the position embedding resampled to the model's token grid with timm's resample_abs_pos_embed (bicubic,
-    antialiased), as REPA resamples every teacher's (where the grids are equal it is left as it is)."""
+    antialiased), as REPA's load_encoders does for MoCo v3, DINO, MAE and DINOv2 at 256 px; at 512 px, where REPA
+    takes DINOv2 only, every teacher's is resampled the same way. Equal grids are left as they are."""
     state = {k: v.float() for k, v in CONVERTERS[family](checkpoint, path).items()}
     if "pos_embed" in state and getattr(vit, "pos_embed", None) is not None:
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
