@@ -243,6 +243,9 @@ OPTIONS: List[Option] = [
     Option("inception_weights", _text_or_none, None, "Inception of the in-training FID: the "
            "pt_inception-2015-12-05-6726825d.pth file, none = the torch hub cache, or random (meaningless numbers; "
            "tests)", phases=(TRAIN,), run_control=True),
+    Option("fd_dinov2", _text_or_none, None, "also log FD-DINOv2 (edm2's definition, evaluations/fd_dinov2.py) of the "
+           "same samples at each in-training FID: the DINOv2 ViT-L/14 weights file (dinov2_vitl14_pretrain.pth or "
+           "timm's model.safetensors); none = off", phases=(TRAIN,), run_control=True),
     training_fid_option("cfg_scale", "cfg_scale"),
     training_fid_option("guidance_low", "guidance_low"),
     training_fid_option("guidance_high", "guidance_high"),

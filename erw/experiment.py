@@ -11,7 +11,7 @@ from erw.teacher_cache import (TeacherCache, TeacherCacheIdentity, cached_teache
                                teacher_weights_sha256)
 from erw.trainer import Trainer
 from erw.warm_start import load_warmup
-from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
+from models.encoders import load_teachers, preprocessing_text, teacher_names
 from models.sit import SiT, SiT_models, create_sit
 
 LATENT_CHANNELS = MOMENT_CHANNELS // 2  # the stored moments are [mean | std] of the latent
@@ -42,7 +42,8 @@ def build_teachers(config: Dict[str, Any], log, dataset: ImageLatentDataset) -> 
         with refusals_of_models("--enc-type/--enc-weights"):
             names = teacher_names(config["enc_type"])
             hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
-        run = run_identity(names, hashes, config["resolution"], TEACHER_PREPROCESSING, len(dataset),
+            preprocessing = preprocessing_text(names)
+        run = run_identity(names, hashes, config["resolution"], preprocessing, len(dataset),
                            dataset.identity("--teacher-cache")["images_sha256"])
         differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
         if differences:

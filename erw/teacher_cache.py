@@ -49,7 +49,7 @@ class TeacherCacheIdentity:
     widths: List[int]               # per teacher: D
     tokens: int                     # T per image
     resolution: int
-    preprocessing: str              # models.encoders.TEACHER_PREPROCESSING
+    preprocessing: str              # each teacher's .preprocessing text, joined by " | "
     dtype: str                      # float16 | float32
     num_images: int
     images_sha256: str              # the dataset identity's (erw/data.py): image paths and bytes, in item order

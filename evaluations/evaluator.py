@@ -45,6 +45,7 @@ from erw.files import atomic_write, file_sha256  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from erw.cli import ArgumentParser, InvalidInput, MissingInput, run_main  # noqa: E402
 from erw.flag_types import check_writable, number  # noqa: E402
+from evaluations.fd_dinov2 import FdDinov2, fd_dinov2_of  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    inception_weights_id, load_inception)
 
@@ -426,11 +427,13 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
              device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
              pr_batch_size: int = PR_BATCH_SIZE, cache_dir: Optional[str] = None, use_cache: bool = True,
              progress: bool = True, log: Optional[Callable[[str], None]] = print,
-             allow_resolution_mismatch: bool = False) -> dict:
+             allow_resolution_mismatch: bool = False, fd_dinov2: bool = False,
+             dinov2_weights: Optional[str] = None) -> dict:
     """ADM metrics of `sample_batch` against `ref_batch` (.npz paths).
 
     inception_weights: .pth path, None (torch hub cache) or 'random' (meaningless numbers). Returns
-    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}; `log` gets ADM's progress
+    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}, and 'fd_dinov2' with
+    `fd_dinov2` (evaluations/fd_dinov2.py; dinov2_weights: a path or None for the caches); `log` gets ADM's progress
     and result lines (None: silent). Samples of another size than the reference's are refused unless
     allow_resolution_mismatch (then the warning names both sizes).
     """
@@ -461,6 +464,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
             raise InvalidInput(f"{path}: {len(reader)} images; precision/recall needs at least "
                                f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
+    fd = FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # a missing file: before any work
     timings = {}
     clock = time.perf_counter()
 
@@ -505,11 +509,15 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         torch.from_numpy(ref_acts["pool"]).to(device), torch.from_numpy(sample_acts["pool"]).to(device),
         PR_NEIGHBOURHOOD, pr_batch_size, progress)
     lap("precision_recall")
+    if fd is not None:
+        results["fd_dinov2"], fd_settings = fd_dinov2_of(fd, ref_batch, ref_reader, sample_reader, batch_size,
+                                                         cache_dir if use_cache else None, progress)
+        lap("fd_dinov2")
     if inception_weights == RANDOM_WEIGHTS:  # once, next to the numbers it is about
         log(RANDOM_WEIGHTS_WARNING)
     if mismatch:
         log(f"WARNING: {mismatch}, evaluated as asked (--allow-resolution-mismatch)")
-    for line in result_lines(results):
+    for line in result_lines(results) + ([f"FD_DINOv2: {results['fd_dinov2']}"] if fd is not None else []):
         log(line)
 
     results["settings"] = {
@@ -523,6 +531,8 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         "image_sizes": {"ref": [ref_h, ref_w], "samples": [sample_h, sample_w]},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
+    if fd is not None:
+        results["settings"]["fd_dinov2"] = fd_settings
     if inception_weights == RANDOM_WEIGHTS:
         results["warning"] = RANDOM_WEIGHTS_WARNING
     results["timings_s"] = timings
@@ -551,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="evaluate samples of another size than the reference batch's (a warning names both); "
                              "refused otherwise")
+    parser.add_argument("--fd-dinov2", action="store_true",
+                        help="also FD-DINOv2, as edm2's calculate_metrics.py computes it (evaluations/fd_dinov2.py)")
+    parser.add_argument("--dinov2-weights", default=None,
+                        help="DINOv2 ViT-L/14 weights of --fd-dinov2: dinov2_vitl14_pretrain.pth or timm's "
+                             "model.safetensors (default: the torch hub or Hugging Face cache)")
     return parser
 
 
@@ -561,7 +576,8 @@ def main(argv=None):
     results = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
                        device=args.device, batch_size=args.batch_size, is_split_size=args.is_split_size,
                        pr_batch_size=args.pr_batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                       allow_resolution_mismatch=args.allow_resolution_mismatch)
+                       allow_resolution_mismatch=args.allow_resolution_mismatch,
+                       fd_dinov2=args.fd_dinov2, dinov2_weights=args.dinov2_weights)
     if args.json:
         atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from erw.cli import InvalidInput, MissingInput, refusals_of_models
 from erw.generation import default_micro_batch_size, exact_cpu, generate_images
 from erw.precision import precision_scope
-from evaluations import evaluator
+from evaluations import evaluator, fd_dinov2
 from evaluations.inception import RANDOM_WEIGHTS, inception_weights_id
 from models.vae import load_vae
 
@@ -76,6 +76,8 @@ class FidHook:
                                f"but this run samples {side}x{side} ones: an FID between two resolutions; give the "
                                "reference batch of the run's resolution")
         self.inception = evaluator.load_inception(config["inception_weights"], self.device)
+        # FD-DINOv2 beside FID (--fd-dinov2 WEIGHTS): the same samples through DINOv2 ViT-L/14, edm2's definition.
+        self.fd = fd_dinov2.FdDinov2(config["fd_dinov2"], self.device, "--fd-dinov2") if config["fd_dinov2"] else None
         with refusals_of_models("--vae"):
             vae = load_vae(config["vae"])
         self.vae = vae.to(self.device)
@@ -84,9 +86,18 @@ class FidHook:
         self.group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self.reference_stats = None
+        self.reference_stats = self.fd_reference = None
         if self.is_main:
             self.reference_stats = self._reference_statistics(config["fid_ref"], reference, config, trainer.log)
+            if self.fd is not None:
+                cache_dir = evaluator.default_cache_dir()
+                evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
+                                         hint="set XDG_CACHE_HOME to a writable folder")
+                self.fd_reference, source = self.fd.reference_statistics(
+                    config["fid_ref"], reference, self.micro_batch_size or 64, cache_dir)
+                fd_dinov2.check_finite(self.fd_reference, f"--fid-ref {config['fid_ref']}")
+                trainer.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
+                            f"{source['num_images']:,} images (cache: {source['cache']})")
 
     def _reference_statistics(self, path: str, reader, config, log) -> Dict[str, tuple]:
         stats = evaluator.read_statistics(path)
@@ -123,8 +134,10 @@ class FidHook:
             return
         trainer.log_metrics({"step": step, **metrics, "fid_num_samples": self.num_samples,
                              "fid_num_steps": self.sampler["num_steps"]})
+        fd = f", FD-DINOv2 {metrics['fd_dinov2']:.4f}" if "fd_dinov2" in metrics else ""
         trainer.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
-                    f"{metrics['inception_score']:.4f} ({self.num_samples:,} samples, {metrics['fid_seconds']:.0f} s)"
+                    f"{metrics['inception_score']:.4f}{fd} ({self.num_samples:,} samples, "
+                    f"{metrics['fid_seconds']:.0f} s)"
                     + (" (RANDOM Inception weights: meaningless)" if self.random_inception else ""))
 
     def measure(self, model: torch.nn.Module, desc: str = "FID") -> Optional[Dict[str, float]]:
@@ -134,7 +147,7 @@ class FidHook:
         start = time.perf_counter()
         mine = list(range(self.rank, self.num_samples, self.world_size))
         indices: List[int] = []
-        parts: Dict[str, List[np.ndarray]] = {name: [] for name in FEATURES}
+        parts: Dict[str, List[np.ndarray]] = {name: [] for name in FEATURES + (("dinov2",) if self.fd else ())}
         with exact_cpu(self.device), precision_scope(self.precision) as autocast_dtype:
             for batch, images in generate_images(
                     model, self.vae, mine, autocast_dtype=autocast_dtype, batch_size=self.batch_size,
@@ -145,22 +158,29 @@ class FidHook:
                     feats = evaluator.inception_features(self.inception, images[i:i + chunk], self.device, True)
                     for name in FEATURES:
                         parts[name].append(feats[name])
+                    if self.fd is not None:
+                        parts["dinov2"].append(self.fd.features(images[i:i + chunk]))
                 indices += batch
         sample_seconds = time.perf_counter() - start
         gathered = self._gather((indices, parts))
         if not self.is_main:
             return None
         order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered]), kind="stable")
-        acts = {name: np.concatenate([a for _, p in gathered for a in p[name]])[order] for name in FEATURES}
+        acts = {name: np.concatenate([a for _, p in gathered for a in p[name]])[order] for name in parts}
         if len(order) != self.num_samples:
             raise RuntimeError(f"in-training FID: gathered {len(order)} samples, expected {self.num_samples}")
         stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
         evaluator.check_finite_statistics(stats, f"in-training FID: the statistics of the {self.num_samples:,} samples")
-        return {"fid": evaluator.frechet_distance(*stats["pool"], *self.reference_stats["pool"]),
-                "sfid": evaluator.frechet_distance(*stats["spatial"], *self.reference_stats["spatial"]),
-                "inception_score": evaluator.inception_score(acts["probs"],
-                                                             min(evaluator.IS_SPLIT_SIZE, self.num_samples)),
-                "fid_seconds": round(time.perf_counter() - start, 3), "fid_sample_seconds": round(sample_seconds, 3)}
+        metrics = {"fid": evaluator.frechet_distance(*stats["pool"], *self.reference_stats["pool"]),
+                   "sfid": evaluator.frechet_distance(*stats["spatial"], *self.reference_stats["spatial"]),
+                   "inception_score": evaluator.inception_score(acts["probs"],
+                                                                min(evaluator.IS_SPLIT_SIZE, self.num_samples))}
+        if self.fd is not None:
+            samples = fd_dinov2.statistics(acts["dinov2"])
+            fd_dinov2.check_finite(samples, f"in-training FD-DINOv2: the {self.num_samples:,} samples")
+            metrics["fd_dinov2"] = fd_dinov2.frechet_distance(*samples, *self.fd_reference)
+        return {**metrics, "fid_seconds": round(time.perf_counter() - start, 3),
+                "fid_sample_seconds": round(sample_seconds, 3)}
 
     def _gather(self, obj) -> Optional[list]:
         """[obj of process 0, obj of process 1, ...] on the main process (None elsewhere)."""

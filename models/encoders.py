@@ -1,33 +1,101 @@
-"""Frozen teacher encoders by REPA's names, built on timm's DINOv2 ViT definitions.
+"""Frozen teacher encoders by REPA's names, on timm's architecture definitions.
 
-`load_teachers("dinov2-vit-b", resolution=256)` -> [Teacher]; a Teacher maps uint8 images (N, 3, H, W) to the
-final-normed patch tokens (N, T, D) that REPA aligns to (CLS and register tokens dropped), doing REPA's
-preprocessing itself: x / 255, ImageNet mean/std, bicubic resize to `teacher_input_size(resolution)`.
+`load_teachers("mocov3-vit-b,dinov2-vit-b", resolution=256)` -> [Teacher]; a Teacher maps uint8 images (N, 3, R, R)
+to the patch tokens (N, T, D) that REPA aligns to, T = (R/16)^2 (SiT/2's token grid; class, register and pooled
+tokens dropped), preparing the images itself by its family's Recipe: REPA's train.py `preprocess_raw_image` where
+REPA has the teacher, the authors' own recipe for DINOv3 and SigLIP 2. TEACHERS lists every name with the published
+file it loads (models/teacher_files.py reads those files).
 
-Weights, in this order: an explicit file (`--enc-weights`: the official `dinov2_vitb14_pretrain.pth` or timm's
-`model.safetensors`), the torch hub checkpoint folder, the Hugging Face cache of timm's `*.lvd142m` model, else an
-error that names the file to get and the flag that takes it. Nothing is ever downloaded.
+Weights, in this order: an explicit file (`--enc-weights`), the published file's name in the torch hub checkpoint
+folder (CLIP: also the clip package's cache), timm's copy in the Hugging Face cache where timm publishes one, else an
+error that names the file, where to get it and the flag that takes it. Nothing is ever downloaded.
 """
 import functools
 import logging
 import os
-import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import reinit_non_persistent_buffers
 
+from models.teacher_files import CONVERTERS, read_checkpoint
 from models.weights import check_state_dict
 
 logger = logging.getLogger(__name__)
 
-DINOV2_PATCH_SIZE = 14
-# REPA's size letter -> (timm architecture, official checkpoint stem). The official files are
-# https://dl.fbaipublicfiles.com/dinov2/<stem>/<stem>_pretrain.pth.
+TOKEN_PIXELS = 16  # one teacher token per 16x16 image pixels: the token grid of SiT/2 on 8x-downsampled latents
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a family prepares uint8 images: x / 255, normalisation by `mean`/`std` (called `norm`), and a bicubic
+    resize to 224/256 of the side before normalising ("first", REPA's CLIP order), after it ("last", its DINOv2 and
+    I-JEPA order) or none ("none": the patch-16 teachers see the image at its own size)."""
+    norm: str
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    resize: str
+
+    def text(self) -> str:
+        """The recipe in words: what a teacher-token cache records as its preprocessing."""
+        if self.resize == "last":
+            return f"uint8 / 255, {self.norm} mean/std, then bicubic resize to 224/256 of the side (REPA's order)"
+        if self.resize == "first":
+            return f"uint8 / 255, bicubic resize to 224/256 of the side, then {self.norm} mean/std (REPA's order)"
+        return f"uint8 / 255, {self.norm} mean/std, no resize"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the teachers of one published model family share."""
+    recipe: Recipe
+    final_norm: bool = True          # False: the last block's tokens, before the final LayerNorm
+    layer_scale: bool = False        # random weights start its LayerScale at 1 (1e-5 would make blocks near-identity)
+    tiny: Dict[str, int] = field(default_factory=dict)  # tests only: the family's definition at test size
+
+
+FAMILIES = {
+    # REPA's preprocess_raw_image branch by branch; REPA's token choice (train.py and models/*.py) for each.
+    "mocov3": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "none"),
+                     tiny=dict(embed_dim=48, depth=15, num_heads=2)),  # 15 blocks: ViT-L's key slips are in 13, 14
+    "clip": Family(Recipe("CLIP", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "first"), final_norm=False,
+                   tiny=dict(embed_dim=32, depth=2, num_heads=2)),
+    # REPA's dinov1 path imports a models/dinov1.py that REPA does not ship: its preprocessing and pos-embed
+    # resampling are REPA's, the tokens DINO's own (vision_transformer.py get_intermediate_layers: the final norm).
+    "dinov1": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "none"),
+                     tiny=dict(embed_dim=56, depth=2, num_heads=2)),
+    "mae": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "none"), final_norm=False,
+                  tiny=dict(embed_dim=40, depth=2, num_heads=2)),
+    "jepa": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "last"),
+                   tiny=dict(embed_dim=24, depth=2, num_heads=2)),
+    "dinov2": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "last"), layer_scale=True,
+                     tiny=dict(embed_dim=48, depth=2, num_heads=2)),  # 48: ViT-g's SwiGLU width 8/3 x 48 is whole
+    # The authors' own: DINOv3's make_transform (its resize to 256 is the identity at 256 px; patch 16 gives
+    # SiT/2's grid) and SigLIP 2's value range [-1, 1]; both final-normed patch tokens.
+    "dinov3": Family(Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "none"), layer_scale=True,
+                     tiny=dict(embed_dim=32, depth=2, num_heads=2)),
+    "siglip2": Family(Recipe("SigLIP", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "none"),
+                      tiny=dict(embed_dim=48, depth=2, num_heads=2)),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    family: str
+    arch: str                        # timm's definition
+    file: str                        # the published file users have
+    url: str                         # where to get it
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # changes to timm's definition
+    hf_repo: Optional[str] = None    # timm's copy on the Hugging Face hub (read from the local HF cache only)
+
+
+# REPA's size letter -> (timm architecture, official checkpoint stem); https://dl.fbaipublicfiles.com/dinov2/<stem>/
 DINOV2_MODELS = {
     "s": ("vit_small_patch14_dinov2", "dinov2_vits14"),
     "b": ("vit_base_patch14_dinov2", "dinov2_vitb14"),
@@ -35,6 +103,47 @@ DINOV2_MODELS = {
     "g": ("vit_giant_patch14_dinov2", "dinov2_vitg14"),
 }
 DINOV2_TIMM_PRETRAINED_TAG = "lvd142m"
+# Size -> (timm architecture, the official LVD-1689M file, named as dinov3/hub/backbones.py names it). The `_qkvb`
+# variants keep the qkv bias the official files carry; 7B has none.
+DINOV3_MODELS = {
+    "s": ("vit_small_patch16_dinov3_qkvb", "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+    "s+": ("vit_small_plus_patch16_dinov3_qkvb", "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"),
+    "b": ("vit_base_patch16_dinov3_qkvb", "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
+    "l": ("vit_large_patch16_dinov3_qkvb", "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
+    "h+": ("vit_huge_plus_patch16_dinov3_qkvb", "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"),
+    "7b": ("vit_7b_patch16_dinov3", "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"),
+}
+DINOV3_DOWNLOADS = ("https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (its form e-mails the "
+                    "download URLs)")
+MOCOV3_URL = "https://dl.fbaipublicfiles.com/moco-v3/{0}/{0}.pth.tar"
+CLIP_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clip")  # where the clip package keeps its downloads
+TEACHERS: Dict[str, Spec] = {
+    "mocov3-vit-s": Spec("mocov3", "vit_small_patch16_224", "vit-s-300ep.pth.tar", MOCOV3_URL.format("vit-s-300ep"),
+                         dict(num_heads=12)),  # MoCo v3's vits.py: ViT-S with 12 heads of 32
+    "mocov3-vit-b": Spec("mocov3", "vit_base_patch16_224", "vit-b-300ep.pth.tar", MOCOV3_URL.format("vit-b-300ep")),
+    # MoCo v3 released no ViT-L; RCG's is the one REPA uses (REPA's README).
+    "mocov3-vit-l": Spec("mocov3", "vit_large_patch16_224", "vitl.pth.tar",
+                         "https://drive.google.com/file/d/1Foa2-FqhwIFYjcAAbY9sXyO-1Vwwx-_9 (RCG's README)"),
+    "clip-vit-L": Spec("clip", "vit_large_patch14_clip_quickgelu_224", "ViT-L-14.pt",
+                       "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7"
+                       "c2e0eca1737a03836/ViT-L-14.pt"),
+    "dinov1-vit-b": Spec("dinov1", "vit_base_patch16_224", "dino_vitbase16_pretrain.pth",
+                         "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+                         hf_repo="timm/vit_base_patch16_224.dino"),
+    "mae-vit-l": Spec("mae", "vit_large_patch16_224", "mae_pretrain_vit_large.pth",
+                      "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"),
+    "jepa-vit-h": Spec("jepa", "vit_huge_patch14_gap_224", "IN1K-vit.h.14-300e.pth.tar",
+                       "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),
+    **{f"dinov2-vit-{size}": Spec("dinov2", arch, f"{stem}_pretrain.pth",
+                                  f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth",
+                                  hf_repo=f"timm/{arch}.{DINOV2_TIMM_PRETRAINED_TAG}")
+       for size, (arch, stem) in DINOV2_MODELS.items()},
+    **{f"dinov3-vit-{size}": Spec("dinov3", arch, file, DINOV3_DOWNLOADS, hf_repo=f"timm/{arch}.lvd1689m")
+       for size, (arch, file) in DINOV3_MODELS.items()},
+    "siglip2-vit-b": Spec("siglip2", "vit_base_patch16_siglip_256", "model.safetensors",
+                          "https://huggingface.co/timm/vit_base_patch16_siglip_256.v2_webli", dict(global_pool=""),
+                          hf_repo="timm/vit_base_patch16_siglip_256.v2_webli"),
+}
 
 RANDOM_TEACHER = "random-vit-tiny"
 RANDOM_TEACHER_SEED = 0
@@ -46,62 +155,79 @@ DEMO_TEACHER = "demo-vit-tiny"
 DEMO_TEACHER_ARCH = dict(embed_dim=96, depth=4, num_heads=3, init_values=1.0)
 DEMO_TEACHER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo",
                                     "teacher.safetensors")
-# "random-dinov2-vit-b" etc.: the real DINOv2 architecture, random weights, nothing loaded (GPU tests, benchmarks).
-# The name starts with "random" so that the training code warns about it like about random-vit-tiny.
-RANDOM_DINOV2_PATTERN = r"random-dinov2-vit-([sblg])"
+# "random-<teacher>": the real architecture with seeded random weights (GPU tests, benchmarks); "random-tiny-<teacher>":
+# its family at test size (CPU tests). Both start with "random", which the training code warns about.
+RANDOM_PREFIXES = ("random-tiny-", "random-")
 
 
 def teacher_input_size(resolution: int) -> int:
-    """Side of the teacher's input for `resolution`-px images: REPA's 224 for 256 (448 for 512), i.e. 7/8 of it.
+    """Side of a resizing teacher's input for `resolution`-px images: REPA's 224 for 256 (448 for 512), i.e. 7/8.
 
     This keeps one teacher token per 16x16 image pixels, so the token grid equals SiT/2's on 8x-downsampled latents.
     """
     side = resolution * 224 // 256
-    if resolution * 224 % 256 or side % DINOV2_PATCH_SIZE:
+    if resolution * 224 % 256 or side % 14:
         raise ValueError(f"resolution {resolution} is not supported by the patch-14 teachers: it must be a multiple "
                          f"of 16 (teacher input side = resolution * 224 / 256 must be a multiple of 14)")
     return side
 
 
 @functools.lru_cache(maxsize=None)
-def _imagenet_mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as float32 (1, 3, 1, 1) tensors on `device`, made once per device: building them from
-    Python lists at every step would be a host-to-device copy that synchronizes the GPU with the host."""
+def _mean_std(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 (1, 3, 1, 1) tensors on `device`, made once per device: building them from Python
+    lists at every step would be a host-to-device copy that synchronizes the GPU with the host."""
     with torch.inference_mode(False):  # plain tensors even if first asked for under inference mode
-        return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
-                torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+        return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-# What preprocess_for_teacher does, recorded in a teacher-token cache's identity (erw/teacher_cache.py): a cache made
-# with other preprocessing is refused. Change this text whenever the function changes.
-TEACHER_PREPROCESSING = "uint8 / 255, ImageNet mean/std, then bicubic resize to 224/256 of the side (REPA's order)"
-
-
-def preprocess_for_teacher(images: torch.Tensor, input_size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32 (N, 3, input_size, input_size): /255, ImageNet normalisation, bicubic resize.
-
-    Normalise-then-resize and no clamping, in REPA's order (train.py `preprocess_raw_image`).
-    """
+def preprocess_for_teacher(images: torch.Tensor, input_size: int,
+                           recipe: Recipe = FAMILIES["dinov2"].recipe) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, input_size, input_size) by `recipe`, no clamping (REPA's
+    `preprocess_raw_image`: interpolate(x, size, mode='bicubic') and torchvision's Normalize)."""
     x = images.float() / 255.0
-    mean, std = _imagenet_mean_std(x.device)
+    mean, std = _mean_std(recipe.mean, recipe.std, x.device)
+    if recipe.resize == "first":
+        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic")
     x = (x - mean) / std
-    return F.interpolate(x, size=(input_size, input_size), mode="bicubic")
+    if recipe.resize == "last":
+        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic")
+    return x
+
+
+def check_resolution(name: str, resolution: int) -> None:
+    if resolution <= 0 or resolution % TOKEN_PIXELS:
+        raise ValueError(f"teacher {name} does not take {resolution}-px images: it works at multiples of 16 px "
+                         f"(e.g. 256 and 512), where its token grid is SiT/2's (resolution / 16 per side)")
+
+
+def input_side(recipe: Recipe, resolution: int) -> int:
+    """The side of the images a teacher of `recipe` sees: 224/256 of `resolution` for a resizing recipe (patch 14),
+    else `resolution` itself (patch 16)."""
+    return teacher_input_size(resolution) if recipe.resize != "none" else resolution
 
 
 class Teacher(nn.Module):
     """A frozen ViT teacher. forward: uint8 images (N, 3, R, R) -> patch tokens (N, T, embed_dim), T = (R/16)^2.
 
     Always in eval mode without gradients; it computes in its parameters' dtype, or the autocast dtype around it.
+    `preprocessing` is its recipe in words (a teacher-token cache records it).
     """
 
-    def __init__(self, name: str, vit: nn.Module, resolution: int):
+    def __init__(self, name: str, vit: nn.Module, resolution: int, family: str):
         super().__init__()
-        self.name = name
-        self.vit = vit
-        self.resolution = resolution
-        self.input_size = teacher_input_size(resolution)
+        check_resolution(name, resolution)
+        self.name, self.vit, self.resolution, self.family = name, vit, resolution, family
+        self.recipe = FAMILIES[family].recipe
+        self.preprocessing = self.recipe.text()
+        self.input_size = input_side(self.recipe, resolution)
         self.embed_dim = vit.embed_dim
-        self.num_tokens = (self.input_size // DINOV2_PATCH_SIZE) ** 2
+        grid = self.input_size // vit.patch_embed.patch_size[0]
+        if grid * vit.patch_embed.patch_size[0] != self.input_size or grid * TOKEN_PIXELS != resolution:
+            raise ValueError(f"teacher {name}: {self.input_size}-px inputs in patches of "
+                             f"{vit.patch_embed.patch_size[0]} do not make SiT/2's {resolution // 16}-wide grid")
+        self.num_tokens = grid * grid
         self.requires_grad_(False)
         self.eval()
 
@@ -109,100 +235,142 @@ class Teacher(nn.Module):
         # A frozen teacher never switches to train mode (no dropout/drop-path), whatever its parent asks.
         return super().train(False)
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return preprocess_for_teacher(images, self.input_size, self.recipe)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.resolution,) * 2:
             raise ValueError(f"teacher {self.name} expects images (N, 3, {self.resolution}, {self.resolution}), "
                              f"got {tuple(images.shape)}")
-        x = preprocess_for_teacher(images, self.input_size).to(self.vit.patch_embed.proj.weight.dtype)
-        tokens = self.vit.forward_features(x)  # (N, prefix + T, D) after the final norm
+        x = self.preprocess(images).to(self.vit.patch_embed.proj.weight.dtype)
+        tokens = self.vit.forward_features(x)  # (N, prefix + T, D): class and register tokens first
         return tokens[:, self.vit.num_prefix_tokens:]
 
     def extra_repr(self) -> str:
         return f"name={self.name}, resolution={self.resolution}, input_size={self.input_size}"
 
 
-def official_dinov2_to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename an official DINOv2 state dict (facebookresearch/dinov2, as torch.hub loads it) to timm's keys.
-
-    Official and timm ViTs share most names; the differences are mapped one by one:
-    - `mask_token` exists only for DINOv2's masked-image training and is unused at inference: dropped.
-    - ViT-g's SwiGLU `mlp.w12` / `mlp.w3` are timm's packed `mlp.fc1` / `mlp.fc2` (same [x1 | x2] split, SiLU on x1).
-    - Training checkpoints with block chunking name blocks `blocks.<chunk>.<i>`: flattened to `blocks.<i>`.
-    A timm-layout dict passes through unchanged.
-    """
-    out = {}
-    for key, value in state_dict.items():
-        if key == "mask_token":
-            continue
-        chunked = re.match(r"blocks\.\d+\.(\d+)\.(.*)$", key)
-        if chunked:
-            key = f"blocks.{chunked.group(1)}.{chunked.group(2)}"
-        key = re.sub(r"^(blocks\.\d+\.mlp\.)w12\.", r"\1fc1.", key)
-        key = re.sub(r"^(blocks\.\d+\.mlp\.)w3\.", r"\1fc2.", key)
-        out[key] = value
-    return out
+def parse_teacher_name(name: str) -> Tuple[str, str]:
+    """(published teacher name, kind): kind "published", "random" (real architecture, random weights) or
+    "random-tiny" (its family at test size)."""
+    if name in TEACHERS:
+        return name, "published"
+    for prefix in RANDOM_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in TEACHERS:
+            return name[len(prefix):], prefix[:-1]
+    known = ", ".join(list(TEACHERS) + [DEMO_TEACHER, RANDOM_TEACHER])
+    raise ValueError(f"unknown teacher '{name}' in --enc-type; known: {known}; and random-<name> (random weights) "
+                     "or random-tiny-<name> (random weights at test size) of each")
 
 
-def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
-    """A flat state dict from a .pth/.pt (torch.load, weights_only) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher weight file not found: {path} (given with --enc-weights)")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state_dict = load_file(path, device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read teacher weights {path}: {e}") from e
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"teacher weights {path} are not a flat state dict of tensors (expected the official "
-                         f"dinov2_vit*14_pretrain.pth or timm's model.safetensors)")
-    return state_dict
+def build_vit(name: str, resolution: int, tiny: bool = False, **changes) -> nn.Module:
+    """timm's architecture of published teacher `name` for `resolution`-px images, randomly initialised (build it
+    under torch.device("meta") to skip that); `tiny`, for tests only: its family's test size. A family that aligns
+    to the tokens before the final norm gets nn.Identity for it."""
+    spec = TEACHERS[name]
+    family = FAMILIES[spec.family]
+    check_resolution(name, resolution)
+    kwargs = {**spec.kwargs, **(family.tiny if tiny else {}), **changes}
+    vit = timm.create_model(spec.arch, pretrained=False, num_classes=0,
+                            img_size=input_side(family.recipe, resolution), **kwargs)
+    if not family.final_norm:
+        vit.norm = nn.Identity()
+    return vit
 
 
-def load_dinov2_weights(vit: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
-    """Load an official- or timm-layout DINOv2 state dict into a timm ViT (possibly built on the meta device), strictly.
-
-    The position embedding (37x37 + CLS for 518 px) is resampled to the model's grid with timm's bicubic
-    antialiased resampling, exactly as REPA resamples the torch.hub model's pos_embed before use. Tensors are
-    stored as float32; the training loop's autocast (or .to(dtype)) sets the compute precision.
-    """
-    state_dict = {k: v.float() for k, v in official_dinov2_to_timm(state_dict).items()}
-    if "pos_embed" in state_dict:
-        state_dict["pos_embed"] = resample_abs_pos_embed(
-            state_dict["pos_embed"], list(vit.patch_embed.grid_size), num_prefix_tokens=vit.num_prefix_tokens)
+def load_state(vit: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """Load a timm-layout state dict into `vit` (possibly built on the meta device) strictly, then compute the
+    non-persistent buffers (RoPE periods) that a meta-device build left without values."""
     check_state_dict(vit.state_dict(), state_dict, what)
     vit.load_state_dict(state_dict, strict=True, assign=True)  # assign: replaces meta-device placeholders
+    for module in vit.modules():
+        for key, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                module.register_buffer(key, torch.empty_like(buffer, device="cpu"), persistent=False)
+    reinit_non_persistent_buffers(vit)
     leftover = [name for name, t in list(vit.named_parameters()) + list(vit.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"{what}: tensors without values after loading: {', '.join(leftover)}")
 
 
-def _cached_dinov2_weights(size: str) -> Optional[str]:
-    """Path of locally cached weights for DINOv2 `size`: the torch hub checkpoint, else timm's HF file; or None."""
-    timm_arch, stem = DINOV2_MODELS[size]
-    hub_file = os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}_pretrain.pth")
-    if os.path.isfile(hub_file):
-        return hub_file
+def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what: str) -> None:
+    """A published file's weights (read_checkpoint) into `vit`, strictly, as float32: renamed by the family's
+    converter, the position embedding resampled to the model's token grid with timm's resample_abs_pos_embed (bicubic,
+    antialiased), as REPA's load_encoders does for MoCo v3, DINO, MAE and DINOv2 at 256 px; at 512 px, where REPA
+    takes DINOv2 only, every teacher's is resampled the same way. Equal grids are left as they are."""
+    state = {k: v.float() for k, v in CONVERTERS[family](checkpoint, path).items()}
+    if "pos_embed" in state and getattr(vit, "pos_embed", None) is not None:
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        try:
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(vit.patch_embed.grid_size),
+                                                        num_prefix_tokens=prefix)
+        except RuntimeError as e:
+            raise ValueError(f"{what}: pos_embed {tuple(state['pos_embed'].shape)} is not {prefix} prefix "
+                             f"token(s) and a square grid ({e})") from e
+    load_state(vit, state, what)
+
+
+def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
+    """A flat state dict from a .pth/.pt or .safetensors file."""
+    state_dict = read_checkpoint(path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"teacher weights {path} are not a flat state dict of tensors")
+    return state_dict
+
+
+def local_weights(name: str) -> Optional[str]:
+    """Path of locally cached weights of published teacher `name`: its file in the torch hub checkpoint folder (or
+    the clip package's cache), else timm's file in the Hugging Face cache; or None."""
+    spec = TEACHERS[name]
+    folders = [os.path.join(torch.hub.get_dir(), "checkpoints")] + ([CLIP_CACHE] if spec.family == "clip" else [])
+    for folder in folders if spec.file != "model.safetensors" else []:
+        if os.path.isfile(os.path.join(folder, spec.file)):
+            return os.path.join(folder, spec.file)
+    if spec.hf_repo is None:
+        return None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     try:
-        return hf_hub_download(f"timm/{timm_arch}.{DINOV2_TIMM_PRETRAINED_TAG}", "model.safetensors",
-                               local_files_only=True)
+        return hf_hub_download(spec.hf_repo, "model.safetensors", local_files_only=True)
     except LocalEntryNotFoundError:  # not cached: the caller raises the error that says what to get
         return None
 
 
-def _missing_weights_error(name: str, size: str) -> FileNotFoundError:
-    timm_arch, stem = DINOV2_MODELS[size]
-    hub_file = os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}_pretrain.pth")
-    return FileNotFoundError(
-        f"teacher '{name}' needs pretrained DINOv2 weights and none were found locally (nothing is downloaded). "
-        f"Get {stem}_pretrain.pth (https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth) and pass it "
-        f"with --enc-weights PATH, or place it at {hub_file}, or put timm's "
-        f"timm/{timm_arch}.{DINOV2_TIMM_PRETRAINED_TAG} in the Hugging Face cache.")
+def missing_weights_error(name: str, flag: str = "--enc-weights") -> FileNotFoundError:
+    spec = TEACHERS[name]
+    places = [f"pass it with {flag} PATH"]
+    if spec.file != "model.safetensors":
+        places.append(f"or place it at {os.path.join(torch.hub.get_dir(), 'checkpoints', spec.file)}")
+    if spec.family == "clip":
+        places.append(f"or at {os.path.join(CLIP_CACHE, spec.file)}")
+    if spec.hf_repo:
+        places.append(f"or put timm's {spec.hf_repo} in the Hugging Face cache")
+    return FileNotFoundError(f"teacher '{name}' needs its pretrained weights and none were found locally (nothing is "
+                             f"downloaded). Get {spec.file} ({spec.url}) and {', '.join(places)}.")
+
+
+@functools.lru_cache(maxsize=1)
+def _random_weights(name: str, resolution: int, tiny: bool) -> Dict[str, torch.Tensor]:
+    """The random weights of build_random, drawn once per process: timm's initialisation of a large ViT takes
+    seconds, and GPU tests and benchmarks build the teacher once per run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TEACHER_SEED)
+        return build_vit(name, resolution, tiny, **_random_changes(name)).state_dict()
+
+
+def _random_changes(name: str) -> Dict[str, Any]:
+    return dict(init_values=1.0) if FAMILIES[TEACHERS[name].family].layer_scale else {}
+
+
+def build_random(name: str, resolution: int, tiny: bool = False, as_name: Optional[str] = None) -> Teacher:
+    """Teacher `name`'s architecture (`tiny`: at test size) with random weights from a fixed seed, never loaded:
+    offline tests and benchmarks. LayerScale starts at 1 (Family.layer_scale): initial values only."""
+    with torch.device("meta"):
+        vit = build_vit(name, resolution, tiny, **_random_changes(name))
+    weights = {k: v.clone() for k, v in _random_weights(name, resolution, tiny).items()}  # never shared
+    load_state(vit, weights, f"random weights of {name}")
+    return Teacher(as_name or name, vit, resolution, TEACHERS[name].family)
 
 
 def build_random_teacher(resolution: int) -> Teacher:
@@ -211,34 +379,7 @@ def build_random_teacher(resolution: int) -> Teacher:
         torch.manual_seed(RANDOM_TEACHER_SEED)
         vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
                                 img_size=teacher_input_size(resolution), **RANDOM_TEACHER_ARCH)
-    return Teacher(RANDOM_TEACHER, vit, resolution)
-
-
-@functools.lru_cache(maxsize=1)
-def _random_dinov2_weights(size: str, resolution: int) -> Dict[str, torch.Tensor]:
-    """The random weights of build_random_dinov2, drawn once per process: timm's initialisation of ViT-B takes
-    seconds, and GPU tests and benchmarks build the teacher once per run."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_TEACHER_SEED)
-        vit = timm.create_model(DINOV2_MODELS[size][0], pretrained=False, num_classes=0,
-                                img_size=teacher_input_size(resolution), init_values=1.0)
-    return vit.state_dict()
-
-
-def build_random_dinov2(size: str, resolution: int) -> Teacher:
-    """DINOv2 ViT-{s,b,l,g}/14 built by timm exactly as `dinov2-vit-<size>` builds it (same modules, shapes and
-    FLOPs), randomly initialised from a fixed seed and never loaded: for GPU tests and benchmarks, offline.
-
-    LayerScale starts at 1 instead of DINOv2's 1e-5 (as in random-vit-tiny), so that the random blocks are not
-    near-identity maps; this changes initial values only, not the architecture.
-    """
-    name = f"random-dinov2-vit-{size}"
-    with torch.device("meta"):
-        vit = timm.create_model(DINOV2_MODELS[size][0], pretrained=False, num_classes=0,
-                                img_size=teacher_input_size(resolution), init_values=1.0)
-    weights = {k: v.clone() for k, v in _random_dinov2_weights(size, resolution).items()}  # never shared
-    vit.load_state_dict(weights, strict=True, assign=True)
-    return Teacher(name, vit, resolution)
+    return Teacher(RANDOM_TEACHER, vit, resolution, "dinov2")
 
 
 def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
@@ -256,36 +397,33 @@ def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
         state_dict = read_weight_file(path)
         check_state_dict(vit.state_dict(), state_dict, f"demo teacher {path}")
         vit.load_state_dict(state_dict, strict=True)
-    return Teacher(DEMO_TEACHER, vit, resolution)
+    return Teacher(DEMO_TEACHER, vit, resolution, "dinov2")
 
 
-def build_teacher(name: str, resolution: int, weights: Optional[str] = None) -> Teacher:
-    """One teacher by REPA name ("dinov2-vit-b", ...), "random-vit-tiny" or "random-dinov2-vit-b" (the real
-    architecture with random weights), with weights as in the module doc."""
+def build_teacher(name: str, resolution: int, weights: Optional[str] = None, tiny: bool = False) -> Teacher:
+    """One teacher by name (TEACHERS, the demo and random ones), weights as in the module doc. `tiny` (tests only)
+    builds a published teacher's family at test size, to load a test-size file in the published layout."""
     if name == DEMO_TEACHER:
         return build_demo_vit(resolution, weights)
-    random_dinov2 = re.fullmatch(RANDOM_DINOV2_PATTERN, name)
-    if name == RANDOM_TEACHER or random_dinov2:
+    if name == RANDOM_TEACHER:
         if weights:
             raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
-        return build_random_dinov2(random_dinov2.group(1), resolution) if random_dinov2 else \
-            build_random_teacher(resolution)
-    match = re.fullmatch(r"dinov2-vit-([sblg])", name)
-    if match is None:
-        known = ", ".join([f"dinov2-vit-{s}" for s in DINOV2_MODELS] + [DEMO_TEACHER, RANDOM_TEACHER] +
-                          [f"random-dinov2-vit-{s}" for s in DINOV2_MODELS])
-        raise ValueError(f"unknown teacher '{name}' in --enc-type; known: {known}")
-    size = match.group(1)
-    path = weights or _cached_dinov2_weights(size)
+        return build_random_teacher(resolution)
+    base, kind = parse_teacher_name(name)
+    if kind != "published":
+        if weights:
+            raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
+        return build_random(base, resolution, tiny=kind == "random-tiny", as_name=name)
+    check_resolution(name, resolution)
+    path = weights or local_weights(name)
     if path is None:
-        raise _missing_weights_error(name, size)
-    state_dict = read_weight_file(path)
-    with torch.device("meta"):  # no random init of up to 1.1B parameters that the weights replace anyway
-        vit = timm.create_model(DINOV2_MODELS[size][0], pretrained=False, num_classes=0,
-                                img_size=teacher_input_size(resolution))
-    load_dinov2_weights(vit, state_dict, what=f"teacher weights {path} for {name}")
+        raise missing_weights_error(name)
+    checkpoint = read_checkpoint(path)
+    with torch.device("meta"):  # no random init of up to 6.7B parameters that the weights replace anyway
+        vit = build_vit(name, resolution, tiny)
+    load_published(vit, TEACHERS[name].family, checkpoint, path, what=f"teacher weights {path} for {name}")
     logger.info("teacher %s loaded from %s", name, path)
-    return Teacher(name, vit, resolution)
+    return Teacher(name, vit, resolution, TEACHERS[name].family)
 
 
 def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[str]:
@@ -293,15 +431,25 @@ def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[s
     follow from its name and seed."""
     if name == DEMO_TEACHER:
         return None if weights == "random" else (weights or DEMO_TEACHER_WEIGHTS)
-    if name == RANDOM_TEACHER or re.fullmatch(RANDOM_DINOV2_PATTERN, name):
+    if name == RANDOM_TEACHER or parse_teacher_name(name)[1] != "published":
         return None
-    match = re.fullmatch(r"dinov2-vit-([sblg])", name)
-    if match is None:
-        return None  # build_teacher names the unknown teacher
-    path = weights or _cached_dinov2_weights(match.group(1))
+    path = weights or local_weights(name)
     if path is None:
-        raise _missing_weights_error(name, match.group(1))
+        raise missing_weights_error(name)
     return path
+
+
+def teacher_family(name: str) -> str:
+    if name in (DEMO_TEACHER, RANDOM_TEACHER):
+        return "dinov2"
+    return TEACHERS[parse_teacher_name(name)[0]].family
+
+
+def preprocessing_text(names: Sequence[str]) -> str:
+    """What a teacher-token cache records as the preprocessing of teachers `names`: each one's recipe in words (its
+    Teacher.preprocessing), joined by " | ". One DINOv2-style teacher gives the text caches recorded before there
+    were other families."""
+    return " | ".join(FAMILIES[teacher_family(name)].recipe.text() for name in names)
 
 
 def teacher_names(enc_type: str) -> List[str]:

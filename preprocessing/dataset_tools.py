@@ -579,7 +579,7 @@ def cache_teachers(args) -> None:
     """The teachers' tokens of every image of DATA -> a teacher cache (erw/teacher_cache.py); resumable (finished
     shards are kept), data-parallel under torchrun (process r writes shards r, r + W, ...)."""
     from erw.data import ImageLatentDataset
-    from models.encoders import TEACHER_PREPROCESSING, load_teachers, teacher_names
+    from models.encoders import load_teachers, teacher_names
     rank, world_size, device = start_processes(args.device)
     try:
         dataset = ImageLatentDataset(args.data_dir, load_images=True)
@@ -587,8 +587,9 @@ def cache_teachers(args) -> None:
         with refusals_of_models("--enc-type/--enc-weights"):
             teachers = [t.to(device) for t in load_teachers(args.enc_type, dataset.resolution, args.enc_weights)]
             names = teacher_names(args.enc_type)
+        preprocessing = " | ".join(t.preprocessing for t in teachers)
         identity = run_identity(names, teacher_weights_sha256(args.enc_type, args.enc_weights), dataset.resolution,
-                                TEACHER_PREPROCESSING, len(dataset), images_sha256,
+                                preprocessing, len(dataset), images_sha256,
                                 widths=[t.embed_dim for t in teachers], tokens=teachers[0].num_tokens,
                                 dtype=args.dtype, shard_items=args.shard_items)
         with holding(args.out, rank, world_size):

@@ -35,3 +35,17 @@ def tiny_args(demo_data, output_dir, *extra):
     random tiny teacher (unit tests do not depend on the demo's trained components)."""
     return ["--config", TINY_CONFIG, "--data-dir", str(demo_data), "--output-dir", str(output_dir),
             "--enc-type", "random-vit-tiny", *extra]
+
+
+@pytest.fixture
+def test_size_dinov2(tmp_path, monkeypatch):
+    """FD-DINOv2 on a 48-wide, 2-block ViT-L/14 layout, and such a random model saved as DINOv2 publishes it."""
+    from evaluations import fd_dinov2
+    from tests.test_encoders import OfficialDinoV2
+    monkeypatch.setattr(fd_dinov2, "TEST_SIZE", dict(embed_dim=48, depth=2, num_heads=2))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = OfficialDinoV2(dim=48, depth=2, heads=2).eval()
+    path = tmp_path / "dinov2_vitl14_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)

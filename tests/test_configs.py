@@ -122,6 +122,37 @@ def test_readme_table3_sweeps_cover_table3_from_its_base():
 
 
 #################################################################################
+#                      Table 5: one command per teacher row                     #
+#################################################################################
+
+# The paper's table 5 (section 4.4): its six target representations and their FIDs, by this codebase's names.
+TABLE5_ROWS = {"mocov3-vit-b": 61.1, "mocov3-vit-l": 73.0, "clip-vit-L": 58.9, "dinov2-vit-b": 55.6,
+               "dinov2-vit-l": 55.5, "dinov2-vit-g": 59.4}
+
+
+def test_table5_config_runs_each_of_the_papers_six_rows_with_one_command():
+    from models.encoders import TEACHERS
+    with open(os.path.join(ROOT, "configs", "table5_sit_xl2_teachers.yaml")) as f:
+        text = f.read()
+    block = re.search(r"^# <!-- table 5 rows -->\n((?:#.*\n)+?)[^#]", text, re.MULTILINE).group(1)
+    commands = expand_shell("\n".join(line[1:] for line in block.splitlines()))
+    stated = {teacher: float(fid) for teacher, fid in re.findall(r"^# {3}\S+ +(\S+) .* (\d+\.\d)$", text,
+                                                                  re.MULTILINE)}
+    rows, names = {}, set()
+    for command in commands:
+        (phase1, warmup), (phase2, config) = (resolve_command(part) for part in command.split("&&"))
+        assert (phase1, phase2) == (WARMUP, TRAIN)
+        assert warmup["enc_type"] == config["enc_type"] in TEACHERS and warmup["enc_weights"] == config["enc_weights"]
+        assert config["warmup_ckpt"] == os.path.join(warmup["output_dir"], warmup["exp_name"], "checkpoints",
+                                                     "last.pt")
+        assert (warmup["warmup_depth"], config["warmup_depth"], config["encoder_depth"]) == (8, 8, 8)
+        assert warmup["align_loss"] == config["align_loss"] == "ntxent" and config["model"] == "SiT-XL/2"
+        rows[config["enc_type"]] = stated[config["enc_type"]]
+        names |= {warmup["exp_name"], config["exp_name"]}
+    assert rows == TABLE5_ROWS and len(names) == 2 * len(TABLE5_ROWS)
+
+
+#################################################################################
 #                     The ERW release preset, beside the paper's                #
 #################################################################################
 

@@ -162,7 +162,7 @@ def test_swiglu_official_keys_map_to_timm_giant_layout():
     model = OfficialDinoV2(dim=48, depth=2, heads=2, swiglu_hidden=128).eval()
     vit = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, num_classes=0, img_size=56,
                             embed_dim=48, depth=2, num_heads=2).eval()
-    encoders.load_dinov2_weights(vit, model.state_dict(), what="test giant")
+    encoders.load_published(vit, "dinov2", model.state_dict(), "giant.pth", what="test giant")
     x = _reference_preprocess(_images(2, 64, seed=4), 56)
     with torch.no_grad():
         # As above for a 2-block, 48-wide model: each float32 forward within 3.3e-6 of a float64 one (|t| <= 3.7).
@@ -199,8 +199,8 @@ def test_missing_weights_error_names_file_and_flag(tmp_path, monkeypatch):
 
 
 def test_bad_teacher_arguments():
-    with pytest.raises(ValueError, match="unknown teacher 'dinov3-vit-b'"):
-        load_teachers("dinov3-vit-b", 256)
+    with pytest.raises(ValueError, match="unknown teacher 'dinov9-vit-b'"):
+        load_teachers("dinov9-vit-b", 256)
     with pytest.raises(ValueError, match="2 teacher"):
         load_teachers("random-vit-tiny,random-vit-tiny", 64, enc_weights="a.pth")
     with pytest.raises(ValueError, match="takes no --enc-weights"):
@@ -234,9 +234,9 @@ def test_random_dinov2_is_the_real_architecture_with_random_weights():
 
 def test_random_dinov2_is_deterministic_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    encoders._random_dinov2_weights.cache_clear()
+    encoders._random_weights.cache_clear()
     (first,) = load_teachers("random-dinov2-vit-s", 64)
-    encoders._random_dinov2_weights.cache_clear()  # a second draw, as another process makes it
+    encoders._random_weights.cache_clear()  # a second draw, as another process makes it
     second, third = load_teachers("random-dinov2-vit-s,random-dinov2-vit-s", 64)  # third: from the cache
     assert torch.equal(torch.random.get_rng_state(), state)
     images = _images(2, 64, seed=3)
@@ -249,7 +249,7 @@ def test_random_dinov2_is_deterministic_and_leaves_global_rng_alone():
 
 def test_normalisation_constants_are_made_once_per_device():
     # A per-call torch.tensor(..., device=cuda) would be a synchronizing host-to-device copy at every training step.
-    mean, std = encoders._imagenet_mean_std(torch.device("cpu"))
-    assert encoders._imagenet_mean_std(torch.device("cpu"))[0] is mean
+    mean, std = encoders._mean_std(IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
+    assert encoders._mean_std(IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))[0] is mean
     torch.testing.assert_close(mean.flatten(), torch.tensor(IMAGENET_MEAN), rtol=0, atol=0)
     torch.testing.assert_close(std.flatten(), torch.tensor(IMAGENET_STD), rtol=0, atol=0)

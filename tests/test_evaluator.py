@@ -644,3 +644,114 @@ def test_a_cache_file_that_does_not_hold_the_batchs_activations_is_computed_agai
     again = evaluate(args[0], args[1], **kwargs)
     assert again["settings"]["activation_cache"] == "miss" and again["sfid"] == first["sfid"]
     assert evaluate(args[0], args[1], **kwargs)["settings"]["activation_cache"] == "hit"
+
+
+#################################################################################
+#                     FD-DINOv2 (evaluations/fd_dinov2.py)                       #
+#################################################################################
+
+def test_fd_dinov2_is_edm2s_distance_recomputed_with_numpy():
+    """edm2's calculate_stats_for_iterable and calculate_metrics_from_stats, written with numpy's mean and unbiased
+    covariance and scipy's sqrtm of sigma_samples @ sigma_reference; and the closed form for diagonal covariances,
+    |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
+    from evaluations import fd_dinov2
+    rng = np.random.default_rng(3)
+    samples = (rng.normal(size=(300, 12)) * rng.uniform(0.5, 2, 12) + 1).astype(np.float32)
+    reference = (rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12)) * 0.3).astype(np.float32)
+    (mu1, s1), (mu2, s2) = ((x.astype(np.float64).mean(0), np.cov(x.astype(np.float64), rowvar=False))
+                            for x in (samples, reference))
+    expected = float(np.real(np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2))))
+    # float64 throughout: sums of 300 products and a 12 x 12 matrix root differ in the last ~1e-13 relative.
+    got = fd_dinov2.frechet_distance(*fd_dinov2.statistics(samples), *fd_dinov2.statistics(reference))
+    assert got == pytest.approx(expected, rel=1e-9)
+    a, b = rng.uniform(0.1, 3, 12), rng.uniform(0.1, 3, 12)
+    closed = float(np.square(mu1 - mu2).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum())
+    assert fd_dinov2.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fd_dinov2.statistics(samples[:1])
+
+
+def test_fd_dinov2_preprocessing_is_edm2s():
+    """edm2's DINOv2Detector before the network (resize_mode 'torch'), written out: any image size to 224 x 224."""
+    from evaluations import fd_dinov2
+    images = torch.randint(0, 256, (3, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(images.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True)
+    x = x.to(torch.float32) / 255
+    x = x - torch.tensor([0.485, 0.456, 0.406]).reshape(1, -1, 1, 1)
+    x = x / torch.tensor([0.229, 0.224, 0.225]).reshape(1, -1, 1, 1)
+    assert torch.equal(fd_dinov2.preprocess(images), x)  # the same float32 operations in the same order
+
+
+def hub_class_token(model, x):
+    """torch.hub dinov2_vitl14's forward (DinoVisionTransformer, interpolate_offset 0.1, interpolate_antialias
+    False) on a tests/test_encoders.py OfficialDinoV2: the final-normed class token."""
+    import math
+    import torch.nn.functional as F
+    n, dim = model.pos_embed.shape[1] - 1, model.pos_embed.shape[-1]
+    m, w0 = int(math.sqrt(n)), x.shape[-1] // 14
+    patch_pos = F.interpolate(model.pos_embed[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
+                              scale_factor=((w0 + 0.1) / m, (w0 + 0.1) / m), antialias=False)
+    pos = torch.cat([model.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+    tokens = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.cls_token.expand(len(x), -1, -1), tokens], dim=1) + pos
+    for block in model.blocks:
+        tokens = tokens + block.ls1.gamma * model._attn(block.attn, block.norm1(tokens))
+        tokens = tokens + block.ls2.gamma * model._mlp(block.mlp, block.norm2(tokens))
+    return model.norm(tokens)[:, 0]
+
+
+def test_fd_dinov2_features_are_the_dinov2_hub_models_class_token(test_size_dinov2):
+    from evaluations import fd_dinov2
+    model, path = test_size_dinov2
+    fd = fd_dinov2.FdDinov2(path, torch.device("cpu"), "--dinov2-weights")
+    images = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3)).astype(np.uint8)
+    with torch.no_grad():
+        expected = hub_class_token(model, fd_dinov2.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    # Two float32 forwards of a 2-block, 48-wide ViT (fused attention against the plain one): a few 1e-6 on |t| <= 4;
+    # timm's antialiased pos-embed resampling instead of DINOv2's moves the class token by O(1e-2).
+    torch.testing.assert_close(torch.from_numpy(fd.features(images)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_adds_fd_dinov2_from_cached_reference_statistics(tmp_path, stub_network, test_size_dinov2):
+    from evaluations import fd_dinov2
+    from erw.files import file_sha256
+    _, path = test_size_dinov2
+    rng = np.random.default_rng(12)
+    ref_images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
+    sample_images = rng.integers(0, 256, (20, 6, 10, 3)).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", ref_images)
+    np.savez(tmp_path / "sample.npz", sample_images)
+    kwargs = dict(inception_weights="random", device="cpu", batch_size=3, is_split_size=6,
+                  cache_dir=str(tmp_path / "cache"), progress=False, fd_dinov2=True, dinov2_weights=path)
+    lines = []
+    results = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=lines.append, **kwargs)
+    fd = fd_dinov2.FdDinov2(path, torch.device("cpu"), "--dinov2-weights")
+    # The features in the evaluator's batches of 3 (the same GEMM shapes, so the same bits), then numpy's float64
+    # mean and covariance and scipy's root. With 16 and 20 images of 48 features the covariances are singular: the
+    # root turns the float64 rounding of each zero eigenvalue (~1e-16) into ~1e-8, so 48 of them bound the
+    # difference by ~1e-6 (measured: 2e-10); a wrong feature, order or normalisation moves it by O(1e-2).
+    (mu1, s1), (mu2, s2) = ((f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False)) for f in (
+        np.concatenate([fd.features(images[i:i + 3]) for i in range(0, len(images), 3)])
+        for images in (sample_images, ref_images)))
+    expected = float(np.real(np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2))))
+    assert results["fd_dinov2"] == pytest.approx(expected, rel=0, abs=1e-6)
+    assert lines[-1] == f"FD_DINOv2: {results['fd_dinov2']}"
+    source = results["settings"]["fd_dinov2"]["reference_statistics"]
+    assert source["cache"] == "miss" and source["num_images"] == 16
+    assert source["ref_sha256"] == file_sha256(str(tmp_path / "ref.npz"))
+    assert source["dinov2_weights_sha256"] == file_sha256(path)
+    (cached,) = [n for n in os.listdir(tmp_path / "cache") if n.startswith("fd-dinov2-")]
+    with np.load(tmp_path / "cache" / cached) as data:
+        assert json.loads(str(data["source"]))["ref_batch"] == str(tmp_path / "ref.npz")
+    again = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=None, **kwargs)
+    assert again["fd_dinov2"] == results["fd_dinov2"]
+    assert again["settings"]["fd_dinov2"]["reference_statistics"]["cache"] == "hit"
+
+
+def test_fd_dinov2_without_weights_is_refused_before_any_work(tmp_path, inception_loads):
+    np.savez(tmp_path / "ref.npz", np.zeros((8, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "sample.npz", np.zeros((8, 4, 4, 3), np.uint8))
+    with pytest.raises(evaluator.MissingInput, match=r"nowhere\.pth.*dinov2_vitl14_pretrain\.pth.*--dinov2-weights"):
+        evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), inception_weights="random",
+                 is_split_size=4, fd_dinov2=True, dinov2_weights=str(tmp_path / "nowhere.pth"), log=None)
+    assert inception_loads == []

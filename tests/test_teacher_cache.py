@@ -15,7 +15,7 @@ import train
 import train_warmup
 from erw.cli import InvalidInput
 from erw.data import ImageLatentDataset
-from erw.teacher_cache import IDENTITY_FILE, TeacherCache
+from erw.teacher_cache import IDENTITY_FILE, TeacherCache, cached_teachers
 from models.encoders import load_teachers
 from models.vae import load_vae
 from preprocessing import dataset_tools
@@ -58,6 +58,32 @@ def test_the_cache_holds_the_teachers_tokens_of_every_image(data):
         np.testing.assert_allclose(cache32.tokens(index), live, rtol=0, atol=64 * np.finfo(np.float32).eps * scale)
         np.testing.assert_allclose(cache16.tokens(index).astype(np.float32), live, rtol=2 ** -11,
                                    atol=2 ** -24 * 2)  # subnormal halves near zero
+
+
+def test_a_cache_of_two_teachers_of_different_widths_is_the_live_pair(data, tmp_path):
+    """Test-size MoCo v3 (48 wide) and CLIP (32 wide) side by side, float32: each cached teacher's slice is its live
+    teacher's tokens (tolerance as above), the identity records both recipes, and a Phase-1 run from the cache trains
+    what the live pair trains (tolerance as in the next test)."""
+    pair = "random-tiny-mocov3-vit-b,random-tiny-clip-vit-L"
+    dataset_tools.main(["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", pair, "--out",
+                        str(tmp_path / "cache"), "--dtype", "float32", "--batch-size", "48", "--workers", "0",
+                        "--device", "cpu"])
+    cache = TeacherCache(str(tmp_path / "cache"))
+    live = load_teachers(pair, 64)
+    assert cache.identity.widths == [48, 32] and live[0].preprocessing != live[1].preprocessing
+    assert cache.identity.preprocessing == f"{live[0].preprocessing} | {live[1].preprocessing}"
+    dataset = ImageLatentDataset(str(data / "per-file"))
+    for index in (0, 17, 101, 159):
+        cached = torch.from_numpy(cache.tokens(index))[None]
+        for stand_in, teacher in zip(cached_teachers(cache.identity), live):
+            tokens = teacher(dataset[index][0][None])
+            scale = float(tokens.abs().max())
+            torch.testing.assert_close(stand_in(cached), tokens, rtol=0, atol=64 * np.finfo(np.float32).eps * scale)
+    common = ["--enc-type", pair, "--max-train-steps", "2", "--batch-size", "16"]
+    from_live = train_warmup.main(tiny_args(data / "per-file", tmp_path / "live", *common))
+    from_cache = train_warmup.main(tiny_args(data / "per-file", tmp_path / "cached", *common, "--teacher-cache",
+                                             str(tmp_path / "cache")))
+    np.testing.assert_allclose(steps(from_cache), steps(from_live), rtol=1e-4)
 
 
 def test_a_run_from_a_float32_cache_trains_what_the_live_teacher_trains(data, tmp_path):

@@ -57,14 +57,16 @@ def fid_records(exp_dir):
         return [r for r in map(json.loads, f) if "fid" in r]
 
 
-def standalone(ckpt, demo_data, ref, sample_dir, seed=0, guidance=("--cfg-scale", "1.5", "--guidance-high", "0.7")):
+def standalone(ckpt, demo_data, ref, sample_dir, seed=0, guidance=("--cfg-scale", "1.5", "--guidance-high", "0.7"),
+               **evaluate_kwargs):
     """sample_ddp.py on the checkpoint with the settings the run's FID used, then the evaluator on its .npz."""
     npz = sample_ddp.main(["--ckpt", ckpt, "--sample-dir", str(sample_dir), "--global-seed", str(seed),
                            "--num-fid-samples", str(NUM_SAMPLES), "--num-steps", str(NUM_STEPS), "--mode", "sde",
                            *guidance, "--vae", os.path.join(str(demo_data), "vae"), "--device", "cpu"])
     with cpu_threads(1):  # as the in-training FID runs on the CPU
         return evaluate(ref, npz, inception_weights="random", device="cpu", batch_size=1,
-                        is_split_size=NUM_SAMPLES, cache_dir=default_cache_dir(), progress=False, log=None)
+                        is_split_size=NUM_SAMPLES, cache_dir=default_cache_dir(), progress=False, log=None,
+                        **evaluate_kwargs)
 
 
 def assert_same_metrics(record, results):
@@ -214,3 +216,17 @@ def test_bad_fid_settings_are_named_before_training(demo_data, fid_setup, tmp_pa
                               "--exp-name", "d"))
     for name in ("a", "b", "c", "d"):  # refused before any step
         assert not os.listdir(os.path.join(tmp_path, name, "checkpoints"))
+
+
+def test_fd_dinov2_in_training_equals_the_evaluators(demo_data, fid_setup, tmp_path, test_size_dinov2):
+    """--fd-dinov2 WEIGHTS (a test-size DINOv2 in the published layout): the record's FD-DINOv2 is the evaluator's
+    --fd-dinov2 on sample_ddp.py's samples of the same checkpoint, exactly (one image per network call on one thread
+    in both), from the reference statistics the run cached."""
+    _, weights = test_size_dinov2
+    train.main(train_args(demo_data, tmp_path, fid_setup, "--max-train-steps", "2", "--fid-every", "2",
+                          "--batch-size", "8", "--fd-dinov2", weights))
+    (record,) = fid_records(os.path.join(tmp_path, "tiny"))
+    results = standalone(os.path.join(tmp_path, "tiny", "checkpoints", "last.pt"), demo_data, fid_setup,
+                         tmp_path / "standalone", fd_dinov2=True, dinov2_weights=weights)
+    assert record["fd_dinov2"] == results["fd_dinov2"] and record["fid"] == results["fid"]
+    assert results["settings"]["fd_dinov2"]["reference_statistics"]["cache"] == "hit"

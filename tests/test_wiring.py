@@ -187,7 +187,7 @@ def test_label_dropout_and_hooks_reach_the_loop(monkeypatch, demo_data, tmp_path
 RUN_CONTROL = {"exp_name", "output_dir", "resume", "resume_override", "report_to", "log_every", "num_workers", "vae",
                "sample_grid_every", "sample_grid_size", "sample_num_steps", "fid_every", "fid_num_samples",
                "fid_num_steps", "fid_mode", "fid_precision", "fid_ref", "inception_weights", "cfg_scale",
-               "guidance_low", "guidance_high", "max_train_steps", "checkpointing_steps", "compile"}
+               "guidance_low", "guidance_high", "max_train_steps", "checkpointing_steps", "compile", "fd_dinov2"}
 LOCATION = {"exp_name", "output_dir"}  # where the run lives: another value is another run, not a change
 
 

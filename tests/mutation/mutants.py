@@ -37,6 +37,61 @@ TRANSPORT = ("tests/test_transport.py", "tests/test_losses.py")
 SAMPLING = ("tests/test_sampling.py",)
 EVALUATOR = ("tests/test_evaluator.py",)
 
+# ---------------------------------------------------------------- teachers (models/encoders.py, its files)
+# Per family: the test of its preprocessing at 256 px and the test of its published file's tokens.
+_FAMILY_TESTS = {
+    family: (f"tests/test_teachers.py::test_preprocessing_is_repas_formula_or_the_authors[256-{name}]", loading)
+    for family, name, loading in [
+        ("mocov3", "mocov3-vit-b", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[mocov3-vit-l]"),
+        ("clip", "clip-vit-L", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[clip-vit-L]"),
+        ("dinov1", "dinov1-vit-b", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[dinov1-vit-b]"),
+        ("mae", "mae-vit-l", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[mae-vit-l]"),
+        ("jepa", "jepa-vit-h", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[jepa-vit-h]"),
+        ("dinov2", "dinov2-vit-b", "tests/test_encoders.py::test_official_dinov2_weights_give_the_source_models_tokens"),
+        ("dinov3", "dinov3-vit-b", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[dinov3-vit-b]"),
+        ("siglip2", "siglip2-vit-b", "tests/test_teachers.py::test_a_published_file_at_test_size_gives_its_authors_tokens[siglip2-vit-b]"),
+    ]}
+_IMAGENET = 'Recipe("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, '
+_RECIPES = {"mocov3": (_IMAGENET, '"none"'), "clip": ('Recipe("CLIP", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ', '"first"'),
+            "dinov1": (_IMAGENET, '"none"'), "mae": (_IMAGENET, '"none"'), "jepa": (_IMAGENET, '"last"'),
+            "dinov2": (_IMAGENET, '"last"'), "dinov3": (_IMAGENET, '"none"'),
+            "siglip2": ('Recipe("SigLIP", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ', '"none"')}
+_WRONG_CONSTANTS = {_IMAGENET: 'Recipe("ImageNet", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, '}
+_PREFIX_LINE = "        return tokens[:, self.vit.num_prefix_tokens:]\n"
+TEACHER_MUTANTS = [
+    *[Mutant(f"teacher-constants-{family}", "models/encoders.py", f'"{family}": Family({recipe}{resize})',
+             f'"{family}": Family({_WRONG_CONSTANTS.get(recipe, _IMAGENET)}{resize})', _FAMILY_TESTS[family],
+             f"{family} images normalised with another family's mean and std")
+      for family, (recipe, resize) in _RECIPES.items()],
+    *[Mutant(f"teacher-resize-skipped-{family}", "models/encoders.py", f'"{family}": Family({_RECIPES[family][0]}'
+             f'{_RECIPES[family][1]})', f'"{family}": Family({_RECIPES[family][0]}"none")', _FAMILY_TESTS[family],
+             f"{family} sees the image at its own size instead of REPA's 224/256 resize")
+      for family in ("clip", "jepa", "dinov2")],
+    *[Mutant(f"teacher-class-token-kept-{family}", "models/encoders.py", _PREFIX_LINE,
+             f'        return tokens[:, 0 if self.family == "{family}" else self.vit.num_prefix_tokens:]\n',
+             _FAMILY_TESTS[family][1:], f"{family}'s class (and register) tokens aligned to as if patch tokens")
+      for family in ("mocov3", "clip", "dinov1", "mae", "dinov2", "dinov3")],
+    Mutant("teacher-one-prefix-token", "models/encoders.py", _PREFIX_LINE, "        return tokens[:, 1:]\n",
+           (_FAMILY_TESTS["jepa"][1], _FAMILY_TESTS["dinov3"][1], _FAMILY_TESTS["siglip2"][1]),
+           "one token dropped whatever the teacher: I-JEPA's and SigLIP's first patch token, DINOv3's registers kept"),
+    Mutant("teacher-final-norm-applied", "models/encoders.py", "    if not family.final_norm:\n",
+           "    if False:\n", (_FAMILY_TESTS["clip"][1], _FAMILY_TESTS["mae"][1]),
+           "CLIP's and MAE's tokens after the final LayerNorm, which REPA's forwards do not apply"),
+    Mutant("mocov3-key-slip-unrepaired", "models/teacher_files.py", '"blocks.13.norm13.": "blocks.13.norm1.", ', "",
+           (_FAMILY_TESTS["mocov3"][1],), "RCG's MoCo v3 ViT-L file is refused (its misnamed block-13 norm)"),
+    Mutant("dinov3-k-bias-read-as-v", "models/teacher_files.py", "q, _, v = value.chunk(3)", "q, v, _ = value.chunk(3)",
+           (_FAMILY_TESTS["dinov3"][1],), "DINOv3's masked k bias loaded as its v bias"),
+    Mutant("cached-teacher-wrong-slice", "erw/teacher_cache.py",
+           "return cached[..., self.offset:self.offset + self.embed_dim].float()",
+           "return cached[..., :self.embed_dim].float()",
+           ("tests/test_teacher_cache.py::test_a_cache_of_two_teachers_of_different_widths_is_the_live_pair",),
+           "every cached teacher reads the first teacher's tokens"),
+    Mutant("cache-records-one-recipe", "preprocessing/dataset_tools.py",
+           'preprocessing = " | ".join(t.preprocessing for t in teachers)', "preprocessing = teachers[0].preprocessing",
+           ("tests/test_teacher_cache.py::test_a_cache_of_two_teachers_of_different_widths_is_the_live_pair",),
+           "a cache of two teachers records the first one's preprocessing only"),
+]
+
 MUTANTS = [
     # ---------------------------------------------------------------- losses (erw/losses.py)
     Mutant("velocity-target-sign", "erw/losses.py", "loss = F.mse_loss(pred.float(), target.float())",
@@ -208,8 +263,7 @@ MUTANTS = [
            ("tests/test_data.py",), "every item carries the first item's label"),
     Mutant("teacher-not-normalised", "models/encoders.py", "    x = (x - mean) / std\n", "",
            ("tests/test_encoders.py",), "teacher images without ImageNet normalisation"),
-    # (tokens[:, 1:] for tokens[:, num_prefix_tokens:] would be an equivalent mutant: every teacher we build, DINOv2
-    # included, has exactly one prefix token, the CLS.)
+    *TEACHER_MUTANTS,
     Mutant("autocast-off", "erw/precision.py", "enabled=self.dtype is not None)", "enabled=False)",
            ("tests/test_training_paths.py",), "--mixed-precision bf16/fp16 computes in float32"),
     # ---------------------------------------------------------------- resume state and checkpoints (erw/trainer.py)
@@ -258,6 +312,10 @@ MUTANTS = [
            "table 4's Phase 2 starts from another config's Phase 1"),
     Mutant("preset-repa-depth", "configs/table4_sit_b2_repa.yaml", "encoder_depth: 4 ", "encoder_depth: 8 ",
            ("tests/test_configs.py",), "SiT-B/2 REPA aligns at XL's depth"),
+    Mutant("table5-row-missing", "configs/table5_sit_xl2_teachers.yaml", "mocov3-vit-l clip-vit-L dinov2-vit-b",
+           "mocov3-vit-l dinov2-vit-b",
+           ("tests/test_configs.py::test_table5_config_runs_each_of_the_papers_six_rows_with_one_command",),
+           "table 5's CLIP-L row has no command"),
     # ---------------------------------------------------------------- generation (erw/generation.py)
     Mutant("sample-seed-ignores-index", "erw/generation.py",
            "return (_splitmix64(global_seed) + index * _SEED_INDEX_MULTIPLIER) % 2 ** 32",
@@ -287,6 +345,26 @@ MUTANTS = [
            '"sfid": evaluator.frechet_distance(*stats["spatial"], *self.reference_stats["spatial"])',
            '"sfid": evaluator.frechet_distance(*stats["pool"], *self.reference_stats["pool"])',
            ("tests/test_training_fid.py",), "in-training sFID computed on the pool features"),
+    Mutant("fd-dinov2-timm-pos-resampling", "evaluations/fd_dinov2.py", 'mode="bicubic", antialias=False)',
+           'mode="bicubic", antialias=True)',
+           ("tests/test_evaluator.py::test_fd_dinov2_features_are_the_dinov2_hub_models_class_token",),
+           "FD-DINOv2's position embedding antialiased (timm's way), not DINOv2's interpolate_pos_encoding"),
+    Mutant("fd-dinov2-patch-mean", "evaluations/fd_dinov2.py", "preprocess(images))[:, 0].float()",
+           "preprocess(images))[:, 1:].mean(1).float()",
+           ("tests/test_evaluator.py::test_fd_dinov2_features_are_the_dinov2_hub_models_class_token",),
+           "FD-DINOv2 on the mean patch token instead of the class token"),
+    Mutant("fd-dinov2-resize-aliased", "evaluations/fd_dinov2.py",
+           "size=(FD_SIDE, FD_SIDE), mode=\"bicubic\", antialias=True)",
+           "size=(FD_SIDE, FD_SIDE), mode=\"bicubic\")",
+           ("tests/test_evaluator.py::test_fd_dinov2_preprocessing_is_edm2s",),
+           "FD-DINOv2's resize without edm2's antialiasing"),
+    Mutant("fd-dinov2-biased-covariance", "evaluations/fd_dinov2.py", "np.outer(mu, mu) * n) / (n - 1)",
+           "np.outer(mu, mu) * n) / n", ("tests/test_evaluator.py::test_fd_dinov2_is_edm2s_distance_recomputed_with_numpy",),
+           "FD-DINOv2's covariance not edm2's unbiased one"),
+    Mutant("training-fd-dinov2-of-the-reference", "evaluations/training_fid.py",
+           "fd_dinov2.statistics(acts[\"dinov2\"])", "self.fd_reference",
+           ("tests/test_training_fid.py::test_fd_dinov2_in_training_equals_the_evaluators",),
+           "in-training FD-DINOv2 of the reference against itself"),
     # ---------------------------------------------------------------- the benchmark (bench/) and the GPU tests' checks
     Mutant("bench-writes-before-the-first-part-only", "bench/run.py",
            'report["elapsed_s"] = round(time.monotonic() - start, 1)\n        write(output, report)\n',
