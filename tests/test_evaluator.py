@@ -722,7 +722,8 @@ def test_evaluate_adds_fd_dinov2_from_cached_reference_statistics(tmp_path, stub
     np.savez(tmp_path / "ref.npz", ref_images)
     np.savez(tmp_path / "sample.npz", sample_images)
     kwargs = dict(inception_weights="random", device="cpu", batch_size=3, is_split_size=6,
-                  cache_dir=str(tmp_path / "cache"), progress=False, fd_dinov2=True, dinov2_weights=path)
+                  cache_dir=str(tmp_path / "cache"), progress=False, fd_dinov2=True, dinov2_weights=path,
+                  allow_resolution_mismatch=True)  # FD-DINOv2 resizes any size to 224
     lines = []
     results = evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), log=lines.append, **kwargs)
     fd = fd_dinov2.FdDinov2(path, torch.device("cpu"), "--dinov2-weights")
