@@ -31,7 +31,7 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 def build_parser():
-    from erw.cli import ArgumentParser
+    from operations.cli import ArgumentParser
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join("exps", "demo"), help="output folder")
     parser.add_argument("--data-dir", default=os.path.join("data", "demo"),
@@ -70,7 +70,7 @@ def make_data(data_dir: str, images_per_class: int) -> str:
 
 def run_phase(entry_point, args, exp_dir):
     """Run a training entry point, resuming it when an earlier demo run left a checkpoint."""
-    from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
+    from operations.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
     if os.path.isfile(os.path.join(ckpt_dir, LAST_CHECKPOINT)) or numbered_checkpoints(ckpt_dir):
         args = [*args, "--resume"]
@@ -83,7 +83,7 @@ def sample(ckpt: str, sample_dir: str, num_samples: int, num_steps: int, cfg_sca
     import sample_ddp
     return sample_ddp.main(["--ckpt", ckpt, "--sample-dir", sample_dir, "--num-fid-samples", str(num_samples),
                             "--num-steps", str(num_steps), "--cfg-scale", str(cfg_scale), "--label-mode", "balanced",
-                            "--per-proc-batch-size", "100", "--micro-batch-size", "0", "--device", "cpu",
+                            "--per-proc-batch-size", "100", "--device", "cpu",
                             "--precision", "fp32"])
 
 
@@ -95,16 +95,16 @@ def cached_json(path: str, key: dict, compute):
         if stored.get("key") == key:
             return stored["result"]
     result = compute()
-    from erw.files import atomic_write
+    from operations.files import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps({"key": key, "result": result}, indent=1).encode()))
     return result
 
 
 def evaluate_checkpoint(ckpt: str, reference_npz: str, sample_dir: str, args, path: str) -> dict:
-    """Sample from `ckpt` and compute class accuracy and FD-demo, once per (checkpoint id, sampler settings): the
+    """Sample from `ckpt` and compute class accuracy and FD-demo, once per (EMA weights, sampler settings): the
     result is kept in `path`, so a rerun neither samples nor measures again."""
-    from erw.checkpoint import load_checkpoint
-    key = {"checkpoint_id": load_checkpoint(ckpt)["checkpoint_id"], "num_samples": args.num_samples,
+    from operations.checkpoint import load_checkpoint, weights_sha256
+    key = {"weights_sha256": weights_sha256(load_checkpoint(ckpt)["ema"]), "num_samples": args.num_samples,
            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
 
     def compute():
@@ -119,7 +119,7 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
     """One row per class: `per_class` real images, then the first `per_class` samples generated for that class."""
     from PIL import Image
 
-    from erw.files import atomic_write
+    from operations.files import atomic_write
     with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
         rows = []
         for c in range(int(ref["arr_1"].max()) + 1):
@@ -134,8 +134,8 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
 
 
 def read_metrics(exp_dir: str):
-    """Logged records of a run (erw/trainer.py metrics.jsonl), the last record per step."""
-    from erw.run_dir import METRICS_FILE
+    """Logged records of a run (its metrics.jsonl), the last record per step."""
+    from operations.run import METRICS_FILE
     records = {}
     with open(os.path.join(exp_dir, METRICS_FILE)) as f:
         for line in f:
@@ -153,7 +153,7 @@ def _figure(columns: int):
 
 
 def _save(figure, path: str) -> None:
-    from erw.files import atomic_write
+    from operations.files import atomic_write
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
@@ -189,11 +189,11 @@ def training_flops_per_step(exp_dir: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from erw.checkpoint import LAST_CHECKPOINT, current_model_args, load_checkpoint
+    from operations.checkpoint import LAST_CHECKPOINT, load_checkpoint
     from models.encoders import load_teachers
     from models.sit import create_sit
     ckpt = load_checkpoint(os.path.join(exp_dir, "checkpoints", LAST_CHECKPOINT))
-    config, model_args = ckpt["config"], current_model_args(ckpt["model_args"])
+    config, model_args = ckpt["config"], ckpt["model_args"]
     teachers = [t.to("meta") for t in load_teachers(config["enc_type"], config["resolution"], config["enc_weights"])] \
         if config["enc_type"] else []
     latent, side = model_args["input_size"], config["resolution"]
@@ -230,8 +230,8 @@ def run_table(args, start: float) -> dict:
     Writes table.md, table.json and table.png."""
     import train
     import train_warmup
-    from erw.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
-    from erw.cli import InvalidInput
+    from operations.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
+    from operations.cli import InvalidInput
     if args.table_steps % (2 * args.table_evals):
         raise InvalidInput(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
                            f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
@@ -272,7 +272,7 @@ def run_table(args, start: float) -> dict:
                        *table_rows(curves, "total"), "",
                        f"At equal Phase-2 steps ({args.table_steps}, the paper's Table 2: warmup on top):", "",
                        *header, *table_rows(curves, "phase2")])
-    from erw.files import atomic_write
+    from operations.files import atomic_write
     atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
     atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
     _save(table_figure(curves), os.path.join(out, "table.png"))
@@ -367,5 +367,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from erw.cli import run_main
+    from operations.cli import run_main
     run_main(main)

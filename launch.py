@@ -3,7 +3,7 @@
     python launch.py torchrun --nproc-per-node 8 train.py --config configs/table1_2_sit_xl2_erw.yaml ...
     python launch.py accelerate launch --multi_gpu --num_processes 8 train.py --config ...
 
-On SIGTERM or SIGUSR1 every training process finishes its step, saves and exits 75 (erw/preemption.py). The
+On SIGTERM or SIGUSR1 every training process finishes its step, saves and exits 75 (operations/preemption.py). The
 launchers do not pass that on: torchrun and accelerate launch end with 1 and a traceback, so a requeue script keyed
 on 75 would not requeue. This wrapper:
 - installs its signal handlers before it starts anything;
@@ -30,7 +30,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
-from erw.preemption import EXIT_IO_ERROR, EXIT_PREEMPTED, EXIT_STATUS_DIR_ENV, PREEMPTION_SIGNALS, read_exit_statuses
+from operations.preemption import (EXIT_IO_ERROR, EXIT_PREEMPTED, EXIT_STATUS_DIR_ENV, PREEMPTION_SIGNALS,
+                                   read_exit_statuses)
 
 LAUNCHERS = ("torchrun", "accelerate")  # as commands; as modules of `python -m`:
 LAUNCHER_MODULES = ("torch.distributed.run", "accelerate.commands.launch")

@@ -107,7 +107,7 @@ def meta_flops(forward: Callable[[], Any]) -> int:
 
 
 def sit_forward_flops(ctx: Context, size: str, phase: int, aligned: bool = True) -> int:
-    """One image through the SiT the loop builds (erw/experiment.py build_model_args): Phase 1 the k blocks and the
+    """One image through the SiT the loop builds (erw/loop.py sit_args): Phase 1 the k blocks and the
     projector, Phase 2 every block and, when aligned, the projector; aligned=False is a sampling row."""
     from models.sit import create_sit
     s = ctx.scale
@@ -148,7 +148,7 @@ def train_records(ctx: Context, size: str, phase: int, name: str, steps: int, *e
     run folder (with its checkpoint, ~11 GB for SiT-XL/2) is removed after it."""
     import train
     import train_warmup
-    from erw.run_dir import METRICS_FILE
+    from operations.run import METRICS_FILE
     s, data = ctx.scale, ctx.data()
     out = os.path.join(ctx.work, "runs")
     argv = ["--config", CONFIGS[size], "--model", s.models[size], "--data-dir", data, "--output-dir", out,
@@ -325,7 +325,7 @@ def run_data_loading(ctx: Context) -> Dict[str, Any]:
     from torch.utils.data import DataLoader, RandomSampler
 
     from erw.data import ImageLatentDataset
-    from erw.teacher_cache import TeacherCache
+    from operations.teacher_cache import TeacherCache
     from preprocessing import dataset_tools
     s = ctx.scale
     folder, cache = os.path.join(ctx.work, "layouts"), os.path.join(ctx.work, "layouts-cache")

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from bench.parts import FULL, PARTS, REHEARSAL, Context, Part, parts_for  # noqa: E402
-from erw.files import atomic_write  # noqa: E402
+from operations.files import atomic_write  # noqa: E402
 
 JSON_NAME, TABLE_NAME = "bench.json", "bench.md"
 TRACEBACK_LINES = 30

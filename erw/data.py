@@ -18,9 +18,9 @@ Packed, for cluster file systems where opening two small files per item is the b
                                 and the dataset identity of the data it was packed from
 
 When DATA/packed/index.json exists the dataset reads it instead of vae-sd/, item for item the same; images/ is then
-needed only when a live teacher looks at the pixels (not with a teacher cache, erw/teacher_cache.py). What is derived
-from a dataset (packed latents, a teacher cache) records the dataset's identity and is used only with that dataset
-(docs/data.md, "What identifies a dataset").
+needed only when a live teacher looks at the pixels (not with a teacher cache). What is derived from a dataset
+(packed latents, a teacher cache) records the dataset's identity and is used only with that dataset (docs/data.md,
+"What identifies a dataset").
 """
 import hashlib
 import json
@@ -34,7 +34,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from erw.batch_random import BatchRandom, derive_seed
-from erw.cli import InvalidInput, MissingInput
 from models.vae import vae_to_model_latents
 
 IMAGES_DIR = "images"
@@ -46,6 +45,7 @@ LABELS_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LATENT_EXTENSION = ".npy"
 MOMENT_CHANNELS = 8  # [mean (4) | std (4)]
+LATENT_CHANNELS = MOMENT_CHANNELS // 2
 VAE_DOWNSAMPLING = 8
 IDENTITY_KEY = "identity"
 IDENTITY_FIELDS = ("items_sha256", "images_sha256", "sha256")
@@ -101,8 +101,8 @@ def _identity_record(value, path: str) -> Optional[Dict[str, str]]:
         return None
     if not (isinstance(value, dict) and sorted(value) == sorted(IDENTITY_FIELDS)
             and all(isinstance(v, str) for v in value.values())):
-        raise InvalidInput(f"{path}: its {IDENTITY_KEY} is {json.dumps(value)[:200]}, not the strings "
-                           f"{', '.join(IDENTITY_FIELDS)} that `preprocessing.dataset_tools` writes")
+        raise ValueError(f"{path}: its {IDENTITY_KEY} is {json.dumps(value)[:200]}, not the strings "
+                         f"{', '.join(IDENTITY_FIELDS)} that `preprocessing.dataset_tools` writes")
     return value
 
 
@@ -114,19 +114,19 @@ def read_labels(path: str) -> Tuple[dict, Optional[Dict[str, str]]]:
             content = json.load(f)
         pairs = [(str(relpath), label) for relpath, label in content["labels"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidInput(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
-                           f"{e}") from e
+        raise ValueError(f"cannot read labels from {path} (expected {{\"labels\": [[relpath, class], ...]}}): "
+                         f"{e}") from e
     labels = {}
     for relpath, label in pairs:
         # int() would read 3.7 as class 3, and bool is an int subclass: both would train on a wrong class silently.
         if type(label) is not int:
-            raise InvalidInput(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
-                               f"fix the file or regenerate it with `preprocessing/dataset_tools.py` "
-                               f"(which writes ints)")
+            raise ValueError(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
+                             f"fix the file or regenerate it with `preprocessing/dataset_tools.py` "
+                             f"(which writes ints)")
         if labels.setdefault(relpath, label) != label:
-            raise InvalidInput(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
-                               f"right cannot be told from the file: fix it or regenerate it with "
-                               f"`preprocessing/dataset_tools.py`")
+            raise ValueError(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
+                             f"right cannot be told from the file: fix it or regenerate it with "
+                             f"`preprocessing/dataset_tools.py`")
     return labels, _identity_record(content.get(IDENTITY_KEY), path)
 
 
@@ -143,23 +143,23 @@ def packed_index_path(data_dir: str) -> str:
 
 
 def check_data_dir(data_dir: str, need_images: bool = True, read_packed: bool = True) -> None:
-    """Raise MissingInput naming what is missing: the per-file layout needs images/, vae-sd/ and its dataset.json; a
-    packed folder needs only packed/ (and images/ when need_images); read_packed=False: the per-file layout of a
-    packed folder."""
+    """Raise FileNotFoundError naming what is missing: the per-file layout needs images/, vae-sd/ and its
+    dataset.json; a packed folder needs only packed/ (and images/ when need_images); read_packed=False: the per-file
+    layout of a packed folder."""
     if not os.path.isdir(data_dir):
-        raise MissingInput(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
+        raise FileNotFoundError(f"data folder {data_dir} does not exist; {MAKE_DATA_HINT}")
     if read_packed and os.path.isfile(packed_index_path(data_dir)):
         if need_images and not os.path.isdir(os.path.join(data_dir, IMAGES_DIR)):
-            raise MissingInput(f"data folder {data_dir} has packed latents but no {IMAGES_DIR}/ subfolder, which a "
-                               "live teacher reads; give --teacher-cache, or restore the images")
+            raise FileNotFoundError(f"data folder {data_dir} has packed latents but no {IMAGES_DIR}/ subfolder, which "
+                                    "a live teacher reads; give --teacher-cache, or restore the images")
         return
     for required in (IMAGES_DIR, LATENTS_DIR):
         if not os.path.isdir(os.path.join(data_dir, required)):
-            raise MissingInput(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
+            raise FileNotFoundError(f"data folder {data_dir} has no {required}/ subfolder; {MAKE_DATA_HINT}")
     labels_path = os.path.join(data_dir, LATENTS_DIR, LABELS_FILE)
     if not os.path.isfile(labels_path):
-        raise MissingInput(f"missing labels file {labels_path} (written at the end of "
-                           f"`preprocessing/dataset_tools.py encode`; was it interrupted?)")
+        raise FileNotFoundError(f"missing labels file {labels_path} (written at the end of "
+                                f"`preprocessing/dataset_tools.py encode`; was it interrupted?)")
 
 
 def load_image(path: str) -> np.ndarray:
@@ -168,7 +168,7 @@ def load_image(path: str) -> np.ndarray:
         with PIL.Image.open(path) as image:
             array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     except (OSError, ValueError) as e:
-        raise InvalidInput(f"cannot read image {path}: {e}") from e
+        raise ValueError(f"cannot read image {path}: {e}") from e
     return array.transpose(2, 0, 1)
 
 
@@ -177,17 +177,17 @@ def load_moments(path: str) -> np.ndarray:
     try:
         moments = np.load(path)
     except (OSError, ValueError) as e:
-        raise InvalidInput(f"cannot read latent file {path}: {e}") from e
+        raise ValueError(f"cannot read latent file {path}: {e}") from e
     if moments.ndim != 3 or moments.shape[0] != MOMENT_CHANNELS:
-        raise InvalidInput(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
-                           f"= [posterior mean | std]")
+        raise ValueError(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
+                         f"= [posterior mean | std]")
     return moments.astype(np.float32, copy=False)
 
 
 class ImageLatentDataset(Dataset):
     """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path;
     with load_images=False the image is an empty uint8 (0,) tensor and no PNG is read; with a teacher_cache
-    (erw/teacher_cache.py) the first slot holds the image's cached teacher tokens (T, D) instead.
+    (operations/teacher_cache.py) the first slot holds the image's cached teacher tokens (T, D) instead.
 
     Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, packed
     (whether packed/ is read), and the shapes every item must have (the first item's): image_shape (3, R, R),
@@ -210,7 +210,7 @@ class ImageLatentDataset(Dataset):
             self.image_files = list_files(self.images_dir, IMAGE_EXTENSIONS)
             self.latent_files = list_files(self.latents_dir, (LATENT_EXTENSION,))
             if not self.latent_files:
-                raise InvalidInput(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
+                raise ValueError(f"no {LATENT_EXTENSION} latent files under {self.latents_dir}; {MAKE_DATA_HINT}")
             self._check_pairs()
             self.labels, self._identity = self._read_labels(os.path.join(self.latents_dir, LABELS_FILE))
             self.resolution = self._check_first_item()
@@ -230,13 +230,20 @@ class ImageLatentDataset(Dataset):
         rerun = (f"run `python -m preprocessing.dataset_tools encode --source {self.images_dir} --dest "
                  f"{self.latents_dir}` with the --vae that encoded them (it finds the latents done and hashes them)")
         if self._identity is None:
-            raise InvalidInput(f"{needed_by} needs the dataset identity of {self.data_dir}, and {labels_path} records "
-                               f"none (it was written by another tool or an older version); {rerun}")
+            raise ValueError(f"{needed_by} needs the dataset identity of {self.data_dir}, and {labels_path} records "
+                             f"none (it was written by another tool or an older version); {rerun}")
         if self._identity["items_sha256"] != items_sha256(self.image_files, self.latent_files, self.labels):
-            raise InvalidInput(f"{needed_by} needs the dataset identity of {self.data_dir}, and the one {labels_path} "
-                               "records is of other items than the folder holds (files or labels changed since "
-                               f"`encode` wrote it); {rerun}")
+            raise ValueError(f"{needed_by} needs the dataset identity of {self.data_dir}, and the one {labels_path} "
+                             "records is of other items than the folder holds (files or labels changed since "
+                             f"`encode` wrote it); {rerun}")
         return self._identity
+
+    def fingerprint(self) -> Dict[str, object]:
+        """What a resumed run checks it goes on training on: the item count, every item's paths and label, and the
+        recorded identity of the bytes where the folder has one (None otherwise)."""
+        return {"dataset_len": len(self), "items_sha256": items_sha256(self.image_files, self.latent_files,
+                                                                        self.labels),
+                "dataset_sha256": (self._identity or {}).get("sha256")}
 
     def _open_packed(self) -> None:
         """The packed layout: its index, labels and the moments' memory map (mapped again in each DataLoader
@@ -253,43 +260,43 @@ class ImageLatentDataset(Dataset):
             version, identity = index.get("format"), index.get(IDENTITY_KEY)
             labels = np.load(labels_path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InvalidInput(f"cannot read the packed dataset {index_path}: {e}; {repack}") from e
+            raise ValueError(f"cannot read the packed dataset {index_path}: {e}; {repack}") from e
         if version != PACKED_FORMAT or identity is None:
-            raise InvalidInput(f"{index_path} records no dataset identity (an older version of pack wrote it); "
-                               f"{repack}")
+            raise ValueError(f"{index_path} records no dataset identity (an older version of pack wrote it); "
+                             f"{repack}")
         self._identity = _identity_record(identity, index_path)
         # The per-file layout refuses these when it reads dataset.json; here they would pass until drawn.
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise InvalidInput(f"{labels_path} holds {labels.dtype} {labels.shape}, not integer class indices; "
-                               f"{repack}")
+            raise ValueError(f"{labels_path} holds {labels.dtype} {labels.shape}, not integer class indices; "
+                             f"{repack}")
         self.labels = labels.astype(np.int64)
         self._moments = None
         moments = self._packed_moments()
         latent = self.resolution // VAE_DOWNSAMPLING
         expected = (len(self.latent_files), MOMENT_CHANNELS, latent, latent)
         if moments.shape != expected or moments.dtype != np.float32 or self.labels.shape != (expected[0],):
-            raise InvalidInput(f"packed dataset in {os.path.join(self.data_dir, PACKED_DIR)}: moments {moments.dtype} "
-                               f"{moments.shape} and labels {self.labels.shape} do not fit its index ({expected[0]} "
-                               f"items of float32 {expected[1:]}); {repack}")
+            raise ValueError(f"packed dataset in {os.path.join(self.data_dir, PACKED_DIR)}: moments {moments.dtype} "
+                             f"{moments.shape} and labels {self.labels.shape} do not fit its index ({expected[0]} "
+                             f"items of float32 {expected[1:]}); {repack}")
         if not len(self.labels):
-            raise InvalidInput(f"packed dataset {index_path} holds no items; {repack} from a folder that holds some")
+            raise ValueError(f"packed dataset {index_path} holds no items; {repack} from a folder that holds some")
         if self.labels.min() < 0:
             bad = int(np.argmin(self.labels))
-            raise InvalidInput(f"{labels_path} gives item {bad} ({self.latent_files[bad]}) the negative class "
-                               f"{self.labels[bad]}; {repack}")
+            raise ValueError(f"{labels_path} gives item {bad} ({self.latent_files[bad]}) the negative class "
+                             f"{self.labels[bad]}; {repack}")
         if items_sha256(self.image_files, self.latent_files, self.labels) != self._identity["items_sha256"]:
-            raise InvalidInput(f"{index_path} and {labels_path} do not hold the items the pack recorded (their paths "
-                               f"or labels were changed after pack wrote them); {repack}")
+            raise ValueError(f"{index_path} and {labels_path} do not hold the items the pack recorded (their paths "
+                             f"or labels were changed after pack wrote them); {repack}")
         source = os.path.join(self.latents_dir, LABELS_FILE)
         if os.path.isfile(source):  # else the per-file latents are gone, and the pack is the data
             labels, identity = read_labels(source)
             if labels != dict(zip(self.latent_files, self.labels.tolist())):
-                raise InvalidInput(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} labels {len(labels)} latents "
-                                   f"now, and not the {len(self.labels)} items packed; {repack}")
+                raise ValueError(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} labels {len(labels)} latents "
+                                 f"now, and not the {len(self.labels)} items packed; {repack}")
             if identity != self._identity:
-                raise InvalidInput(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} records "
-                                   f"{'no' if identity is None else 'another'} dataset identity (vae-sd/ was encoded "
-                                   f"again since it was packed); {repack}")
+                raise ValueError(f"{PACKED_DIR}/ of {self.data_dir} is stale: {source} records "
+                                 f"{'no' if identity is None else 'another'} dataset identity (vae-sd/ was encoded "
+                                 f"again since it was packed); {repack}")
 
     def _packed_moments(self) -> np.ndarray:
         if self._moments is None:
@@ -297,8 +304,8 @@ class ImageLatentDataset(Dataset):
             try:
                 self._moments = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:  # a truncated file: "mmap length is greater than file size"
-                raise InvalidInput(f"cannot read the packed moments {path}: {e} (truncated or damaged); rerun "
-                                   f"`python -m preprocessing.dataset_tools pack --data-dir {self.data_dir}`") from e
+                raise ValueError(f"cannot read the packed moments {path}: {e} (truncated or damaged); rerun "
+                                 f"`python -m preprocessing.dataset_tools pack --data-dir {self.data_dir}`") from e
         return self._moments
 
     def __getstate__(self):  # a DataLoader worker maps the packed moments itself
@@ -309,35 +316,35 @@ class ImageLatentDataset(Dataset):
         latents = {_pair_key(f): f for f in self.latent_files}
         for key, image in images.items():
             if key not in latents:
-                raise InvalidInput(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
-                                   f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
-                                   f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
+                raise ValueError(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
+                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
+                                 f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
         for key, latent in latents.items():
             if key not in images:
-                raise InvalidInput(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
-                                   f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
+                raise ValueError(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
+                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
         if len(self.image_files) != len(self.latent_files):
-            raise InvalidInput(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
-                               f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
+            raise ValueError(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
+                             f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
         for image, latent in zip(self.image_files, self.latent_files):
             if _pair_key(image) != _pair_key(latent):
-                raise InvalidInput(f"sorted images and latents do not line up: {image} is paired with {latent}; "
-                                   f"rename them so that both sort in the same order")
+                raise ValueError(f"sorted images and latents do not line up: {image} is paired with {latent}; "
+                                 f"rename them so that both sort in the same order")
 
     def _read_labels(self, labels_path: str) -> Tuple[np.ndarray, Optional[Dict[str, str]]]:
         labels, identity = read_labels(labels_path)
         missing = [f for f in self.latent_files if f not in labels]
         if missing:
-            raise InvalidInput(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
-                               f"rerun `preprocessing/dataset_tools.py encode` to rewrite it")
+            raise ValueError(f"{labels_path} has no label for {missing[0]} ({len(missing)} latent files unlabeled); "
+                             f"rerun `preprocessing/dataset_tools.py encode` to rewrite it")
         extra = sorted(set(labels) - set(self.latent_files))
         if extra:
-            raise InvalidInput(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
-                               f"({len(extra)} such entries); the labels file belongs to another set of latents")
+            raise ValueError(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
+                             f"({len(extra)} such entries); the labels file belongs to another set of latents")
         values = np.array([labels[f] for f in self.latent_files], dtype=np.int64)
         if values.min() < 0:
             bad = self.latent_files[int(np.argmin(values))]
-            raise InvalidInput(f"{labels_path} gives {bad} the negative class {values.min()}")
+            raise ValueError(f"{labels_path} gives {bad} the negative class {values.min()}")
         return values, identity
 
     def _check_first_item(self) -> int:
@@ -346,8 +353,8 @@ class ImageLatentDataset(Dataset):
         _, height, width = image.shape
         expected = (MOMENT_CHANNELS, height // VAE_DOWNSAMPLING, width // VAE_DOWNSAMPLING)
         if height != width or tuple(moments.shape) != expected:
-            raise InvalidInput(f"{self.image_files[0]} ({height}x{width}) and {self.latent_files[0]} "
-                               f"{tuple(moments.shape)} do not fit: expected square images and latents {expected}")
+            raise ValueError(f"{self.image_files[0]} ({height}x{width}) and {self.latent_files[0]} "
+                             f"{tuple(moments.shape)} do not fit: expected square images and latents {expected}")
         return height
 
     def __len__(self) -> int:
@@ -366,13 +373,13 @@ class ImageLatentDataset(Dataset):
         else:
             moments = load_moments(latent_path)
         if self.load_images and image.shape != self.image_shape:
-            raise InvalidInput(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
-                               f"first image {self.image_files[0]}; delete it and its latent and rerun "
-                               f"`preprocessing/dataset_tools.py convert` and `encode` (they redo only missing files)")
+            raise ValueError(f"image {image_path} has shape {image.shape}, expected {self.image_shape} like the "
+                             f"first image {self.image_files[0]}; delete it and its latent and rerun "
+                             f"`preprocessing/dataset_tools.py convert` and `encode` (they redo only missing files)")
         if moments.shape != self.moments_shape:
-            raise InvalidInput(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
-                               f"for {self.resolution}-px images; delete it and rerun "
-                               f"`preprocessing/dataset_tools.py encode` (it redoes only missing files)")
+            raise ValueError(f"latent file {latent_path} has shape {moments.shape}, expected {self.moments_shape} "
+                             f"for {self.resolution}-px images; delete it and rerun "
+                             f"`preprocessing/dataset_tools.py encode` (it redoes only missing files)")
         label = torch.tensor(self.labels[index])
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments), label
 
@@ -400,8 +407,8 @@ class ResumableShardSampler(Sampler):
                  start_micro_batch: int = 0):
         self.micro_batches_per_epoch = dataset_len // (world_size * local_batch_size)
         if self.micro_batches_per_epoch == 0:
-            raise InvalidInput(f"dataset of {dataset_len} items is smaller than one global micro-batch "
-                               f"({world_size} processes x {local_batch_size}): lower --batch-size")
+            raise ValueError(f"dataset of {dataset_len} items is smaller than one global micro-batch "
+                             f"({world_size} processes x {local_batch_size}): lower --batch-size")
         self.dataset_len, self.local_batch_size = dataset_len, local_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_micro_batch = start_micro_batch

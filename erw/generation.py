@@ -1,15 +1,12 @@
-"""Generation: from a checkpoint to sample images, the same way for sample_ddp.py and the in-training FID.
+"""Images from a SiT, the same way for sample_ddp.py and the in-training FID: `generate_images`.
 
-Per-sample seeds: sample i draws its label, its starting noise and every SDE step's noise from its own
-torch.Generator seeded from (global seed, i), so a sample does not depend on which process made it, in which batch,
-or whether the run was interrupted. `generate_images` is the one loop that turns indices into uint8 images
-(seeds -> erw/samplers.py -> VAE decode -> pixels as REPA writes them); sample_ddp.py (run_sampling) saves them as
-PNGs and an .npz (erw/sample_run.py), evaluations/training_fid.py feeds them to the Inception network.
+Sample i draws its label, its starting noise and every SDE step's noise from its own torch.Generator seeded from
+(global seed, i), so it does not depend on which process made it, in which batch, or whether the run was
+interrupted; seeds -> erw/samplers.py -> VAE decode -> pixels as REPA writes them.
 
-Exactness on the CPU: the model and the VAE are evaluated one sample at a time by default (`micro_batch_size=1`),
-because CPU kernels round a row differently depending on the batch shape, and generation runs on one CPU thread
-(cpu_threads(1)), because with two threads on a loaded machine we saw decoded pixels change by one level from run to
-run; then the output is bitwise independent of the batch size and the number of processes.
+Bitwise mode (`bitwise_scope`, sample_ddp.py --bitwise): one row per model and VAE call on one CPU thread. CPU
+kernels round a row differently depending on the batch shape, and with several threads the reductions' order
+varies, so only then are the images bitwise independent of the batch size and the number of processes.
 """
 import contextlib
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -18,10 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from erw.cli import InvalidInput
 from erw.precision import cpu_threads
 from erw.samplers import GuidedVelocity, check_sampler, run_in_chunks, sample_batch, standard_normal
-from erw.transport import PATH_TYPES, get_path
+from erw.transport import get_path
 from models.sit import SiT
 from models.vae import check_pixel_rounding, decode_latents
 
@@ -48,7 +44,7 @@ def sample_seed(global_seed: int, index: int) -> int:
     seed lives modulo 2**32: an offset hashed from the global seed plus an odd multiple of the index, which gives
     every index < 2**32 of one run its own seed."""
     if global_seed < 0 or not 0 <= index < 2 ** 32:
-        raise InvalidInput(f"need global_seed >= 0 and 0 <= index < 2**32, got {global_seed}, {index}")
+        raise ValueError(f"need global_seed >= 0 and 0 <= index < 2**32, got {global_seed}, {index}")
     return (_splitmix64(global_seed) + index * _SEED_INDEX_MULTIPLIER) % 2 ** 32
 
 
@@ -63,7 +59,7 @@ def draw_label(generator: torch.Generator, index: int, num_classes: int, label_m
         return int(torch.randint(num_classes, (1,), generator=generator))
     if label_mode == "balanced":
         return index % num_classes
-    raise InvalidInput(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
+    raise ValueError(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
 
 
 def sample_inputs(global_seed: int, indices: Sequence[int], latent_shape: Sequence[int], num_classes: int,
@@ -86,30 +82,15 @@ def all_labels(global_seed: int, num_samples: int, num_classes: int, label_mode:
 #                      Images from a model: the one loop                        #
 #################################################################################
 
-def exact_cpu(device: torch.device):
-    """The context generation runs in: one CPU thread on the CPU (module docstring), nothing on GPUs."""
-    return cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext()
-
-
-def default_micro_batch_size(device: torch.device) -> int:
-    """Rows per model/VAE call: 1 on the CPU (bitwise independent of batch size and process count), 0 (the whole
-    batch) on GPUs."""
-    return 1 if device.type == "cpu" else 0
-
-
-def check_pixel_rounding_setting(pixel_rounding: str) -> None:
-    """models/vae.py's check_pixel_rounding, its refusal raised as the user's (InvalidInput): its message already
-    names --pixel-rounding, so it is kept as it is."""
-    try:
-        check_pixel_rounding(pixel_rounding)
-    except ValueError as e:
-        raise InvalidInput(str(e)) from e
+def bitwise_scope(bitwise: bool, device: torch.device):
+    """The context generation runs in: one CPU thread in bitwise mode on the CPU (module docstring)."""
+    return cpu_threads(1) if bitwise and device.type == "cpu" else contextlib.nullcontext()
 
 
 def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int, label_mode: str = "random",
                     mode: str = "sde", num_steps: int = 250, heun: bool = False, path_type: str = "linear",
                     cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
-                    autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 32, micro_batch_size: int = 0,
+                    autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 32, chunk_size: int = 0,
                     pixel_rounding: str = "repa", progress: bool = True, desc: str = "Sampling"
                     ) -> Iterator[Tuple[List[int], np.ndarray]]:
     """Yields (indices of the batch, uint8 images (n, H, W, 3)) for `indices`, batch_size at a time, in order.
@@ -117,16 +98,15 @@ def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int
     Sample i: label and noise from its own generator (sample_inputs), then `mode` with num_steps model evaluations
     (erw/samplers.py; CFG inside [guidance_low, guidance_high] when cfg_scale > 1), then the VAE and pixels by
     `pixel_rounding` (models/vae.py). model (eval mode) and vae sit on the device generation runs on; the model and
-    the VAE see micro_batch_size rows per call (0 = the whole batch). Run it inside exact_cpu(device) on the CPU.
+    the VAE see at most chunk_size rows per call (0 = the whole batch). In bitwise mode (chunk_size 1), run it
+    inside bitwise_scope.
     """
     if batch_size < 1:
         raise ValueError(f"the sampling batch size must be >= 1, got {batch_size}")
     check_sampler(mode, heun)
-    check_pixel_rounding_setting(pixel_rounding)
-    if path_type not in PATH_TYPES:
-        raise InvalidInput(f"--path-type must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+    check_pixel_rounding(pixel_rounding)
     device = next(model.parameters()).device
-    velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, micro_batch_size)
+    velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, chunk_size)
     latent_size = model.grid_size * model.patch_size
     latent_shape = (model.in_channels, latent_size, latent_size)
     path = get_path(path_type)
@@ -137,6 +117,6 @@ def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int
                                                       label_mode)
             latents = sample_batch(mode, velocity_fn, noise.to(device), labels.to(device), num_steps, path,
                                    heun=heun, noise_source=generators)
-            images = run_in_chunks(lambda z: decode_latents(vae, z, pixel_rounding), (latents,), micro_batch_size)
+            images = run_in_chunks(lambda z: decode_latents(vae, z, pixel_rounding), (latents,), chunk_size)
             bar.update(len(batch))
             yield batch, images.numpy()

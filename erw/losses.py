@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from erw.batch_random import BatchRandom
-from erw.cli import InvalidInput
 from erw.transport import Path
 
 
@@ -56,8 +55,8 @@ def ntxent_loss(h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.T
     gradients equal those of one process holding the whole batch (all processes need the same B).
     """
     if h.shape != y.shape:
-        raise InvalidInput(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape "
-                           "(token count or width): check resolution, patch size and teacher")
+        raise ValueError(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape "
+                         "(token count or width): check resolution, patch size and teacher")
     # Logits up to 1/tau = 10 need float32: bf16 would leave them ~0.04 off. Autocast around the training step
     # would turn the einsums into half-precision matmuls, so it is switched off here.
     dtype = torch.promote_types(h.dtype, torch.float32)
@@ -79,7 +78,7 @@ def ntxent_loss(h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.T
 def cosine_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """REPA's alignment: negative cosine similarity per token, averaged. h, y: (B, T, D)."""
     if h.shape != y.shape:
-        raise InvalidInput(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape")
+        raise ValueError(f"projector output {tuple(h.shape)} and teacher tokens {tuple(y.shape)} differ in shape")
     return -(F.normalize(h.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(dim=-1).mean()
 
 
@@ -93,18 +92,18 @@ def alignment_loss(kind: str, projections: Sequence[torch.Tensor], teacher_token
     elif kind == "cosine":
         losses = [cosine_loss(h, y) for h, y in zip(projections, teacher_tokens)]
     else:
-        raise InvalidInput(f"unknown alignment loss {kind!r}; choose ntxent or cosine")
+        raise ValueError(f"unknown alignment loss {kind!r}; choose ntxent or cosine")
     return torch.stack(losses).mean()
 
 
-def align_weight(step: int, proj_coeff: float, proj_half_life: float, proj_decay: str) -> float:
+def proj_coeff_at(step: int, proj_coeff: float, proj_half_life: float, proj_decay: str) -> float:
     """lambda(s) = proj_coeff * 2^(-s / proj_half_life) (paper eq. 14), or proj_coeff when proj_decay == "none";
     s counts Phase-2 optimizer steps from 0."""
     if proj_decay == "none":
         return proj_coeff
     if proj_decay == "exp":
         return proj_coeff * 2.0 ** (-step / proj_half_life)
-    raise InvalidInput(f"unknown proj_decay {proj_decay!r}; choose exp or none")
+    raise ValueError(f"unknown proj_decay {proj_decay!r}; choose exp or none")
 
 
 def sample_time(n: int, weighting: str, path: Path, device=None, rng: Optional[BatchRandom] = None) -> torch.Tensor:
@@ -120,19 +119,19 @@ def sample_time(n: int, weighting: str, path: Path, device=None, rng: Optional[B
         if path.name == "cosine":
             return 2 / math.pi * torch.atan(sigma)
         raise ValueError(f"lognormal weighting is not defined for path {path.name!r}")
-    raise InvalidInput(f"unknown weighting {weighting!r}; choose uniform or lognormal")
+    raise ValueError(f"unknown weighting {weighting!r}; choose uniform or lognormal")
 
 
 class Objective:
     """The loss of one phase. Phase 1 (`velocity=False`): clean latents at t = 0, alignment only, lambda = 1.
     Phase 2 (`velocity=True`): noisy latents on `path`, velocity MSE + lambda(s) * alignment.
 
-    Every random draw (times, noise, which labels drop to the null class with probability class_dropout_prob) comes
+    Every random draw (times, noise, which labels drop to the null class with probability cfg_prob) comes
     from the BatchRandom passed in, so that it does not depend on the number of processes."""
 
     def __init__(self, velocity: bool, align: Optional[str], ntxent_temp: float = 0.1, path: Optional[Path] = None,
                  weighting: str = "uniform", proj_coeff: float = 1.0, proj_half_life: float = 1.0,
-                 proj_decay: str = "none", class_dropout_prob: float = 0.0):
+                 proj_decay: str = "none", cfg_prob: float = 0.0):
         if velocity and path is None:
             raise ValueError("the velocity loss needs a path")
         if not velocity and align is None:
@@ -140,12 +139,13 @@ class Objective:
         self.velocity, self.align, self.ntxent_temp = velocity, align, ntxent_temp
         self.path, self.weighting = path, weighting
         self.proj_coeff, self.proj_half_life, self.proj_decay = proj_coeff, proj_half_life, proj_decay
-        self.class_dropout_prob = class_dropout_prob
+        self.cfg_prob = cfg_prob
 
-    def weight(self, step: int) -> float:
+    def proj_coeff_at(self, step: int) -> float:
+        """lambda(step), the weight of the alignment term; 1 in Phase 1, where it is the whole loss."""
         if not self.velocity:
             return 1.0
-        return align_weight(step, self.proj_coeff, self.proj_half_life, self.proj_decay)
+        return proj_coeff_at(step, self.proj_coeff, self.proj_half_life, self.proj_decay)
 
     def __call__(self, model, latents: torch.Tensor, labels: torch.Tensor, teacher_tokens: List[torch.Tensor],
                  step: int, rng: Optional[BatchRandom] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -154,7 +154,7 @@ class Objective:
         n = latents.shape[0]
         logs: Dict[str, torch.Tensor] = {}
         # Label dropout for classifier-free guidance, drawn here rather than inside the model (see class doc).
-        drop = (rng.rand((n,), device=labels.device) < self.class_dropout_prob).long()
+        drop = (rng.rand((n,), device=labels.device) < self.cfg_prob).long()
         if self.velocity:
             t = sample_time(n, self.weighting, self.path, latents.device, rng)
             noise = rng.randn(latents.shape, device=latents.device, dtype=latents.dtype)
@@ -168,10 +168,10 @@ class Objective:
             loss = latents.new_zeros((), dtype=torch.float32)
         if self.align is not None:
             align = alignment_loss(self.align, projections, teacher_tokens, self.ntxent_temp)
-            lam = self.weight(step)
-            loss = loss + lam * align
+            lambda_used = self.proj_coeff_at(step)
+            loss = loss + lambda_used * align
             logs["align_loss"] = align.detach()
-            # The weight this call used, lambda(step): logged at step + 1, after the update it weighted.
-            logs["lambda_used"] = torch.tensor(lam)
+            # Logged at step + 1, after the update it weighted.
+            logs["lambda_used"] = torch.tensor(lambda_used)
         logs["loss"] = loss.detach()
         return loss, logs

@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from erw.cli import InvalidInput
 from erw.transport import Path
 from models.sit import SiT
 
@@ -35,7 +34,7 @@ MODES = ("sde", "ode")
 
 def _check_num_steps(num_steps: int) -> None:
     if num_steps < 1:
-        raise InvalidInput(f"num_steps must be >= 1, got {num_steps}")
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,9 +123,9 @@ def sample_sde(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tenso
 
 def check_sampler(mode: str, heun: bool) -> None:
     if mode not in MODES:
-        raise InvalidInput(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "sde" and heun:
-        raise InvalidInput("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
+        raise ValueError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
 
 
 def sample_batch(mode: str, velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor, num_steps: int,
@@ -163,14 +162,14 @@ def run_in_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tenso
 def check_guidance(cfg_scale: float, guidance_low: float, guidance_high: float) -> None:
     """Classifier-free guidance settings as the flags name them: a scale >= 1, an interval inside [0, 1]."""
     if not cfg_scale >= 1.0:  # nan too
-        raise InvalidInput(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     if not 0.0 <= guidance_low <= guidance_high <= 1.0:
-        raise InvalidInput(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
+        raise ValueError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {guidance_low}, {guidance_high}")
 
 
 class GuidedVelocity:
-    """A SiT as a velocity_fn: classifier-free guidance inside [guidance_low, guidance_high], optional autocast,
-    optional micro-batching.
+    """A SiT as a velocity_fn: classifier-free guidance inside [guidance_low, guidance_high], optional autocast, and
+    at most `chunk_size` rows per model call (0 = all at once).
 
     Guidance v = v_uncond + cfg_scale * (v_cond - v_uncond) is applied to all latent channels, as REPA's samplers
     do (DiT/SiT's forward_with_cfg guides only the first 3 of the 4 channels, kept for reproducing DiT's numbers).
@@ -181,16 +180,16 @@ class GuidedVelocity:
     """
 
     def __init__(self, model: SiT, cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
-                 autocast_dtype: Optional[torch.dtype] = None, micro_batch_size: int = 0):
+                 autocast_dtype: Optional[torch.dtype] = None, chunk_size: int = 0):
         check_guidance(cfg_scale, guidance_low, guidance_high)
-        if micro_batch_size < 0:
-            raise InvalidInput(f"--micro-batch-size must be >= 0 (0 = whole batch), got {micro_batch_size}")
+        if chunk_size < 0:
+            raise ValueError(f"--chunk-size must be >= 0 (0 = the whole batch), got {chunk_size}")
         self.model = model
         self.cfg_scale = cfg_scale
         self.guidance_low = guidance_low
         self.guidance_high = guidance_high
         self.autocast_dtype = autocast_dtype
-        self.micro_batch_size = micro_batch_size
+        self.chunk_size = chunk_size
 
     def guided_at(self, t: float) -> bool:
         return self.cfg_scale > 1.0 and self.guidance_low <= t <= self.guidance_high
@@ -210,7 +209,7 @@ class GuidedVelocity:
         if guided:
             x_in, t_in = torch.cat([x_in, x_in]), torch.cat([t_in, t_in])
             y_in = torch.cat([y, torch.full_like(y, self.model.num_classes)])
-        v = run_in_chunks(self._model_velocity, (x_in, t_in, y_in), self.micro_batch_size).to(x.dtype)
+        v = run_in_chunks(self._model_velocity, (x_in, t_in, y_in), self.chunk_size).to(x.dtype)
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + self.cfg_scale * (v_cond - v_uncond)

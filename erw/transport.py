@@ -10,7 +10,6 @@ from typing import Tuple
 
 import torch
 
-from erw.cli import InvalidInput
 
 PATH_TYPES = ("linear", "cosine")
 
@@ -86,4 +85,4 @@ def get_path(path_type: str) -> Path:
         return LinearPath()
     if path_type == "cosine":
         return CosinePath()
-    raise InvalidInput(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")
+    raise ValueError(f"unknown path type {path_type!r}; choose one of {', '.join(PATH_TYPES)}")

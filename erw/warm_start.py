@@ -9,63 +9,51 @@ from typing import Dict
 
 import torch
 
-from erw.checkpoint import checkpoint_step, current_model_args, plain_state_dict, read_checkpoint, repa_model_args
-from erw.cli import InvalidInput
 from models.sit import SiT
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 TRANSFERRED_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "pos_embed", "projectors.")
 
 
-def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int = 0,
+def load_warmup(model: SiT, source: Dict[str, torch.Tensor], args: Dict, path: str, start_layer: int = 0,
                 expected_depth: int = None, add_rope: bool = False) -> str:
-    """Load Phase-1 weights from `path` into `model` in place; returns a one-line summary of what was loaded.
+    """Load Phase-1 weights `source` (built with create_sit arguments `args`; read from `path`, which messages name)
+    into `model` in place; returns a one-line summary of what was loaded.
 
-    `path` is our train_warmup.py's checkpoint, or a REPA-style Phase-1 file such as the ERW release's 0100000.pt
-    (its architecture read by erw/checkpoint.py's repa_model_args). add_rope: the model has RoPE and the blocks were
-    warmed without it, as the release's recipe does (--add-rope-after-warmup); anything else is refused."""
-    if weights not in ("model", "ema"):
-        raise InvalidInput(f"--warmup-weights must be model or ema, got {weights!r}")
-    ckpt = read_checkpoint(path)
-    if weights not in ckpt:
-        raise InvalidInput(f"{path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    source: Dict[str, torch.Tensor] = plain_state_dict(ckpt[weights])
-    if "model_args" in ckpt:
-        args = current_model_args(ckpt["model_args"])
-    else:
-        args = repa_model_args(ckpt, path, source)
+    add_rope: the model has RoPE and the blocks were warmed without it, as the ERW release's recipe does
+    (--add-rope-after-warmup); anything else is refused."""
     if args.get("built_depth") is None:
-        raise InvalidInput(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.built_depth, the "
-                           "blocks it built; a REPA-style file without a final layer is one too)")
+        raise ValueError(f"{path} is not a Phase-1 checkpoint (train_warmup.py writes model_args.built_depth, the "
+                         "blocks it built; a REPA-style file without a final layer is one too)")
     k = args["built_depth"]
     depth = len(model.blocks)
     if expected_depth is not None and expected_depth != k:
-        raise InvalidInput(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")
+        raise ValueError(f"{path} warmed up {k} blocks but --warmup-depth is {expected_depth}")
     if start_layer < 0 or start_layer + k > depth:
-        raise InvalidInput(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
-                           f"not fit a {depth}-block model (--warmup-layers {start_layer})")
+        raise ValueError(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
+                         f"not fit a {depth}-block model (--warmup-layers {start_layer})")
     hidden, ckpt_hidden = model.pos_embed.shape[-1], source["pos_embed"].shape[-1]
     if hidden != ckpt_hidden:
-        raise InvalidInput(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
-                           f"{hidden}-wide {model.__class__.__name__}")
+        raise ValueError(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "
+                         f"{hidden}-wide {model.__class__.__name__}")
     # Attention options add no shape a key check would catch (RoPE has no weights; q/k norms not in the checkpoint
     # would start fresh), yet the warmed blocks were trained with or without them.
     warmed_with_rope = bool(args.get("use_rope", False))
     if add_rope and (warmed_with_rope or not model.use_rope):
-        raise InvalidInput(f"--add-rope-after-warmup adds RoPE over blocks warmed without it: it needs --use-rope "
-                           f"(this run: {model.use_rope}) and a checkpoint warmed without RoPE ({path}: "
-                           f"use_rope = {warmed_with_rope})")
+        raise ValueError(f"--add-rope-after-warmup adds RoPE over blocks warmed without it: it needs --use-rope "
+                         f"(this run: {model.use_rope}) and a checkpoint warmed without RoPE ({path}: "
+                         f"use_rope = {warmed_with_rope})")
     for name, flag in (("qk_norm", "--qk-norm"), ("use_rope", "--use-rope")):
         trained, now = bool(args.get(name, False)), getattr(model, name)
         if trained != now and not (name == "use_rope" and add_rope):
-            raise InvalidInput(f"{path} was trained with {name} = {trained}, but this run sets {flag} = {now}: "
-                               f"warmed blocks must keep their attention; {'drop' if now else 'add'} {flag}"
-                               + (" (or pass --add-rope-after-warmup to add RoPE on purpose, as the ERW release "
+            raise ValueError(f"{path} was trained with {name} = {trained}, but this run sets {flag} = {now}: "
+                             f"warmed blocks must keep their attention; {'drop' if now else 'add'} {flag}"
+                             + (" (or pass --add-rope-after-warmup to add RoPE on purpose, as the ERW release "
                                   "does)" if name == "use_rope" and now else ""))
     ckpt_z = list(args.get("z_dims", []))
     if ckpt_z != model.z_dims:
-        raise InvalidInput(f"{path} has projectors for teacher widths {ckpt_z}; "
-                           f"this run's teachers give {model.z_dims}")
+        raise ValueError(f"{path} has projectors for teacher widths {ckpt_z}; "
+                         f"this run's teachers give {model.z_dims}")
 
     target = model.state_dict()
     mapped = {}
@@ -73,23 +61,23 @@ def load_warmup(model: SiT, path: str, weights: str = "model", start_layer: int 
         match = _BLOCK_KEY.match(key)
         new_key = f"blocks.{start_layer + int(match.group(1))}.{match.group(2)}" if match else key
         if not match and not key.startswith(TRANSFERRED_PREFIXES):
-            raise InvalidInput(f"{path}: unexpected tensor {key} in a Phase-1 checkpoint")
+            raise ValueError(f"{path}: unexpected tensor {key} in a Phase-1 checkpoint")
         if new_key not in target:
-            raise InvalidInput(f"{path}: {key} has no counterpart {new_key} in the model")
+            raise ValueError(f"{path}: {key} has no counterpart {new_key} in the model")
         if target[new_key].shape != value.shape:
-            raise InvalidInput(f"{path}: {key} has shape {tuple(value.shape)} but the model's {new_key} is "
-                               f"{tuple(target[new_key].shape)}")
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but the model's {new_key} is "
+                             f"{tuple(target[new_key].shape)}")
         mapped[new_key] = value
     uncovered = [k_ for k_ in target if k_.startswith(TRANSFERRED_PREFIXES) and k_ not in mapped]
     if uncovered:
-        raise InvalidInput(f"{path} lacks {len(uncovered)} embedder/projector tensor(s) of the model: "
-                           f"{', '.join(uncovered[:5])}")
+        raise ValueError(f"{path} lacks {len(uncovered)} embedder/projector tensor(s) of the model: "
+                         f"{', '.join(uncovered[:5])}")
     target.update(mapped)
     model.load_state_dict(target, strict=True)
     fresh = [i for i in range(depth) if not start_layer <= i < start_layer + k]
     rope = " RoPE added over the warmed blocks, which were trained without it (--add-rope-after-warmup)." \
         if add_rope else ""
-    return (f"Warm start from {path} ({weights} weights, Phase-1 step {checkpoint_step(ckpt)}): embedders, "
+    return (f"Warm start from {path}: embedders, "
             f"{k} blocks -> blocks {start_layer}..{start_layer + k - 1}, {len(model.z_dims)} projector(s); "
             f"fresh init: {len(fresh)} blocks ({_ranges(fresh)}) and the final layer.{rope}")
 

@@ -68,13 +68,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.files import atomic_write  # noqa: E402
-from erw.flag_types import number, writable  # noqa: E402
-from erw.cli import ArgumentParser, InvalidInput, refusals_of_models, run_main  # noqa: E402
+from operations.files import atomic_write  # noqa: E402
+from operations.cli import number, writable  # noqa: E402
+from operations.cli import ArgumentParser, InvalidInput, refusals, run_main  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
-from erw.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
+from operations.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
 from erw.generation import sample_generator  # noqa: E402
-from erw.sample_run import DEVICES  # noqa: E402
 from erw.transport import PATH_TYPES, get_path  # noqa: E402
 from models.encoders import load_teachers  # noqa: E402
 from models.sit import SiT  # noqa: E402
@@ -295,9 +294,10 @@ def setting_from_checkpoints(name: str, flag_value, checkpoints: List[AnalysedCh
     return next(iter(values.values()), None)
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
 def resolve_device(kind: str) -> torch.device:
-    if kind not in DEVICES:
-        raise InvalidInput(f"--device must be one of {', '.join(DEVICES)}, got {kind!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("--device cuda: no CUDA GPU is visible")
     return torch.device("cuda" if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else "cpu")
@@ -438,7 +438,8 @@ def main(argv=None) -> dict:
     data_dir = setting_from_checkpoints("data_dir", args.data_dir, checkpoints, "--data-dir")
     if data_dir is None:
         raise InvalidInput("no --data-dir given and the checkpoints' configs name none")
-    dataset = ImageLatentDataset(data_dir)
+    with refusals("--data-dir"):
+        dataset = ImageLatentDataset(data_dir)
     for c in checkpoints:
         side = c.model.grid_size * c.model.patch_size * VAE_DOWNSAMPLING
         if side != dataset.resolution:
@@ -450,7 +451,7 @@ def main(argv=None) -> dict:
     if enc_type is None or "," in enc_type:
         raise InvalidInput(f"CKNNA compares with one teacher: give --enc-type with one name (checkpoints: {enc_type})")
     enc_weights = setting_from_checkpoints("enc_weights", args.enc_weights, checkpoints, "--enc-weights")
-    with refusals_of_models("--enc-type"):
+    with refusals("--enc-type"):
         teachers = load_teachers(enc_type, dataset.resolution, enc_weights)
     teacher = teachers[0].to(device)
 

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from erw.cli import ArgumentParser, InvalidInput, MissingInput, refusals_of_models, run_main  # noqa: E402
-from erw.flag_types import writable  # noqa: E402
+from operations.cli import ArgumentParser, InvalidInput, MissingInput, refusals, run_main  # noqa: E402
+from operations.cli import writable  # noqa: E402
 from evaluations.evaluator import compute_statistics, frechet_distance  # noqa: E402
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -57,13 +57,13 @@ class DemoClassifier(nn.Module):
 def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
     """The trained demo classifier, frozen, loaded strictly from a safetensors file."""
     from safetensors.torch import load_file
-    from erw.checkpoint import load_state_dict_strict
+    from operations.checkpoint import load_state_dict_strict
     if not os.path.isfile(path):
         raise MissingInput(f"demo classifier weights not found: {path} (they ship with the repository; "
                            "rebuild them with `python -m preprocessing.train_demo_components`)")
     model = DemoClassifier()
     state_dict = load_file(path)
-    with refusals_of_models("--classifier"):
+    with refusals("--classifier"):
         load_state_dict_strict(model, state_dict, f"demo classifier {path}")
     return model.eval().requires_grad_(False)
 
@@ -129,7 +129,7 @@ def main(argv=None) -> Dict[str, float]:
           f"{1 / DEMO_NUM_CLASSES:.0%})")
     print(f"FD-demo (demo classifier features, not ImageNet FID): {metrics['fd_demo']:.3f}")
     if args.json:
-        from erw.files import atomic_write
+        from operations.files import atomic_write
         atomic_write(args.json, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
     return metrics
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from erw.cli import InvalidInput, MissingInput
-from erw.files import atomic_write, file_sha256
+from operations.cli import InvalidInput, MissingInput
+from operations.files import atomic_write, file_sha256
 from erw.precision import fp32_precision_scope
 from models.encoders import DINOV2_MODELS, load_state, local_weights, read_checkpoint
 from models.teacher_files import dinov2_to_timm
@@ -105,6 +105,10 @@ class FdDinov2:
         self.model = vit.eval().requires_grad_(False).to(device)
         self.device, self.path = device, path
         self.weights_sha256 = file_sha256(path)
+
+    def to(self, device: torch.device) -> "FdDinov2":
+        self.model, self.device = self.model.to(device), device
+        return self
 
     @torch.inference_mode()
     def features(self, images) -> np.ndarray:

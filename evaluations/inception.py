@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from erw.checkpoint import load_checkpoint, load_state_dict_strict
-from erw.cli import MissingInput, refusals_of_models
-from erw.files import file_sha256
+from operations.checkpoint import load_checkpoint, load_state_dict_strict
+from operations.cli import MissingInput, refusals
+from operations.files import file_sha256
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -317,6 +317,6 @@ def load_inception(weights: Optional[str] = None, device="cpu", seed: int = 0) -
         for key, value in model.state_dict().items():
             if key.endswith("num_batches_tracked"):
                 state_dict.setdefault(key, value)
-        with refusals_of_models("--inception-weights"):
+        with refusals("--inception-weights"):
             load_state_dict_strict(model, state_dict, f"Inception weights {path}")
     return model.requires_grad_(False).eval().to(device)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erw.cli import InvalidInput, MissingInput, refusals_of_models
-from erw.generation import default_micro_batch_size, exact_cpu, generate_images
+from operations.cli import InvalidInput, MissingInput, refusals
+from erw.generation import bitwise_scope, generate_images
 from erw.precision import precision_scope
 from evaluations import evaluator, fd_dinov2
 from evaluations.inception import RANDOM_WEIGHTS, inception_weights_id
@@ -42,13 +42,13 @@ FEATURES = ("pool", "spatial", "probs")
 
 
 class FidHook:
-    """Trainer hook (erw/trainer.py): at every `fid_every`-th step and the last one, on every process."""
+    """Training hook (erw/loop.py): at every `fid_every`-th step and the last one, on every process."""
 
-    all_processes = True  # each process samples its share (erw.trainer.Hook)
+    all_processes = True  # each process samples its share
 
-    def __init__(self, config: Dict[str, Any], trainer):
-        """Checks the settings and loads what every FID needs (VAE, Inception, the reference statistics) now, so
-        that a missing file stops the run before training, not at the first FID."""
+    def __init__(self, config: Dict[str, Any]):
+        """Checks the settings and loads what every FID needs (VAE, Inception, DINOv2 for FD-DINOv2) now, so that a
+        missing file stops the run before it writes anything; start() puts them on the run's device."""
         if not config["fid_ref"]:
             raise InvalidInput(f"--fid-every {config['fid_every']}: give the reference batch with --fid-ref "
                                "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
@@ -57,30 +57,37 @@ class FidHook:
         if not 0.0 <= config["guidance_low"] <= config["guidance_high"] <= 1.0:
             raise InvalidInput(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {config['guidance_low']}, "
                                f"{config['guidance_high']}")
-        acc = trainer.accelerator
+        self.config = config
         self.every, self.last_step = config["fid_every"], config["max_train_steps"]
         self.num_samples, self.precision = config["fid_num_samples"], config["fid_precision"]
-        self.rank, self.world_size, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
-        self.device = trainer.device
-        self.batch_size = trainer.local_batch_size  # fits: training holds this batch with its gradients
-        self.micro_batch_size = default_micro_batch_size(self.device)
         self.sampler = dict(global_seed=config["seed"], label_mode="random", mode=config["fid_mode"],
                             num_steps=config["fid_num_steps"], heun=False, path_type=config["path_type"],
                             cfg_scale=config["cfg_scale"], guidance_low=config["guidance_low"],
                             guidance_high=config["guidance_high"], pixel_rounding="repa")
         self.random_inception = config["inception_weights"] == RANDOM_WEIGHTS
-        reference = evaluator.open_images(config["fid_ref"])  # header checks on every process
+        self.reference = evaluator.open_images(config["fid_ref"])  # header checks on every process
         side = config["resolution"]
-        if reference.shape[1:3] != (side, side):
-            raise InvalidInput(f"--fid-ref {config['fid_ref']} holds {reference.shape[1]}x{reference.shape[2]} images, "
-                               f"but this run samples {side}x{side} ones: an FID between two resolutions; give the "
-                               "reference batch of the run's resolution")
-        self.inception = evaluator.load_inception(config["inception_weights"], self.device)
+        if self.reference.shape[1:3] != (side, side):
+            raise InvalidInput(f"--fid-ref {config['fid_ref']} holds {self.reference.shape[1]}x"
+                               f"{self.reference.shape[2]} images, but this run samples {side}x{side} ones: an FID "
+                               "between two resolutions; give the reference batch of the run's resolution")
+        cpu = torch.device("cpu")
+        self.inception = evaluator.load_inception(config["inception_weights"], cpu)
         # FD-DINOv2 beside FID (--fd-dinov2 WEIGHTS): the same samples through DINOv2 ViT-L/14, edm2's definition.
-        self.fd = fd_dinov2.FdDinov2(config["fd_dinov2"], self.device, "--fd-dinov2") if config["fd_dinov2"] else None
-        with refusals_of_models("--vae"):
-            vae = load_vae(config["vae"])
-        self.vae = vae.to(self.device)
+        self.fd = fd_dinov2.FdDinov2(config["fd_dinov2"], cpu, "--fd-dinov2") if config["fd_dinov2"] else None
+        with refusals("--vae"):
+            self.vae = load_vae(config["vae"])
+
+    def start(self, run) -> None:
+        """On the run's device, with its processes; the main process computes the reference statistics."""
+        config = self.config
+        self.rank, self.world_size, self.is_main = run.rank, run.world_size, run.is_main
+        self.device = run.device
+        self.batch_size = run.local_batch_size  # fits: training holds this batch with its gradients
+        self.chunk_size = 1 if config["fid_bitwise"] else 0
+        self.inception, self.vae = self.inception.to(self.device), self.vae.to(self.device)
+        if self.fd is not None:
+            self.fd.to(self.device)
         # A CPU group for the gathered activations (about 200 MB for 10K samples): they stay off the GPUs. Created
         # by every process, in the same order, as new_group requires.
         self.group = None
@@ -88,16 +95,16 @@ class FidHook:
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.reference_stats = self.fd_reference = None
         if self.is_main:
-            self.reference_stats = self._reference_statistics(config["fid_ref"], reference, config, trainer.log)
+            self.reference_stats = self._reference_statistics(config["fid_ref"], self.reference, config, run.log)
             if self.fd is not None:
                 cache_dir = evaluator.default_cache_dir()
                 evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
                                          hint="set XDG_CACHE_HOME to a writable folder")
                 self.fd_reference, source = self.fd.reference_statistics(
-                    config["fid_ref"], reference, self.micro_batch_size or 64, cache_dir)
+                    config["fid_ref"], self.reference, self.chunk_size or 64, cache_dir)
                 fd_dinov2.check_finite(self.fd_reference, f"--fid-ref {config['fid_ref']}")
-                trainer.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
-                            f"{source['num_images']:,} images (cache: {source['cache']})")
+                run.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
+                        f"{source['num_images']:,} images (cache: {source['cache']})")
 
     def _reference_statistics(self, path: str, reader, config, log) -> Dict[str, tuple]:
         stats = evaluator.read_statistics(path)
@@ -109,7 +116,7 @@ class FidHook:
                                      hint="set XDG_CACHE_HOME to a writable folder")
             acts, cache = evaluator.reference_activations(
                 self.inception, path, reader, inception_weights_id(config["inception_weights"]), self.device,
-                self.micro_batch_size or 64, cache_dir)
+                self.chunk_size or 64, cache_dir)
             stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
             evaluator.check_finite_statistics(stats, f"--fid-ref {path}: the statistics of its Inception features")
             source = f"the statistics of its {len(reader):,} images (activation cache: {cache})"
@@ -126,16 +133,16 @@ class FidHook:
     def due(self, step: int) -> bool:
         return step > 0 and (step % self.every == 0 or step == self.last_step)
 
-    def __call__(self, trainer, step: int, ema: torch.nn.Module) -> None:
+    def __call__(self, run, step: int, ema: torch.nn.Module) -> None:
         if not self.due(step):
             return
         metrics = self.measure(ema, desc=f"FID at step {step}")
         if metrics is None:  # not the main process
             return
-        trainer.log_metrics({"step": step, **metrics, "fid_num_samples": self.num_samples,
+        run.log_metrics({"step": step, **metrics, "fid_num_samples": self.num_samples,
                              "fid_num_steps": self.sampler["num_steps"]})
         fd = f", FD-DINOv2 {metrics['fd_dinov2']:.4f}" if "fd_dinov2" in metrics else ""
-        trainer.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
+        run.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
                     f"{metrics['inception_score']:.4f}{fd} ({self.num_samples:,} samples, "
                     f"{metrics['fid_seconds']:.0f} s)"
                     + (" (RANDOM Inception weights: meaningless)" if self.random_inception else ""))
@@ -148,12 +155,12 @@ class FidHook:
         mine = list(range(self.rank, self.num_samples, self.world_size))
         indices: List[int] = []
         parts: Dict[str, List[np.ndarray]] = {name: [] for name in FEATURES + (("dinov2",) if self.fd else ())}
-        with exact_cpu(self.device), precision_scope(self.precision) as autocast_dtype:
+        with bitwise_scope(self.config["fid_bitwise"], self.device), precision_scope(self.precision) as autocast_dtype:
             for batch, images in generate_images(
                     model, self.vae, mine, autocast_dtype=autocast_dtype, batch_size=self.batch_size,
-                    micro_batch_size=self.micro_batch_size, progress=self.is_main,
+                    chunk_size=self.chunk_size, progress=self.is_main,
                     desc=f"{desc} ({self.world_size} proc)", **self.sampler):
-                chunk = self.micro_batch_size or len(images)  # the Inception sees what the SiT and VAE saw
+                chunk = self.chunk_size or len(images)  # the Inception sees what the SiT and VAE saw
                 for i in range(0, len(images), chunk):
                     feats = evaluator.inception_features(self.inception, images[i:i + chunk], self.device, True)
                     for name in FEATURES:
@@ -189,12 +196,3 @@ class FidHook:
         gathered = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, gathered, dst=0, group=self.group)
         return gathered
-
-
-def build_fid_hook(config: Dict[str, Any], trainer) -> Optional[FidHook]:
-    """The FID hook for train.py's config, or None with --fid-every 0 (noting a --fid-ref that then goes unused)."""
-    if config["fid_every"] == 0:
-        if config["fid_ref"]:
-            trainer.log(f"In-training FID is off (--fid-every 0): --fid-ref {config['fid_ref']} is not used")
-        return None
-    return FidHook(config, trainer)

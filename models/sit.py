@@ -80,22 +80,22 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class labels (N,) -> (N, D). Row `num_classes` is the null class used for classifier-free guidance."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int, cfg_prob: float):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
+        self.cfg_prob = cfg_prob
 
     def token_drop(self, labels, force_drop_ids=None):
         """Replace labels by the null class: at random (training) or where force_drop_ids == 1."""
         if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.cfg_prob
         else:
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels, train: bool, force_drop_ids=None):
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+        if (train and self.cfg_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
 
@@ -114,7 +114,7 @@ class RotaryEmbedding2D(nn.Module):
     i.e. x * cos + rotate_pairs(x) * sin, where rotate_pairs maps each adjacent pair (a, b) to (-b, a). Pairing
     adjacent channels (not m with m + head_dim/2) matters: the two conventions are different functions of the same
     weights. The tables freqs_cos / freqs_sin (T, head_dim) are computed in float64 and kept out of state dicts (the
-    release stores them; its loader checks them against these: erw/checkpoint.py).
+    release stores them; its loader checks them against these: operations/checkpoint.py).
     """
 
     def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
@@ -227,7 +227,7 @@ class SiT(nn.Module):
         depth: int = 28,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
+        cfg_prob: float = 0.1,
         num_classes: int = 1000,
         encoder_depth: int = 8,
         z_dims: Sequence[int] = (768,),
@@ -261,7 +261,7 @@ class SiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, cfg_prob)
         self.grid_size = input_size // patch_size
         num_patches = self.grid_size ** 2
         # Fixed sin-cos embedding; a Parameter (not a buffer) only so that DiT/REPA keys and counts match.

@@ -1,8 +1,4 @@
-"""Strict weight imports that say what is wrong: the key and shape checks every loader of this codebase uses.
-
-Here, below erw/, because models/encoders.py needs them to load teacher weights and models/ imports nothing from
-erw/; erw/checkpoint.py re-exports them beside the checkpoint-file helpers.
-"""
+"""Strict weight imports that say what is wrong: the key and shape checks every loader of this codebase uses."""
 from typing import Mapping
 
 import torch
@@ -28,21 +24,7 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
         raise ValueError("\n".join(lines))
 
 
-COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before every key of the module it wraps
-
-
-def plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """The keys of the plain module: checkpoints written by a torch.compile-wrapped model (our code before it
-    compiled in place) carry COMPILED_PREFIX on every key. All keys or none: a partial prefix is left for
-    check_state_dict to report."""
-    if state_dict and all(k.startswith(COMPILED_PREFIX) for k in state_dict):
-        return {k[len(COMPILED_PREFIX):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """module.load_state_dict(strict=True), with an error naming `what` and every wrong key/shape. Weights saved
-    from a compiled model load too (plain_state_dict)."""
-    state_dict = plain_state_dict(state_dict)
+    """module.load_state_dict(strict=True), with an error naming `what` and every wrong key/shape."""
     check_state_dict(module.state_dict(), state_dict, what)
     module.load_state_dict(state_dict, strict=True)

@@ -11,7 +11,7 @@ Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
         + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
 Each step writes its resolved settings to preprocess_settings.json in its output folder, and refuses to resume into
 a folder written with different settings. Every command holds its output folder while it writes there (run.lock,
-erw/run_lock.py): a second command on the same folder is refused. `encode` also records the dataset's identity
+operations/lock.py): a second command on the same folder is refused. `encode` also records the dataset's identity
 (erw/data.py dataset_identity) in DATA/vae-sd/dataset.json, which `pack` and `cache-teachers` record in turn.
 """
 import os
@@ -35,13 +35,13 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from erw.cli import InvalidInput, refusals_of_models  # noqa: E402
-from erw.files import atomic_write, file_sha256, remove_stale_temps  # noqa: E402
+from operations.cli import InvalidInput, refusals  # noqa: E402
+from operations.files import atomic_write, file_sha256, remove_stale_temps  # noqa: E402
 from erw.data import (IDENTITY_KEY, IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR,  # noqa: E402
                       dataset_identity, list_files, load_image, read_labels)
-from erw.flag_types import number, writable  # noqa: E402
-from erw.run_lock import FolderInUse, RunLock  # noqa: E402
-from erw.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, missing_shards, num_shards, run_identity,  # noqa: E402
+from operations.cli import number, writable  # noqa: E402
+from operations.lock import FolderInUse, RunLock  # noqa: E402
+from operations.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, missing_shards, num_shards, run_identity,  # noqa: E402
                                shard_items, teacher_weights_sha256, write_identity, write_shard)
 from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
 
@@ -99,7 +99,7 @@ def save_json_atomic(obj, path: str, indent: Optional[int] = None) -> None:
 
 @contextmanager
 def holding(folder: str, rank: int = 0, world_size: int = 1, nested: bool = False):
-    """Hold `folder` (its run.lock, erw/run_lock.py) while the block writes there, from process 0; every process
+    """Hold `folder` (its run.lock, operations/lock.py) while the block writes there, from process 0; every process
     learns of a refusal, so that none waits in a barrier for a command that was refused. Under the lock a temp file
     in the folder (and its subfolders, when `nested`) is a killed command's leftover, and is removed."""
     lock, refusal = None, None
@@ -358,7 +358,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
             progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
                             disable=not is_main)
             if pending:
-                with refusals_of_models("--vae"):
+                with refusals("--vae"):
                     vae = load_vae(vae_name, allow_download=allow_download)
                 vae = vae.to(device)
                 loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
@@ -512,7 +512,7 @@ def make_demo(args) -> None:
 def reference(args) -> None:
     """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
     from erw.data import ImageLatentDataset, load_image
-    from erw.npz import write_images_npz
+    from evaluations.evaluator import write_images_npz
     dataset = ImageLatentDataset(args.data_dir)
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
@@ -535,14 +535,14 @@ def pack(args) -> None:
     dataset). A pack that no longer describes vae-sd/ is written again."""
     from erw.data import (PACKED_DIR, PACKED_FORMAT, PACKED_LABELS, PACKED_MOMENTS, ImageLatentDataset,
                           packed_index_path)
-    from erw.files import temp_path_for
+    from operations.files import temp_path_for
     index_path = packed_index_path(args.data_dir)
     if os.path.isfile(index_path):
         try:
             ImageLatentDataset(args.data_dir, load_images=False)  # checks the pack, against vae-sd/ where it is
             print(f"pack: {args.data_dir} is packed already ({index_path} describes its data)")
             return
-        except InvalidInput as error:
+        except ValueError as error:
             print(f"pack: packing again, as training would refuse the pack: {error}")
     dataset = ImageLatentDataset(args.data_dir, load_images=False, read_packed=False)
     identity = dataset.identity("pack")
@@ -576,7 +576,7 @@ def pack(args) -> None:
 
 
 def cache_teachers(args) -> None:
-    """The teachers' tokens of every image of DATA -> a teacher cache (erw/teacher_cache.py); resumable (finished
+    """The teachers' tokens of every image of DATA -> a teacher cache (operations/teacher_cache.py); resumable (finished
     shards are kept), data-parallel under torchrun (process r writes shards r, r + W, ...)."""
     from erw.data import ImageLatentDataset
     from models.encoders import load_teachers, teacher_names
@@ -584,7 +584,7 @@ def cache_teachers(args) -> None:
     try:
         dataset = ImageLatentDataset(args.data_dir, load_images=True)
         images_sha256 = dataset.identity("cache-teachers")["images_sha256"]
-        with refusals_of_models("--enc-type/--enc-weights"):
+        with refusals("--enc-type/--enc-weights"):
             teachers = [t.to(device) for t in load_teachers(args.enc_type, dataset.resolution, args.enc_weights)]
             names = teacher_names(args.enc_type)
         preprocessing = " | ".join(t.preprocessing for t in teachers)
@@ -639,7 +639,7 @@ def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, 
 #################################################################################
 
 def build_parser() -> argparse.ArgumentParser:
-    from erw.cli import ArgumentParser, HelpFormatter
+    from operations.cli import ArgumentParser, HelpFormatter
     formatter = HelpFormatter
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True,
@@ -747,7 +747,7 @@ as it is. Disk: N x 8 x (R/8)^2 x 4 bytes, 42 GB for ImageNet-1k at 256 px.
     p = commands.add_parser("cache-teachers", formatter_class=formatter,
                             help="the teachers' tokens of every image, computed once",
                             description="""\
-Run the frozen teacher(s) once over every image of DATA and store the patch tokens in OUT (erw/teacher_cache.py):
+Run the frozen teacher(s) once over every image of DATA and store the patch tokens in OUT (operations/teacher_cache.py):
 shards of 1024 images, float16 by default, with an identity (teachers, weights hash, resolution, preprocessing,
 dtype, file list) that a training run checks. Training with --teacher-cache OUT builds no teacher and decodes no
 image. Resumable (finished shards are kept) and data-parallel under torchrun. Disk: images x tokens x width x bytes:
@@ -773,9 +773,10 @@ ImageNet-1k, DINOv2-B at 256 px, float16: 1,281,167 x 256 x 768 x 2 B = 504 GB (
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    with refusals():  # every command reads the user's files throughout: erw/data.py's refusals of them, one line
+        args.func(args)
 
 
 if __name__ == "__main__":
-    from erw.cli import run_main
+    from operations.cli import run_main
     run_main(main)

@@ -9,28 +9,47 @@ from typing import Callable, List, Optional
 
 import torch
 
-from erw.trainer import Trainer
+import train
+import train_warmup
+from erw import loop
 
 
-def observe_fit(monkeypatch, train: bool = True, before: Optional[Callable] = None) -> List[SimpleNamespace]:
-    """Wrap Trainer.fit: each call is recorded as a namespace (trainer, model, model_args, objective, dataset,
-    teachers, hooks) in the returned list, `before(call)` runs first (it may append to call.hooks), and the real
-    loop runs unless train=False (then fit returns at once, and nothing is trained or written by it)."""
+def observe_fit(monkeypatch, train_it: bool = True, before: Optional[Callable] = None) -> List[SimpleNamespace]:
+    """Wrap the entry points' call of erw.loop.fit: each call is recorded as a namespace (run, model, model_args,
+    objective, dataset, teachers, hooks) in the returned list, `before(call)` runs first (it may append to
+    call.hooks), and the real loop runs unless train_it=False (then the run is closed at once, and nothing is
+    trained or written by the loop)."""
     calls = []
-    real_fit = Trainer.fit
 
-    def fit(self, model, model_args, objective, dataset, teachers, hooks=None):
-        call = SimpleNamespace(trainer=self, model=model, model_args=model_args, objective=objective,
-                               dataset=dataset, teachers=teachers, hooks=list(hooks or []))
+    def fit(run, model, model_args, objective, dataset, teachers, hooks=()):
+        call = SimpleNamespace(run=run, model=model, model_args=model_args, objective=objective, dataset=dataset,
+                               teachers=teachers, hooks=list(hooks))
         calls.append(call)
         if before is not None:
             before(call)
-        if not train:
+        if not train_it:
+            run.close()
             return {"step": 0, "history": [], "model": model, "ema": None}
-        return real_fit(self, model, model_args, objective, dataset, teachers, hooks=call.hooks)
+        return loop.fit(run, model, model_args, objective, dataset, teachers, call.hooks)
 
-    monkeypatch.setattr(Trainer, "fit", fit)
+    for module in (train, train_warmup):
+        monkeypatch.setattr(module, "fit", fit)
     return calls
+
+
+class StepHook:
+    """A loop hook (erw.loop.Hook) that calls fn(run, step, ema) after step 0 and every optimizer step, on the main
+    process."""
+    all_processes = False
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def start(self, run) -> None:
+        pass
+
+    def __call__(self, run, step, ema) -> None:
+        self.fn(run, step, ema)
 
 
 def record_optimizer_steps(monkeypatch) -> List[dict]:

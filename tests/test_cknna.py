@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from erw.checkpoint import save_checkpoint
+from operations.checkpoint import save_checkpoint
 from erw.data import ImageLatentDataset, sample_latents
 from erw.generation import sample_generator
 from erw.transport import get_path
@@ -212,7 +212,7 @@ def test_parse_layers_and_subset():
 def _tiny_checkpoint(path, demo_data, truncated, depth_or_k, seed):
     """A tiny SiT in our checkpoint format with perturbed weights (adaLN-Zero blocks would be identity maps)."""
     model_args = {"model": "SiT-Tiny/2", "input_size": 8, "in_channels": 4, "num_classes": 10,
-                  "class_dropout_prob": 0.1, "encoder_depth": depth_or_k, "z_dims": [64], "qk_norm": False,
+                  "cfg_prob": 0.1, "encoder_depth": depth_or_k, "z_dims": [64], "qk_norm": False,
                   "use_rope": False, "built_depth": depth_or_k if truncated else None}
     torch.manual_seed(seed)
     model = create_sit(**model_args)

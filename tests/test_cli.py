@@ -1,4 +1,4 @@
-"""First contact with the command line (erw/cli.py and every entry point): --help shows each default and choice,
+"""First contact with the command line (operations/cli.py and every entry point): --help shows each default and choice,
 errors from user input are one line with exit status 2 and leave nothing behind, the flag names of REPA, DiT and
 SiT get a hint that names a real flag, console logging goes through tqdm, and each warning prints once."""
 import argparse
@@ -12,7 +12,7 @@ import sys
 import pytest
 from tqdm import tqdm
 
-from erw import cli
+from operations import cli
 from tests.conftest import ROOT, tiny_args
 
 
@@ -20,7 +20,7 @@ def entry_point_parsers():
     """{command: parser} of every entry point, the subcommands of dataset_tools.py included."""
     import demo
     import sample_ddp
-    from erw.config import TRAIN, WARMUP, build_parser
+    from operations.config import TRAIN, WARMUP, build_parser
     from evaluations import cknna, demo_metrics, evaluator
     from preprocessing import dataset_tools
     parsers = {"train_warmup.py": build_parser(WARMUP, ""), "train.py": build_parser(TRAIN, ""),
@@ -43,7 +43,7 @@ def rendered_help(parser, action) -> str:
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
 def test_help_shows_every_default_and_choice(command):
-    from erw.config import OPTIONS_BY_NAME
+    from operations.config import OPTIONS_BY_NAME
     parser = PARSERS[command]
     text = parser.format_help()
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
@@ -130,7 +130,7 @@ def one_line_error(result) -> str:
 
 def in_process_error(module, argv, capsys) -> str:
     """The entry point's run_main(main) in this process: exit status 2 and one `error:` line, no traceback."""
-    from erw.cli import run_main
+    from operations.cli import run_main
     with pytest.raises(SystemExit) as exited:
         run_main(module.main, argv)
     err = capsys.readouterr().err
@@ -140,7 +140,7 @@ def in_process_error(module, argv, capsys) -> str:
     return lines[0]
 
 
-def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+def test_user_input_errors_of_training_are_one_line_and_write_nothing(demo_data, tmp_path, monkeypatch, capsys):
     import train
     import train_warmup
     monkeypatch.setenv("ERW_DEBUG", "")
@@ -155,7 +155,8 @@ def test_user_input_errors_of_training_are_one_line_and_write_nothing(tmp_path, 
                                      "--encoder-depth", "7"], tmp_path))
     assert line == "error: --encoder-depth 7 is outside 1..4: SiT-Tiny/2 has 4 blocks"
     missing = str(tmp_path / "phase1" / "last.pt")
-    line = in_process_error(train, [*common, "--warmup-ckpt", missing], capsys)
+    line = in_process_error(train, [*common, "--data-dir", str(demo_data), "--enc-type", "random-vit-tiny",
+                                    "--warmup-ckpt", missing], capsys)
     assert missing in line and "run Phase 1 first (train_warmup.py" in line
     line = in_process_error(train_warmup, ["--config", str(tmp_path / "no.yaml")], capsys)
     assert str(tmp_path / "no.yaml") in line
@@ -186,12 +187,12 @@ def test_inputs_are_checked_before_anything_is_written(demo_data, tmp_path, caps
     import sample_ddp
     import train
     import train_warmup
-    from erw.checkpoint import save_checkpoint
+    from operations.checkpoint import save_checkpoint
     from models.sit import create_sit
     monkeypatch.setenv("ERW_DEBUG", "")
     fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
     (tmp_path / "a-file").write_text("not a folder")
-    model_args = dict(model="SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.1,
+    model_args = dict(model="SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, cfg_prob=0.1,
                       encoder_depth=2, z_dims=[64], qk_norm=False, use_rope=False, built_depth=None)
     save_checkpoint({"model": create_sit(**model_args).state_dict(), "ema": {}, "model_args": model_args},
                     str(tmp_path / "phase2.pt"))
@@ -233,11 +234,11 @@ def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers
 # it drops its connections first, so its peer notices at once and could end before it.
 _SLOW_TO_END = """import atexit, os, sys, time
 sys.path.insert(0, {root!r})
-from erw.preemption import catch_early_preemption
+from operations.preemption import catch_early_preemption
 catch_early_preemption()
 import torch.distributed as dist
 import train_warmup
-from erw.cli import run_main
+from operations.cli import run_main
 if os.environ["RANK"] == "1":
     atexit.register(lambda: (dist.destroy_process_group(), time.sleep(3)))
 run_main(train_warmup.main)
@@ -296,7 +297,7 @@ def test_a_missing_input_file_is_one_line_in_every_entry_point(command, argv, na
 def test_only_user_errors_become_one_line_and_a_bugs_value_error_keeps_its_traceback(monkeypatch, capsys):
     """run_main's line is for input the user can fix; a ValueError from our own code is a bug and must surface whole
     (exit 1, the exception itself), not as an `error:` line that blames the user."""
-    from erw.cli import FolderTaken, InvalidInput, MissingInput, run_main
+    from operations.cli import FolderTaken, InvalidInput, MissingInput, run_main
     monkeypatch.delenv("ERW_DEBUG", raising=False)
 
     def raising(error):
@@ -322,7 +323,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_log_lines_and_progress_bars_do_not_share_a_line(tmp_path):
-    from erw.run_dir import TqdmHandler, setup_logger
+    from operations.run import TqdmHandler, setup_logger
     logger = setup_logger(str(tmp_path))
     console = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
     assert len(console) == 1 and isinstance(console[0], TqdmHandler)
@@ -367,7 +368,7 @@ def test_sample_ddp_and_the_in_training_fid_take_the_same_sampler_values(sample_
     """One declaration of the sampler's settings: what sample_ddp.py refuses, a training config refuses too, and a
     value one takes reaches the other's settings as the same number or word."""
     import sample_ddp
-    from erw.config import ConfigError, TRAIN, resolve_config
+    from operations.config import ConfigError, TRAIN, resolve_config
     required = ["--exp-name", "x"]
     with pytest.raises(SystemExit):
         sample_ddp.build_parser().parse_args(["--ckpt", "x.pt", sample_flag, bad])

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from erw.config import TRAIN, WARMUP, ConfigError, load_yaml, resolve_config
+from operations.config import TRAIN, WARMUP, ConfigError, load_yaml, resolve_config
 from tests.conftest import ROOT, TINY_CONFIG
 
 README = os.path.join(ROOT, "README.md")

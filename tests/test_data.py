@@ -13,7 +13,6 @@ import PIL.Image
 import pytest
 import torch
 
-from erw.cli import InvalidInput
 from erw.data import ImageLatentDataset, check_data_dir, sample_latents
 from models.vae import SD_VAE_SCALE, load_vae
 from preprocessing import dataset_tools
@@ -252,10 +251,10 @@ def test_corrupt_files_are_named_when_read(tmp_path):
     _write_tiny_dataset(tmp_path)
     dataset = ImageLatentDataset(str(tmp_path))
     (tmp_path / "vae-sd/00000/img-mean-std-00000003.npy").write_bytes(b"garbage")
-    with pytest.raises(InvalidInput, match=r"img-mean-std-00000003\.npy"):
+    with pytest.raises(ValueError, match=r"img-mean-std-00000003\.npy"):
         dataset[3]
     (tmp_path / "images/00000/img00000002.png").write_bytes(b"garbage")
-    with pytest.raises(InvalidInput, match=r"img00000002\.png"):
+    with pytest.raises(ValueError, match=r"img00000002\.png"):
         dataset[2]
 
 
@@ -272,7 +271,7 @@ def test_wrong_shape_latent_mid_dataset_is_named_by_the_loader(demo_data, tmp_pa
     bad = root / "vae-sd" / dataset.latent_files[37]
     np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=0)
-    with pytest.raises(InvalidInput) as raised:
+    with pytest.raises(ValueError) as raised:
         for _ in loader:
             pass
     message = str(raised.value)
@@ -285,12 +284,12 @@ def test_wrong_size_image_mid_dataset_is_named_by_the_loader(demo_data, tmp_path
     dataset = ImageLatentDataset(str(root))
     bad = root / "images" / dataset.image_files[50]
     random_image(32, 32, seed=1).save(bad)
-    with pytest.raises(InvalidInput) as raised:
+    with pytest.raises(ValueError) as raised:
         dataset[50]
     message = str(raised.value)
     assert str(bad) in message and "(3, 32, 32)" in message and "(3, 64, 64)" in message and "convert" in message
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(48, 56)), batch_size=8)
-    with pytest.raises(InvalidInput, match=re.escape(str(bad))):
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
         next(iter(loader))
 
 
@@ -440,7 +439,7 @@ def test_a_command_on_a_folder_another_command_holds_is_refused_and_deletes_noth
     """Two cache-teachers on one --out: the second once deleted the first's in-flight shard as "stale" (its temp
     cleanup is recursive), and the first crashed. Here this process holds the folder, as a live command does; the
     command, a real process, exits 2 with one line naming this process, and leaves the live write's temp file."""
-    from erw.run_lock import RunLock
+    from operations.lock import RunLock
     root = _copy_of_demo_data(demo_data, tmp_path)
     argv, held, temp = {
         "convert": (["--source", str(root / "images"), "--dest", str(tmp_path / "converted"), "--resolution", "64",
@@ -469,7 +468,7 @@ def test_unreadable_preprocess_settings_are_named_in_one_line(demo_data, tmp_pat
     dest = tmp_path / "converted"
     dest.mkdir()
     (dest / dataset_tools.SETTINGS_FILE).write_text("{ cut short")
-    with pytest.raises(InvalidInput, match=rf"cannot read {re.escape(str(dest / dataset_tools.SETTINGS_FILE))}"):
+    with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(dest / dataset_tools.SETTINGS_FILE))}"):
         dataset_tools.main(["convert", "--source", str(demo_data / "images"), "--dest", str(dest), "--workers", "0",
                             "--resolution", "64"])
     assert sorted(os.listdir(dest)) == [dataset_tools.SETTINGS_FILE, "run.lock"]

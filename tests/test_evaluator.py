@@ -554,7 +554,7 @@ def test_cli_script_runs_standalone_and_reports_bad_input(tmp_path):
     np.savez(tmp_path / "sample.npz", np.zeros((4, 8, 8, 3), np.uint8))
     result = subprocess.run([sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "ref.npz"),
                              str(tmp_path / "sample.npz")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr  # erw/cli.py: user input, one line
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # operations/cli.py: user input, one line
     assert re.search(r"error: .*ref\.npz: missing arr_0 in npz file \(keys: images\)", result.stderr)
 
 
@@ -714,7 +714,7 @@ def test_fd_dinov2_features_are_the_dinov2_hub_models_class_token(test_size_dino
 
 def test_evaluate_adds_fd_dinov2_from_cached_reference_statistics(tmp_path, stub_network, test_size_dinov2):
     from evaluations import fd_dinov2
-    from erw.files import file_sha256
+    from operations.files import file_sha256
     _, path = test_size_dinov2
     rng = np.random.default_rng(12)
     ref_images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)

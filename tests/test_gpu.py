@@ -194,7 +194,7 @@ def resume_disagreement(straight, straight2, resumed, at_n, before_last):
 
 def _check_resume(out, straight_history, resumed_history):
     """N + M straight against N then --resume M: resume_disagreement, and on a deterministic GPU the same losses."""
-    from erw.checkpoint import load_checkpoint
+    from operations.checkpoint import load_checkpoint
     last = lambda name: load_checkpoint(os.path.join(out, name, "checkpoints", "last.pt"))  # noqa: E731
     straight, straight2, resumed = last("straight"), last("straight2"), last("halves")
     assert straight["step"] == resumed["step"] == N + M

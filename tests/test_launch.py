@@ -9,8 +9,8 @@ import time
 import pytest
 
 import launch
-from erw.checkpoint import load_checkpoint
-from erw.preemption import EXIT_IO_ERROR, EXIT_PREEMPTED
+from operations.checkpoint import load_checkpoint
+from operations.preemption import EXIT_IO_ERROR, EXIT_PREEMPTED
 from tests.background_runs import start, tail, wait_for_steps
 from tests.conftest import ROOT, tiny_args
 from tests.dist_utils import free_port
@@ -209,9 +209,9 @@ def test_the_wrapper_refuses_what_is_not_a_program_in_one_line(program, says):
 
 def test_an_entry_point_reports_its_exit_status_to_the_wrapper(tmp_path, monkeypatch):
     """What launch.py reads: one file per process with its status (74 here: the launcher alone would say 1)."""
-    from erw.checkpoint import CheckpointWriteError
-    from erw.cli import run_main
-    from erw.preemption import EXIT_STATUS_DIR_ENV, read_exit_statuses
+    from operations.checkpoint import CheckpointWriteError
+    from operations.cli import run_main
+    from operations.preemption import EXIT_STATUS_DIR_ENV, read_exit_statuses
 
     def fails_to_save(argv):
         raise CheckpointWriteError("could not write checkpoint x.pt: No space left on device (ENOSPC)")

@@ -1,4 +1,5 @@
-"""Dependencies point downward: entry points and evaluations/ -> erw/ -> models/. Read from each file's imports."""
+"""Dependencies point downward: entry points and tools -> operations/ and erw/loop.py -> the science (models/ and
+the science modules of erw/), which imports no operations. Read from each file's imports."""
 import ast
 import glob
 import os
@@ -7,10 +8,19 @@ import pytest
 
 from tests.conftest import ROOT
 
-# package -> the top-level packages and entry-point modules its files must not import
+ENTRY_POINTS = {"train", "train_warmup", "sample_ddp", "demo", "launch"}
+TOOLS = {"evaluations", "preprocessing", "bench"}
+# The science a researcher forks to change: it refuses bad input with ValueError / FileNotFoundError and knows
+# nothing of run folders, locks, exit codes or the command line.
+SCIENCE = ["models/*.py"] + [f"erw/{name}.py" for name in ("losses", "transport", "samplers", "batch_random", "data",
+                                                          "warm_start", "generation", "step", "precision")]
+# files -> the top-level packages and entry-point modules they must not import
 FORBIDDEN = {
-    "models": {"erw", "evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo", "launch"},
-    "erw": {"evaluations", "preprocessing", "bench", "train", "train_warmup", "sample_ddp", "demo", "launch"},
+    **{pattern: {"operations", "erw", "evaluations", "preprocessing", "bench"} | ENTRY_POINTS
+       for pattern in ["models/*.py"]},
+    **{pattern: {"operations"} | TOOLS | ENTRY_POINTS for pattern in SCIENCE[1:]},
+    "erw/*.py": TOOLS | ENTRY_POINTS,
+    "operations/*.py": TOOLS | ENTRY_POINTS,
 }
 
 
@@ -27,11 +37,42 @@ def imported_packages(path):
     return names
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_imports_point_downward(package):
-    offenders = {os.path.relpath(path, ROOT): sorted(imported_packages(path) & FORBIDDEN[package])
-                 for path in sorted(glob.glob(os.path.join(ROOT, package, "*.py")))}
+def _modules_of(path):
+    """Every module a file imports, dotted ("erw.loop"), at the top or inside a function."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("pattern", sorted(FORBIDDEN))
+def test_imports_point_downward(pattern):
+    files = sorted(glob.glob(os.path.join(ROOT, pattern)))
+    assert files, pattern
+    offenders = {os.path.relpath(path, ROOT): sorted(imported_packages(path) & FORBIDDEN[pattern]) for path in files}
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_science_imports_no_operations_and_not_the_loop():
+    """The science modules are the part a researcher changes; erw/loop.py, which reaches the operations, sits above
+    them."""
+    science = [path for pattern in SCIENCE for path in glob.glob(os.path.join(ROOT, pattern))]
+    offenders = {os.path.relpath(path, ROOT): sorted(m for m in _modules_of(path)
+                                                      if m.startswith(("operations", "erw.loop")))
+                 for path in science}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_launch_imports_only_the_operations_package():
+    """launch.py wraps the launchers before anything heavy is imported: the standard library and operations/."""
+    ours = imported_packages(os.path.join(ROOT, "launch.py")) & ({"erw", "models", "operations", "torch"} | TOOLS)
+    assert ours == {"operations"}
 
 
 def _python_files():
@@ -40,12 +81,12 @@ def _python_files():
 
 
 def test_the_bottom_modules_import_no_torch_and_nothing_of_ours():
-    """erw/files.py (atomic writes) and erw/preemption.py (signals, exit statuses) are imported by everything,
-    launch.py and the entry points' first line included, before torch: they import no torch and none of our modules
-    (erw/files.py may not even import erw/preemption.py)."""
+    """operations/files.py (atomic writes) and operations/preemption.py (signals, exit statuses) are imported by
+    everything, launch.py and the entry points' first line included, before torch: they import no torch and none of
+    our modules (operations/files.py may not even import operations/preemption.py)."""
     for name in ("files", "preemption"):
-        path = os.path.join(ROOT, "erw", f"{name}.py")
-        assert imported_packages(path) & {"torch", "erw", "models", "evaluations", "numpy"} == set(), name
+        path = os.path.join(ROOT, "operations", f"{name}.py")
+        assert imported_packages(path) & {"torch", "erw", "models", "operations", "evaluations", "numpy"} == set(), name
 
 
 def _string_constants(path):
@@ -55,16 +96,16 @@ def _string_constants(path):
 
 
 def test_the_run_folders_file_names_have_one_home():
-    """Only erw/run_dir.py spells the experiment folder's files; everyone else imports its names."""
+    """Only operations/run.py spells the experiment folder's files; everyone else imports its names."""
     names = {"config.yaml", "config_history.yaml", "log.txt", "metrics.jsonl", "run.lock"}
     spelled = {os.path.relpath(path, ROOT): sorted(names & set(_string_constants(path))) for path in _python_files()}
     assert {path: found for path, found in spelled.items() if found} == {
-        os.path.join("erw", "run_dir.py"): ["config.yaml", "config_history.yaml", "log.txt", "metrics.jsonl"],
-        os.path.join("erw", "run_lock.py"): ["run.lock"]}
+        os.path.join("operations", "run.py"): ["config.yaml", "config_history.yaml", "log.txt", "metrics.jsonl"],
+        os.path.join("operations", "lock.py"): ["run.lock"]}
 
 
 def test_the_checkpoint_folders_names_have_one_home():
-    """Only erw/checkpoint.py spells the run folder's checkpoint names (last.pt, NNNNNNN.pt); everyone else asks it."""
+    """Only operations/checkpoint.py spells the checkpoint names (last.pt, NNNNNNN.pt); everyone else asks it."""
     spelled = {}
     for path in _python_files():
         with open(path) as f:
@@ -76,7 +117,7 @@ def test_the_checkpoint_folders_names_have_one_home():
             if isinstance(node, ast.JoinedStr) and any(  # f"{step:07d}.pt"
                     isinstance(part, ast.Constant) and str(part.value).startswith(".pt") for part in node.values):
                 spelled.setdefault(os.path.relpath(path, ROOT), []).append(ast.unparse(node))
-    assert set(spelled) == {os.path.join("erw", "checkpoint.py")}, spelled
+    assert set(spelled) == {os.path.join("operations", "checkpoint.py")}, spelled
 
 
 def test_data_folders_hold_no_code():
@@ -85,24 +126,11 @@ def test_data_folders_hold_no_code():
             for path in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)] == []
 
 
-def _erw_imports(path):
-    """The erw modules a file imports, at the top or inside a function (hiding an import in a function hides a
-    circle, it does not remove it)."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("erw."))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("erw."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "erw":
-            found.update(a.name for a in node.names)
-    return found
-
-
-def test_erw_modules_import_each_other_without_a_circle():
-    graph = {os.path.basename(path)[:-3]: _erw_imports(path) for path in glob.glob(os.path.join(ROOT, "erw", "*.py"))}
+def test_our_modules_import_each_other_without_a_circle():
+    """Over erw/ and operations/: hiding an import inside a function hides a circle, it does not remove it."""
+    ours = {os.path.relpath(path, ROOT)[:-3].replace(os.sep, "."): path for package in ("erw", "operations")
+            for path in glob.glob(os.path.join(ROOT, package, "*.py"))}
+    graph = {module: {m for m in _modules_of(path) if m in ours} for module, path in ours.items()}
     state, circle = {}, []
 
     def visit(module, trail):

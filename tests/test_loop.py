@@ -9,11 +9,12 @@ from torch.overrides import TorchFunctionMode
 
 import train
 import train_warmup
-from erw.checkpoint import load_checkpoint
+from operations.checkpoint import load_checkpoint
 from erw.data import ResumableShardSampler
-from erw.trainer import update_ema
+from erw import loop
+from erw.step import MixedPrecision, update_ema
 from tests.conftest import tiny_args
-from tests.observers import observe_fit, record_optimizer_steps
+from tests.observers import StepHook, observe_fit, record_optimizer_steps
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -59,8 +60,8 @@ def test_the_loops_ema_follows_the_weights_it_trained(demo_data, tmp_path, monke
 
     def watch(call):
         model = call.model
-        call.hooks.append(lambda trainer, step, ema: after_step.append((step, float64_state(model),
-                                                                        float64_state(ema))))
+        call.hooks.append(StepHook(lambda run, step, ema: after_step.append((step, float64_state(model),
+                                                                             float64_state(ema)))))
 
     observe_fit(monkeypatch, before=watch)
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "4", "--ema-decay", "0.8"))
@@ -161,16 +162,24 @@ def test_accumulation_with_ntxent_says_its_negatives_are_one_micro_batch(demo_da
 
 # ------------------------------------------------------------------ clipping
 
-def record_raw_gradients(trainer_calls, raw):
+def record_raw_gradients(monkeypatch, calls, raw):
     """A `before` for observe_fit: each parameter's gradient as backward leaves it (loss-scaled, float64), divided by
     the GradScaler's scale of that moment: the unclipped gradient in the units of the loss."""
-    def before(call):
-        scaler = call.trainer.precision.scaler
+    precisions = []
 
+    class Recorded(MixedPrecision):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            precisions.append(self)
+
+    monkeypatch.setattr(loop, "MixedPrecision", Recorded)
+
+    def before(call):
         def hook(p):
+            scaler = precisions[-1].scaler
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            raw.setdefault(len(trainer_calls), {})[id(p)] = p.grad.detach().double() / scale
-        trainer_calls.append(call)
+            raw.setdefault(len(calls), {})[id(p)] = p.grad.detach().double() / scale
+        calls.append(call)
         for p in call.model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(hook)
@@ -184,7 +193,7 @@ def test_the_applied_gradient_is_the_raw_one_clipped_to_max_grad_norm(demo_data,
     """What AdamW receives, in the loss's units: g * min(1, max_grad_norm / |g|), g the unscaled raw gradient; with
     fp16 the GradScaler's factor must be removed before the norm is taken."""
     calls, raw = [], {}
-    observe_fit(monkeypatch, before=record_raw_gradients(calls, raw))
+    observe_fit(monkeypatch, before=record_raw_gradients(monkeypatch, calls, raw))
     steps = record_optimizer_steps(monkeypatch)
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "1", "--mixed-precision", precision,
                                 "--max-grad-norm", str(max_grad_norm)))
@@ -205,7 +214,7 @@ def test_max_grad_norm_0_means_no_clipping(demo_data, tmp_path, monkeypatch):
     """0 turns clipping off, as most codebases read it (clip_grad_norm_ with 0 would zero every gradient): AdamW gets
     the raw gradient, and the log holds its norm."""
     calls, raw = [], {}
-    observe_fit(monkeypatch, before=record_raw_gradients(calls, raw))
+    observe_fit(monkeypatch, before=record_raw_gradients(monkeypatch, calls, raw))
     steps = record_optimizer_steps(monkeypatch)
     result = train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "1", "--log-every", "1",
                                          "--max-grad-norm", "0"))
@@ -254,9 +263,9 @@ def test_a_step_that_neither_logs_nor_saves_never_reads_a_device_value(demo_data
     watch = HostReadWatch()
 
     def before(call):
-        def mark(trainer, step, ema):
+        def mark(run, step, ema):
             watch.step = step
-        call.hooks.append(mark)
+        call.hooks.append(StepHook(mark))
 
     observe_fit(monkeypatch, before=before)
     with watch:

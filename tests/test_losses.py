@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from erw.batch_random import BatchRandom
-from erw.losses import Objective, align_weight, alignment_loss, cosine_loss, ntxent_loss, sample_time
+from erw.losses import Objective, proj_coeff_at, alignment_loss, cosine_loss, ntxent_loss, sample_time
 from erw.transport import get_path
 from tests.dist_utils import run_distributed
 
@@ -122,11 +122,11 @@ def test_ntxent_two_processes_equal_one_process(tmp_path):
 
 def test_lambda_schedule_halves_every_half_life():
     # Python floats (float64): 2 ** x is within an ulp or two, far inside approx's default rel=1e-6.
-    assert align_weight(0, 0.5, 1000, "exp") == pytest.approx(0.5)
-    assert align_weight(1000, 0.5, 1000, "exp") == pytest.approx(0.25)
-    assert align_weight(2000, 0.5, 1000, "exp") == pytest.approx(0.125)
-    assert align_weight(500, 0.5, 1000, "exp") == pytest.approx(0.5 / math.sqrt(2))
-    assert all(align_weight(s, 0.5, 1000, "none") == 0.5 for s in (0, 1000, 10 ** 6))
+    assert proj_coeff_at(0, 0.5, 1000, "exp") == pytest.approx(0.5)
+    assert proj_coeff_at(1000, 0.5, 1000, "exp") == pytest.approx(0.25)
+    assert proj_coeff_at(2000, 0.5, 1000, "exp") == pytest.approx(0.125)
+    assert proj_coeff_at(500, 0.5, 1000, "exp") == pytest.approx(0.5 / math.sqrt(2))
+    assert all(proj_coeff_at(s, 0.5, 1000, "none") == 0.5 for s in (0, 1000, 10 ** 6))
 
 
 @pytest.mark.parametrize("path_type,t_of_sigma", [
@@ -176,7 +176,7 @@ def test_phase2_objective_is_velocity_plus_decayed_alignment():
     path = get_path("linear")
     model = RecordingModel(torch.zeros(4, 4, 2, 2), proj)
     objective = Objective(velocity=True, align="cosine", path=path, proj_coeff=0.5, proj_half_life=10,
-                          proj_decay="exp", class_dropout_prob=0.1)
+                          proj_decay="exp", cfg_prob=0.1)
     torch.manual_seed(3)
     loss, logs = objective(model, latents, labels, [teacher], step=10)
     x_t, t, _, _ = model.calls[0]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erw.checkpoint import RELEASE_ROPE_KEYS, load_model, load_sampling_model
-from erw.cli import InvalidInput
-from erw.warm_start import load_warmup
+from operations.checkpoint import RELEASE_ROPE_KEYS, load_model
+from operations.cli import InvalidInput
+from erw.loop import warm_start
 from models.sit import create_sit
 from tests.test_sit import release_rope, release_rope_tables
 
@@ -131,7 +131,7 @@ def reference_forward(w, x, t, y, encoder_depth, qk_norm, rope):
 def test_a_release_checkpoint_is_rebuilt_from_its_args_and_runs_as_the_releases_forward(tmp_path, qk_norm):
     path = str(tmp_path / "release.pt")
     _, ema = save_release(path, qk_norm)
-    model, info = load_sampling_model(path, "ema")
+    model, info = load_model(path, "ema")
     assert info["format"] == "repa" and info["step"] == 300000
     assert {k: info["model_args"][k] for k in ("model", "encoder_depth", "qk_norm", "use_rope", "input_size",
                                               "num_classes", "z_dims")} == dict(
@@ -203,7 +203,7 @@ def test_the_releases_warmup_file_starts_phase_2_with_exactly_its_tensors(tmp_pa
                              args=release_args(use_rope=True, l2r_depth=2))
     model = phase2_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = load_warmup(model, path, "model", start_layer=1, expected_depth=2, add_rope=True)
+    summary = warm_start(model, path, "model", start_layer=1, expected_depth=2, add_rope=True)
     for key, value in model.state_dict().items():
         if key.startswith("blocks."):
             i, rest = int(key.split(".")[1]), key.split(".", 2)[2]
@@ -214,12 +214,12 @@ def test_the_releases_warmup_file_starts_phase_2_with_exactly_its_tensors(tmp_pa
     assert "blocks 1..2" in summary and "RoPE added over the warmed blocks" in summary
     with pytest.raises(InvalidInput, match=r"trained with use_rope = False, but this run sets --use-rope = True.*"
                                            r"--add-rope-after-warmup"):
-        load_warmup(phase2_model(), path, "model")
+        warm_start(phase2_model(), path, "model")
     with pytest.raises(InvalidInput, match="--add-rope-after-warmup adds RoPE"):
-        load_warmup(phase2_model(use_rope=False), path, "model", add_rope=True)
+        warm_start(phase2_model(use_rope=False), path, "model", add_rope=True)
     save_release(path, qk_norm=False, rope=False, blocks=2, final_layer=False, args=release_args(l2r_depth=3))
     with pytest.raises(InvalidInput, match="holds 2 blocks and no final layer .* l2r_depth 3"):
-        load_warmup(phase2_model(), path, "model", add_rope=True)
+        warm_start(phase2_model(), path, "model", add_rope=True)
 
 
 def test_readme_gives_the_three_commands_for_the_released_files():
@@ -228,7 +228,7 @@ def test_readme_gives_the_three_commands_for_the_released_files():
     import shlex
 
     import sample_ddp
-    from erw.config import TRAIN, resolve_config
+    from operations.config import TRAIN, resolve_config
     from evaluations import evaluator
     from tests.conftest import ROOT
     with open(f"{ROOT}/README.md") as f:

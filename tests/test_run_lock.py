@@ -1,4 +1,4 @@
-"""One live run per folder (erw/run_lock.py): real training processes on one experiment folder, a killed run's lock,
+"""One live run per folder (operations/lock.py): real training processes on one experiment folder, a killed run's lock,
 and the record that guards the folder where the file system's locks do not."""
 import errno
 import fcntl
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-import erw.run_lock
-from erw.run_lock import LOCK_FILE, STALE_AFTER_S, FolderInUse, RunLock
+import operations.lock
+from operations.lock import LOCK_FILE, STALE_AFTER_S, FolderInUse, RunLock
 from tests.background_runs import start, tail, wait_for_steps
 from tests.conftest import ROOT, tiny_args
 
@@ -92,18 +92,18 @@ def _record(path, **fields):
 def locks_do_nothing(monkeypatch):
     """A file system whose locks do not stop a second holder (node-local locks seen from another node; FUSE file
     systems that accept flock and ignore it)."""
-    monkeypatch.setattr(erw.run_lock.fcntl, "flock", lambda fd, op: None)
+    monkeypatch.setattr(operations.lock.fcntl, "flock", lambda fd, op: None)
 
 
 @pytest.fixture
 def locks_refused(monkeypatch):
     def refuse(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(erw.run_lock.fcntl, "flock", refuse)
+    monkeypatch.setattr(operations.lock.fcntl, "flock", refuse)
 
 
 def test_a_lock_held_by_another_process_refuses_naming_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from erw.run_lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from operations.lock import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -145,7 +145,7 @@ def test_where_locks_do_nothing_a_holder_on_another_host_counts_as_live_while_it
 
 
 def test_the_holder_beats_so_that_other_hosts_see_it_live(tmp_path, monkeypatch):
-    monkeypatch.setattr(erw.run_lock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(operations.lock, "HEARTBEAT_S", 0.05)
     lock = RunLock(str(tmp_path)).acquire()
     try:
         old = time.time() - 1000

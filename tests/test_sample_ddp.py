@@ -1,38 +1,35 @@
-"""sample_ddp.py end to end on the CPU with a tiny SiT and the tiny random VAE: the .npz does not depend on the
-batch size or the number of processes (byte for byte), an interrupted run resumes to the same file, a sample folder
-belongs to the weights that made it (never to a checkpoint path), and checkpoints of both layouts load strictly."""
+"""sample_ddp.py end to end on the CPU with a tiny SiT and the tiny random VAE: with --bitwise the .npz does not depend
+on the batch size or the number of processes (byte for byte), an interrupted run resumes to the same file, a sample
+folder belongs to the weights that made it (never to a checkpoint path), and checkpoints of both layouts load
+strictly."""
 import argparse
 import json
 import os
 import re
 import subprocess
 import sys
-import uuid
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import erw.sample_run
 import sample_ddp
-from erw.checkpoint import load_sampling_model, save_checkpoint
-from erw.cli import InvalidInput
+from operations.checkpoint import load_model, save_checkpoint, weights_sha256
+from operations.cli import InvalidInput
 from erw.generation import all_labels
 from models.sit import create_sit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ARGS = dict(model="SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=1, z_dims=[32], qk_norm=False,
-                  use_rope=False, built_depth=None, class_dropout_prob=0.1, in_channels=4)
-# A Phase-1 checkpoint's model_args as written before built_depth existed (encoder_depth = the blocks built).
-OLD_FORMAT_WARMUP_ARGS = {**{k: v for k, v in MODEL_ARGS.items() if k != "built_depth"}, "truncated": True}
+                  use_rope=False, built_depth=None, cfg_prob=0.1, in_channels=4)
 NUM_SAMPLES = 7
 # SDE with the CFG interval active for part of the steps, so both model batch shapes occur.
 RUN_FLAGS = ["--num-fid-samples", str(NUM_SAMPLES), "--num-steps", "6", "--cfg-scale", "1.5", "--guidance-high", "0.7",
-             "--vae", "random-tiny", "--device", "cpu"]
+             "--vae", "random-tiny", "--device", "cpu", "--bitwise"]
 REPA_FLAGS = {"model": "SiT-Tiny/2", "resolution": 64, "num_classes": 10, "encoder_depth": 1,
               "projector_embed_dims": "32", "qk_norm": False}
-CHECKPOINT_ID = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,12 +46,10 @@ def _random_state_dict(model, seed):
     return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.state_dict().items()}
 
 
-def _save_ours(path, weights, step, checkpoint_id=None):
-    """Our checkpoint layout; checkpoint_id as the trainer writes it (None: an older checkpoint without one)."""
+def _save_ours(path, weights, step):
+    """Our checkpoint layout."""
     ckpt = {**weights, "opt": {}, "step": step, "config": {"path_type": "linear", "vae": "random-tiny"},
             "model_args": MODEL_ARGS}
-    if checkpoint_id is not None:
-        ckpt["checkpoint_id"] = checkpoint_id
     save_checkpoint(ckpt, str(path))
     return str(path)
 
@@ -64,14 +59,14 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     model = create_sit(**MODEL_ARGS)
     weights = {"model": _random_state_dict(model, 1), "ema": _random_state_dict(model, 2)}
-    ours = _save_ours(root / "0000010.pt", weights, 10, CHECKPOINT_ID)
+    ours = _save_ours(root / "0000010.pt", weights, 10)
     repa = str(root / "repa.pt")
     # REPA's train.py layout, including its pickled argparse.Namespace.
     torch.save({**weights, "opt": {}, "args": argparse.Namespace(model="SiT-Tiny/2", encoder_depth=1)}, repa)
     warmup = str(root / "warmup.pt")
     truncated = create_sit(**{**MODEL_ARGS, "built_depth": 1})
     save_checkpoint({"model": truncated.state_dict(), "ema": truncated.state_dict(),
-                     "model_args": OLD_FORMAT_WARMUP_ARGS}, warmup)
+                     "model_args": {**MODEL_ARGS, "built_depth": 1}}, warmup)
     other_weights = {"model": _random_state_dict(model, 3), "ema": _random_state_dict(model, 4)}
     return {"ours": ours, "repa": repa, "warmup": warmup, "weights": weights, "other_weights": other_weights}
 
@@ -95,7 +90,7 @@ def _read(path):
 
 def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
     """Run until `after` PNGs are saved, then stop as Ctrl-C would. Returns the saved PNGs' paths."""
-    real_save = erw.sample_run.save_png
+    real_save = sample_ddp.save_png
     saved = []
 
     def crash(image, path):
@@ -105,7 +100,7 @@ def _interrupted_run(monkeypatch, ckpt, sample_dir, after, *flags):
         saved.append(path)
 
     with monkeypatch.context() as m:
-        m.setattr(erw.sample_run, "save_png", crash)
+        m.setattr(sample_ddp, "save_png", crash)
         with pytest.raises(KeyboardInterrupt):
             _run(ckpt, sample_dir, *flags)
     return saved
@@ -125,8 +120,8 @@ def test_npz_layout_labels_and_settings(reference):
 
 
 def test_batch_size_does_not_change_the_npz(checkpoints, reference, tmp_path):
-    # Byte equality is sound on any one CPU: on the CPU the sampler runs the model and the VAE one sample at a
-    # time (micro-batch 1) on one thread, so every float32 kernel sees the same shapes whatever the batch size or
+    # Byte equality is sound on any one CPU: --bitwise runs the model and the VAE one sample at a time on one
+    # thread, so every float32 kernel sees the same shapes whatever the batch size or
     # process count; the float64 sampler state only goes through elementwise + - * / (correctly rounded in any
     # vector width) and per-sample generators. A float32 op on batch-shaped tensors would break this.
     npz = _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "5")
@@ -159,9 +154,9 @@ def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_pat
         with open(path, "wb") as f:
             f.write(b"partial")
 
-    real_save = erw.sample_run.save_png
+    real_save = sample_ddp.save_png
     made = []
-    monkeypatch.setattr(erw.sample_run, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(sample_ddp, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     capsys.readouterr()
     _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
@@ -170,42 +165,22 @@ def test_interrupted_run_resumes_to_the_same_npz(checkpoints, reference, tmp_pat
     assert "removed 3 temp files" in capsys.readouterr().out
 
 
-def test_a_checkpoint_and_a_sample_folder_from_before_built_depth_still_work(checkpoints, reference, tmp_path,
-                                                                             monkeypatch):
-    """model_args once said truncated=False where they now say built_depth=None: such a checkpoint samples the same
-    images, and a half-filled folder whose settings .json holds the old form is resumed, not refused."""
-    old = dict(MODEL_ARGS, truncated=False)
-    del old["built_depth"]
-    ckpt = _save_ours(tmp_path / "old" / "0000010.pt", checkpoints["weights"], 10, CHECKPOINT_ID)
-    saved = torch.load(ckpt, weights_only=True)
-    save_checkpoint({**saved, "model_args": old}, ckpt)
-    _interrupted_run(monkeypatch, ckpt, tmp_path / "samples", 3, "--per-proc-batch-size", "3")
-    (settings_path,) = (tmp_path / "samples").glob("*.json")
-    settings = json.loads(settings_path.read_text())
-    settings["model_args"] = old  # as a run before the rename wrote it
-    settings_path.write_text(json.dumps(settings))
-    npz = _run(ckpt, tmp_path / "samples", "--per-proc-batch-size", "3")
-    assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
-
-
-def test_rerun_after_last_pt_moved_on_never_mixes_two_models(checkpoints, tmp_path, monkeypatch, capsys):
+def test_rerun_after_last_pt_moved_on_never_mixes_two_models(checkpoints, tmp_path, monkeypatch):
     # Issue 12: an interrupted run from last.pt is rerun after training replaced last.pt with a newer checkpoint.
     last = os.path.join(tmp_path, "checkpoints", "last.pt")
-    _save_ours(last, checkpoints["weights"], 4, "a" * 32)
+    _save_ours(last, checkpoints["weights"], 4)
     saved = _interrupted_run(monkeypatch, last, tmp_path / "samples", 4, "--per-proc-batch-size", "3")
     old_folder = os.path.dirname(saved[0])
-    _save_ours(last, checkpoints["other_weights"], 8, "b" * 32)
-    capsys.readouterr()
+    _save_ours(last, checkpoints["other_weights"], 8)
     npz = _run(last, tmp_path / "samples", "--per-proc-batch-size", "3")
-    out = capsys.readouterr().out
 
-    fresh = _run(_save_ours(tmp_path / "elsewhere" / "0000008.pt", checkpoints["other_weights"], 8, "b" * 32),
+    fresh = _run(_save_ours(tmp_path / "elsewhere" / "0000008.pt", checkpoints["other_weights"], 8),
                  tmp_path / "fresh")
     assert _read(npz) == _read(fresh)  # every row from the new weights
-    assert npz[: -len(".npz")] != old_folder and "-step0000008-bbbbbbbb-ema-" in os.path.basename(npz)
+    new_hash = sha256_of(checkpoints["other_weights"]["ema"])
+    assert npz[: -len(".npz")] != old_folder and f"-step0000008-{new_hash[:8]}-ema-" in os.path.basename(npz)
     # The old run is left as it was (its released lock file aside).
     assert sorted(set(os.listdir(old_folder)) - {"run.lock"}) == [f"{i:06d}.png" for i in range(4)]
-    assert "a" * 32 + "/ema" in out and old_folder in out  # and the rerun says where it went and why
 
 
 def test_the_same_weights_under_another_name_resume_the_same_folder(checkpoints, reference, tmp_path,
@@ -215,17 +190,17 @@ def test_the_same_weights_under_another_name_resume_the_same_folder(checkpoints,
     last = os.path.join(tmp_path, "checkpoints", "last.pt")
     os.makedirs(os.path.dirname(last))
     os.link(checkpoints["ours"], last)
-    real_save = erw.sample_run.save_png
+    real_save = sample_ddp.save_png
     made = []
-    monkeypatch.setattr(erw.sample_run, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
+    monkeypatch.setattr(sample_ddp, "save_png", lambda image, path: (made.append(path), real_save(image, path)))
     npz = _run(last, tmp_path, "--per-proc-batch-size", "3")
     assert sorted(os.path.basename(p) for p in made) == [f"{i:06d}.png" for i in range(4, NUM_SAMPLES)]
     assert os.path.basename(npz) == os.path.basename(reference[0]) and _read(npz) == reference[1]
 
 
 def test_a_checkpoint_without_id_is_known_by_its_weights(checkpoints, tmp_path):
-    # REPA's and our older checkpoints carry no checkpoint_id: overwriting one in place (same path, same step)
-    # with other weights must not extend the folder of the old weights.
+    # Overwriting a checkpoint in place (same path, same step) with other weights must not extend the folder of the
+    # old weights.
     ckpt = _save_ours(tmp_path / "old.pt", checkpoints["weights"], 10)
     first = _run(ckpt, tmp_path / "samples", "--num-fid-samples", "2")
     _save_ours(ckpt, checkpoints["other_weights"], 10)
@@ -236,36 +211,48 @@ def test_a_checkpoint_without_id_is_known_by_its_weights(checkpoints, tmp_path):
     assert os.path.basename(npz) == os.path.basename(fresh) and _read(npz) == _read(fresh)
 
 
-def test_weights_id_names_the_weights_and_which_set(checkpoints, tmp_path):
-    _, info = load_sampling_model(checkpoints["ours"], "ema")
-    assert info["weights_id"] == f"{CHECKPOINT_ID}/ema" and info["step"] == 10
-    no_id = _save_ours(tmp_path / "no-id.pt", checkpoints["weights"], 10)
-    ids = {w: load_sampling_model(no_id, w)[1]["weights_id"] for w in ("ema", "model")}
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}/ema", ids["ema"]) and ids["model"].endswith("/model")
-    assert ids["ema"].split("/")[0] != ids["model"].split("/")[0]
-    # Only the weights count: the same EMA weights in REPA's layout (no step there) have the same id.
-    _, repa_info = load_sampling_model(checkpoints["repa"], "ema", REPA_FLAGS)
-    assert repa_info["weights_id"] == ids["ema"] and repa_info["step"] is None
-    ema = {k: v.clone() for k, v in checkpoints["weights"]["ema"].items()}
-    key = sorted(ema)[0]
-    ema[key].view(-1)[-1] = torch.nextafter(ema[key].view(-1)[-1], torch.tensor(float("inf")))  # one bit
-    changed = _save_ours(tmp_path / "changed.pt", {**checkpoints["weights"], "ema": ema}, 10)
-    assert load_sampling_model(changed, "ema")[1]["weights_id"] != ids["ema"]
+def sha256_of(state_dict):
+    """The weights' identity, written from its definition: every tensor in sorted key order, its name, dtype, shape
+    and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_weights_hash_is_of_the_weights_alone(checkpoints, tmp_path):
+    ema, model = checkpoints["weights"]["ema"], checkpoints["weights"]["model"]
+    assert weights_sha256(ema) == sha256_of(ema) != weights_sha256(model)
+    # Only the weights count: the same EMA weights loaded from REPA's layout (no step there) hash alike.
+    loaded, _ = load_model(checkpoints["repa"], "ema", REPA_FLAGS)
+    assert weights_sha256(loaded.state_dict()) == sha256_of(ema)
+    changed = {k: v.clone() for k, v in ema.items()}
+    key = sorted(changed)[0]
+    changed[key].view(-1)[-1] = torch.nextafter(changed[key].view(-1)[-1], torch.tensor(float("inf")))  # one bit
+    assert weights_sha256(changed) != sha256_of(ema)
 
 
 def test_a_folder_is_never_extended_with_other_weights(checkpoints, tmp_path):
-    # Two checkpoint ids alike in the 8 characters a folder name shows: the full id in the settings decides.
-    ckpt = _save_ours(tmp_path / "last.pt", checkpoints["weights"], 10, "12345678" + "a" * 24)
-    _run(ckpt, tmp_path / "samples", "--num-fid-samples", "1")
-    _save_ours(ckpt, checkpoints["other_weights"], 10, "12345678" + "b" * 24)
-    with pytest.raises(InvalidInput, match=r"12345678a{24}/ema.*12345678b{24}/ema"):
+    # Two hashes alike in the 8 characters a folder name shows: the full hash in the settings decides.
+    ckpt = _save_ours(tmp_path / "last.pt", checkpoints["weights"], 10)
+    npz = _run(ckpt, tmp_path / "samples", "--num-fid-samples", "1")
+    settings_path = npz[: -len(".npz")] + ".json"
+    with open(settings_path) as f:
+        settings = json.load(f)
+    recorded = settings["weights_sha256"][:8] + "f" * 56
+    with open(settings_path, "w") as f:
+        json.dump({**settings, "weights_sha256": recorded}, f)
+    now = sha256_of(checkpoints["weights"]["ema"])
+    with pytest.raises(InvalidInput, match=f"weights_sha256: '{recorded}' before, '{now}' now"):
         _run(ckpt, tmp_path / "samples", "--num-fid-samples", "2")
 
 
 def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monkeypatch):
     # last.pt can be replaced between two ranks' loads: stand in a second rank that read the newer file.
-    monkeypatch.setattr(erw.sample_run, "gather_from_ranks", lambda obj: [obj, "c" * 32 + "/ema"])
-    with pytest.raises(InvalidInput, match=rf"rank 0: {CHECKPOINT_ID}/ema.*rank 1: c{{32}}/ema.*numbered"):
+    monkeypatch.setattr(sample_ddp, "gather", lambda obj: [obj, "c" * 64])
+    with pytest.raises(InvalidInput, match="processes loaded different weights.*numbered checkpoint"):
         _run(checkpoints["ours"], tmp_path / "samples")
     assert not os.path.exists(tmp_path / "samples")  # refused before anything was written
 
@@ -273,7 +260,7 @@ def test_ranks_holding_different_weights_are_refused(checkpoints, tmp_path, monk
 def test_resume_with_other_settings_is_refused(checkpoints, reference, tmp_path):
     _run(checkpoints["ours"], tmp_path, "--num-fid-samples", "1")
     with pytest.raises(InvalidInput,
-                       match="was sampled with other settings.*label_mode: .random. before, .balanced. now"):
+                       match="was sampled with other weights or settings.*label_mode: .random. before, .balanced. now"):
         _run(checkpoints["ours"], tmp_path, "--num-fid-samples", "1", "--label-mode", "balanced")
 
 
@@ -290,17 +277,6 @@ def test_pixel_rounding_is_recorded_and_part_of_a_folders_identity(checkpoints, 
         assert json.load(f)["pixel_rounding"] == "repa"
     with open(npz[: -len(".npz")] + ".json") as f:
         assert json.load(f)["pixel_rounding"] == "dit"
-    # A folder written before the flag existed holds DiT-rounded pixels: never resumed with REPA's.
-    folder = os.path.join(tmp_path, "old")
-    _run(checkpoints["ours"], folder, "--num-fid-samples", "1")
-    settings_path = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".json")][0]
-    with open(settings_path) as f:
-        settings = json.load(f)
-    del settings["pixel_rounding"]
-    with open(settings_path, "w") as f:
-        json.dump(settings, f)
-    with pytest.raises(InvalidInput, match="pixel_rounding: 'dit' before, 'repa' now"):
-        _run(checkpoints["ours"], folder, "--num-fid-samples", "2")
 
 
 def test_ode_heun_bf16_balanced_run(checkpoints, tmp_path):
@@ -315,38 +291,38 @@ def test_ode_heun_bf16_balanced_run(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("weights", ["ema", "model"])
 def test_our_checkpoint_loads_the_chosen_weights(checkpoints, weights):
-    model, info = load_sampling_model(checkpoints["ours"], weights)
-    assert info["format"] == "erw" and info["path_type"] == "linear" and info["vae"] == "random-tiny"
+    model, info = load_model(checkpoints["ours"], weights)
+    assert info["format"] == "erw" and info["config"] == {"path_type": "linear", "vae": "random-tiny"}
     for key, value in checkpoints["weights"][weights].items():
         assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_repa_checkpoint_loads_strictly_from_repa_flags(checkpoints):
     flags = REPA_FLAGS
-    model, info = load_sampling_model(checkpoints["repa"], "ema", flags)
+    model, info = load_model(checkpoints["repa"], "ema", flags)
     assert info["format"] == "repa" and info["model_args"]["input_size"] == 8
     for key, value in checkpoints["weights"]["ema"].items():
         assert torch.equal(model.state_dict()[key], value), key
     with pytest.raises(ValueError, match=r"shape mismatches.*projectors\.0\.4\.weight"):
-        load_sampling_model(checkpoints["repa"], "ema", {**flags, "projector_embed_dims": "48"})
+        load_model(checkpoints["repa"], "ema", {**flags, "projector_embed_dims": "48"})
 
 
-def test_bad_checkpoints_and_flags_are_named(checkpoints):
+def test_bad_checkpoints_and_flags_are_named(checkpoints, tmp_path):
+    with pytest.raises(InvalidInput, match="Phase-1 \\(warmup\\) checkpoint"):
+        _run(checkpoints["warmup"], tmp_path / "samples")
     with pytest.raises(ValueError, match="model flags disagree.*model: flag gives 'SiT-S/2'"):
-        load_sampling_model(checkpoints["ours"], "ema", {"model": "SiT-S/2"})
-    with pytest.raises(ValueError, match="Phase-1 \\(warmup\\) checkpoint"):
-        load_sampling_model(checkpoints["warmup"], "ema")
+        load_model(checkpoints["ours"], "ema", {"model": "SiT-S/2"})
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_sampling_model(checkpoints["ours"] + ".missing", "ema")
+        load_model(checkpoints["ours"] + ".missing", "ema")
     with pytest.raises(InvalidInput, match=r"is a folder; give a checkpoint file in it, e\.g\. .*last\.pt"):
-        load_sampling_model(os.path.dirname(checkpoints["ours"]), "ema")
+        load_model(os.path.dirname(checkpoints["ours"]), "ema")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--cfg-scale", "0.5"], r"argument --cfg-scale: 'cfg_scale' must be in \[1, inf\), got 0.5"),  # argparse's
     (["--cfg-scale", "2", "--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low <= --guidance-high"),
-    (["--micro-batch-size", "-1"], "--micro-batch-size must be >= 0"),
-    (["--global-seed", "-1"], "--global-seed must be >= 0, got -1"),
+    (["--chunk-size", "-1"], r"argument --chunk-size: must be in \[0, inf\), got -1"),
+    (["--global-seed", "-1"], r"argument --global-seed: must be in \[0, inf\), got -1"),
     (["--vae", "/no/such/vae"], "--vae: cannot load VAE '/no/such/vae'"),
 ])
 def test_refused_settings_leave_nothing_behind(checkpoints, tmp_path, capsys, flags, message):
@@ -364,7 +340,7 @@ def test_a_second_sampler_into_a_live_runs_folder_is_refused_naming_it(checkpoin
                                                                         monkeypatch):
     """While one run fills a sample folder, a second process asked for the same folder exits 2 at once, naming the
     first (host and PID); it removes none of the first's files; the first then finishes the same .npz as ever."""
-    real_save, second = erw.sample_run.save_png, []
+    real_save, second = sample_ddp.save_png, []
 
     def save_then_start_a_second_run(image, path):
         real_save(image, path)
@@ -378,7 +354,7 @@ def test_a_second_sampler_into_a_live_runs_folder_is_refused_naming_it(checkpoin
             second.append(os.path.exists(planted))
             os.remove(planted)
 
-    monkeypatch.setattr(erw.sample_run, "save_png", save_then_start_a_second_run)
+    monkeypatch.setattr(sample_ddp, "save_png", save_then_start_a_second_run)
     npz = _run(checkpoints["ours"], tmp_path, "--per-proc-batch-size", "3")
     result, temp_kept = second
     assert result.returncode == 2, result.stderr[-2000:]

@@ -201,9 +201,9 @@ def test_guidance_formula_on_all_channels():
     assert [c[0] for c in model.calls] == [2]
 
 
-def test_micro_batches_cover_every_row():
+def test_chunks_cover_every_row():
     model = RecordingModel()
-    velocity = GuidedVelocity(model, cfg_scale=2.0, micro_batch_size=2)
+    velocity = GuidedVelocity(model, cfg_scale=2.0, chunk_size=2)
     labels = torch.tensor([1, 2, 3])
     v = velocity(torch.zeros(3, 4, 2, 2), 0.5, labels)
     assert [c[0] for c in model.calls] == [2, 2, 2]  # 6 rows (cond + uncond) in chunks of 2

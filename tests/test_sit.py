@@ -173,7 +173,7 @@ def test_forward_features_rejects_layers_out_of_range():
 
 
 def test_label_dropout_only_in_training():
-    model = tiny(class_dropout_prob=0.5)
+    model = tiny(cfg_prob=0.5)
     labels = torch.arange(10).repeat(20)
     torch.manual_seed(0)
     dropped = model.y_embedder.token_drop(labels)
@@ -189,7 +189,7 @@ def test_label_dropout_only_in_training():
 
 
 def test_forced_drop_uses_the_null_class():
-    model = tiny(class_dropout_prob=0.0).eval()
+    model = tiny(cfg_prob=0.0).eval()
     labels = torch.tensor([1, 2, 3, 4])
     force = torch.tensor([1, 0, 1, 0])
     emb = model.y_embedder(labels, train=False, force_drop_ids=force)

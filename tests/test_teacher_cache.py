@@ -1,4 +1,4 @@
-"""Training that reads no images: the teacher-token cache (erw/teacher_cache.py) and packed latents (erw/data.py)
+"""Training that reads no images: the teacher-token cache (operations/teacher_cache.py) and packed latents (erw/data.py)
 against the live teacher and the per-file layout they replace."""
 import json
 import os
@@ -13,9 +13,8 @@ import torch
 
 import train
 import train_warmup
-from erw.cli import InvalidInput
 from erw.data import ImageLatentDataset
-from erw.teacher_cache import IDENTITY_FILE, TeacherCache, cached_teachers
+from operations.teacher_cache import IDENTITY_FILE, TeacherCache, cached_teachers
 from models.encoders import load_teachers
 from models.vae import load_vae
 from preprocessing import dataset_tools
@@ -124,13 +123,13 @@ def test_a_cache_made_for_other_settings_is_refused_naming_the_field(data, tmp_p
     if field == "num_images":  # a cache of 161 images holds 161 rows
         tokens = np.load(cache / "shard-00000.npy")
         np.save(cache / "shard-00000.npy", np.concatenate([tokens, tokens[:1]]))
-    with pytest.raises(InvalidInput, match=rf"--teacher-cache .* other settings than this run's: {field}: cache has"):
+    with pytest.raises(ValueError, match=rf"--teacher-cache .* other settings than this run's: {field}: cache has"):
         train_warmup.main(tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1",
                                     "--teacher-cache", str(cache)))
 
 
 def test_a_cache_for_another_teacher_is_refused(data, tmp_path):
-    with pytest.raises(InvalidInput, match=r"teachers: cache has \['random-vit-tiny'\], this run \['demo-vit-tiny'\]"):
+    with pytest.raises(ValueError, match=r"teachers: cache has \['random-vit-tiny'\], this run \['demo-vit-tiny'\]"):
         train_warmup.main(tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1",
                                     "--enc-type", "demo-vit-tiny", "--teacher-cache", str(data / "float32")))
 
@@ -141,13 +140,13 @@ def test_an_interrupted_cache_is_refused_and_resumed(data, tmp_path):
     shard = cache / "shard-00000.npy"
     expected = np.load(shard)
     shard.unlink()
-    with pytest.raises(InvalidInput, match="lacks 1 of 1 shards .*shard-00000.npy.* rerun"):
+    with pytest.raises(ValueError, match="lacks 1 of 1 shards .*shard-00000.npy.* rerun"):
         TeacherCache(str(cache))
     dataset_tools.main(["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", "random-vit-tiny",
                         "--out", str(cache), "--dtype", "float32", "--batch-size", "48", "--workers", "0",
                         "--device", "cpu"])
     np.testing.assert_array_equal(np.load(shard), expected)  # the same batches: bit for bit
-    with pytest.raises(InvalidInput, match="other settings .*dtype: cache has 'float32', this run 'float16'"):
+    with pytest.raises(ValueError, match="other settings .*dtype: cache has 'float32', this run 'float16'"):
         dataset_tools.main(["cache-teachers", "--data-dir", str(data / "per-file"), "--enc-type", "random-vit-tiny",
                             "--out", str(cache), "--dtype", "float16", "--workers", "0", "--device", "cpu"])
 
@@ -191,7 +190,7 @@ def test_two_processes_and_a_resume_train_from_the_cache_what_one_process_trains
     """From packed latents and a float32 cache, without images: 2 processes (torchrun + gloo), stopped after 2 steps
     and resumed, against one process straight through. Tolerances as in test_training_paths.py's
     test_two_processes_train_what_one_process_trains (float32 summation order over the two halves of the batch)."""
-    from erw.checkpoint import load_checkpoint
+    from operations.checkpoint import load_checkpoint
     from tests.dist_utils import free_port
     folder = tmp_path / "data"
     shutil.copytree(data / "packed", folder)
@@ -283,11 +282,11 @@ def test_a_pack_that_still_holds_a_deleted_item_is_refused_by_training_and_packe
         content = json.load(f)
     content["labels"] = [entry for entry in content["labels"] if entry[0] != "00000/img-mean-std-00000007.npy"]
     (folder / "vae-sd" / "dataset.json").write_text(json.dumps(content))
-    with pytest.raises(InvalidInput, match=r"packed/ of .* is stale: .*dataset\.json labels 19 latents now, and not "
+    with pytest.raises(ValueError, match=r"packed/ of .* is stale: .*dataset\.json labels 19 latents now, and not "
                                            r"the 20 items packed; rerun .*pack"):
         train_warmup.main(tiny_args(folder, tmp_path / "run", "--max-train-steps", "1", "--batch-size", "8"))
     # The deletion has to reach the dataset identity first: encode rehashes (nothing to encode), then pack packs.
-    with pytest.raises(InvalidInput, match=r"pack needs the dataset identity .* is of other items .* encode"):
+    with pytest.raises(ValueError, match=r"pack needs the dataset identity .* is of other items .* encode"):
         _pack(folder, capsys)
     assert "packed already" not in capsys.readouterr().out
     _encode(folder)
@@ -307,7 +306,7 @@ def test_a_pack_of_latents_encoded_again_is_refused_by_training_and_packed_again
     vae.save_pretrained(tmp_path / "other-vae")
     shutil.rmtree(folder / "vae-sd")
     _encode(folder, tmp_path / "other-vae")
-    with pytest.raises(InvalidInput, match=r"packed/ of .* is stale: .*dataset\.json records another dataset identity "
+    with pytest.raises(ValueError, match=r"packed/ of .* is stale: .*dataset\.json records another dataset identity "
                                            r"\(vae-sd/ was encoded again"):
         train_warmup.main(tiny_args(folder, tmp_path / "run", "--max-train-steps", "1", "--batch-size", "8"))
     out = _pack(folder, capsys)
@@ -326,7 +325,7 @@ def test_a_packed_index_pointing_at_other_images_is_refused(data, tmp_path, edit
     index["image_files"] = images[1:] + images[:1] if edit == "rotated by one" else \
         images[:3] + ["../../elsewhere/00000/img00000003.png"] + images[4:]
     (folder / "packed" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(InvalidInput, match=r"index\.json and .*labels\.npy do not hold the items the pack recorded"):
+    with pytest.raises(ValueError, match=r"index\.json and .*labels\.npy do not hold the items the pack recorded"):
         ImageLatentDataset(str(folder))
 
 
@@ -337,7 +336,7 @@ def test_a_cache_of_another_dataset_with_the_same_file_names_is_refused(data, tm
     dataset_tools.main(["make-demo", "--dest", str(other), "--images-per-class", "16", "--vae", "random-tiny",
                         "--seed", "1", "--device", "cpu"])
     assert ImageLatentDataset(str(other)).image_files == ImageLatentDataset(str(data / "per-file")).image_files
-    with pytest.raises(InvalidInput, match=r"--teacher-cache .* other settings than this run's: images_sha256: cache "
+    with pytest.raises(ValueError, match=r"--teacher-cache .* other settings than this run's: images_sha256: cache "
                                            r"has '[0-9a-f]{64}', this run '[0-9a-f]{64}'; make a cache"):
         train_warmup.main(tiny_args(other, tmp_path / "run", "--max-train-steps", "1",
                                     "--teacher-cache", str(data / "float32")))
@@ -346,7 +345,7 @@ def test_a_cache_of_another_dataset_with_the_same_file_names_is_refused(data, tm
     with open(folder / "vae-sd" / "dataset.json") as f:
         content = json.load(f)
     (folder / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": content["labels"]}))
-    with pytest.raises(InvalidInput, match=r"--teacher-cache needs the dataset identity .* records none .* encode"):
+    with pytest.raises(ValueError, match=r"--teacher-cache needs the dataset identity .* records none .* encode"):
         train_warmup.main(tiny_args(folder, tmp_path / "run2", "--max-train-steps", "1",
                                     "--teacher-cache", str(data / "float32")))
 
@@ -360,7 +359,7 @@ def test_a_folder_without_an_identity_gets_one_from_encode_without_encoding_agai
     with open(labels_path) as f:
         content = json.load(f)
     labels_path.write_text(json.dumps({"labels": content["labels"]}))
-    with pytest.raises(InvalidInput, match="pack needs the dataset identity .* records none"):
+    with pytest.raises(ValueError, match="pack needs the dataset identity .* records none"):
         dataset_tools.main(["pack", "--data-dir", str(folder), "--workers", "0"])
     latents = {p: p.stat().st_mtime_ns for p in (folder / "vae-sd").rglob("*.npy")}
     _encode(folder)
@@ -384,7 +383,7 @@ def test_a_truncated_cache_shard_is_named_in_one_line_before_training(data, tmp_
     """Once `ValueError: mmap length is greater than file size`, naming no file, from the first batch that read it."""
     cache = _copy(data / "float32", tmp_path, "cache")
     _truncate(cache / "shard-00000.npy")
-    with pytest.raises(InvalidInput, match="shard-00000.npy: mmap length"):
+    with pytest.raises(ValueError, match="shard-00000.npy: mmap length"):
         TeacherCache(str(cache))  # when the cache is opened, not when a worker first reads the shard
     command = [sys.executable, os.path.join(ROOT, "train_warmup.py"),
                *tiny_args(data / "per-file", tmp_path / "run", "--max-train-steps", "1", "--teacher-cache", str(cache))]
@@ -399,7 +398,7 @@ def test_a_truncated_packed_moments_file_is_named(data, tmp_path):
     folder = _copy(data / "packed", tmp_path)
     _truncate(folder / "packed" / "moments.npy")
     moments = re.escape(str(folder / "packed" / "moments.npy"))
-    with pytest.raises(InvalidInput, match=rf"cannot read the packed moments {moments}: mmap length is greater than "
+    with pytest.raises(ValueError, match=rf"cannot read the packed moments {moments}: mmap length is greater than "
                                            r"file size \(truncated"):
         ImageLatentDataset(str(folder), load_images=False)
 
@@ -425,7 +424,7 @@ def test_packed_labels_that_are_not_class_indices_are_refused_up_front(data, tmp
     it was drawn, float labels ended in a RuntimeError, an empty pack in a zero-size ValueError."""
     folder = _copy(data / "packed", tmp_path)
     damage(folder)
-    with pytest.raises(InvalidInput, match=message):
+    with pytest.raises(ValueError, match=message):
         ImageLatentDataset(str(folder), load_images=False)
 
 
@@ -444,7 +443,7 @@ def test_identity_fields_of_another_type_or_range_are_refused_naming_the_field(d
         identity = json.load(f)
     identity[field] = value
     (cache / IDENTITY_FILE).write_text(json.dumps(identity))
-    with pytest.raises(InvalidInput, match=rf"teacher cache identity .*{IDENTITY_FILE}: {re.escape(shown)}"):
+    with pytest.raises(ValueError, match=rf"teacher cache identity .*{IDENTITY_FILE}: {re.escape(shown)}"):
         TeacherCache(str(cache))
 
 
@@ -476,7 +475,7 @@ def test_a_pack_refused_half_way_leaves_no_temp_file(data, tmp_path):
     folder = _copy(data / "per-file", tmp_path)
     bad = folder / "vae-sd" / "00000" / "img-mean-std-00000100.npy"
     np.save(bad, np.zeros((8, 4, 4), np.float32))
-    with pytest.raises(InvalidInput, match=re.escape(str(bad))):
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
         dataset_tools.main(["pack", "--data-dir", str(folder), "--workers", "0"])
     assert not [name for name in os.listdir(folder / "packed") if name.endswith(".tmp")]
     assert not (folder / "packed" / "index.json").exists()

@@ -11,10 +11,10 @@ import yaml
 
 import train
 import train_warmup
-from erw.checkpoint import load_checkpoint, save_checkpoint
+from operations.checkpoint import load_checkpoint, save_checkpoint
 from erw.data import ImageLatentDataset, sample_latents
 from erw.losses import Objective
-from erw.warm_start import load_warmup
+from erw.loop import warm_start
 from models.sit import SiT
 from tests.conftest import ROOT, tiny_args
 from tests.dist_utils import free_port
@@ -49,7 +49,7 @@ def test_warm_start_transfers_exactly_what_it_should(tmp_path, weights, start):
     source = src_model if weights == "model" else src_ema
     model = fresh_full()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = load_warmup(model, str(tmp_path / "p1.pt"), weights=weights, start_layer=start, expected_depth=2)
+    summary = warm_start(model, str(tmp_path / "p1.pt"), weights=weights, start_layer=start, expected_depth=2)
     after = model.state_dict()
     expected_from_ckpt = {f"blocks.{start + int(k.split('.')[1])}.{k.split('.', 2)[2]}" if k.startswith("blocks.")
                           else k: k for k in source}
@@ -65,22 +65,22 @@ def test_warm_start_transfers_exactly_what_it_should(tmp_path, weights, start):
 def test_warm_start_errors(tmp_path):
     phase1_checkpoint(tmp_path / "p1.pt", k=2)
     with pytest.raises(ValueError, match="do not fit a 5-block model"):
-        load_warmup(fresh_full(), str(tmp_path / "p1.pt"), start_layer=4)
+        warm_start(fresh_full(), str(tmp_path / "p1.pt"), start_layer=4)
     with pytest.raises(ValueError, match="--warmup-depth is 3"):
-        load_warmup(fresh_full(), str(tmp_path / "p1.pt"), expected_depth=3)
+        warm_start(fresh_full(), str(tmp_path / "p1.pt"), expected_depth=3)
     with pytest.raises(ValueError, match="teacher widths \\[24\\]"):
-        load_warmup(fresh_full(z_dims=(16,)), str(tmp_path / "p1.pt"))
+        warm_start(fresh_full(z_dims=(16,)), str(tmp_path / "p1.pt"))
     phase1_checkpoint(tmp_path / "wide.pt", hidden_size=96)
     with pytest.raises(ValueError, match="96-wide"):
-        load_warmup(fresh_full(), str(tmp_path / "wide.pt"))
+        warm_start(fresh_full(), str(tmp_path / "wide.pt"))
     phase1_checkpoint(tmp_path / "deep.pt", k=6)
     with pytest.raises(ValueError, match="6 warmed blocks"):
-        load_warmup(fresh_full(), str(tmp_path / "deep.pt"))
+        warm_start(fresh_full(), str(tmp_path / "deep.pt"))
     torch.save({"model": fresh_full().state_dict(), "model_args": {"truncated": False}}, tmp_path / "full.pt")
     with pytest.raises(ValueError, match="not a Phase-1 checkpoint"):
-        load_warmup(fresh_full(), str(tmp_path / "full.pt"))
+        warm_start(fresh_full(), str(tmp_path / "full.pt"))
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        load_warmup(fresh_full(), str(tmp_path / "nowhere.pt"))
+        warm_start(fresh_full(), str(tmp_path / "nowhere.pt"))
 
 
 @pytest.mark.parametrize("name,flag", [("qk_norm", "--qk-norm"), ("use_rope", "--use-rope")])
@@ -90,7 +90,7 @@ def test_warm_start_refuses_other_attention_options(tmp_path, name, flag):
     torch.manual_seed(1)
     model = SiT(**ARCH, encoder_depth=3, z_dims=[24], **{name: True})
     with pytest.raises(ValueError, match=f"trained with {name} = False, but this run sets {flag} = True"):
-        load_warmup(model, str(tmp_path / "p1.pt"))
+        warm_start(model, str(tmp_path / "p1.pt"))
 
 
 @pytest.fixture(scope="module")

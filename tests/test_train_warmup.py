@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import train_warmup
-from erw.checkpoint import load_checkpoint
-from erw.config import OPTIONS, ConfigError, resolve_config
+from operations.checkpoint import load_checkpoint
+from operations.config import OPTIONS, ConfigError, resolve_config
 from erw.losses import Objective
 from models.encoders import load_teachers
 from models.sit import create_sit
@@ -109,7 +109,7 @@ def test_bad_config_value_names_the_key(tmp_path):
         resolve_config("warmup", ["--config", str(bad)])
 
 
-# What each number means bounds it (written here from the meaning, not read from erw/config.py): probabilities and
+# What each number means bounds it (written here from the meaning, not read from the OPTIONS table): probabilities and
 # the guidance interval in [0, 1], decays and Adam's betas in [0, 1), a learning rate, temperature, half-life and
 # epsilon strictly positive, counts and intervals from their least meaningful value.
 INF = float("inf")

@@ -1,5 +1,6 @@
-"""The shared training loop around the formulas: non-finite updates, checkpoints that are always good, resume with
-changed settings, old checkpoints, metrics.jsonl, temp files and file modes, preemption by a real signal."""
+"""The shared training loop (erw/loop.py) and the run's operations (operations/run.py) around the formulas:
+non-finite updates, checkpoints that are always good, resume with changed settings, metrics.jsonl, temp files and file
+modes, preemption by a real signal."""
 import errno
 import json
 import os
@@ -15,11 +16,12 @@ import torch
 import yaml
 
 import train_warmup
-from erw import run_dir as run_dir_module
-from erw import trainer as trainer_module
+from operations import run as run_dir_module
+from erw import loop as loop_module
+from erw import step as step_module
 from erw.batch_random import derive_seed
-from erw.checkpoint import load_checkpoint
-from erw.files import atomic_write
+from operations.checkpoint import load_checkpoint
+from operations.files import atomic_write
 from erw.losses import Objective
 from tests.conftest import ROOT, tiny_args
 from tests.test_train_warmup import _state_equal
@@ -90,8 +92,8 @@ def test_infinite_gradient_with_finite_loss_skips_the_update_and_counts_it(demo_
 
 
 def test_non_finite_gradients_in_a_row_stop_naming_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
-    assert trainer_module.MAX_CONSECUTIVE_SKIPS == 50  # README's number; the test lowers it to stay short
-    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    assert loop_module.MAX_CONSECUTIVE_SKIPS == 50  # README's number; the test lowers it to stay short
+    monkeypatch.setattr(loop_module, "MAX_CONSECUTIVE_SKIPS", 3)
     monkeypatch.setattr(train_warmup, "Objective", _objective_with_infinite_gradient(set(range(2, 100))))
     # Updates 3, 4, 5, ... are skipped. The device-side count is read before each checkpoint: 2 in a row at step 4
     # (0000004.pt holds step 2's weights, finite), 4 in a row at step 6: stop, and 0000006.pt is not written.
@@ -104,7 +106,7 @@ def test_non_finite_gradients_in_a_row_stop_naming_the_last_good_checkpoint(demo
 
 
 def test_nan_weights_are_never_saved(demo_data, tmp_path, monkeypatch):
-    real_update = trainer_module.update_ema
+    real_update = step_module.update_ema
 
     def update_then_poison_at_step_3(ema, model, decay):  # the EMA update of the 3rd optimizer step
         real_update(ema, model, decay)
@@ -114,7 +116,7 @@ def test_nan_weights_are_never_saved(demo_data, tmp_path, monkeypatch):
                 next(ema.parameters()).view(-1)[0] = float("nan")
     update_then_poison_at_step_3.calls = 0
 
-    monkeypatch.setattr(trainer_module, "update_ema", update_then_poison_at_step_3)
+    monkeypatch.setattr(step_module, "update_ema", update_then_poison_at_step_3)
     with pytest.raises(FloatingPointError, match="non-finite weights after step 3") as error:
         train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "1"))
     assert "not saved" in str(error.value) and _ckpt(tmp_path, "0000002.pt") in str(error.value)
@@ -205,7 +207,8 @@ def test_resume_with_another_batch_size_continues_after_the_same_items(demo_data
                                 "--resume-override", "batch_size"))
     ckpt = load_checkpoint(_ckpt(tmp_path, "last.pt"))
     # 2 steps x 32 items, then 1 x 16: the stream position is 80 items = 5 micro-batches of 16.
-    assert ckpt["data_position"] == {"micro_batch": 5, "world_size": 1, "local_batch_size": 16, "dataset_len": 160}
+    position = {k: ckpt["data_position"][k] for k in ("micro_batch", "world_size", "local_batch_size", "dataset_len")}
+    assert position == {"micro_batch": 5, "world_size": 1, "local_batch_size": 16, "dataset_len": 160}
     assert "continues after item 64 of the stream" in _log_text(tmp_path)
 
 
@@ -216,8 +219,24 @@ def test_resume_refuses_a_data_folder_whose_contents_changed(tmp_path):
     train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "1", "--batch-size", "8"))
     shutil.rmtree(data)
     dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2", "--vae", "random-tiny"])
-    with pytest.raises(ValueError, match=f"trained on 40 items, but {data} now holds 20"):
+    with pytest.raises(ValueError, match=f"trained on other data than {data} holds .*dataset_len 40 then, 20 now"):
         train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "2", "--batch-size", "8", "--resume"))
+
+
+def test_resume_refuses_a_data_folder_of_the_same_size_with_other_images(tmp_path):
+    """make-demo names files by index: another seed gives the same names, labels and count, other pixels and
+    latents. The dataset identity encode records tells them apart."""
+    from preprocessing import dataset_tools
+    data = tmp_path / "data"
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2", "--vae", "random-tiny"])
+    train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "1", "--batch-size", "8"))
+    shutil.rmtree(data)
+    dataset_tools.main(["make-demo", "--dest", str(data), "--images-per-class", "2", "--vae", "random-tiny", "--seed",
+                        "1"])
+    with pytest.raises(ValueError, match=f"trained on other data than {data} holds .*dataset_sha256 '"):
+        train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "2", "--batch-size", "8", "--resume"))
+    train_warmup.main(tiny_args(data, tmp_path, "--max-train-steps", "2", "--batch-size", "8", "--resume",
+                                "--resume-override", "data_dir"))  # deliberately
 
 
 # ------------------------------------------------------------------ old checkpoints, metrics.jsonl (items 6, 9)
@@ -375,8 +394,8 @@ def test_a_full_disk_names_the_checkpoint_the_reason_and_the_last_good_one(demo_
                                                                              capsys):
     """The second save meets a full disk, as torch's writer reports it (a RuntimeError whose cause is the OSError):
     one line says which file, why, and which checkpoint is the last good one, which stays intact; exit status 74."""
-    from erw.checkpoint import EXIT_IO_ERROR
-    from erw.cli import run_main
+    from operations.checkpoint import EXIT_IO_ERROR
+    from operations.cli import run_main
     real_save, saves = torch.save, []
 
     def save(obj, f, *args, **kwargs):
@@ -425,7 +444,7 @@ def test_sigterm_checkpoints_exits_and_resume_continues_bit_for_bit(demo_data, t
     # The whole process group, as SLURM signals it: the DataLoader worker gets SIGTERM too.
     code, output = _start_and_signal(cmd, os.path.join(tmp_path, "preempted", run_dir_module.METRICS_FILE),
                                      signal.SIGTERM, to_group=True)
-    assert code == trainer_module.EXIT_PREEMPTED == 75, output[-3000:]  # EX_TEMPFAIL, what README promises
+    assert code == run_dir_module.EXIT_PREEMPTED == 75, output[-3000:]  # EX_TEMPFAIL, what README promises
     stopped = load_checkpoint(_ckpt(tmp_path, "last.pt", "preempted"))
     assert 2 <= stopped["step"] < 30
     assert f"Received SIGTERM: stopped after step {stopped['step']}" in _log_text(tmp_path, "preempted")
@@ -441,6 +460,6 @@ def test_sigusr1_also_checkpoints_and_exits(demo_data, tmp_path):
     cmd = _train_warmup_cmd(demo_data, tmp_path, "usr1", "--num-workers", "0")
     code, output = _start_and_signal(cmd, os.path.join(tmp_path, "usr1", run_dir_module.METRICS_FILE),
                                      signal.SIGUSR1, to_group=False)
-    assert code == trainer_module.EXIT_PREEMPTED, output[-3000:]
+    assert code == run_dir_module.EXIT_PREEMPTED, output[-3000:]
     step = load_checkpoint(_ckpt(tmp_path, "last.pt", "usr1"))["step"]
     assert f"Received SIGUSR1: stopped after step {step}" in _log_text(tmp_path, "usr1")

@@ -31,7 +31,7 @@ from tests.dist_utils import free_port
 NUM_SAMPLES, NUM_STEPS = 6, 4
 # The CFG interval covers part of the SDE steps, so both model batch shapes occur.
 FID_FLAGS = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights",
-             "random", "--cfg-scale", "1.5", "--guidance-high", "0.7"]
+             "random", "--cfg-scale", "1.5", "--guidance-high", "0.7", "--fid-bitwise"]
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def standalone(ckpt, demo_data, ref, sample_dir, seed=0, guidance=("--cfg-scale"
     """sample_ddp.py on the checkpoint with the settings the run's FID used, then the evaluator on its .npz."""
     npz = sample_ddp.main(["--ckpt", ckpt, "--sample-dir", str(sample_dir), "--global-seed", str(seed),
                            "--num-fid-samples", str(NUM_SAMPLES), "--num-steps", str(NUM_STEPS), "--mode", "sde",
-                           *guidance, "--vae", os.path.join(str(demo_data), "vae"), "--device", "cpu"])
+                           *guidance, "--vae", os.path.join(str(demo_data), "vae"), "--device", "cpu", "--bitwise"])
     with cpu_threads(1):  # as the in-training FID runs on the CPU
         return evaluate(ref, npz, inception_weights="random", device="cpu", batch_size=1,
                         is_split_size=NUM_SAMPLES, cache_dir=default_cache_dir(), progress=False, log=None,
@@ -70,8 +70,8 @@ def standalone(ckpt, demo_data, ref, sample_dir, seed=0, guidance=("--cfg-scale"
 
 
 def assert_same_metrics(record, results):
-    # Exact: the same images (one sample per network call on one thread: bitwise independent of batch and process
-    # count, erw/generation.py), the same network outputs in the same sample order, the same numpy calls on them.
+    # Exact: the same images (bitwise mode, one sample per network call on one thread: independent of batch and
+    # process count, erw/generation.py), the same network outputs in the same sample order, the same numpy calls.
     assert (record["fid"], record["sfid"], record["inception_score"]) == \
         (results["fid"], results["sfid"], results["inception_score"])
     assert results["settings"]["activation_cache"] == "hit"  # the reference statistics the run computed and cached
@@ -161,7 +161,8 @@ def test_the_runs_seed_no_guidance_by_default_and_the_reference_files_own_statis
         return real_velocity(self, x, t, y)
 
     monkeypatch.setattr(GuidedVelocity, "_model_velocity", recording)
-    flags = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights", "random"]
+    flags = ["--fid-num-samples", str(NUM_SAMPLES), "--fid-num-steps", str(NUM_STEPS), "--inception-weights", "random",
+             "--fid-bitwise"]
     train.main(tiny_args(demo_data, tmp_path, "--warmup-ckpt", "none", "--vae", os.path.join(str(demo_data), "vae"),
                          "--sample-grid-every", "1000", "--sample-num-steps", "2", "--fid-ref", with_stats, *flags,
                          "--max-train-steps", "1", "--fid-every", "1", "--batch-size", "8", "--seed", "3"))
@@ -214,8 +215,8 @@ def test_bad_fid_settings_are_named_before_training(demo_data, fid_setup, tmp_pa
     with pytest.raises(ValueError, match=r"--fid-ref .*ref32.npz holds 32x32 images, but this run samples 64x64"):
         train.main(train_args(demo_data, tmp_path, str(tmp_path / "ref32.npz"), "--fid-every", "2",
                               "--exp-name", "d"))
-    for name in ("a", "b", "c", "d"):  # refused before any step
-        assert not os.listdir(os.path.join(tmp_path, name, "checkpoints"))
+    for name in ("a", "b", "c", "d"):  # refused before the run's folder exists
+        assert not os.path.exists(os.path.join(tmp_path, name))
 
 
 def test_fd_dinov2_in_training_equals_the_evaluators(demo_data, fid_setup, tmp_path, test_size_dinov2):

@@ -11,10 +11,9 @@ import torch
 import train
 import train_warmup
 from erw import data as data_module
-from erw import experiment
-from erw.checkpoint import COMPILED_PREFIX, load_checkpoint, load_model, save_checkpoint
-from erw.warm_start import load_warmup
-from models.sit import SiTBlock, create_sit
+from erw import loop
+from operations.checkpoint import load_checkpoint
+from models.sit import SiTBlock
 from tests.conftest import ROOT, tiny_args
 from tests.dist_utils import free_port
 from tests.observers import observe_fit
@@ -34,7 +33,7 @@ def _record_compute_dtypes(monkeypatch):
             seen[name].add((output.dtype, torch.get_autocast_dtype("cpu"), torch.is_autocast_enabled("cpu")))
         return record
 
-    real_create, real_teachers = experiment.create_sit, experiment.load_teachers
+    real_create, real_teachers = train_warmup.create_sit, loop.load_teachers
 
     def create_sit_with_hook(**kwargs):
         model = real_create(**kwargs)
@@ -46,8 +45,8 @@ def _record_compute_dtypes(monkeypatch):
         teachers[0].vit.blocks[0].attn.qkv.register_forward_hook(hook("teacher"))
         return teachers
 
-    monkeypatch.setattr(experiment, "create_sit", create_sit_with_hook)
-    monkeypatch.setattr(experiment, "load_teachers", teachers_with_hook)
+    monkeypatch.setattr(train_warmup, "create_sit", create_sit_with_hook)
+    monkeypatch.setattr(loop, "load_teachers", teachers_with_hook)
     return seen
 
 
@@ -117,30 +116,7 @@ def test_compiled_phase1_phase2_and_resume_keep_plain_keys(demo_data, tmp_path, 
     for path in (phase1, _ckpt(tmp_path, "last.pt", "tiny")):
         ckpt = load_checkpoint(path)
         for weights in ("model", "ema"):
-            assert not any(k.startswith(COMPILED_PREFIX) for k in ckpt[weights]), (path, weights)
-
-
-def test_checkpoints_of_a_compile_wrapped_model_still_load(tmp_path):
-    """Runs trained before compilation moved in place saved "_orig_mod."-prefixed model keys: the warm start and
-    every strict load accept them (all keys prefixed, nothing else differs)."""
-    torch.manual_seed(0)
-    phase1 = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=2, z_dims=[24], built_depth=2)
-    prefixed = {COMPILED_PREFIX + k: v for k, v in phase1.state_dict().items()}
-    args = {"model": "SiT-Tiny/2", "input_size": 8, "num_classes": 10, "encoder_depth": 2, "z_dims": [24],
-            "built_depth": 2}
-    save_checkpoint({"model": prefixed, "ema": phase1.state_dict(), "model_args": args, "step": 1},
-                    str(tmp_path / "p1.pt"))
-    full = create_sit("SiT-Tiny/2", input_size=8, num_classes=10, encoder_depth=3, z_dims=[24])
-    load_warmup(full, str(tmp_path / "p1.pt"))
-    assert torch.equal(full.blocks[1].attn.qkv.weight, phase1.blocks[1].attn.qkv.weight)
-    # The loader of sample_ddp.py and cknna.py (erw/checkpoint.py), for both weight sets.
-    full_args = {**args, "encoder_depth": 3, "built_depth": None}
-    prefixed = {COMPILED_PREFIX + k: v for k, v in full.state_dict().items()}
-    save_checkpoint({"model": prefixed, "ema": prefixed, "model_args": full_args, "step": 2, "checkpoint_id":
-                     "compiled0"}, str(tmp_path / "full.pt"))
-    for weights in ("ema", "model"):
-        loaded, _ = load_model(str(tmp_path / "full.pt"), weights)
-        assert all(torch.equal(v, full.state_dict()[k]) for k, v in loaded.state_dict().items()), weights
+            assert not any(k.startswith("_orig_mod.") for k in ckpt[weights]), (path, weights)  # a wrapper's
 
 
 # ------------------------------------------------------------------ data

@@ -1,6 +1,6 @@
-"""What the entry points hand the training loop, observed at Trainer.fit for every flag of README's "Flags researchers
-ablate" table, and what a --resume may change: every training key of erw/config.py is refused, every run-control key
-accepted."""
+"""What the entry points hand the training loop, observed at erw.loop.fit for every flag of README's "Flags
+researchers ablate" table, and what a --resume may change: every training key of the OPTIONS table is refused, every
+run-control key accepted."""
 import math
 import os
 import re
@@ -11,11 +11,10 @@ import yaml
 
 import train
 import train_warmup
-from erw.checkpoint import load_checkpoint, save_checkpoint
-from erw.config import INVOCATION_KEYS, OPTIONS, OPTIONS_BY_NAME, TRAIN, WARMUP, resolve_config
-from erw.sample_grid import SampleGridHook
-from erw.run_dir import CONFIG_HISTORY_FILE
-from erw.trainer import Trainer
+from operations.checkpoint import load_checkpoint, save_checkpoint
+from operations.config import INVOCATION_KEYS, OPTIONS, OPTIONS_BY_NAME, TRAIN, WARMUP, resolve_config
+from erw.loop import SampleGrids
+from operations.run import CONFIG_HISTORY_FILE, open_run
 from tests.conftest import ROOT, tiny_args
 from tests.observers import observe_fit
 
@@ -31,9 +30,9 @@ def phase1(demo_data, tmp_path_factory):
 
 
 def built(monkeypatch, entry, demo_data, out, *flags):
-    """Run an entry point up to the loop (nothing trains): what it handed Trainer.fit. Phase 2 starts without warm
+    """Run an entry point up to the loop (nothing trains): what it handed erw.loop.fit. Phase 2 starts without warm
     start unless the flags give --warmup-ckpt (the last of a repeated flag wins)."""
-    calls = observe_fit(monkeypatch, train=False)
+    calls = observe_fit(monkeypatch, train_it=False)
     extra = ["--vae", os.path.join(str(demo_data), "vae"), "--warmup-ckpt", "none"] if entry is train else []
     entry.main(tiny_args(demo_data, out, *extra, *flags))
     (call,) = calls
@@ -84,9 +83,9 @@ def check_lambda(monkeypatch, demo_data, tmp_path, phase1):
     call = phase2(monkeypatch, demo_data, tmp_path / "exp", "--proj-coeff", "0.3", "--proj-half-life", "40",
                   "--proj-decay", "exp")
     for s in (0, 40, 100):  # lambda(s) = l0 * 2^(-s / H), paper eq. 14
-        assert call.objective.weight(s) == pytest.approx(0.3 * 2 ** (-s / 40), rel=1e-12)
+        assert call.objective.proj_coeff_at(s) == pytest.approx(0.3 * 2 ** (-s / 40), rel=1e-12)
     call = phase2(monkeypatch, demo_data, tmp_path / "none", "--proj-coeff", "0.3", "--proj-decay", "none")
-    assert [call.objective.weight(s) for s in (0, 10 ** 6)] == [0.3, 0.3]
+    assert [call.objective.proj_coeff_at(s) for s in (0, 10 ** 6)] == [0.3, 0.3]
     call = phase2(monkeypatch, demo_data, tmp_path / "zero", "--proj-coeff", "0")
     assert call.teachers == [] and call.objective.align is None  # plain SiT: no teacher is even loaded
 
@@ -172,22 +171,23 @@ def test_label_dropout_and_hooks_reach_the_loop(monkeypatch, demo_data, tmp_path
     """--cfg-prob trains the null class in both phases (CFG needs it); Phase 2's sample grids follow their flags."""
     for entry in (train, train_warmup):
         call = built(monkeypatch, entry, demo_data, tmp_path / entry.__name__, "--cfg-prob", "0.25")
-        assert call.objective.class_dropout_prob == 0.25, entry.__name__
+        assert call.objective.cfg_prob == 0.25, entry.__name__
     call = phase2(monkeypatch, demo_data, tmp_path / "grids", "--sample-grid-every", "7", "--sample-grid-size", "5",
                   "--sample-num-steps", "3", "--max-train-steps", "20")
-    (grids,) = [h for h in call.hooks if isinstance(h, SampleGridHook)]
+    (grids,) = [h for h in call.hooks if isinstance(h, SampleGrids)]
     assert (grids.every, grids.num_steps, len(grids.noise), grids.last_step) == (7, 3, 5, 20)
-    assert call.trainer.precision.mode == "no" and call.trainer.local_batch_size == 32
+    assert call.run.local_batch_size == 32
 
 
 # ------------------------------------------------------------------ what a resume may change
 
 # The run-control keys, written out: a key added later is a training key (refused on resume) unless it is added here
-# on purpose; flipping a training key to run-control in erw/config.py fails here.
+# on purpose; flipping a training key to run-control in operations/config.py fails here.
 RUN_CONTROL = {"exp_name", "output_dir", "resume", "resume_override", "report_to", "log_every", "num_workers", "vae",
                "sample_grid_every", "sample_grid_size", "sample_num_steps", "fid_every", "fid_num_samples",
                "fid_num_steps", "fid_mode", "fid_precision", "fid_ref", "inception_weights", "cfg_scale",
-               "guidance_low", "guidance_high", "max_train_steps", "checkpointing_steps", "compile", "fd_dinov2"}
+               "guidance_low", "guidance_high", "max_train_steps", "checkpointing_steps", "compile", "fd_dinov2",
+               "fid_bitwise"}
 LOCATION = {"exp_name", "output_dir"}  # where the run lives: another value is another run, not a change
 
 
@@ -240,9 +240,9 @@ def test_resume_refuses_every_training_key(stored_run, key):
     config, exp_dir = stored_run
     new = resumed(config, key)
     with pytest.raises(ValueError, match=re.escape(f"{key}: {config[key]!r} in the checkpoint, {new[key]!r} now")):
-        Trainer(new)
+        open_run(new)
     assert not os.path.exists(os.path.join(exp_dir, "config.yaml"))  # refused before anything is written
-    Trainer({**new, "resume_override": [key]})  # unless named in --resume-override
+    open_run({**new, "resume_override": [key]}).close()  # unless named in --resume-override
     with open(os.path.join(exp_dir, CONFIG_HISTORY_FILE)) as f:
         assert yaml.safe_load(f)[-1]["overridden"] == [key]
 
@@ -252,7 +252,7 @@ def test_resume_refuses_every_training_key(stored_run, key):
 def test_resume_accepts_every_run_control_key(stored_run, key):
     config, exp_dir = stored_run
     new = resumed(config, key)
-    Trainer(new)
+    open_run(new).close()
     with open(os.path.join(exp_dir, "config.yaml")) as f:
         assert yaml.safe_load(f)[key] == new[key]  # config.yaml states what the run uses
     with open(os.path.join(exp_dir, CONFIG_HISTORY_FILE)) as f:

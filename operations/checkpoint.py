@@ -13,14 +13,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from erw.cli import InvalidInput, MissingInput, refusals_of_models
-from erw.config import OPTIONS_BY_NAME, add_flags
-from erw.files import atomic_write, temp_path_for
-from erw.preemption import EXIT_IO_ERROR
-# Key and shape checks live in models/ (the teacher loader needs them too, and models/ does not import erw/); they
-# are imported here so that erw's loaders find every checkpoint helper in one place.
-from models.weights import (COMPILED_PREFIX, check_state_dict, load_state_dict_strict,  # noqa: F401
-                            plain_state_dict)
+from operations.cli import InvalidInput, MissingInput, refusals
+from operations.config import OPTIONS_BY_NAME, add_flags
+from operations.files import atomic_write, temp_path_for
+from operations.preemption import EXIT_IO_ERROR
+from models.weights import load_state_dict_strict
 from models.sit import SiT, create_sit
 
 
@@ -139,23 +136,10 @@ def write_checkpoint(ckpt_dir: str, step: int, ckpt: dict) -> str:
 #################################################################################
 
 # REPA's generate.py flags that describe the model; our checkpoints carry the same facts in "model_args".
-# REPA's training defaults, which are also ours (erw/config.py), plus DINOv2-B's width for the projector.
+# REPA's training defaults, which are also ours (operations/config.py), plus DINOv2-B's width for the projector.
 REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
                                for name in ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")},
                             "projector_embed_dims": "768"}
-
-
-def current_model_args(model_args: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """A checkpoint's model_args in today's form (every reader goes through this). Until built_depth existed, a
-    Phase-1 checkpoint said truncated=True with encoder_depth = k, the blocks it built (its projectors sit after
-    block k, which is what encoder_depth means everywhere now); a full model said truncated=False."""
-    if model_args is None:
-        return None
-    args = dict(model_args)
-    if "truncated" in args:
-        truncated = args.pop("truncated")
-        args.setdefault("built_depth", args["encoder_depth"] if truncated else None)
-    return args
 
 
 def read_checkpoint(path: str) -> dict:
@@ -167,38 +151,23 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-# The trainer writes a fresh id into every checkpoint it saves (NNNNNNN.pt and its last.pt link share it). It becomes
-# part of a sample folder's name, so it must be a plain token, and long enough not to be shared by chance.
-_CHECKPOINT_ID = re.compile(r"[0-9A-Za-z_-]{8,}")
 # sha256 runs at about 1 GB/s: above this many bytes the hash takes long enough to deserve a progress bar.
 _HASH_PROGRESS_BYTES = 256 * 2 ** 20
 
 
-def state_dict_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
+def weights_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
     """sha256 over the tensors in sorted key order: each key's name, dtype, shape and raw bytes. It identifies the
-    weights themselves, whatever file, path or checkpoint layout holds them."""
+    weights themselves, whatever file, path or checkpoint layout holds them (a sample folder records it)."""
     tensors = [(name, state_dict[name].detach().cpu().contiguous()) for name in sorted(state_dict)]
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights (checkpoint has no checkpoint_id)",
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights",
               disable=not show_progress or total < _HASH_PROGRESS_BYTES) as bar:
         for name, t in tensors:
             digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
             bar.update(t.numel() * t.element_size())
     return digest.hexdigest()
-
-
-def sit_weights_id(ckpt: dict, weights: str, ckpt_path: str, show_progress: bool = False) -> str:
-    """What a sample folder is tied to: "<checkpoint_id>/<weights>" for checkpoints that carry an id, else
-    "sha256:<hash of ckpt[weights]>/<weights>" (REPA's and our older checkpoints)."""
-    checkpoint_id = ckpt.get("checkpoint_id")
-    if checkpoint_id is None:
-        return f"sha256:{state_dict_sha256(ckpt[weights], show_progress)}/{weights}"
-    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID.fullmatch(checkpoint_id):
-        raise InvalidInput(f"checkpoint {ckpt_path} has checkpoint_id {checkpoint_id!r}; expected a string of at least "
-                           "8 letters, digits, '-' or '_' (as the trainer writes, e.g. a uuid hex)")
-    return f"{checkpoint_id}/{weights}"
 
 
 def checkpoint_step(ckpt: dict) -> Optional[int]:
@@ -336,19 +305,25 @@ def without_rope_tables(model: SiT, weights: Dict[str, torch.Tensor], path: str)
     return {k: v for k, v in weights.items() if k not in RELEASE_ROPE_KEYS}
 
 
-def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]], flags_for_ours: bool
-          ) -> Tuple[SiT, Dict[str, object], dict]:
+def read_weights(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
+                 flags_for_ours: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, object], Dict[str, object]]:
+    """`weights` ("ema" | "model") of a checkpoint, the create_sit arguments they were trained with, and info =
+    {"format": "erw" | "repa", "config" (our checkpoint's training config; {} for REPA's), "step"}.
+
+    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
+    (flags_for_ours=False: they describe REPA checkpoints only, for tools that take several checkpoints at once).
+    REPA-style ({"model", "ema", "opt", "steps", "args"}; REPA's and the ERW release's): the architecture comes from
+    their `args`, model flags must agree and fill the rest (repa_model_args)."""
     if weights not in WEIGHTS:
         raise InvalidInput(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = read_checkpoint(ckpt_path)
     if weights not in ckpt:
         raise InvalidInput(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
-    state_dict = plain_state_dict(ckpt[weights])
+    state_dict = ckpt[weights]
     if "model_args" in ckpt:
-        model_args = current_model_args(ckpt["model_args"])
-        implied = _model_args_from_flags(model_flags or {})
+        model_args = ckpt["model_args"]
         conflicts = [f"{k}: flag gives {v!r}, checkpoint has {model_args.get(k)!r}"
-                     for k, v in implied.items() if model_args.get(k) != v]
+                     for k, v in _model_args_from_flags(model_flags or {}).items() if model_args.get(k) != v]
         if conflicts and flags_for_ours:
             raise InvalidInput(f"model flags disagree with {ckpt_path} (our checkpoints carry their architecture; "
                                f"drop the flags): " + "; ".join(conflicts))
@@ -356,40 +331,20 @@ def _load(ckpt_path: str, weights: str, model_flags: Optional[Dict[str, object]]
     else:
         model_args = repa_model_args(ckpt, ckpt_path, state_dict, model_flags)
         info = {"format": "repa", "config": {}}
-    with refusals_of_models(ckpt_path):
-        model = create_sit(**model_args)
-    state_dict = without_rope_tables(model, state_dict, ckpt_path)
-    with refusals_of_models("checkpoint"):
-        load_state_dict_strict(model, state_dict, f"{ckpt_path} ['{weights}']")
-    info.update(model_args=model_args, step=checkpoint_step(ckpt))
-    return model.eval().requires_grad_(False), info, ckpt
+    info["step"] = checkpoint_step(ckpt)
+    return state_dict, model_args, info
 
 
 def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
                flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
-    """Build a SiT from a checkpoint and load `weights` ("ema" | "model") strictly; Phase-1 (built_depth) ones too.
-
-    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
-    (flags_for_ours=False: they describe REPA checkpoints only and ours ignore them, for tools that take several
-    checkpoints at once). REPA-style ({"model", "ema", "opt", "steps", "args"}; REPA's and the ERW release's): the
-    architecture comes from their `args`, model flags must agree and fill the rest (repa_model_args), and the
-    release's RoPE tables are checked (without_rope_tables). Returns (model in eval mode, info) with info =
-    {"format": "erw" | "repa", "model_args", "config" (our checkpoint's training config; {} for REPA's), "step"
-    (checkpoint_step)}.
-    """
-    model, info, _ = _load(ckpt_path, weights, model_flags, flags_for_ours)
-    return model, info
-
-
-def load_sampling_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
-                        show_progress: bool = False) -> Tuple[SiT, Dict[str, object]]:
-    """load_model for generation: refuses Phase-1 checkpoints (no final layer), and adds to info "path_type" and
-    "vae" (from our checkpoint's config, else None) and "weights_id" (see weights_id; hashing a checkpoint without
-    checkpoint_id takes about 3 s for SiT-XL/2, with a bar if show_progress)."""
-    model, info, ckpt = _load(ckpt_path, weights, model_flags, flags_for_ours=True)
-    if info["model_args"].get("built_depth") is not None:
-        raise InvalidInput(f"{ckpt_path} is a Phase-1 (warmup) checkpoint: it has no final layer and cannot "
-                           "generate; sample from a Phase-2 checkpoint")
-    info.update(path_type=info["config"].get("path_type"), vae=info["config"].get("vae"),
-                weights_id=sit_weights_id(ckpt, weights, ckpt_path, show_progress))
-    return model, info
+    """A SiT built from a checkpoint (read_weights) with `weights` loaded strictly, in eval mode; Phase-1 (built_depth)
+    ones too. The ERW release's RoPE tables are checked against the model's (without_rope_tables). Returns (model,
+    info) with info = read_weights' info plus "model_args"."""
+    state_dict, model_args, info = read_weights(ckpt_path, weights, model_flags, flags_for_ours)
+    with refusals(ckpt_path):
+        model = create_sit(**model_args)
+    state_dict = without_rope_tables(model, state_dict, ckpt_path)
+    with refusals("checkpoint"):
+        load_state_dict_strict(model, state_dict, f"{ckpt_path} ['{weights}']")
+    info["model_args"] = model_args
+    return model.eval().requires_grad_(False), info

@@ -23,14 +23,14 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from erw.cli import InvalidInput, MissingInput
-from erw.files import atomic_write, file_sha256
-from models.encoders import split_weights, teacher_names, teacher_weights_file
+from operations.cli import InvalidInput, MissingInput, refusals
+from operations.files import atomic_write, file_sha256
+from models.encoders import preprocessing_text, split_weights, teacher_names, teacher_weights_file
 
 IDENTITY_FILE = "identity.json"
 SHARD_ITEMS = 1024  # images per shard: 0.4 GB of DINOv2-B float16 tokens at 256 px, few enough files for Lustre
@@ -144,7 +144,7 @@ def write_shard(cache_dir: str, shard: int, tokens: np.ndarray) -> None:
 
 class TeacherCache:
     """Read side: tokens(i) -> (T, D) array of image i in the stored dtype (that image i is the dataset's item i,
-    erw/experiment.py's build_teachers checks through the identity). Shards are memory-mapped on first use in each
+    teachers_from_cache checks through the identity). Shards are memory-mapped on first use in each
     process (a DataLoader worker maps its own), so reading an item opens no file."""
 
     def __init__(self, cache_dir: str):
@@ -229,3 +229,22 @@ def run_identity(teacher_names: Sequence[str], weights_sha256: Sequence[str], re
                                 widths=list(widths or []), tokens=tokens, resolution=resolution,
                                 preprocessing=preprocessing, dtype=dtype, num_images=num_images,
                                 images_sha256=images_sha256, shard_items=shard_items)
+
+
+def teachers_from_cache(cache: TeacherCache, config: Dict, dataset) -> Tuple[List[CachedTeacher], str]:
+    """The stand-ins of a run's teachers, once the cache's identity is shown to be the run's (its teachers, their
+    weights and preprocessing, the resolution and the images); and a line for the log."""
+    with refusals("--enc-type/--enc-weights"):
+        names = teacher_names(config["enc_type"])
+        hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
+        preprocessing = preprocessing_text(names)
+        images_sha256 = dataset.identity("--teacher-cache")["images_sha256"]
+    run = run_identity(names, hashes, config["resolution"], preprocessing, len(dataset), images_sha256)
+    differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
+    if differences:
+        raise InvalidInput(f"--teacher-cache {cache.cache_dir} was made for other settings than this run's: "
+                           f"{'; '.join(differences)}; make a cache for this run (python -m "
+                           "preprocessing.dataset_tools cache-teachers) or drop --teacher-cache")
+    note = (f"Teacher tokens from the cache {cache.cache_dir} ({cache.identity.dtype}, {', '.join(names)}): no teacher "
+            "built, no image decoded")
+    return cached_teachers(cache.identity), note

@@ -27,8 +27,8 @@ import threading
 import time
 from typing import Dict, Optional
 
-from erw.cli import FolderTaken
-from erw.files import current_umask
+from operations.cli import FolderTaken
+from operations.files import current_umask
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0

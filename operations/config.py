@@ -10,16 +10,17 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import yaml
 
-from erw.cli import ArgumentParser, InvalidInput
-from erw.files import atomic_write
+from operations.cli import ArgumentParser, InvalidInput, within
+from operations.files import atomic_write
 from erw.precision import PRECISIONS
 from erw.samplers import MODES
+from models.sit import SiT_models
 
 WARMUP, TRAIN = "warmup", "train"
 BOTH = (WARMUP, TRAIN)
@@ -98,19 +99,6 @@ _bool.__name__, _int.__name__, _float.__name__, _key_list.__name__ = "boolean", 
 _depth_or_auto.__name__ = "integer or auto"
 
 
-def parse_bounds(text: str) -> Tuple[float, float, bool, bool]:
-    """Interval notation -> (low, high, low included, high included): "[0, 1)" is 0 <= x < 1, "(0, inf)" is x > 0."""
-    match = re.fullmatch(r"([\[(])\s*([-+0-9.e]+|-inf)\s*,\s*([-+0-9.e]+|inf)\s*([\])])", text)
-    if match is None:
-        raise ValueError(f"bounds must look like [0, 1) or (0, inf), got {text!r}")
-    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
-
-
-def within(value: float, bounds: str) -> bool:
-    low, high, low_in, high_in = parse_bounds(bounds)
-    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
-
-
 @dataclass(frozen=True)
 class Option:
     name: str                       # snake_case key; the flag is --name-with-dashes
@@ -133,7 +121,7 @@ class Option:
 # The sampler's settings, declared once. sample_ddp.py takes them as these flags (--mode, --num-steps, ...); the
 # in-training FID (evaluations/training_fid.py), which runs the same generation code, takes them as config keys
 # through training_fid_option. Everything else sample_ddp.py and the evaluation tools take is their own: they are
-# one-shot commands with positional inputs, so they build plain argparse parsers (erw/cli.py), while OPTIONS adds
+# one-shot commands with positional inputs, so they build plain argparse parsers (operations/cli.py), while OPTIONS adds
 # what only a training run needs (YAML, phases, a resume policy, config.yaml).
 SAMPLER_OPTIONS: List[Option] = [
     Option("mode", _text, "sde", "sde: Euler-Maruyama (SiT's default, the paper's); ode: Euler (or Heun with "
@@ -145,6 +133,8 @@ SAMPLER_OPTIONS: List[Option] = [
            bounds="[0, 1]"),
     Option("precision", _text, "tf32", "fp32, tf32 (TF32 matmuls, REPA's default) or bf16 (autocast for the SiT)",
            choices=PRECISIONS),
+    Option("bitwise", _bool, False, "one row per model and VAE call, on one CPU thread: images bitwise independent of "
+           "the batch size and the process count, several times slower (reproducibility checks)"),
 ]
 SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in SAMPLER_OPTIONS}
 
@@ -179,7 +169,7 @@ OPTIONS: List[Option] = [
     Option("num_classes", _int, 1000, "number of classes (the null class for CFG is one more)", bounds="[1, inf)"),
     Option("num_workers", _int, 4, "dataloader worker processes per GPU", run_control=True, bounds="[0, inf)"),
     # --- model ---
-    Option("model", _text, "SiT-XL/2", "SiT size and patch size, e.g. SiT-B/2, SiT-XL/2 (models/sit.py)"),
+    Option("model", _text, "SiT-XL/2", "SiT size and patch size (models/sit.py)", choices=tuple(SiT_models)),
     Option("qk_norm", _bool, False, "LayerNorm on queries and keys"),
     Option("use_rope", _bool, False, "2D rotary position embedding in attention (paper appendix D: helps)"),
     Option("cfg_prob", _float, 0.1, "label dropout probability (trains the null class for CFG)", bounds="[0, 1]"),
@@ -237,6 +227,7 @@ OPTIONS: List[Option] = [
     training_fid_option("num_steps", "fid_num_steps", default=50, note="the paper's FIDs use 250"),
     training_fid_option("mode", "fid_mode"),
     training_fid_option("precision", "fid_precision"),
+    training_fid_option("bitwise", "fid_bitwise"),
     Option("fid_ref", _text_or_none, None, "reference batch .npz of the in-training FID, e.g. ADM's "
            "VIRTUAL_imagenet256_labeled.npz (its mu/sigma when it holds them, else statistics of its images, "
            "cached)", phases=(TRAIN,), run_control=True),
@@ -428,7 +419,26 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
     config["phase"] = phase
     if phase == TRAIN:
         resolve_encoder_depth(config)
+    check_blocks_and_warm_start(config)
     return config
+
+
+def check_blocks_and_warm_start(config: Dict[str, Any]) -> None:
+    """What depends on several settings, named by their flags: block numbers against the model's depth, and a warm
+    start's flags."""
+    warmup_ckpt = config.get("warmup_ckpt")
+    if config.get("add_rope_after_warmup") and not warmup_ckpt:
+        raise ConfigError("--add-rope-after-warmup describes a warm start; it needs --warmup-ckpt")
+    with torch.device("meta"):  # the architecture without allocating it
+        depth = SiT_models[config["model"]](z_dims=[]).depth
+    checks = []
+    if config["phase"] == WARMUP or warmup_ckpt:  # a run without warm start never reads --warmup-depth
+        checks.append(("--warmup-depth", config["warmup_depth"]))
+    if config["phase"] == TRAIN and config["enc_type"] and config["proj_coeff"] > 0:
+        checks.append(("--encoder-depth", config["encoder_depth"]))
+    for flag, value in checks:
+        if not 1 <= value <= depth:
+            raise ConfigError(f"{flag} {value} is outside 1..{depth}: {config['model']} has {depth} blocks")
 
 
 def resolve_encoder_depth(config: Dict[str, Any]) -> None:

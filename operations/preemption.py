@@ -2,9 +2,9 @@
 training process tells launch.py how it ended. No torch here: launch.py and the entry points' first lines use it
 before anything heavy is imported.
 
-- SIGTERM / SIGUSR1 stop training at a step boundary with a checkpoint (erw/trainer.py), exit EXIT_PREEMPTED.
-- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (erw/checkpoint.py), and so does
-  a preempted run that launch.py sees die before its save.
+- SIGTERM / SIGUSR1 stop training at a step boundary with a checkpoint (erw/loop.py), exit EXIT_PREEMPTED.
+- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (operations/checkpoint.py), and so
+  does a preempted run that launch.py sees die before its save.
 - A signal that arrives while the process is still starting up is recorded by `catch_early_preemption` instead of
   killing it (status 143, no message); the trainer reads it and stops before its first step.
 """

@@ -17,9 +17,10 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
-from erw.preemption import report_exit_status
+from operations.files import temp_path_for
+from operations.preemption import report_exit_status
 
 # Flags of the codebases our users come from -> what to type here.
 FLAG_HINTS = {
@@ -83,7 +84,7 @@ class UserError(Exception):
     is a bug or a failed run and keeps its traceback.
 
     Each kind is also the built-in error it refines, so `except ValueError` keeps working around code that raises
-    it. erw/config.py's ConfigError is an InvalidInput."""
+    it. operations/config.py's ConfigError is an InvalidInput."""
 
 
 class InvalidInput(UserError, ValueError):
@@ -108,20 +109,86 @@ def check_folder_path(path: str, flag: str) -> None:
         raise InvalidInput(f"{flag} {path}: {existing} is a file, not a folder")
 
 
+def parse_bounds(text: str) -> Tuple[float, float, bool, bool]:
+    """Interval notation -> (low, high, low included, high included): "[0, 1)" is 0 <= x < 1, "(0, inf)" is x > 0."""
+    match = re.fullmatch(r"([\[(])\s*([-+0-9.e]+|-inf)\s*,\s*([-+0-9.e]+|inf)\s*([\])])", text)
+    if match is None:
+        raise ValueError(f"bounds must look like [0, 1) or (0, inf), got {text!r}")
+    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
+
+
+def within(value: float, bounds: str) -> bool:
+    low, high, low_in, high_in = parse_bounds(bounds)
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
+def number(bounds: str, kind: type = int):
+    """A value of `kind` (int or float) in `bounds`, interval notation: "[1, inf)", "(0, 1]"."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not within(value, bounds):  # nan is in no interval
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def writable(folder: bool = False):
+    """A path that can be written: a file (or, with `folder`, a folder) that is not something else (operations/files.py
+    check_writable)."""
+    def convert(text: str) -> str:
+        try:
+            check_writable(text, "", folder=folder)
+        except InvalidInput as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    convert.__name__ = "folder" if folder else "file"
+    return convert
+
+
+def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choose another path") -> None:
+    """Raise InvalidInput naming `flag` and `path` unless the file `path` (with `folder`, the folder) can be written
+    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name
+    pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing. An
+    empty `flag` starts the message with the path (argparse names the flag itself)."""
+    named = f"{flag} {path}".lstrip()
+    target = os.path.abspath(path)
+    if not folder and os.path.isdir(target):
+        raise InvalidInput(f"{named} is a folder, not a file; {hint}")
+    existing = target if folder else os.path.dirname(target)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InvalidInput(f"{named} cannot be written: {existing} is not a folder; {hint}")
+    # A real write, not os.access: permission bits say yes to root where e.g. a root-squashed NFS mount says no.
+    probe = temp_path_for(os.path.join(existing, os.path.basename(target)))
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as error:
+        raise InvalidInput(f"{named} cannot be written: creating a file in {existing} failed "
+                           f"({error.strerror or error}); {hint}") from None
+
+
 @contextmanager
-def refusals_of_models(what: str):
-    """models/ imports nothing of erw/, so its refusals of user input are plain ValueError / FileNotFoundError.
-    The erw function that hands models/ a user's setting or file wraps that one call in this, which re-raises them
-    as UserError kinds prefixed with `what` (the flag or file). Keep the wrapped call narrow: inside it, a bug's
-    ValueError would read as the user's."""
+def refusals(what: Optional[str] = None):
+    """models/ and the science modules of erw/ import nothing of operations/: they refuse bad input with plain
+    ValueError / FileNotFoundError. Around the one call that hands them a user's setting or file, this turns those
+    into UserError kinds, prefixed with `what` (the flag or file) unless their message names it already. Keep the
+    wrapped call narrow: inside it, a bug's ValueError would read as the user's."""
     try:
         yield
     except UserError:
         raise
-    except FileNotFoundError as e:
-        raise MissingInput(f"{what}: {e}") from e
-    except ValueError as e:
-        raise InvalidInput(f"{what}: {e}") from e
+    except (FileNotFoundError, ValueError) as e:
+        message = user_message(e)
+        if what and what not in message:
+            message = f"{what}: {message}"
+        raise (MissingInput if isinstance(e, FileNotFoundError) else InvalidInput)(message) from e
 
 
 def user_message(error: BaseException) -> str:
@@ -129,7 +196,8 @@ def user_message(error: BaseException) -> str:
     torch's "Caught X in DataLoader worker process N." and the worker's whole traceback: its message is the
     traceback's last line(s), what the same error says without workers."""
     text = str(error)
-    prefix = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    module = type(error).__module__
+    prefix = f"\n{'' if module == 'builtins' else module + '.'}{type(error).__qualname__}: "
     if text.startswith(f"Caught {type(error).__name__} ") and prefix in text:
         text = text[text.rindex(prefix) + len(prefix):].rstrip("\n")
     return text
@@ -166,7 +234,7 @@ def _wait_to_be_stopped(error: BaseException) -> None:
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2, an error
     that carries its own `exit_code` (a checkpoint that could not be written: 74) one line and that status. Under
-    launch.py the exit status is also reported to the wrapper (erw/preemption.py); under torchrun the one line is
+    launch.py the exit status is also reported to the wrapper (operations/preemption.py); under torchrun the one line is
     what its summary shows for this process, and a process that only lost its connection to a failed one is not
     reported as the cause."""
     code = 1  # an uncaught exception
