@@ -130,13 +130,12 @@ TABLE5_ROWS = {"mocov3-vit-b": 61.1, "mocov3-vit-l": 73.0, "clip-vit-L": 58.9, "
                "dinov2-vit-l": 55.5, "dinov2-vit-g": 59.4}
 
 
-def test_table5_config_runs_each_of_the_papers_six_rows_with_one_command():
+def test_readme_runs_each_of_table5s_six_rows_with_one_command_from_one_config():
     from models.encoders import TEACHERS
-    with open(os.path.join(ROOT, "configs", "table5_sit_xl2_teachers.yaml")) as f:
-        text = f.read()
-    block = re.search(r"^# <!-- table 5 rows -->\n((?:#.*\n)+?)[^#]", text, re.MULTILINE).group(1)
-    commands = expand_shell("\n".join(line[1:] for line in block.splitlines()))
-    stated = {teacher: float(fid) for teacher, fid in re.findall(r"^# {3}\S+ +(\S+) .* (\d+\.\d)$", text,
+    text = readme()
+    block = re.search(r"<!-- table 5 rows -->\n```\w*\n(.*?)```", text, re.DOTALL).group(1)
+    commands = expand_shell(block)
+    stated = {teacher: float(fid) for teacher, fid in re.findall(r"^\| \S+ \| `(\S+)` \| (\d+\.\d) \|$", text,
                                                                   re.MULTILINE)}
     rows, names = {}, set()
     for command in commands:

@@ -170,4 +170,5 @@ def test_nothing_imports_bench():
     """bench/ is a benchmark users run: the code and the other tests do not depend on it (its own test aside)."""
     importers = [os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
                  if "bench" in imported_packages(path)]
-    assert sorted(importers) == [os.path.join("bench", "run.py"), os.path.join("tests", "test_bench.py")]
+    assert sorted(importers) == [os.path.join("bench", "run.py"), os.path.join("tests", "test_bench.py"),
+                                 os.path.join("tests", "test_docs.py")]

@@ -62,7 +62,7 @@ def run_tests(tree: str, tests: Sequence[str], timeout: float) -> Dict[str, obje
     return {"passed": proc.returncode == 0, "failed": failed, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--file", help="only the mutants of this file (repository-relative path)")
@@ -70,6 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run (default 900)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unchanged tree")
     parser.add_argument("--json", help="write the results to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     unknown = sorted(set(args.names) - {m.name for m in MUTANTS})
