@@ -1,56 +1,15 @@
-"""Layer-wise alignment of SiT hidden states with a frozen teacher: CKNNA (Huh et al., 2024; paper section 4.4,
-appendix C.1) and linear CKA (Kornblith et al., 2019), as a JSON table and a PNG plot of both against the layer.
-
-    python -m evaluations.cknna \\
-        --ckpt exps/erw-warmup/checkpoints/last.pt exps/repa/checkpoints/0400000.pt exps/sit/checkpoints/0400000.pt \\
-        --labels warmup repa sit --data-dir data/imagenet256-val --enc-type dinov2-vit-b \\
-        --enc-weights dinov2_vitb14_pretrain.pth --output-dir exps/cknna
-
-writes exps/cknna/cknna.json = {"settings": {...}, "results": {label: {layer: {"cknna": c, "cka": c}}}} and
-exps/cknna/cknna.png. The data folder, teacher and interpolant default to what the checkpoints were trained with.
-Checkpoints are ours (train_warmup.py / train.py: architecture in "model_args"; a Phase-1 checkpoint holds only its
-k warmed blocks, so only layers 1..k exist there) or REPA-style (REPA's, the ERW release's), read as sample_ddp.py
-reads them: from their pickled args, with REPA's model flags (--model, --resolution, --num-classes, --encoder-depth,
---projector-embed-dims, --qk-norm) to agree or fill in; the flags describe the REPA-style checkpoints of the list
-only (ours carry their architecture), and a REPA checkpoint names no data or
-teacher, so --data-dir and --enc-type come from the flags or from our checkpoints in the same call. E.g.
+"""Layer-wise alignment of SiT hidden states with a frozen teacher: CKNNA (Huh et al., 2024; paper section 4.4) and
+linear CKA (Kornblith et al., 2019), as a JSON table and a PNG plot against the layer.
 
     python -m evaluations.cknna --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
-        --model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768 --data-dir data/imagenet256-val
+        --data-dir data/imagenet256-val --enc-type dinov2-vit-b --output-dir exps/cknna
 
-Features, for n images (a subset of the data folder drawn from --seed; all of it when it holds fewer than
---num-images). Image i gets its own generator (erw.generation.sample_generator(seed, i)), from which its latent
-z_i = sample_latents(posterior moments) and then its noise eps_i are drawn, so every checkpoint sees the same inputs
-whatever the batch size or device.
-  SiT, layer l:  x_i = mean over the T tokens of model.forward_features(x_t, t, y, [l])[l], the hidden state after
-                 block l (1-based; 0 = the embedded input tokens), with x_t = alpha_t z_i + sigma_t eps_i on the
-                 checkpoint's path (t = 0: the clean latent z_i) and class input y = the image's true label (eval
-                 mode: no label dropout).
-  teacher:       y_i = mean over the teacher's patch tokens (Teacher.forward) of the image.
-Each (n, D) matrix is prepared as platonic-rep's measure_alignment.py prepares features: every entry is clamped to
-[-c, c] with c = mean over rows of the q-quantile (q = --outlier-quantile, 0.95; linear interpolation) of the
-row's absolute values, then each row is L2-normalised. (platonic-rep takes one c over all layers of a model stacked
-together; here c is taken per layer, since the residual stream's scale grows with depth.)
-
-CKNNA, as platonic-rep's metrics.py computes it (REPA and this paper cite that code), on the prepared X, Y:
-  K = X X^T, L = Y Y^T (inner-product kernels, no centering of the features);
-  knn_K(i) = the k indices j != i with the largest K_ij (k = --topk, 10), likewise knn_L(i);
-  alpha(i, j) = 1[i != j, j in knn_K(i), j in knn_L(i)]   (both neighbourhoods of row i: not symmetric);
-  Align(K, L) = HSIC_u(alpha * K, alpha * L), where for m x m matrices A, B with zero diagonal
-  HSIC_u(A, B) = [tr(A B) + (1^T A 1)(1^T B 1) / ((m-1)(m-2)) - 2 (1^T A B 1) / (m-2)] / (m (m-3))
-  is the unbiased HSIC estimator (Song et al., 2012, eq. 5);
-  CKNNA = Align(K, L) / sqrt(Align(K, K) Align(L, L)), where Align(K, K) uses the mask of K alone.
-The appendix writes Align with row-mean-centred kernels; the released implementations centre through the unbiased
-estimator instead, and we follow them. One difference: platonic-rep adds 1e-6 to the denominator, which lowers
-every value by the factor 1 / (1 + 1e-6 / sqrt(Align(K,K) Align(L,L))); Align(K,K) is about k c^2 / n for a typical
-neighbour similarity c (1e-5 to 1e-3 at n = 10,000, k = 10), so that is a 0.1% to 10% shift that depends on n and
-keeps identical features below 1. We leave the epsilon out; a non-positive denominator gives NaN.
-The masked kernels have at most k entries a row, so Align costs O(n k) once the neighbours are known; finding them
-costs O(n^2 D) (row blocks of the kernel, never the full n x n matrix).
-
-Linear CKA on the same prepared features: HSIC_b(K, L) / sqrt(HSIC_b(K, K) HSIC_b(L, L)), HSIC_b = tr(K H L H),
-H = I - 11^T / n, computed as ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc
-(platonic-rep's "cka", also without its epsilon).
+Features: per image, the mean over tokens of the hidden state after block l (1-based; the SiT at time --t on its
+own path, the image's true label) and of the teacher's patch tokens, clamped at the mean q-quantile of |x| and
+L2-normalised per row, as platonic-rep prepares them. CKNNA = Align(K, L) / sqrt(Align(K, K) Align(L, L)) with
+inner-product kernels K, L, Align the unbiased HSIC (Song et al., 2012, eq. 5) of the kernels masked to the pairs that
+are among each other's k nearest neighbours in both, as platonic-rep's metrics.py computes it, without its 1e-6 in
+the denominator. The derivation and every choice: docs/evaluation.md, "CKNNA".
 """
 import argparse
 import json

@@ -1,23 +1,12 @@
 """ADM's evaluation suite (guided-diffusion/evaluations/evaluator.py) in PyTorch: Inception Score, FID, sFID,
-precision and recall of a sample batch against a reference batch, with the same numbers and output lines.
+precision and recall of a sample batch against a reference batch, with the same numbers and output lines, and the
+.npz image batches it reads (arr_0 uint8 (N, H, W, 3)).
 
-    python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+    python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz --json metrics.json
 
-Both files are .npz with images in `arr_0` (N, H, W, 3), uint8: what ADM's reference batches and our samplers hold.
-Other dtypes are refused from the .npy header, before any image is read: float images in [0, 1] would otherwise give
-meaningless numbers (FID ~6000) instead of an error. So are samples of another size than the reference batch's,
-unless --allow-resolution-mismatch (then a warning names both sizes): the Inception resizes every image to 299 px,
-and a 512-px batch scored against the 256-px reference would give numbers without a word. A file that also holds
-`mu`, `sigma`, `mu_s`, `sigma_s` (ADM's VIRTUAL_* reference batches) supplies its FID / sFID statistics from those
-keys; its images are still needed for precision/recall. Images are streamed in batches. Reference activations are
-cached on disk, keyed by the file's sha256 and the Inception weights. Every output path (--json, --cache-dir) is
-checked to be writable before any work starts.
-
-What is ADM's, on purpose: IS over all 1008 classes of the unbiased logits, consecutive splits of 5000 with no
-shuffling, mean over splits; FID with scipy's sqrtm, sigma1 = samples, the eps retry and the imaginary-part check;
-sFID on the 2023 spatial features in H, W, C order; precision/recall with k=3 on pool_3, squared distances in fp16
-(fp32 for a block whose fp16 result is not finite), radius = squared distance to the 3rd neighbour, `<=`.
-One deliberate difference: 0 * log(0) counts as 0 in IS (ADM gives NaN when a softmax output underflows to 0).
+What is ADM's on purpose, and the one deliberate difference (0 log 0 = 0 in IS): docs/evaluation.md. Refused before
+any image is read: images that are not uint8, and samples of another size than the reference batch's (unless
+--allow-resolution-mismatch). Reference activations are cached, keyed by the file's sha256 and the weights.
 """
 import argparse
 import hashlib

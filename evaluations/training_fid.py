@@ -1,27 +1,10 @@
-"""FID during Phase 2: every --fid-every steps and at the end of training, FID, sFID and Inception Score of
---fid-num-samples images from the EMA weights against a reference batch, logged to metrics.jsonl and the tracker at
-that step, so a chart shows FID against the step (the reduced FID runs of the paper's appendix D search).
+"""FID during Phase 2: every --fid-every steps and at the end of training, FID, sFID and Inception Score (and
+FD-DINOv2 with --fd-dinov2) of --fid-num-samples images from the EMA weights against a reference batch, logged to
+metrics.jsonl and the tracker at that step.
 
-    accelerate launch train.py --config configs/table1_2_sit_xl2_erw.yaml --fid-every 10000 \\
-        --fid-ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
-
-The numbers are those of sample_ddp.py + evaluations/evaluator.py for the same weights and settings:
-- Images: erw/generation.py's generate_images, the loop sample_ddp.py runs, with its per-sample seeds (global seed
-  = the run's --seed, random labels, pixels as REPA writes them). Every process makes every P-th sample (P
-  processes), so the images do not depend on the process count. The same images come from
-      sample_ddp.py --ckpt CKPT --weights ema --global-seed SEED --num-fid-samples M --num-steps S --mode MODE \\
-          --cfg-scale C --guidance-low L --guidance-high H --precision FID_PRECISION
-  on the checkpoint of that step.
-- Metrics: the evaluator's Inception network and functions (inception_features, compute_statistics,
-  frechet_distance, inception_score). Reference statistics: the file's mu, sigma, mu_s, sigma_s when it holds them
-  (ADM's reference batches), else those of its images, computed once when training starts and cached on disk by the
-  evaluator (keyed by the file's sha256). Inception Score over consecutive splits of min(5000, M) samples (ADM:
-  5000, so M = 10K gives ADM's 2 splits). Precision and recall are left to the evaluator: they need the reference
-  batch's activations and k-NN passes over both sets, where FID needs only its statistics.
-Each process runs the Inception network on its own samples; the main process gathers the outputs (20 KB a sample,
-over a CPU group), puts them in sample order and computes the metrics. On the CPU every network sees one sample per
-call on one thread (erw/generation.py), so the numbers equal the standalone pipeline's (sample_ddp.py on the CPU,
-evaluator.py --batch-size 1) exactly.
+The images are sample_ddp.py's (erw/generation.py, per-sample seeds from the run's --seed, every process its share)
+and the numbers the evaluator's functions on them, so sample_ddp.py + evaluations/evaluator.py on that step's
+checkpoint give the same numbers (exactly with --fid-bitwise and --bitwise; docs/evaluation.md).
 """
 import os
 import time
