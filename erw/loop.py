@@ -90,8 +90,20 @@ def training_teachers(config: Dict[str, Any], dataset: ImageLatentDataset, notes
 
 def sit_args(config: Dict[str, Any], teachers: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     """create_sit's arguments, stored in every checkpoint so that sampling rebuilds the model. Phase 1 builds
-    warmup_depth blocks with the projector after the last; Phase 2 every block, the projector after encoder_depth."""
+    warmup_depth blocks with the projector after the last; Phase 2 every block, the projector after encoder_depth.
+    The resolution must give whole patches, and the teachers' token grid must be the SiT's."""
     warmup = config["phase"] == "warmup"
+    patch = int(config["model"].rsplit("/", 1)[1])
+    if config["resolution"] % (VAE_DOWNSAMPLING * patch):
+        raise InvalidInput(f"--resolution {config['resolution']} is not a multiple of {VAE_DOWNSAMPLING * patch}: "
+                           f"{config['model']} needs whole {patch}x{patch} patches of the {VAE_DOWNSAMPLING}x smaller "
+                           f"latent (e.g. 256 or 512)")
+    tokens = (config["resolution"] // (VAE_DOWNSAMPLING * patch)) ** 2
+    for teacher in teachers:
+        if teacher.num_tokens != tokens:
+            raise InvalidInput(f"teacher {teacher.name} gives {teacher.num_tokens} tokens per image at "
+                               f"{config['resolution']} px, {config['model']} {tokens}: the alignment pairs them "
+                               f"token by token, so choose a patch-2 SiT (one token per 16x16 pixels, as the teachers)")
     return {"model": config["model"], "input_size": config["resolution"] // VAE_DOWNSAMPLING,
             "in_channels": LATENT_CHANNELS, "num_classes": config["num_classes"], "cfg_prob": config["cfg_prob"],
             "encoder_depth": config["warmup_depth"] if warmup else config["encoder_depth"],

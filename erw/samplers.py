@@ -152,11 +152,23 @@ def model_evaluations_per_sample(mode: str, num_steps: int, heun: bool = False) 
 
 def run_in_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], chunk_size: int
                   ) -> torch.Tensor:
-    """fn over row chunks of at most chunk_size (0 = all rows at once), outputs concatenated along dim 0."""
+    """fn over row chunks of at most chunk_size (0 = all rows at once), outputs concatenated along dim 0. A chunk
+    that runs out of GPU memory is split in two and retried, down to one row: a batch that no longer fits (512 px, a
+    larger model) still runs, in chunks that do."""
     n = tensors[0].shape[0]
-    if chunk_size <= 0 or chunk_size >= n:
-        return fn(*tensors)
-    return torch.cat([fn(*(x[i:i + chunk_size] for x in tensors)) for i in range(0, n, chunk_size)])
+    size = n if chunk_size <= 0 else min(chunk_size, n)
+    outputs, start = [], 0
+    while start < n:
+        try:
+            outputs.append(fn(*(x[start:start + size] for x in tensors)))
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = (size + 1) // 2
+            torch.cuda.empty_cache()
+            continue
+        start += size
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def check_guidance(cfg_scale: float, guidance_low: float, guidance_high: float) -> None:

@@ -32,6 +32,14 @@ def load_warmup(model: SiT, source: Dict[str, torch.Tensor], args: Dict, path: s
     if start_layer < 0 or start_layer + k > depth:
         raise ValueError(f"{path} holds {k} warmed blocks; placed at {start_layer}..{start_layer + k - 1} they do "
                          f"not fit a {depth}-block model (--warmup-layers {start_layer})")
+    # The position table is a fixed sin-cos function of absolute grid indices: blocks warmed on a 16x16 grid never saw
+    # the indices of a 32x32 one, and no resampling of a fixed table is known to be what they expect. Refused, rather
+    # than transferred without evidence (docs/data.md, "512 px").
+    side, ckpt_side = model.grid_size * model.patch_size * 8, args["input_size"] * 8
+    if side != ckpt_side:
+        raise ValueError(f"{path} was warmed at {ckpt_side} px ({args['input_size']}x{args['input_size']} latents); "
+                         f"this run trains at {side} px: a warm start must be at the resolution of its Phase 1; run "
+                         f"Phase 1 at {side} px")
     hidden, ckpt_hidden = model.pos_embed.shape[-1], source["pos_embed"].shape[-1]
     if hidden != ckpt_hidden:
         raise ValueError(f"{path} is a {ckpt_hidden}-wide model ({args.get('model')}); this run builds a "

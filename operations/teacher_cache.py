@@ -194,9 +194,9 @@ class CachedTeacher(torch.nn.Module):
     (N, T, D_all) where the images would be, and this returns this teacher's slice as float32, as a live teacher
     returns its tokens."""
 
-    def __init__(self, name: str, offset: int, embed_dim: int):
+    def __init__(self, name: str, offset: int, embed_dim: int, num_tokens: int):
         super().__init__()
-        self.name, self.offset, self.embed_dim = name, offset, embed_dim
+        self.name, self.offset, self.embed_dim, self.num_tokens = name, offset, embed_dim, num_tokens
 
     def forward(self, cached: torch.Tensor) -> torch.Tensor:
         return cached[..., self.offset:self.offset + self.embed_dim].float()
@@ -207,7 +207,7 @@ class CachedTeacher(torch.nn.Module):
 
 def cached_teachers(identity: TeacherCacheIdentity) -> List[CachedTeacher]:
     offsets = np.cumsum([0] + identity.widths[:-1]).tolist()
-    return [CachedTeacher(name, offset, width) for name, offset, width in
+    return [CachedTeacher(name, offset, width, identity.tokens) for name, offset, width in
             zip(identity.teachers, offsets, identity.widths)]
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from erw.generation import sample_inputs, sample_seed
-from erw.samplers import (GuidedVelocity, model_evaluations_per_sample, sample_batch, sample_ode, sample_sde,
-                          sde_time_grid, standard_normal)
+from erw.samplers import (GuidedVelocity, model_evaluations_per_sample, run_in_chunks, sample_batch, sample_ode,
+                          sample_sde, sde_time_grid, standard_normal)
 from erw.transport import get_path
 
 # Data x ~ N(MU, S^2) per channel (2 channels, 1x1 "images"); eps ~ N(0, 1).
@@ -209,6 +209,23 @@ def test_chunks_cover_every_row():
     assert [c[0] for c in model.calls] == [2, 2, 2]  # 6 rows (cond + uncond) in chunks of 2
     # exact: small integers in float32
     torch.testing.assert_close(v, (10 + 2.0 * (labels.float() - 10)).view(3, 1, 1, 1).expand(3, 4, 2, 2))
+
+
+def test_a_chunk_that_runs_out_of_gpu_memory_is_split_until_it_fits():
+    """A device that holds at most 3 rows per call: the whole batch of 10, then 5, fail; chunks of 3 run, and the
+    result is the rows' result in order. One row that does not fit is the device's error, raised."""
+    sizes = []
+
+    def fn(x):
+        sizes.append(len(x))
+        if len(x) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return x * 2 + 1
+    x = torch.arange(10.0)
+    torch.testing.assert_close(run_in_chunks(fn, (x,), 0), x * 2 + 1, rtol=0, atol=0)
+    assert sizes == [10, 5, 3, 3, 3, 1]
+    with pytest.raises(torch.OutOfMemoryError):
+        run_in_chunks(lambda x: fn(x.repeat(4)), (x,), 0)
 
 
 def test_bad_settings_are_named():

@@ -276,9 +276,9 @@ MUTANTS = [
            "table 4's Phase 2 starts from another config's Phase 1"),
     Mutant("preset-repa-depth", "configs/table4_sit_b2_repa.yaml", "encoder_depth: 4 ", "encoder_depth: 8 ",
            ("tests/test_configs.py",), "SiT-B/2 REPA aligns at XL's depth"),
-    Mutant("table5-row-missing", "configs/table5_sit_xl2_teachers.yaml", "mocov3-vit-l clip-vit-L dinov2-vit-b",
+    Mutant("table5-row-missing", "README.md", "mocov3-vit-l clip-vit-L dinov2-vit-b",
            "mocov3-vit-l dinov2-vit-b",
-           ("tests/test_configs.py::test_table5_config_runs_each_of_the_papers_six_rows_with_one_command",),
+           ("tests/test_configs.py::test_readme_runs_each_of_table5s_six_rows_with_one_command_from_one_config",),
            "table 5's CLIP-L row has no command"),
     # ---------------------------------------------------------------- generation (erw/generation.py)
     Mutant("sample-seed-ignores-index", "erw/generation.py",
@@ -501,4 +501,17 @@ MUTANTS = [
            "        if False:", ("tests/test_evaluator.py::test_samples_at_another_resolution_are_refused_naming_both_"
                                  "sizes_unless_asked",),
            "128-px samples scored against a 64-px reference without a word"),
+    # ---------------------------------------------------------------- a second resolution (512 px)
+    Mutant("warm-start-across-resolutions", "erw/warm_start.py", "    if side != ckpt_side:", "    if False:",
+           ("tests/test_resolution.py::test_a_phase1_checkpoint_at_another_resolution_is_refused_naming_both",),
+           "a Phase-1 checkpoint of another resolution is loaded, or fails on a pos_embed shape without saying why"),
+    Mutant("teacher-token-grid-unchecked", "erw/loop.py", "        if teacher.num_tokens != tokens:", "        if False:",
+           ("tests/test_resolution.py::test_a_resolution_or_a_model_that_cannot_hold_is_refused_naming_it",),
+           "a SiT whose token grid is not the teacher's trains until NT-Xent fails on the shapes"),
+    Mutant("resolution-patch-unchecked", "erw/loop.py", 'if config["resolution"] % (VAE_DOWNSAMPLING * patch):',
+           "if False:", ("tests/test_resolution.py::test_a_resolution_or_a_model_that_cannot_hold_is_refused_naming_it",),
+           "a resolution that gives no whole patches is accepted"),
+    Mutant("oom-chunk-not-split", "erw/samplers.py", "            size = (size + 1) // 2\n            torch.cuda.empty_cache()\n            continue\n",
+           "            raise\n", ("tests/test_sampling.py::test_a_chunk_that_runs_out_of_gpu_memory_is_split_until_it_fits",),
+           "a batch that no longer fits in GPU memory ends the run instead of running in smaller chunks"),
 ]
