@@ -103,7 +103,8 @@ def cached_json(path: str, key: dict, compute):
 def evaluate_checkpoint(ckpt: str, reference_npz: str, sample_dir: str, args, path: str) -> dict:
     """Sample from `ckpt` and compute class accuracy and FD-demo, once per (EMA weights, sampler settings): the
     result is kept in `path`, so a rerun neither samples nor measures again."""
-    from operations.checkpoint import load_checkpoint, weights_sha256
+    from models.weights import weights_sha256
+    from operations.checkpoint import load_checkpoint
     key = {"weights_sha256": weights_sha256(load_checkpoint(ckpt)["ema"]), "num_samples": args.num_samples,
            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
 

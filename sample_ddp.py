@@ -26,14 +26,13 @@ from PIL import Image
 
 from erw.generation import LABEL_MODES, all_labels, bitwise_scope, generate_images
 from erw.precision import apply_precision
-from erw.samplers import check_guidance
 from erw.transport import PATH_TYPES
-from evaluations.evaluator import write_images_npz
 from models.vae import PIXEL_ROUNDINGS, load_vae
-from operations.checkpoint import WEIGHTS, add_repa_model_flags, load_model, weights_sha256
+from models.weights import weights_sha256
+from operations.checkpoint import WEIGHTS, add_repa_model_flags, load_model
 from operations.cli import ArgumentParser, InvalidInput, check_folder_path, number, refusals, run_main
 from operations.config import SAMPLER_OPTIONS_BY_NAME, add_flags
-from operations.files import atomic_write, remove_stale_temps
+from operations.files import atomic_write, remove_stale_temps, write_images_npz
 from operations.lock import FolderInUse, RunLock
 
 # The settings that change the images: a folder is resumed only when its .json records the same values.
@@ -141,12 +140,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
-    check_folder_path(args.sample_dir, "--sample-dir")
-    with refusals():
-        check_guidance(args.cfg_scale, args.guidance_low, args.guidance_high)
-
+def sample(args: argparse.Namespace) -> str:
+    """The whole run for this process, from sample_ddp.py's flags (checked by main); returns the .npz path."""
     # Processes: torchrun / accelerate launch set WORLD_SIZE, RANK and LOCAL_RANK.
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("--device cuda: no CUDA GPU is visible")
@@ -233,6 +228,7 @@ def main(argv=None) -> str:
         if rank == 0:
             print(f"{len(finished & set(range(args.num_fid_samples)))} of {args.num_fid_samples} samples already in "
                   f"{folder}; {world_size} process(es) make the rest")
+        labels = all_labels(args.global_seed, args.num_fid_samples, model.num_classes, args.label_mode)
         with bitwise_scope(args.bitwise, device):
             for indices, images in generate_images(
                     model, vae, todo, global_seed=args.global_seed, label_mode=args.label_mode, mode=args.mode,
@@ -252,9 +248,8 @@ def main(argv=None) -> str:
                 raise RuntimeError(f"{len(missing)} samples missing from {folder} after sampling (first: "
                                    f"{missing[:5]})")
             shape = read_png(png_path(folder, 0), None).shape
-            labels = all_labels(args.global_seed, args.num_fid_samples, model.num_classes, args.label_mode)
-            write_images_npz(npz_path, (read_png(png_path(folder, i), shape) for i in range(args.num_fid_samples)),
-                             args.num_fid_samples, shape, labels)
+            images = (read_png(png_path(folder, i), shape) for i in range(args.num_fid_samples))
+            write_images_npz(npz_path, images, args.num_fid_samples, shape, labels)
             print(f"Saved {npz_path}: arr_0 uint8 ({args.num_fid_samples}, {shape[0]}, {shape[1]}, 3), arr_1 labels; "
                   f"settings in {settings_path(folder)}")
         # The other ranks leave without waiting for the .npz: a long build would trip NCCL's barrier timeout.
@@ -264,6 +259,15 @@ def main(argv=None) -> str:
     finally:
         if lock is not None:
             lock.release()
+
+
+def main(argv=None) -> str:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # each flag's type and range; what relates two flags, or a path, here:
+    if not args.guidance_low <= args.guidance_high:
+        parser.error(f"need --guidance-low <= --guidance-high, got {args.guidance_low} and {args.guidance_high}")
+    check_folder_path(args.sample_dir, "--sample-dir")
+    return sample(args)
 
 
 if __name__ == "__main__":

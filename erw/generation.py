@@ -103,13 +103,13 @@ def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int
     """
     if batch_size < 1:
         raise ValueError(f"the sampling batch size must be >= 1, got {batch_size}")
+    path = get_path(path_type)
     check_sampler(mode, heun)
+    velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, chunk_size)
     check_pixel_rounding(pixel_rounding)
     device = next(model.parameters()).device
-    velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, chunk_size)
     latent_size = model.grid_size * model.patch_size
     latent_shape = (model.in_channels, latent_size, latent_size)
-    path = get_path(path_type)
     with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start:start + batch_size])

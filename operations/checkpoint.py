@@ -5,13 +5,11 @@ release's (their pickled `args`, model flags beside them), with strict weight im
 that fails says why and which checkpoint is the last good one."""
 import argparse
 import errno
-import hashlib
 import os
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from operations.cli import InvalidInput, MissingInput, refusals
 from operations.config import OPTIONS_BY_NAME, add_flags
@@ -149,25 +147,6 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict):
         raise InvalidInput(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
-
-
-# sha256 runs at about 1 GB/s: above this many bytes the hash takes long enough to deserve a progress bar.
-_HASH_PROGRESS_BYTES = 256 * 2 ** 20
-
-
-def weights_sha256(state_dict: Dict[str, torch.Tensor], show_progress: bool = False) -> str:
-    """sha256 over the tensors in sorted key order: each key's name, dtype, shape and raw bytes. It identifies the
-    weights themselves, whatever file, path or checkpoint layout holds them (a sample folder records it)."""
-    tensors = [(name, state_dict[name].detach().cpu().contiguous()) for name in sorted(state_dict)]
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing the weights",
-              disable=not show_progress or total < _HASH_PROGRESS_BYTES) as bar:
-        for name, t in tensors:
-            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-            bar.update(t.numel() * t.element_size())
-    return digest.hexdigest()
 
 
 def checkpoint_step(ckpt: dict) -> Optional[int]:
@@ -341,7 +320,7 @@ def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[
     ones too. The ERW release's RoPE tables are checked against the model's (without_rope_tables). Returns (model,
     info) with info = read_weights' info plus "model_args"."""
     state_dict, model_args, info = read_weights(ckpt_path, weights, model_flags, flags_for_ours)
-    with refusals(ckpt_path):
+    with refusals("the model the checkpoint describes"):
         model = create_sit(**model_args)
     state_dict = without_rope_tables(model, state_dict, ckpt_path)
     with refusals("checkpoint"):

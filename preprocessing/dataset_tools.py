@@ -512,7 +512,7 @@ def make_demo(args) -> None:
 def reference(args) -> None:
     """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
     from erw.data import ImageLatentDataset, load_image
-    from evaluations.evaluator import write_images_npz
+    from operations.files import write_images_npz
     dataset = ImageLatentDataset(args.data_dir)
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import sample_ddp
-from operations.checkpoint import load_model, save_checkpoint, weights_sha256
+from models.weights import weights_sha256
+from operations.checkpoint import load_model, save_checkpoint
 from operations.cli import InvalidInput
 from erw.generation import all_labels
 from models.sit import create_sit
