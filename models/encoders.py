@@ -291,10 +291,9 @@ def load_state(vit: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -
 
 
 def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what: str) -> None:
-    """A published file's weights (read_checkpoint) into `vit`, strictly, as float32: renamed by the family's
-    converter, the position embedding resampled to the model's token grid with timm's resample_abs_pos_embed (bicubic,
-    antialiased), as REPA's load_encoders does for MoCo v3, DINO, MAE and DINOv2 at 256 px; at 512 px, where REPA
-    takes DINOv2 only, every teacher's is resampled the same way. Equal grids are left as they are."""
+    """A published file's weights (read_checkpoint) into `vit`, strictly, as float32, renamed by the family's
+    converter; the position embedding resampled to the model's token grid (unless equal) as REPA's load_encoders
+    resamples it, with timm's resample_abs_pos_embed (bicubic, antialiased), at every resolution."""
     state = {k: v.float() for k, v in CONVERTERS[family](checkpoint, path).items()}
     if "pos_embed" in state and getattr(vit, "pos_embed", None) is not None:
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
@@ -308,8 +307,7 @@ def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what
 
 
 def local_weights(name: str) -> Optional[str]:
-    """Path of locally cached weights of published teacher `name`: its file in the torch hub checkpoint folder (or
-    the clip package's cache), else timm's file in the Hugging Face cache; or None."""
+    """Path of published teacher `name`'s weights found locally (the module doc's order), or None."""
     spec = TEACHERS[name]
     folders = [os.path.join(torch.hub.get_dir(), "checkpoints")] + ([CLIP_CACHE] if spec.family == "clip" else [])
     for folder in folders if spec.file != "model.safetensors" else []:
@@ -325,9 +323,9 @@ def local_weights(name: str) -> Optional[str]:
         return None
 
 
-def missing_weights_error(name: str, flag: str = "--enc-weights") -> FileNotFoundError:
+def missing_weights_error(name: str) -> FileNotFoundError:
     spec = TEACHERS[name]
-    places = [f"pass it with {flag} PATH"]
+    places = ["pass it with --enc-weights PATH"]
     if spec.file != "model.safetensors":
         places.append(f"or place it at {os.path.join(torch.hub.get_dir(), 'checkpoints', spec.file)}")
     if spec.family == "clip":
