@@ -1,10 +1,6 @@
-"""The benchmark's parts: each a function of the Context that returns its figures (bench/run.py runs them in turn).
-
-Real architectures with random weights, offline: SiT-B/2 and SiT-XL/2, the DINOv2-B/14 teacher
-(`random-dinov2-vit-b`), SD-VAE (`random-sd-vae`) and the evaluator's Inception network. Training figures are the
-loop's own: train.main / train_warmup.main on generated data, images/s as metrics.jsonl logs it per log window, the
-first window (start-up, warm-up) left out. FLOPs are counted by torch's FlopCounterMode on the meta device (a
-multiply-add is 2 FLOPs); a training image costs 3 x the SiT forward (the backward ~2 forwards) + the teacher forward.
+"""The benchmark's parts: each a function of the Context that returns its figures (bench/run.py runs them in turn),
+on the real architectures with random weights, offline. Training figures are the loop's own (metrics.jsonl); FLOPs
+are FlopCounterMode's on the meta device. docs/benchmarks.md says what each part runs and how to read the figures.
 """
 import json
 import os
