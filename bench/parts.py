@@ -135,10 +135,6 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-#################################################################################
-#                                   Training                                    #
-#################################################################################
-
 def train_records(ctx: Context, size: str, phase: int, name: str, steps: int, *extra: str) -> List[Dict[str, Any]]:
     """Run the real loop (train.main, or train_warmup.main for Phase 1) and return its metrics.jsonl records; the
     run folder (with its checkpoint, ~11 GB for SiT-XL/2) is removed after it."""
@@ -196,10 +192,6 @@ def training_part(size: str, phase: int) -> Callable[[Context], Dict[str, Any]]:
         return result
     return run
 
-
-#################################################################################
-#                            Sampling and evaluation                            #
-#################################################################################
 
 class RowCounter(torch.nn.Module):
     """The SiT, counting the rows it is called on (a call inside the CFG interval costs two rows per sample)."""
@@ -309,10 +301,6 @@ def run_fid(ctx: Context) -> Dict[str, Any]:
             "estimate_10k_1gpu_s": round(10_000 * per_sample + metrics_s, 1),
             "estimate_10k_8gpu_s": round(10_000 / 8 * per_sample + metrics_s, 1)}
 
-
-#################################################################################
-#                                 Data loading                                  #
-#################################################################################
 
 def run_data_loading(ctx: Context) -> Dict[str, Any]:
     """Items/s that ONE DataLoader worker delivers (erw/data.py ImageLatentDataset, batches of 32, shuffled) from

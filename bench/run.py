@@ -85,11 +85,10 @@ def run_part(part: Part, ctx: Any) -> Dict[str, Any]:
     return entry
 
 
-def run(parts: List[Part], ctx: Any, output: str, report: Dict[str, Any], budget_s: Optional[float] = None,
-        start: Optional[float] = None) -> Dict[str, Any]:
+def run(parts: List[Part], ctx: Any, output: str, report: Dict[str, Any], budget_s: Optional[float],
+        start: float) -> Dict[str, Any]:
     """Run `parts` in order into report["parts"], writing OUTPUT/bench.json and bench.md after each. A part starts
-    only if its estimate fits in what is left of budget_s, counted from `start` (time.monotonic(); default now)."""
-    start = time.monotonic() if start is None else start
+    only if its estimate fits in what is left of budget_s, counted from `start` (time.monotonic())."""
     report["parts"] = [{"name": p.name, "what": p.what, "estimate_s": p.estimate_s, "status": "pending"}
                        for p in parts]
     write(output, report)

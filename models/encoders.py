@@ -337,9 +337,8 @@ def missing_weights_error(name: str) -> FileNotFoundError:
 
 
 def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[str]:
-    """The file build_teacher(name, ..., weights) reads its weights from; None for random weights (the demo
-    teacher's with weights "random": what preprocessing/train_demo_components.py trains), which follow from the name
-    and the seed."""
+    """The file build_teacher(name, ..., weights) reads; None for random weights, which follow from the name and the
+    seed (the demo teacher's with weights "random": where its training starts)."""
     kind = parse_teacher_name(name)[1]
     if kind == "random" and weights:
         raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
@@ -416,5 +415,4 @@ def split_weights(enc_weights: Union[None, str, Sequence[Optional[str]]], names:
 def load_teachers(enc_type: str, resolution: int, enc_weights=None) -> List[Teacher]:
     """Frozen teachers for a comma-separated `enc_type`; `enc_weights`: None, a path, or comma-separated paths."""
     names = teacher_names(enc_type)
-    weights_per_name = split_weights(enc_weights, names)
-    return [build_teacher(name, resolution, weights) for name, weights in zip(names, weights_per_name)]
+    return [build_teacher(name, resolution, weights) for name, weights in zip(names, split_weights(enc_weights, names))]
