@@ -1,10 +1,6 @@
-"""The benchmark's parts: each a function of the Context that returns its figures (bench/run.py runs them in turn).
-
-Real architectures with random weights, offline: SiT-B/2 and SiT-XL/2, the DINOv2-B/14 teacher
-(`random-dinov2-vit-b`), SD-VAE (`random-sd-vae`) and the evaluator's Inception network. Training figures are the
-loop's own: train.main / train_warmup.main on generated data, images/s as metrics.jsonl logs it per log window, the
-first window (start-up, warm-up) left out. FLOPs are counted by torch's FlopCounterMode on the meta device (a
-multiply-add is 2 FLOPs); a training image costs 3 x the SiT forward (the backward ~2 forwards) + the teacher forward.
+"""The benchmark's parts: each a function of the Context that returns its figures (bench/run.py runs them in turn),
+on the real architectures with random weights, offline. Training figures are the loop's own (metrics.jsonl); FLOPs
+are FlopCounterMode's on the meta device. docs/benchmarks.md says what each part runs and how to read the figures.
 """
 import json
 import os
@@ -139,10 +135,6 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-#################################################################################
-#                                   Training                                    #
-#################################################################################
-
 def train_records(ctx: Context, size: str, phase: int, name: str, steps: int, *extra: str) -> List[Dict[str, Any]]:
     """Run the real loop (train.main, or train_warmup.main for Phase 1) and return its metrics.jsonl records; the
     run folder (with its checkpoint, ~11 GB for SiT-XL/2) is removed after it."""
@@ -200,10 +192,6 @@ def training_part(size: str, phase: int) -> Callable[[Context], Dict[str, Any]]:
         return result
     return run
 
-
-#################################################################################
-#                            Sampling and evaluation                            #
-#################################################################################
 
 class RowCounter(torch.nn.Module):
     """The SiT, counting the rows it is called on (a call inside the CFG interval costs two rows per sample)."""
@@ -313,10 +301,6 @@ def run_fid(ctx: Context) -> Dict[str, Any]:
             "estimate_10k_1gpu_s": round(10_000 * per_sample + metrics_s, 1),
             "estimate_10k_8gpu_s": round(10_000 / 8 * per_sample + metrics_s, 1)}
 
-
-#################################################################################
-#                                 Data loading                                  #
-#################################################################################
 
 def run_data_loading(ctx: Context) -> Dict[str, Any]:
     """Items/s that ONE DataLoader worker delivers (erw/data.py ImageLatentDataset, batches of 32, shuffled) from

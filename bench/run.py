@@ -1,11 +1,6 @@
-"""The benchmark: each part in turn, in this process, on one GPU; --rehearse runs the same code on the CPU at toy sizes.
-
-    python -m bench.run --output OUT [--budget-s S] [--only PART ...] [--rehearse] [--peak-tflops T]
-
-After each part OUT/bench.json (every figure, the settings, the versions, each part's status and error) and
-OUT/bench.md (the tables) are rewritten atomically. A part that raises (CUDA out of memory included) is recorded with
-its error, and the next part runs; the budget skips a part whose estimate no longer fits. The parts are
-bench/parts.py; docs/benchmarks.md says how to read the figures.
+"""The benchmark: each part of bench/parts.py in turn, in this process, on one GPU; --rehearse runs the same code on
+the CPU at toy sizes. After each part OUT/bench.json and OUT/bench.md are rewritten atomically; a part that raises
+is recorded with its error and the next part runs. docs/benchmarks.md says how to read the figures.
 """
 import sys
 
@@ -90,11 +85,10 @@ def run_part(part: Part, ctx: Any) -> Dict[str, Any]:
     return entry
 
 
-def run(parts: List[Part], ctx: Any, output: str, report: Dict[str, Any], budget_s: Optional[float] = None,
-        start: Optional[float] = None) -> Dict[str, Any]:
+def run(parts: List[Part], ctx: Any, output: str, report: Dict[str, Any], budget_s: Optional[float],
+        start: float) -> Dict[str, Any]:
     """Run `parts` in order into report["parts"], writing OUTPUT/bench.json and bench.md after each. A part starts
-    only if its estimate fits in what is left of budget_s, counted from `start` (time.monotonic(); default now)."""
-    start = time.monotonic() if start is None else start
+    only if its estimate fits in what is left of budget_s, counted from `start` (time.monotonic())."""
     report["parts"] = [{"name": p.name, "what": p.what, "estimate_s": p.estimate_s, "status": "pending"}
                        for p in parts]
     write(output, report)
@@ -162,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for bench.json and bench.md")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
-                        help="wall clock from the start: a part whose estimate no longer fits is skipped (default: "
-                             "none)")
+                        help="wall clock from the start: a part whose estimate no longer fits is skipped")
     parser.add_argument("--only", nargs="+", metavar="PART", choices=[p.name for p in PARTS],
                         help=f"run only these parts, in the benchmark's order: {', '.join(p.name for p in PARTS)}")
     parser.add_argument("--rehearse", action="store_true",

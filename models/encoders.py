@@ -1,14 +1,9 @@
 """Frozen teacher encoders by REPA's names, on timm's architecture definitions.
 
-`load_teachers("mocov3-vit-b,dinov2-vit-b", resolution=256)` -> [Teacher]; a Teacher maps uint8 images (N, 3, R, R)
-to the patch tokens (N, T, D) that REPA aligns to, T = (R/16)^2 (SiT/2's token grid; class, register and pooled
-tokens dropped), preparing the images itself by its family's Recipe: REPA's train.py `preprocess_raw_image` where
-REPA has the teacher, the authors' own recipe for DINOv3 and SigLIP 2. TEACHERS lists every name with the published
-file it loads (models/teacher_files.py reads those files).
-
-Weights, in this order: an explicit file (`--enc-weights`), the published file's name in the torch hub checkpoint
-folder (CLIP: also the clip package's cache), timm's copy in the Hugging Face cache where timm publishes one, else an
-error that names the file, where to get it and the flag that takes it. Nothing is ever downloaded.
+`load_teachers("mocov3-vit-b,dinov2-vit-b", resolution=256)` -> [Teacher]: uint8 images (N, 3, R, R) to the patch
+tokens (N, (R/16)^2, D) that REPA aligns to, prepared by the family's Recipe. Weights: an explicit file
+(`--enc-weights`), else the published file in the torch hub checkpoint folder (CLIP: also the clip package's cache),
+else timm's copy in the Hugging Face cache; nothing is ever downloaded (docs/data.md lists the files).
 """
 import functools
 import logging
@@ -102,7 +97,6 @@ DINOV2_MODELS = {
     "l": ("vit_large_patch14_dinov2", "dinov2_vitl14"),
     "g": ("vit_giant_patch14_dinov2", "dinov2_vitg14"),
 }
-DINOV2_TIMM_PRETRAINED_TAG = "lvd142m"
 # Size -> (timm architecture, the official LVD-1689M file, named as dinov3/hub/backbones.py names it). The `_qkvb`
 # variants keep the qkv bias the official files carry; 7B has none.
 DINOV3_MODELS = {
@@ -136,7 +130,7 @@ TEACHERS: Dict[str, Spec] = {
                        "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),
     **{f"dinov2-vit-{size}": Spec("dinov2", arch, f"{stem}_pretrain.pth",
                                   f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth",
-                                  hf_repo=f"timm/{arch}.{DINOV2_TIMM_PRETRAINED_TAG}")
+                                  hf_repo=f"timm/{arch}.lvd142m")
        for size, (arch, stem) in DINOV2_MODELS.items()},
     **{f"dinov3-vit-{size}": Spec("dinov3", arch, file, DINOV3_DOWNLOADS, hf_repo=f"timm/{arch}.lvd1689m")
        for size, (arch, file) in DINOV3_MODELS.items()},
@@ -145,26 +139,19 @@ TEACHERS: Dict[str, Spec] = {
                           hf_repo="timm/vit_base_patch16_siglip_256.v2_webli"),
 }
 
-RANDOM_TEACHER = "random-vit-tiny"
-RANDOM_TEACHER_SEED = 0
-# LayerScale starts at 1 instead of DINOv2's 1e-5: with 1e-5 the random blocks would be near-identity maps.
-RANDOM_TEACHER_ARCH = dict(embed_dim=64, depth=2, num_heads=2, init_values=1.0)
-# The demo's teacher: a small DINOv2-style ViT trained (supervised) on the demo images by
-# preprocessing/train_demo_components.py; its weights ship with the repository.
-DEMO_TEACHER = "demo-vit-tiny"
-DEMO_TEACHER_ARCH = dict(embed_dim=96, depth=4, num_heads=3, init_values=1.0)
+RANDOM_TEACHER, DEMO_TEACHER = "random-vit-tiny", "demo-vit-tiny"
+# This repository's own teachers: dinov2-vit-s's definition at a small size. random-vit-tiny has random weights
+# (tests, the rehearsal); demo-vit-tiny is trained on the demo images by preprocessing/train_demo_components.py.
+SMALL_TEACHERS = {RANDOM_TEACHER: dict(embed_dim=64, depth=2, num_heads=2),
+                  DEMO_TEACHER: dict(embed_dim=96, depth=4, num_heads=3)}
 DEMO_TEACHER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo",
                                     "teacher.safetensors")
-# "random-<teacher>": the real architecture with seeded random weights (GPU tests, benchmarks); "random-tiny-<teacher>":
-# its family at test size (CPU tests). Both start with "random", which the training code warns about.
-RANDOM_PREFIXES = ("random-tiny-", "random-")
+RANDOM_TEACHER_SEED = 0
 
 
 def teacher_input_size(resolution: int) -> int:
-    """Side of a resizing teacher's input for `resolution`-px images: REPA's 224 for 256 (448 for 512), i.e. 7/8.
-
-    This keeps one teacher token per 16x16 image pixels, so the token grid equals SiT/2's on 8x-downsampled latents.
-    """
+    """Side of a resizing teacher's input for `resolution`-px images: REPA's 224 for 256 (448 for 512), i.e. 7/8,
+    one patch-14 token per 16x16 image pixels."""
     side = resolution * 224 // 256
     if resolution * 224 % 256 or side % 14:
         raise ValueError(f"resolution {resolution} is not supported by the patch-14 teachers: it must be a multiple "
@@ -203,8 +190,7 @@ def check_resolution(name: str, resolution: int) -> None:
 
 
 def input_side(recipe: Recipe, resolution: int) -> int:
-    """The side of the images a teacher of `recipe` sees: 224/256 of `resolution` for a resizing recipe (patch 14),
-    else `resolution` itself (patch 16)."""
+    """The side of the images a teacher of `recipe` sees: resized (patch 14) or `resolution` itself (patch 16)."""
     return teacher_input_size(resolution) if recipe.resize != "none" else resolution
 
 
@@ -251,27 +237,37 @@ class Teacher(nn.Module):
         return f"name={self.name}, resolution={self.resolution}, input_size={self.input_size}"
 
 
-def parse_teacher_name(name: str) -> Tuple[str, str]:
-    """(published teacher name, kind): kind "published", "random" (real architecture, random weights) or
-    "random-tiny" (its family at test size)."""
+def parse_teacher_name(name: str) -> Tuple[str, str, Dict[str, Any]]:
+    """(the published teacher whose timm definition `name` builds, kind, changes to that definition): kind
+    "published", "demo" or "random" (random-<name>, random-tiny-<name> at its family's test size, random-vit-tiny)."""
     if name in TEACHERS:
-        return name, "published"
-    for prefix in RANDOM_PREFIXES:
-        if name.startswith(prefix) and name[len(prefix):] in TEACHERS:
-            return name[len(prefix):], prefix[:-1]
-    known = ", ".join(list(TEACHERS) + [DEMO_TEACHER, RANDOM_TEACHER])
+        return name, "published", {}
+    if name in SMALL_TEACHERS:
+        return "dinov2-vit-s", "demo" if name == DEMO_TEACHER else "random", SMALL_TEACHERS[name]
+    for prefix in ("random-tiny-", "random-"):
+        base = name[len(prefix):]
+        if name.startswith(prefix) and base in TEACHERS:
+            return base, "random", FAMILIES[TEACHERS[base].family].tiny if prefix == "random-tiny-" else {}
+    known = ", ".join(list(TEACHERS) + list(SMALL_TEACHERS))
     raise ValueError(f"unknown teacher '{name}' in --enc-type; known: {known}; and random-<name> (random weights) "
                      "or random-tiny-<name> (random weights at test size) of each")
 
 
-def build_vit(name: str, resolution: int, tiny: bool = False, **changes) -> nn.Module:
-    """timm's architecture of published teacher `name` for `resolution`-px images, randomly initialised (build it
-    under torch.device("meta") to skip that); `tiny`, for tests only: its family's test size. A family that aligns
-    to the tokens before the final norm gets nn.Identity for it."""
-    spec = TEACHERS[name]
+def teacher_family(name: str) -> str:
+    return TEACHERS[parse_teacher_name(name)[0]].family
+
+
+def build_vit(name: str, resolution: int, tiny: bool = False) -> nn.Module:
+    """timm's definition of teacher `name` for `resolution`-px images, randomly initialised (build it under
+    torch.device("meta") to skip that); `tiny`, for tests only: a published teacher's family at test size. A family
+    that aligns to the tokens before the final norm gets nn.Identity for it."""
+    base, _, changes = parse_teacher_name(name)
+    spec = TEACHERS[base]
     family = FAMILIES[spec.family]
-    check_resolution(name, resolution)
-    kwargs = {**spec.kwargs, **(family.tiny if tiny else {}), **changes}
+    check_resolution(name if name in SMALL_TEACHERS else base, resolution)
+    kwargs = {**spec.kwargs, **(family.tiny if tiny else changes)}
+    if family.layer_scale:
+        kwargs["init_values"] = 1.0
     vit = timm.create_model(spec.arch, pretrained=False, num_classes=0,
                             img_size=input_side(family.recipe, resolution), **kwargs)
     if not family.final_norm:
@@ -295,10 +291,9 @@ def load_state(vit: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -
 
 
 def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what: str) -> None:
-    """A published file's weights (read_checkpoint) into `vit`, strictly, as float32: renamed by the family's
-    converter, the position embedding resampled to the model's token grid with timm's resample_abs_pos_embed (bicubic,
-    antialiased), as REPA's load_encoders does for MoCo v3, DINO, MAE and DINOv2 at 256 px; at 512 px, where REPA
-    takes DINOv2 only, every teacher's is resampled the same way. Equal grids are left as they are."""
+    """A published file's weights (read_checkpoint) into `vit`, strictly, as float32, renamed by the family's
+    converter; the position embedding resampled to the model's token grid (unless equal) as REPA's load_encoders
+    resamples it, with timm's resample_abs_pos_embed (bicubic, antialiased), at every resolution."""
     state = {k: v.float() for k, v in CONVERTERS[family](checkpoint, path).items()}
     if "pos_embed" in state and getattr(vit, "pos_embed", None) is not None:
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
@@ -311,17 +306,8 @@ def load_published(vit: nn.Module, family: str, checkpoint: Any, path: str, what
     load_state(vit, state, what)
 
 
-def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
-    """A flat state dict from a .pth/.pt or .safetensors file."""
-    state_dict = read_checkpoint(path)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"teacher weights {path} are not a flat state dict of tensors")
-    return state_dict
-
-
 def local_weights(name: str) -> Optional[str]:
-    """Path of locally cached weights of published teacher `name`: its file in the torch hub checkpoint folder (or
-    the clip package's cache), else timm's file in the Hugging Face cache; or None."""
+    """Path of published teacher `name`'s weights found locally (the module doc's order), or None."""
     spec = TEACHERS[name]
     folders = [os.path.join(torch.hub.get_dir(), "checkpoints")] + ([CLIP_CACHE] if spec.family == "clip" else [])
     for folder in folders if spec.file != "model.safetensors" else []:
@@ -337,9 +323,9 @@ def local_weights(name: str) -> Optional[str]:
         return None
 
 
-def missing_weights_error(name: str, flag: str = "--enc-weights") -> FileNotFoundError:
+def missing_weights_error(name: str) -> FileNotFoundError:
     spec = TEACHERS[name]
-    places = [f"pass it with {flag} PATH"]
+    places = ["pass it with --enc-weights PATH"]
     if spec.file != "model.safetensors":
         places.append(f"or place it at {os.path.join(torch.hub.get_dir(), 'checkpoints', spec.file)}")
     if spec.family == "clip":
@@ -350,105 +336,60 @@ def missing_weights_error(name: str, flag: str = "--enc-weights") -> FileNotFoun
                              f"downloaded). Get {spec.file} ({spec.url}) and {', '.join(places)}.")
 
 
-@functools.lru_cache(maxsize=1)
-def _random_weights(name: str, resolution: int, tiny: bool) -> Dict[str, torch.Tensor]:
-    """The random weights of build_random, drawn once per process: timm's initialisation of a large ViT takes
-    seconds, and GPU tests and benchmarks build the teacher once per run."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_TEACHER_SEED)
-        return build_vit(name, resolution, tiny, **_random_changes(name)).state_dict()
-
-
-def _random_changes(name: str) -> Dict[str, Any]:
-    return dict(init_values=1.0) if FAMILIES[TEACHERS[name].family].layer_scale else {}
-
-
-def build_random(name: str, resolution: int, tiny: bool = False, as_name: Optional[str] = None) -> Teacher:
-    """Teacher `name`'s architecture (`tiny`: at test size) with random weights from a fixed seed, never loaded:
-    offline tests and benchmarks. LayerScale starts at 1 (Family.layer_scale): initial values only."""
-    with torch.device("meta"):
-        vit = build_vit(name, resolution, tiny, **_random_changes(name))
-    weights = {k: v.clone() for k, v in _random_weights(name, resolution, tiny).items()}  # never shared
-    load_state(vit, weights, f"random weights of {name}")
-    return Teacher(as_name or name, vit, resolution, TEACHERS[name].family)
-
-
-def build_random_teacher(resolution: int) -> Teacher:
-    """Random-init tiny DINOv2-style ViT (patch 14, 64 wide, 2 blocks) from a fixed seed; for tests and the demo."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_TEACHER_SEED)
-        vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
-                                img_size=teacher_input_size(resolution), **RANDOM_TEACHER_ARCH)
-    return Teacher(RANDOM_TEACHER, vit, resolution, "dinov2")
-
-
-def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
-    """The demo teacher (DEMO_TEACHER_ARCH) for `resolution`-px images; random init when weights is "random"
-    (what preprocessing/train_demo_components.py starts from), else the trained file, loaded strictly."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_TEACHER_SEED)
-        vit = timm.create_model(DINOV2_MODELS["s"][0], pretrained=False, num_classes=0,
-                                img_size=teacher_input_size(resolution), **DEMO_TEACHER_ARCH)
-    if weights != "random":
+def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[str]:
+    """The file build_teacher(name, ..., weights) reads; None for random weights, which follow from the name and the
+    seed (the demo teacher's with weights "random": where its training starts)."""
+    kind = parse_teacher_name(name)[1]
+    if kind == "random" and weights:
+        raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
+    if kind == "random" or (kind == "demo" and weights == "random"):
+        return None
+    if kind == "demo":
         path = weights or DEMO_TEACHER_WEIGHTS
         if not os.path.isfile(path):
             raise FileNotFoundError(f"demo teacher weights not found: {path} (they ship with the repository; "
                                     "rebuild them with `python -m preprocessing.train_demo_components`)")
-        state_dict = read_weight_file(path)
-        check_state_dict(vit.state_dict(), state_dict, f"demo teacher {path}")
-        vit.load_state_dict(state_dict, strict=True)
-    return Teacher(DEMO_TEACHER, vit, resolution, "dinov2")
-
-
-def build_teacher(name: str, resolution: int, weights: Optional[str] = None, tiny: bool = False) -> Teacher:
-    """One teacher by name (TEACHERS, the demo and random ones), weights as in the module doc. `tiny` (tests only)
-    builds a published teacher's family at test size, to load a test-size file in the published layout."""
-    if name == DEMO_TEACHER:
-        return build_demo_vit(resolution, weights)
-    if name == RANDOM_TEACHER:
-        if weights:
-            raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
-        return build_random_teacher(resolution)
-    base, kind = parse_teacher_name(name)
-    if kind != "published":
-        if weights:
-            raise ValueError(f"teacher {name} is random by definition; it takes no --enc-weights (got {weights})")
-        return build_random(base, resolution, tiny=kind == "random-tiny", as_name=name)
-    check_resolution(name, resolution)
-    path = weights or local_weights(name)
-    if path is None:
-        raise missing_weights_error(name)
-    checkpoint = read_checkpoint(path)
-    with torch.device("meta"):  # no random init of up to 6.7B parameters that the weights replace anyway
-        vit = build_vit(name, resolution, tiny)
-    load_published(vit, TEACHERS[name].family, checkpoint, path, what=f"teacher weights {path} for {name}")
-    logger.info("teacher %s loaded from %s", name, path)
-    return Teacher(name, vit, resolution, TEACHERS[name].family)
-
-
-def teacher_weights_file(name: str, weights: Optional[str] = None) -> Optional[str]:
-    """The file build_teacher(name, ..., weights) reads its weights from; None for a random teacher, whose weights
-    follow from its name and seed."""
-    if name == DEMO_TEACHER:
-        return None if weights == "random" else (weights or DEMO_TEACHER_WEIGHTS)
-    if name == RANDOM_TEACHER or parse_teacher_name(name)[1] != "published":
-        return None
+        return path
     path = weights or local_weights(name)
     if path is None:
         raise missing_weights_error(name)
     return path
 
 
-def teacher_family(name: str) -> str:
-    if name in (DEMO_TEACHER, RANDOM_TEACHER):
-        return "dinov2"
-    return TEACHERS[parse_teacher_name(name)[0]].family
+@functools.lru_cache(maxsize=1)
+def _random_weights(name: str, resolution: int) -> Dict[str, torch.Tensor]:
+    """Random teacher `name`'s weights from a fixed seed, without touching the caller's RNG, drawn once per process:
+    timm's initialisation of a large ViT takes seconds, and GPU tests and benchmarks build the teacher once per run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TEACHER_SEED)
+        return build_vit(name, resolution).state_dict()
+
+
+def build_teacher(name: str, resolution: int, weights: Optional[str] = None, tiny: bool = False) -> Teacher:
+    """One teacher by name (TEACHERS, SMALL_TEACHERS, random-<name>, random-tiny-<name>), weights as in the module
+    doc. `tiny` (tests only) builds a published teacher's family at test size, to load a test-size file in the
+    published layout."""
+    with torch.device("meta"):  # no random init of up to 6.7B parameters that the weights replace anyway
+        vit = build_vit(name, resolution, tiny)
+    family = teacher_family(name)
+    path = teacher_weights_file(name, weights)
+    if path is None:
+        state = {k: v.clone() for k, v in _random_weights(name, resolution).items()}  # equal, never shared
+        load_state(vit, state, f"random weights of {name}")
+    else:
+        load_published(vit, family, read_checkpoint(path), path, what=f"teacher weights {path} for {name}")
+        logger.info("teacher %s loaded from %s", name, path)
+    return Teacher(name, vit, resolution, family)
+
+
+def build_demo_vit(resolution: int, weights: Optional[str] = None) -> Teacher:
+    """The demo teacher: its trained file, another file, or "random" (where its training starts)."""
+    return build_teacher(DEMO_TEACHER, resolution, weights)
 
 
 def preprocessing_text(names: Sequence[str]) -> str:
-    """What a teacher-token cache records as the preprocessing of teachers `names`: each one's recipe in words (its
-    Teacher.preprocessing), joined by " | ". One DINOv2-style teacher gives the text caches recorded before there
-    were other families."""
+    """What a teacher-token cache records as the preprocessing of teachers `names`: their Teacher.preprocessing,
+    joined by " | "."""
     return " | ".join(FAMILIES[teacher_family(name)].recipe.text() for name in names)
 
 
@@ -474,5 +415,4 @@ def split_weights(enc_weights: Union[None, str, Sequence[Optional[str]]], names:
 def load_teachers(enc_type: str, resolution: int, enc_weights=None) -> List[Teacher]:
     """Frozen teachers for a comma-separated `enc_type`; `enc_weights`: None, a path, or comma-separated paths."""
     names = teacher_names(enc_type)
-    weights_per_name = split_weights(enc_weights, names)
-    return [build_teacher(name, resolution, weights) for name, weights in zip(names, weights_per_name)]
+    return [build_teacher(name, resolution, weights) for name, weights in zip(names, split_weights(enc_weights, names))]

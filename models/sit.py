@@ -1,8 +1,5 @@
 """SiT backbone with REPA-style projector heads.
 
-Layout follows DiT's models.py: embedders -> attention/MLP -> block -> final layer -> model ->
-position-embedding helpers -> size constructors -> the `SiT_models` registry.
-
 State-dict keys and shapes are identical to REPA's models/sit.py (pos_embed, x_embedder.proj,
 t_embedder.mlp.{0,2}, y_embedder.embedding_table, blocks.{i}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
 adaLN_modulation.1}, projectors.{j}.{0,2,4}, final_layer.{linear, adaLN_modulation.1}), so REPA
@@ -285,7 +282,6 @@ class SiT(nn.Module):
                     nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
 
-        # Fixed 2D sin-cos position embedding.
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
         self.pos_embed.data.copy_(pos_embed.unsqueeze(0))
 

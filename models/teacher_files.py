@@ -1,9 +1,6 @@
-"""The teachers' published weight files, read as their authors wrote them and renamed to timm's keys.
-
-`read_checkpoint(path)` opens a file (torch.save, safetensors, or OpenAI's TorchScript archive); `to_timm(family,
-checkpoint, path)` takes the teacher's weights out of its container and renames them to the timm model's keys. Keys
-the teacher does not use (the other halves of a training checkpoint, projection heads, a text tower) are dropped by
-name, here; every other key is passed on, so that models/weights.py check_state_dict names whatever does not fit.
+"""The teachers' published weight files, read as their authors wrote them; CONVERTERS[family] takes the weights out
+of the file's container and renames them to timm's keys. Keys the teacher does not use are dropped by name, here;
+every other key is passed on, so that models/weights.py check_state_dict names whatever does not fit.
 """
 import os
 import re
@@ -131,12 +128,9 @@ def jepa_to_timm(checkpoint: Any, path: str) -> StateDict:
 
 def dinov2_to_timm(checkpoint: Any, path: str) -> StateDict:
     """An official DINOv2 state dict (facebookresearch/dinov2, as torch.hub loads it) in timm's keys; a timm-layout
-    dict (timm's model.safetensors) passes through unchanged.
-
-    - `mask_token` exists only for DINOv2's masked-image training and is unused at inference: dropped.
-    - ViT-g's SwiGLU `mlp.w12` / `mlp.w3` are timm's packed `mlp.fc1` / `mlp.fc2` (same [x1 | x2] split, SiLU on x1).
-    - Training checkpoints with block chunking name blocks `blocks.<chunk>.<i>`: flattened to `blocks.<i>`.
-    """
+    dict (timm's model.safetensors, the demo teacher's file) passes through. Dropped: `mask_token` (masked training
+    only). ViT-g's SwiGLU `mlp.w12` / `mlp.w3` are timm's packed `mlp.fc1` / `mlp.fc2` (same [x1 | x2] split, SiLU on
+    x1); chunked blocks `blocks.<chunk>.<i>` are flattened to `blocks.<i>`."""
     out = {}
     for key, value in _flat(checkpoint, path, "a DINOv2 state dict").items():
         if key == "mask_token":
@@ -155,15 +149,11 @@ DINOV3_KEYS = {"storage_tokens": "reg_token", "ls1.gamma": "gamma_1", "ls2.gamma
 
 
 def dinov3_to_timm(checkpoint: Any, path: str) -> StateDict:
-    """An official DINOv3 state dict (dinov3_vit*16*_pretrain_lvd1689m-*.pth) in the keys of timm's Eva DINOv3 (the
-    `_qkvb` variants where the file has a qkv bias); timm's own files (`reg_token`) pass through unchanged.
-
-    Renamed: storage tokens -> register tokens, LayerScale gammas, SwiGLU's w1/w2/w3 (SiLU on w1). The qkv bias is
-    split into timm's q and v biases: its k third is multiplied by the file's `bias_mask` (zeros) in DINOv3 and is
-    a fixed zero buffer in timm. Dropped: `mask_token` (masked training only), `qkv.bias_mask`,
-    `rope_embed.periods` (a buffer timm recomputes from the same base, 100), `local_cls_norm` (7B's norm for
-    training crops).
-    """
+    """An official DINOv3 state dict (dinov3_vit*16*_pretrain_lvd1689m-*.pth) in the keys of timm's Eva DINOv3;
+    timm's own files (`reg_token`) pass through. The qkv bias is split into timm's q and v biases: its k third is
+    zeroed by the file's `bias_mask` in DINOv3 and a fixed zero buffer in timm. Dropped: `mask_token` (masked
+    training only), `qkv.bias_mask`, `rope_embed.periods` (timm recomputes them from the same base, 100),
+    `local_cls_norm` (7B's norm for training crops)."""
     state = _flat(checkpoint, path, "a DINOv3 state dict")
     if "storage_tokens" not in state:
         return dict(state)

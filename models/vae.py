@@ -10,8 +10,8 @@ import torch
 SD_VAE_SCALE = 0.18215
 SD_VAE_SHIFT = 0.0
 
-RANDOM_TINY_VAE = "random-tiny"
-RANDOM_TINY_SEED = 0
+RANDOM_TINY_VAE, RANDOM_SD_VAE = "random-tiny", "random-sd-vae"
+RANDOM_VAE_SEED = 0
 # A random encoder's log-variance head is as large as its mean head (posterior std ~1 against a mean of ~0.2),
 # so sampled latents would be mostly noise. Trained SD-VAEs have a sharp posterior and latents whose scaled
 # values have about unit spread; the tiny VAE is given the same two properties so the demo data is learnable.
@@ -27,14 +27,13 @@ def autoencoder_config(block_out_channels, layers_per_block: int, norm_num_group
                 sample_size=sample_size, scaling_factor=SD_VAE_SCALE)
 
 
-# A VAE of SD-VAE's exact architecture with random weights, for GPU tests and benchmarks: it costs what
-# stabilityai/sd-vae-ft-mse / -ema cost, downloads nothing, and its images mean nothing.
-RANDOM_SD_VAE = "random-sd-vae"
-RANDOM_SD_VAE_SEED = 0
-# stabilityai/sd-vae-ft-mse's (= sd-vae-ft-ema's) config.json: architecture only. 83,653,863 parameters.
-SD_VAE_CONFIG = autoencoder_config(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                                   sample_size=256)
-
+# Random weights, nothing downloaded: random-sd-vae has SD-VAE's exact architecture (stabilityai/sd-vae-ft-mse's
+# config.json, 83,653,863 parameters) and costs what it costs, for GPU tests and benchmarks; random-tiny is for tests.
+RANDOM_VAE_CONFIGS = {
+    RANDOM_SD_VAE: autoencoder_config(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                                      sample_size=256),
+    RANDOM_TINY_VAE: autoencoder_config(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                                        sample_size=32)}
 # The demo's VAE: a small AutoencoderKL with SD-VAE's 8x downsampling and 4 latent channels, trained on the demo
 # images by preprocessing/train_demo_components.py and shipped with the repository (a diffusers folder).
 DEMO_VAE = "demo"
@@ -42,8 +41,6 @@ DEMO_VAE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # 8 groups of 1 channel at the first level take CPU convolutions onto a path ~20x slower: 4 groups.
 DEMO_VAE_CONFIG = autoencoder_config(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4,
                                      sample_size=64)
-RANDOM_TINY_VAE_CONFIG = autoencoder_config(block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-                                            norm_num_groups=8, sample_size=32)
 
 
 def _autoencoder_kl_class():
@@ -52,37 +49,26 @@ def _autoencoder_kl_class():
     return AutoencoderKL
 
 
-def build_random_tiny_vae():
-    """Deterministic tiny AutoencoderKL: 8x downsampling (4 levels), 4 latent channels, 16-32 channels wide.
-
-    Built from a fixed seed without touching the caller's RNG, so every process gets identical weights.
-    """
-    AutoencoderKL = _autoencoder_kl_class()
+def build_random_vae(name: str):
+    """AutoencoderKL RANDOM_VAE_CONFIGS[name] with random weights from a fixed seed, without touching the caller's
+    RNG: every process gets identical weights. random-tiny's posterior is made sharp (RANDOM_TINY_*)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_TINY_SEED)
-        vae = AutoencoderKL(**RANDOM_TINY_VAE_CONFIG)
-    latent_channels = vae.config.latent_channels
-    with torch.no_grad():
-        moments_conv = vae.quant_conv  # the last layer of encode(): output channels [mean (4) | logvar (4)]
-        moments_conv.weight[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
-        moments_conv.bias[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
-        moments_conv.weight[latent_channels:] = 0.0
-        moments_conv.bias[latent_channels:] = 2.0 * torch.log(torch.tensor(RANDOM_TINY_POSTERIOR_STD))
+        torch.manual_seed(RANDOM_VAE_SEED)
+        vae = _autoencoder_kl_class()(**RANDOM_VAE_CONFIGS[name])
+    if name == RANDOM_TINY_VAE:
+        latent_channels = vae.config.latent_channels
+        with torch.no_grad():
+            moments_conv = vae.quant_conv  # the last layer of encode(): output channels [mean (4) | logvar (4)]
+            moments_conv.weight[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
+            moments_conv.bias[:latent_channels] *= RANDOM_TINY_MEAN_GAIN
+            moments_conv.weight[latent_channels:] = 0.0
+            moments_conv.bias[latent_channels:] = 2.0 * torch.log(torch.tensor(RANDOM_TINY_POSTERIOR_STD))
     return vae
 
 
-def build_random_sd_vae():
-    """AutoencoderKL with SD-VAE's architecture (SD_VAE_CONFIG: 8x downsampling, 4 latent channels), random weights
-    from a fixed seed, without touching the caller's RNG: every process gets identical weights."""
-    AutoencoderKL = _autoencoder_kl_class()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SD_VAE_SEED)
-        return AutoencoderKL(**SD_VAE_CONFIG)
-
-
 def load_vae(name_or_path: str, allow_download: bool = False):
-    """A frozen AutoencoderKL in eval mode (float32, CPU): a local diffusers folder, a hub id, "random-tiny", or
-    "random-sd-vae" (SD-VAE's architecture, random weights).
+    """A frozen AutoencoderKL in eval mode (float32, CPU): a local diffusers folder, a hub id, "demo", or a name of
+    RANDOM_VAE_CONFIGS.
 
     A hub id is read from the local Hugging Face cache; it is fetched from the hub only with allow_download=True.
     """
@@ -92,10 +78,8 @@ def load_vae(name_or_path: str, allow_download: bool = False):
             raise FileNotFoundError(f"the demo VAE {DEMO_VAE_DIR} is missing (it ships with the repository; rebuild it "
                                     "with `python -m preprocessing.train_demo_components`)")
         name_or_path = DEMO_VAE_DIR
-    if name_or_path == RANDOM_TINY_VAE:
-        vae = build_random_tiny_vae()
-    elif name_or_path == RANDOM_SD_VAE:
-        vae = build_random_sd_vae()
+    if name_or_path in RANDOM_VAE_CONFIGS:
+        vae = build_random_vae(name_or_path)
     elif os.path.isdir(name_or_path):
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path)
@@ -116,19 +100,14 @@ def load_vae(name_or_path: str, allow_download: bool = False):
     return vae.eval().requires_grad_(False)
 
 
-def _model_device_dtype(module: torch.nn.Module):
-    param = next(module.parameters())
-    return param.device, param.dtype
-
-
 @torch.no_grad()
 def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, 3, H, W) in [0, 255] -> float32 (N, 8, H/8, W/8) = [posterior mean | posterior std]."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"encode_moments expects uint8 images (N, 3, H, W), got shape {tuple(images.shape)}")
-    device, dtype = _model_device_dtype(vae)
-    x = images.to(device=device, dtype=torch.float32) / 127.5 - 1.0
-    posterior = vae.encode(x.to(dtype)).latent_dist
+    param = next(vae.parameters())
+    x = images.to(device=param.device, dtype=torch.float32) / 127.5 - 1.0
+    posterior = vae.encode(x.to(param.dtype)).latent_dist
     return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
@@ -142,12 +121,9 @@ def model_to_vae_latents(z: torch.Tensor) -> torch.Tensor:
     return (z - SD_VAE_SHIFT) / SD_VAE_SCALE
 
 
-# How decoder outputs x (about [-1, 1]) become uint8 pixels; both truncate toward zero (the uint8 cast):
-#   repa: clamp(255 * ((x + 1) / 2), 0, 255), as REPA's generate.py writes samples (ADM's image_sample.py computes
-#         the same float32 value as (x + 1) * 127.5, since halving is exact). The FID numbers the paper compares
-#         with come from these pixels, so it is the default everywhere.
-#   dit:  clamp(127.5 * x + 128, 0, 255), DiT's sample_ddp.py: round(127.5 (x + 1)) with halves up, one level above
-#         REPA's on about half of the pixels (x = 0 gives 128 against 127). Kept for reproducing DiT's numbers.
+# How decoder outputs x (about [-1, 1]) become uint8 pixels, both truncated by the uint8 cast (docs/evaluation.md):
+# "repa", clamp(255 * ((x + 1) / 2)) as REPA's generate.py writes the samples the paper's FIDs come from, the
+# default; "dit", clamp(127.5 * x + 128) as DiT's sample_ddp.py, one level higher on about half of the pixels.
 PIXEL_ROUNDINGS = ("repa", "dit")
 
 
@@ -156,19 +132,15 @@ def check_pixel_rounding(pixel_rounding: str) -> None:
         raise ValueError(f"--pixel-rounding must be one of {', '.join(PIXEL_ROUNDINGS)}, got {pixel_rounding!r}")
 
 
-def to_uint8_pixels(x: torch.Tensor, pixel_rounding: str = "repa") -> torch.Tensor:
-    """Decoder output x (any shape) -> uint8 of the same shape, computed in float32 (see PIXEL_ROUNDINGS)."""
-    check_pixel_rounding(pixel_rounding)
-    x = x.float()
-    if pixel_rounding == "repa":
-        return torch.clamp(255.0 * ((x + 1.0) / 2.0), 0, 255).to(torch.uint8)
-    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def decode_latents(vae, z: torch.Tensor, pixel_rounding: str = "repa") -> torch.Tensor:
-    """Model-space latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU, channels last (the .npz layout);
-    pixels as REPA writes them unless pixel_rounding="dit" (PIXEL_ROUNDINGS)."""
-    device, dtype = _model_device_dtype(vae)
-    x = vae.decode(model_to_vae_latents(z.to(device=device, dtype=torch.float32)).to(dtype)).sample
-    return to_uint8_pixels(x, pixel_rounding).permute(0, 2, 3, 1).cpu()
+    """Model-space latents (N, 4, h, w) -> uint8 images (N, 8h, 8w, 3) on the CPU, channels last (the .npz layout),
+    pixels by PIXEL_ROUNDINGS, computed in float32."""
+    check_pixel_rounding(pixel_rounding)
+    param = next(vae.parameters())
+    x = vae.decode(model_to_vae_latents(z.to(device=param.device, dtype=torch.float32)).to(param.dtype)).sample.float()
+    if pixel_rounding == "repa":
+        pixels = torch.clamp(255.0 * ((x + 1.0) / 2.0), 0, 255).to(torch.uint8)
+    else:
+        pixels = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu()

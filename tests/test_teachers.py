@@ -18,7 +18,7 @@ from timm.layers import resample_abs_pos_embed
 import train
 import train_warmup
 from models import encoders
-from models.encoders import FAMILIES, TEACHERS, Teacher, build_random, build_teacher, build_vit, load_teachers
+from models.encoders import FAMILIES, TEACHERS, Teacher, build_teacher, build_vit, load_teachers
 from tests.conftest import tiny_args
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -476,7 +476,7 @@ ONE_PER_FAMILY = ["mocov3-vit-b", "clip-vit-L", "dinov1-vit-b", "mae-vit-l", "je
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
 @pytest.mark.parametrize("resolution", [256, 512])
 def test_preprocessing_is_repas_formula_or_the_authors(name, resolution):
-    teacher = build_random(name, resolution, tiny=True)
+    teacher = build_teacher(f"random-tiny-{name}", resolution)
     images = _images(2, resolution, seed=2)
     expected = authors_preprocess(images, name)
     # The same operations in float32 (torch's bicubic interpolate, the normalisation by 3 constants): equal within

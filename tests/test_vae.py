@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.vae import (SD_VAE_SCALE, build_random_tiny_vae, decode_latents, encode_moments, load_vae)
+from models.vae import (SD_VAE_SCALE, build_random_vae, decode_latents, encode_moments, load_vae)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def vae():
 
 def test_random_tiny_is_deterministic_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    first, second = build_random_tiny_vae().state_dict(), build_random_tiny_vae().state_dict()
+    first, second = build_random_vae("random-tiny").state_dict(), build_random_vae("random-tiny").state_dict()
     assert torch.equal(torch.random.get_rng_state(), state)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -124,7 +124,6 @@ def test_missing_vae_names_it(tmp_path):
 def test_random_sd_vae_has_sd_vae_architecture_and_shapes():
     """random-sd-vae: SD-VAE's AutoencoderKL (sd-vae-ft-mse config, 83.65M parameters), random weights from a fixed
     seed that leaves the global RNG alone; 8x downsampling to 4 latent channels."""
-    from models.vae import build_random_sd_vae
     state = torch.random.get_rng_state()
     vae = load_vae("random-sd-vae")
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -135,5 +134,5 @@ def test_random_sd_vae_has_sd_vae_architecture_and_shapes():
     assert encode_moments(vae, images).shape == (1, 8, 8, 8)  # [mean | std] of (1, 4, 8, 8) latents
     pixels = decode_latents(vae, torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
     assert pixels.shape == (1, 32, 32, 3) and pixels.dtype == torch.uint8
-    again = build_random_sd_vae().state_dict()
+    again = build_random_vae("random-sd-vae").state_dict()
     assert all(torch.equal(v, again[k]) for k, v in vae.state_dict().items())
