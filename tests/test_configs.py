@@ -218,6 +218,14 @@ PAPER = {
                                              encoder_depth=4, proj_coeff=0.5, proj_decay="none", warmup_ckpt=None),
     ("table2_sit_xl2_sit.yaml", TRAIN): dict(model="SiT-XL/2", enc_type=None, warmup_ckpt=None),
     ("sit_b2_sit.yaml", TRAIN): dict(model="SiT-B/2", enc_type=None, warmup_ckpt=None),
+    # 512 px (issue 33): the 256-px settings above at resolution 512, REPA's 512 run as the baseline
+    ("sit_xl2_erw_512.yaml", WARMUP): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", warmup_depth=5,
+                                           align_loss="ntxent", max_train_steps=100000, resolution=512),
+    ("sit_xl2_erw_512.yaml", TRAIN): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", warmup_depth=5,
+                                          encoder_depth=18, proj_coeff=0.5, resolution=512, **ERW_PHASE2),
+    ("sit_xl2_repa_512.yaml", TRAIN): dict(model="SiT-XL/2", enc_type="dinov2-vit-b", align_loss="cosine",
+                                           encoder_depth=8, proj_coeff=0.5, proj_decay="none", warmup_ckpt=None,
+                                           resolution=512),
 }
 
 
