@@ -1,26 +1,7 @@
-"""The training dataset: REPA/EDM2's on-disk format of images, VAE posterior moments and labels.
-
-    DATA/images/00000/img00000000.png ...              uint8 RGB, the ADM center crop
-    DATA/vae-sd/00000/img-mean-std-00000000.npy ...    float32 (8, H/8, W/8) = [posterior mean | std]
-    DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...],
-                                                        "identity": {...}} (dataset_identity, written by `encode`)
-
-Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
-latent's relative path. The folder is checked once at construction, so a broken folder fails before training, and
-each item's shapes when it is read, so that a stray file mid-dataset is named.
-
-Packed, for cluster file systems where opening two small files per item is the bottleneck
-(`python -m preprocessing.dataset_tools pack` writes it from the per-file layout):
-
-    DATA/packed/moments.npy     float32 (N, 8, H/8, W/8), read through a memory map
-    DATA/packed/labels.npy      int64 (N,)
-    DATA/packed/index.json      the items' image and latent paths (the per-file layout's order), resolution, count
-                                and the dataset identity of the data it was packed from
-
-When DATA/packed/index.json exists the dataset reads it instead of vae-sd/, item for item the same; images/ is then
-needed only when a live teacher looks at the pixels (not with a teacher cache). What is derived from a dataset
-(packed latents, a teacher cache) records the dataset's identity and is used only with that dataset (docs/data.md,
-"What identifies a dataset").
+"""The training dataset in REPA/EDM2's on-disk format (docs/data.md): images, VAE posterior moments and labels, per
+file (images/, vae-sd/) or packed (packed/, read through a memory map); and the sampler that shards it over processes.
+The folder is checked when it is opened, and each item's shapes when it is read, so that a stray file is named.
+What is derived from a dataset records its identity (dataset_identity) and is used only with it.
 """
 import hashlib
 import json
