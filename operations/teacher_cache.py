@@ -106,7 +106,6 @@ def write_identity(cache_dir: str, identity: TeacherCacheIdentity) -> None:
         if has_shards(cache_dir):
             raise InvalidInput(f"{cache_dir} holds a teacher cache of other settings ({'; '.join(differences)}); "
                                "give another --out, or delete it to rebuild")
-    os.makedirs(cache_dir, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(asdict(identity), indent=1) + "\n").encode()))
 
 
@@ -196,11 +195,8 @@ def cached_teachers(identity: TeacherCacheIdentity) -> List[CachedTeacher]:
 def teacher_weights_sha256(enc_type: str, enc_weights=None) -> List[str]:
     """Per teacher of --enc-type: sha256 of the weights file it loads, or "random:<name>" for a seeded random one."""
     names = teacher_names(enc_type)
-    hashes = []
-    for name, weights in zip(names, split_weights(enc_weights, names)):
-        path = teacher_weights_file(name, weights)
-        hashes.append(f"random:{name}" if path is None else file_sha256(path))
-    return hashes
+    paths = [teacher_weights_file(name, weights) for name, weights in zip(names, split_weights(enc_weights, names))]
+    return [f"random:{name}" if path is None else file_sha256(path) for name, path in zip(names, paths)]
 
 
 def teachers_from_cache(cache: TeacherCache, config: Dict, dataset) -> Tuple[List[CachedTeacher], str]:

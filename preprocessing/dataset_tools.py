@@ -17,7 +17,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
-from contextlib import ExitStack, contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from typing import List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -41,9 +41,7 @@ DEMO_VAE_DIR = "vae"
 IMAGES_PER_FOLDER = 1000  # EDM2/REPA: img00001234.png lives in folder 00001
 
 
-#################################################################################
-#                         File names and atomic writes                          #
-#################################################################################
+# ---------------------------------------------------------------- file names and atomic writes
 
 def image_relpath(index: int) -> str:
     """EDM2/REPA name of image `index`: 00012/img00012345.png."""
@@ -51,10 +49,8 @@ def image_relpath(index: int) -> str:
 
 
 def latent_relpath(image_rel: str) -> str:
-    """The latent file of an image: 00012/img00012345.png -> 00012/img-mean-std-00012345.npy (other names: stem.npy).
-
-    Both names sort in the same order, which is how REPA's dataset pairs them.
-    """
+    """The latent file of an image: 00012/img00012345.png -> 00012/img-mean-std-00012345.npy (other names: stem.npy);
+    both sort in the same order, which is how REPA's dataset pairs them."""
     folder, name = os.path.split(image_rel)
     stem = os.path.splitext(name)[0]
     match = re.fullmatch(r"img(\d+)", stem)
@@ -93,17 +89,16 @@ def holding(folder: str, rank: int = 0, world_size: int = 1, nested: bool = Fals
     """Hold `folder` (its run.lock, operations/lock.py) while the block writes there, from process 0; every process
     learns of a refusal, so that none waits in a barrier for a command that was refused. Under the lock a temp file
     in the folder (and its subfolders, when `nested`) is a killed command's leftover, and is removed."""
-    lock, refusal = None, None
+    lock, refusal = None, [None]
     if rank == 0:
         try:
             lock = RunLock(folder).acquire()
         except FolderInUse as error:
-            refusal = error
-    refused = [refusal is not None]
+            refusal = [str(error)]
     if world_size > 1:
-        torch.distributed.broadcast_object_list(refused, src=0)
-    if refused[0]:
-        raise refusal or FolderInUse(f"{folder} is in use by another run (process 0 names it)")
+        torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise FolderInUse(refusal[0])
     try:
         if rank == 0:
             removed = remove_stale_temps(folder, recursive=nested)
@@ -139,16 +134,12 @@ def write_image_labels(images_dir: str, labels: List[Tuple[str, int]], class_nam
                      os.path.join(images_dir, LABELS_FILE))
 
 
-#################################################################################
-#                                    convert                                    #
-#################################################################################
+# ---------------------------------------------------------------- convert
 
 def center_crop_arr(image: PIL.Image.Image, image_size: int) -> np.ndarray:
-    """ADM's center crop (guided-diffusion image_datasets.py): PIL image -> uint8 (image_size, image_size, C).
-
-    Halve with BOX filtering while the short side is at least twice the target (cheap, alias-free downscaling),
-    BICUBIC-resize so the short side equals the target, then crop the center.
-    """
+    """ADM's center crop (guided-diffusion image_datasets.py): PIL image -> uint8 (image_size, image_size, C). Halve
+    with BOX filtering while the short side is at least twice the target (cheap, alias-free downscaling), BICUBIC-resize
+    so the short side equals the target, then crop the center."""
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.width // 2, image.height // 2), resample=PIL.Image.Resampling.BOX)
     scale = image_size / min(image.size)
@@ -161,10 +152,8 @@ def center_crop_arr(image: PIL.Image.Image, image_size: int) -> np.ndarray:
 
 
 def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], int]:
-    """ImageNet-style folder -> (image paths relative to source, labels, class names, files outside class folders).
-
-    Classes are the sorted subfolder names (label k = k-th name); images are found recursively inside each.
-    """
+    """ImageNet-style folder -> (image paths relative to source, labels, class names, files outside class folders);
+    the classes are the sorted subfolder names (label k = k-th name), their images found recursively."""
     if not os.path.isdir(source):
         raise InvalidInput(f"--source {source} is not a folder")
     pil_extensions = tuple(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
@@ -217,12 +206,8 @@ def convert(args) -> None:
 
         tasks = [(os.path.join(args.source, rel), os.path.join(args.dest, image_relpath(i)), args.resolution,
                   args.compress_level) for i, rel in enumerate(files)]
-        with ExitStack() as stack:
-            if args.workers > 0:
-                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(args.workers))
-                results = pool.imap(_convert_one, tasks, chunksize=64)
-            else:
-                results = map(_convert_one, tasks)
+        with (multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 0 else nullcontext()) as pool:
+            results = pool.imap(_convert_one, tasks, chunksize=64) if pool is not None else map(_convert_one, tasks)
             failed = set()
             for index, error in enumerate(tqdm(results, total=len(tasks), desc="convert", unit="img")):
                 if error is not None:
@@ -236,13 +221,12 @@ def convert(args) -> None:
               f"unused so the other file names do not depend on them")
 
 
-#################################################################################
-#                                     encode                                    #
-#################################################################################
+# ---------------------------------------------------------------- encode
 
-def start_processes(device_type: str) -> Tuple[int, int, torch.device]:
+@contextmanager
+def processes(device_type: str):
     """(rank, world_size, device) of this process as torchrun / accelerate launch set them, with the process group
-    started when there are several. device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or
+    held while there are several. device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or
     "cpu"."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -257,7 +241,11 @@ def start_processes(device_type: str) -> Tuple[int, int, torch.device]:
             torch.distributed.init_process_group("nccl", device_id=device)
         else:
             torch.distributed.init_process_group("gloo")
-    return rank, world_size, device
+    try:
+        yield rank, world_size, device
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -289,9 +277,8 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     """Encode source/*.png into dest/*.npy (float32 [mean | std]) and dest/dataset.json with the labels and the
     dataset identity (docs/data.md); process r of W encodes images r, r + W, ... that are not done yet, and hashes
     those done before."""
-    rank, world_size, device = start_processes(device_type)
-    is_main = rank == 0
-    try:
+    with processes(device_type) as (rank, world_size, device):
+        is_main = rank == 0
         labels_path = os.path.join(source, LABELS_FILE)
         if not os.path.isfile(labels_path):
             raise InvalidInput(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
@@ -357,9 +344,6 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
                                  os.path.join(dest, LABELS_FILE))
                 print(f"encode: wrote {len(files)} latents and {os.path.join(dest, LABELS_FILE)}")
             _barrier(world_size)
-    finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def encode(args) -> None:
@@ -369,9 +353,7 @@ def encode(args) -> None:
                args.allow_download, args.device)
 
 
-#################################################################################
-#                                   make-demo                                   #
-#################################################################################
+# ---------------------------------------------------------------- make-demo
 
 # One colour and one shape per class: either alone identifies the class.
 DEMO_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220),
@@ -475,9 +457,7 @@ def make_demo(args) -> None:
     print(f"make-demo: {num_images} images, {args.num_classes} classes, {args.resolution}px in {args.dest}")
 
 
-#################################################################################
-#                                   reference                                   #
-#################################################################################
+# ---------------------------------------------------------------- reference
 
 def reference(args) -> None:
     """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
@@ -485,8 +465,7 @@ def reference(args) -> None:
     dataset = ImageLatentDataset(args.data_dir)
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
-    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count < len(dataset) else \
-        np.arange(count)
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
     side = dataset.resolution
     images = (load_image(os.path.join(dataset.images_dir, dataset.image_files[i])).transpose(1, 2, 0)
               for i in indices)
@@ -494,9 +473,7 @@ def reference(args) -> None:
     print(f"reference: {count} of {len(dataset)} images of {args.data_dir} ({side}x{side}) -> {args.out}")
 
 
-#################################################################################
-#                          pack and cache-teachers                              #
-#################################################################################
+# ---------------------------------------------------------------- pack and cache-teachers
 
 def pack(args) -> None:
     """DATA/vae-sd/*.npy + dataset.json -> DATA/packed (erw/data.py): one memory-mappable moments file, the labels
@@ -542,11 +519,9 @@ def pack(args) -> None:
 
 
 def cache_teachers(args) -> None:
-    """The teachers' tokens of every image of DATA -> a teacher cache (operations/teacher_cache.py); resumable (finished
-    shards are kept), data-parallel under torchrun (process r writes shards r, r + W, ...)."""
+    """The teachers' tokens of every image of DATA -> a teacher cache (operations/teacher_cache.py)."""
     from models.encoders import load_teachers, teacher_names
-    rank, world_size, device = start_processes(args.device)
-    try:
+    with processes(args.device) as (rank, world_size, device):
         dataset = ImageLatentDataset(args.data_dir, load_images=True)
         images_sha256 = dataset.identity("cache-teachers")["images_sha256"]
         with refusals("--enc-type/--enc-weights"):
@@ -563,9 +538,6 @@ def cache_teachers(args) -> None:
                 write_identity(args.out, identity)
             _barrier(world_size)
             _write_cache(args, dataset, teachers, identity, rank, world_size, device)
-    finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, device: torch.device) -> None:
@@ -600,9 +572,7 @@ def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, 
     _barrier(world_size)
 
 
-#################################################################################
-#                                 command line                                  #
-#################################################################################
+# ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
