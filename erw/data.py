@@ -1,26 +1,7 @@
-"""The training dataset: REPA/EDM2's on-disk format of images, VAE posterior moments and labels.
-
-    DATA/images/00000/img00000000.png ...              uint8 RGB, the ADM center crop
-    DATA/vae-sd/00000/img-mean-std-00000000.npy ...    float32 (8, H/8, W/8) = [posterior mean | std]
-    DATA/vae-sd/dataset.json                           {"labels": [["00000/img-mean-std-00000000.npy", 17], ...],
-                                                        "identity": {...}} (dataset_identity, written by `encode`)
-
-Images and latents are paired by sorted relative path (as REPA's dataset.py does); labels are looked up by the
-latent's relative path. The folder is checked once at construction, so a broken folder fails before training, and
-each item's shapes when it is read, so that a stray file mid-dataset is named.
-
-Packed, for cluster file systems where opening two small files per item is the bottleneck
-(`python -m preprocessing.dataset_tools pack` writes it from the per-file layout):
-
-    DATA/packed/moments.npy     float32 (N, 8, H/8, W/8), read through a memory map
-    DATA/packed/labels.npy      int64 (N,)
-    DATA/packed/index.json      the items' image and latent paths (the per-file layout's order), resolution, count
-                                and the dataset identity of the data it was packed from
-
-When DATA/packed/index.json exists the dataset reads it instead of vae-sd/, item for item the same; images/ is then
-needed only when a live teacher looks at the pixels (not with a teacher cache). What is derived from a dataset
-(packed latents, a teacher cache) records the dataset's identity and is used only with that dataset (docs/data.md,
-"What identifies a dataset").
+"""The training dataset in REPA/EDM2's on-disk format (docs/data.md): images, VAE posterior moments and labels, per
+file (images/, vae-sd/) or packed (packed/, read through a memory map); and the sampler that shards it over processes.
+The folder is checked when it is opened, and each item's shapes when it is read, so that a stray file is named.
+What is derived from a dataset records its identity (dataset_identity) and is used only with it.
 """
 import hashlib
 import json
@@ -108,7 +89,7 @@ def _identity_record(value, path: str) -> Optional[Dict[str, str]]:
 
 def read_labels(path: str) -> Tuple[dict, Optional[Dict[str, str]]]:
     """({relative path: int class}, the recorded dataset identity or None) from an EDM2/REPA dataset.json; refuses
-    non-integer labels and a file labelled twice with different classes."""
+    labels that are not class indices and a file labelled twice with different classes."""
     try:
         with open(path, "r") as f:
             content = json.load(f)
@@ -119,9 +100,9 @@ def read_labels(path: str) -> Tuple[dict, Optional[Dict[str, str]]]:
     labels = {}
     for relpath, label in pairs:
         # int() would read 3.7 as class 3, and bool is an int subclass: both would train on a wrong class silently.
-        if type(label) is not int:
-            raise ValueError(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index; "
-                             f"fix the file or regenerate it with `preprocessing/dataset_tools.py` "
+        if type(label) is not int or label < 0:
+            raise ValueError(f"{path}: the label of {relpath} is {json.dumps(label)}, not an integer class index "
+                             f">= 0; fix the file or regenerate it with `preprocessing/dataset_tools.py` "
                              f"(which writes ints)")
         if labels.setdefault(relpath, label) != label:
             raise ValueError(f"{path} labels {relpath} twice, as {labels[relpath]} and as {label}; which one is "
@@ -173,26 +154,20 @@ def load_image(path: str) -> np.ndarray:
 
 
 def load_moments(path: str) -> np.ndarray:
-    """float32 (8, h, w) posterior moments from a .npy file."""
+    """float32 posterior moments from a .npy file; the caller checks that they are (8, h, w) = [mean | std]."""
     try:
-        moments = np.load(path)
+        return np.load(path).astype(np.float32, copy=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read latent file {path}: {e}") from e
-    if moments.ndim != 3 or moments.shape[0] != MOMENT_CHANNELS:
-        raise ValueError(f"latent file {path} has shape {moments.shape}; expected ({MOMENT_CHANNELS}, h, w) "
-                         f"= [posterior mean | std]")
-    return moments.astype(np.float32, copy=False)
 
 
 class ImageLatentDataset(Dataset):
     """Items: (image uint8 (3, H, W), moments float32 (8, H/8, W/8), label int64 scalar), sorted by relative path;
     with load_images=False the image is an empty uint8 (0,) tensor and no PNG is read; with a teacher_cache
     (operations/teacher_cache.py) the first slot holds the image's cached teacher tokens (T, D) instead.
-
     Attributes: image_files, latent_files (relative paths), labels (int64 array), num_classes, resolution, packed
     (whether packed/ is read), and the shapes every item must have (the first item's): image_shape (3, R, R),
-    moments_shape (8, R/8, R/8).
-    """
+    moments_shape (8, R/8, R/8)."""
 
     def __init__(self, data_dir: str, load_images: bool = True, teacher_cache=None, read_packed: bool = True):
         self.teacher_cache = teacher_cache
@@ -314,15 +289,15 @@ class ImageLatentDataset(Dataset):
     def _check_pairs(self) -> None:
         images = {_pair_key(f): f for f in self.image_files}
         latents = {_pair_key(f): f for f in self.latent_files}
+        counts = f"{len(self.image_files)} images, {len(self.latent_files)} latents"
         for key, image in images.items():
             if key not in latents:
                 raise ValueError(f"image {os.path.join(self.images_dir, image)} has no latent in {self.latents_dir} "
-                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents); "
-                                 f"finish `preprocessing/dataset_tools.py encode` (it resumes)")
+                                 f"({counts}); finish `preprocessing/dataset_tools.py encode` (it resumes)")
         for key, latent in latents.items():
             if key not in images:
                 raise ValueError(f"latent {os.path.join(self.latents_dir, latent)} has no image in {self.images_dir} "
-                                 f"({len(self.image_files)} images, {len(self.latent_files)} latents)")
+                                 f"({counts})")
         if len(self.image_files) != len(self.latent_files):
             raise ValueError(f"{len(self.image_files)} images in {self.images_dir} but {len(self.latent_files)} "
                              f"latents in {self.latents_dir} (file names do not identify the pairs uniquely)")
@@ -341,11 +316,7 @@ class ImageLatentDataset(Dataset):
         if extra:
             raise ValueError(f"{labels_path} labels {extra[0]}, which is not a file in {self.latents_dir} "
                              f"({len(extra)} such entries); the labels file belongs to another set of latents")
-        values = np.array([labels[f] for f in self.latent_files], dtype=np.int64)
-        if values.min() < 0:
-            bad = self.latent_files[int(np.argmin(values))]
-            raise ValueError(f"{labels_path} gives {bad} the negative class {values.min()}")
-        return values, identity
+        return np.array([labels[f] for f in self.latent_files], dtype=np.int64), identity
 
     def _check_first_item(self) -> int:
         image = load_image(os.path.join(self.images_dir, self.image_files[0]))
@@ -397,11 +368,9 @@ def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator] =
 
 
 class ResumableShardSampler(Sampler):
-    """Endless, deterministic, per-process index stream over shuffled epochs.
-
-    Epoch e is a permutation seeded by (seed, e); process r takes every world-th index of it, cut to whole
-    micro-batches. The stream can start at any micro-batch, which is how a resumed run continues mid-epoch.
-    """
+    """Endless, deterministic, per-process index stream over shuffled epochs: epoch e is a permutation seeded by
+    (seed, e), of which process r takes every world-th index, cut to whole micro-batches. The stream can start at any
+    micro-batch, which is how a resumed run continues mid-epoch."""
 
     def __init__(self, dataset_len: int, local_batch_size: int, rank: int, world_size: int, seed: int,
                  start_micro_batch: int = 0):

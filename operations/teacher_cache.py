@@ -1,29 +1,16 @@
-"""Teacher tokens computed once: each image's frozen-teacher patch tokens on disk, read by training instead of
-running the teacher (and decoding the image) at every step.
+"""Teacher tokens computed once (docs/data.md): each image's frozen-teacher patch tokens on disk, read by training
+instead of running the teacher (and decoding the image) at every step. Exact, not an approximation: REPA's pipeline
+has no augmentation and the teachers are frozen.
 
-    CACHE/identity.json        what the tokens are (TeacherCacheIdentity): the teachers (name, sha256 of the weights
-                               file, width), resolution, preprocessing, dtype, tokens per image, the shard size, and
-                               the images they are of: their count and the dataset identity's images_sha256 (image
-                               paths and bytes, erw/data.py dataset_identity)
-    CACHE/shard-00000.npy ...  (items, T, D) in the stored dtype: the images [s * S, (s + 1) * S) in sorted order, the
+    CACHE/identity.json        what the tokens are (TeacherCacheIdentity); a run refuses a cache of other settings
+    CACHE/shard-00000.npy ...  (items, T, D) in the stored dtype: the images [s * S, (s + 1) * S) in item order, the
                                teachers' tokens side by side along the last axis (in --enc-type order)
-
-This is exact, not an approximation of training: REPA's pipeline has no augmentation and the teachers are frozen, so
-an image's tokens are the same at every step. (The VAE latent is not cached as a sample: each step draws it anew
-from the stored posterior moments.) float16 is the default: DINOv2's final-norm tokens are O(1)-O(10), where float16
-keeps 11 significant bits; float32 keeps the teacher's own numbers.
-
-Disk: images x T x D x bytes per value; ImageNet-1k (1,281,167 images) with DINOv2-B at 256 px (T = 256 tokens of
-D = 768): 1,281,167 x 256 x 768 x 2 B = 504 GB in float16, 1.0 TB in float32.
-
-A run refuses a cache whose identity differs from its own in any field (another teacher, other weights, another
-resolution or preprocessing, other images), naming the field.
 """
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -55,12 +42,10 @@ class TeacherCacheIdentity:
     images_sha256: str              # the dataset identity's (erw/data.py): image paths and bytes, in item order
     shard_items: int = SHARD_ITEMS
 
-    # The fields a training run compares with its own (the dtype and shard size are the cache's own business).
-    RUN_FIELDS = ("teachers", "weights_sha256", "resolution", "preprocessing", "num_images", "images_sha256")
-
-    def differences(self, other: "TeacherCacheIdentity", fields: Sequence[str]) -> List[str]:
-        return [f"{field}: cache has {getattr(self, field)!r}, this run {getattr(other, field)!r}"
-                for field in fields if getattr(self, field) != getattr(other, field)]
+    def differences(self, other: Dict[str, object]) -> List[str]:
+        """'field: cache has X, this run Y' for each field of `other` whose value differs from this identity's."""
+        return [f"{field}: cache has {getattr(self, field)!r}, this run {value!r}"
+                for field, value in other.items() if getattr(self, field) != value]
 
     def problems(self) -> List[str]:
         """What makes the fields unusable (types, ranges, per-teacher lists of unequal length)."""
@@ -113,7 +98,7 @@ def write_identity(cache_dir: str, identity: TeacherCacheIdentity) -> None:
     path = os.path.join(cache_dir, IDENTITY_FILE)
     if os.path.isfile(path):
         try:
-            differences = read_identity(cache_dir).differences(identity, list(asdict(identity)))
+            differences = read_identity(cache_dir).differences(asdict(identity))
         except InvalidInput as error:
             differences = [str(error)]
         if not differences:
@@ -121,7 +106,6 @@ def write_identity(cache_dir: str, identity: TeacherCacheIdentity) -> None:
         if has_shards(cache_dir):
             raise InvalidInput(f"{cache_dir} holds a teacher cache of other settings ({'; '.join(differences)}); "
                                "give another --out, or delete it to rebuild")
-    os.makedirs(cache_dir, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(asdict(identity), indent=1) + "\n").encode()))
 
 
@@ -176,14 +160,11 @@ class TeacherCache:
                                f"{self.identity.dtype} {expected} by {IDENTITY_FILE}")
         return array
 
-    def _shard(self, shard: int) -> np.ndarray:
-        if shard not in self._shards:
-            self._shards[shard] = self._open_shard(shard)
-        return self._shards[shard]
-
     def tokens(self, index: int) -> np.ndarray:
         shard, row = divmod(index, self.identity.shard_items)
-        return np.array(self._shard(shard)[row])  # a copy: the map stays read-only
+        if shard not in self._shards:
+            self._shards[shard] = self._open_shard(shard)
+        return np.array(self._shards[shard][row])  # a copy: the map stays read-only
 
     def __getstate__(self):  # DataLoader workers map the shards themselves
         return {**self.__dict__, "_shards": {}}
@@ -214,21 +195,8 @@ def cached_teachers(identity: TeacherCacheIdentity) -> List[CachedTeacher]:
 def teacher_weights_sha256(enc_type: str, enc_weights=None) -> List[str]:
     """Per teacher of --enc-type: sha256 of the weights file it loads, or "random:<name>" for a seeded random one."""
     names = teacher_names(enc_type)
-    hashes = []
-    for name, weights in zip(names, split_weights(enc_weights, names)):
-        path = teacher_weights_file(name, weights)
-        hashes.append(f"random:{name}" if path is None else file_sha256(path))
-    return hashes
-
-
-def run_identity(teacher_names: Sequence[str], weights_sha256: Sequence[str], resolution: int, preprocessing: str,
-                 num_images: int, images_sha256: str, widths: Optional[Sequence[int]] = None, tokens: int = 0,
-                 dtype: str = "float16", shard_items: int = SHARD_ITEMS) -> TeacherCacheIdentity:
-    """An identity from a run's (or a cache command's) settings and its dataset's identity."""
-    return TeacherCacheIdentity(teachers=list(teacher_names), weights_sha256=list(weights_sha256),
-                                widths=list(widths or []), tokens=tokens, resolution=resolution,
-                                preprocessing=preprocessing, dtype=dtype, num_images=num_images,
-                                images_sha256=images_sha256, shard_items=shard_items)
+    paths = [teacher_weights_file(name, weights) for name, weights in zip(names, split_weights(enc_weights, names))]
+    return [f"random:{name}" if path is None else file_sha256(path) for name, path in zip(names, paths)]
 
 
 def teachers_from_cache(cache: TeacherCache, config: Dict, dataset) -> Tuple[List[CachedTeacher], str]:
@@ -239,8 +207,10 @@ def teachers_from_cache(cache: TeacherCache, config: Dict, dataset) -> Tuple[Lis
         hashes = teacher_weights_sha256(config["enc_type"], config["enc_weights"])
         preprocessing = preprocessing_text(names)
         images_sha256 = dataset.identity("--teacher-cache")["images_sha256"]
-    run = run_identity(names, hashes, config["resolution"], preprocessing, len(dataset), images_sha256)
-    differences = cache.identity.differences(run, TeacherCacheIdentity.RUN_FIELDS)
+    # What the tokens are of; the dtype and shard size are the cache's own business.
+    differences = cache.identity.differences({"teachers": names, "weights_sha256": hashes,
+                                              "resolution": config["resolution"], "preprocessing": preprocessing,
+                                              "num_images": len(dataset), "images_sha256": images_sha256})
     if differences:
         raise InvalidInput(f"--teacher-cache {cache.cache_dir} was made for other settings than this run's: "
                            f"{'; '.join(differences)}; make a cache for this run (python -m "

@@ -1,18 +1,9 @@
-"""Prepare training data in REPA/EDM2's format: ImageNet folder -> PNGs -> SD-VAE latents; or an offline demo set.
+"""Prepare training data in REPA/EDM2's format (docs/data.md): ImageNet folder -> PNGs -> SD-VAE latents, then
+optionally packed latents and a teacher cache; a reference batch; or an offline demo set.
 
     python -m preprocessing.dataset_tools convert --source IMAGENET/train --dest DATA/images --resolution 256
     torchrun --nproc_per_node 8 -m preprocessing.dataset_tools encode --source DATA/images --dest DATA/vae-sd
     python -m preprocessing.dataset_tools make-demo --dest data/demo
-
-Output layout (what erw.data.ImageLatentDataset and REPA's dataset.py read):
-    DATA/images/00000/img00000000.png, ...
-        + DATA/images/dataset.json {"labels": [["00000/img00000000.png", 17], ...]}
-    DATA/vae-sd/00000/img-mean-std-00000000.npy, ...
-        + DATA/vae-sd/dataset.json (labels keyed by the .npy path)
-Each step writes its resolved settings to preprocess_settings.json in its output folder, and refuses to resume into
-a folder written with different settings. Every command holds its output folder while it writes there (run.lock,
-operations/lock.py): a second command on the same folder is refused. `encode` also records the dataset's identity
-(erw/data.py dataset_identity) in DATA/vae-sd/dataset.json, which `pack` and `cache-teachers` record in turn.
 """
 import os
 import sys
@@ -26,7 +17,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from typing import List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -35,14 +26,15 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from operations.cli import InvalidInput, refusals  # noqa: E402
-from operations.files import atomic_write, file_sha256, remove_stale_temps  # noqa: E402
-from erw.data import (IDENTITY_KEY, IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR,  # noqa: E402
-                      dataset_identity, list_files, load_image, read_labels)
-from operations.cli import number, writable  # noqa: E402
+from erw.data import (IDENTITY_KEY, IMAGE_EXTENSIONS, IMAGES_DIR, LABELS_FILE, LATENTS_DIR, PACKED_DIR,  # noqa: E402
+                      PACKED_FORMAT, PACKED_LABELS, PACKED_MOMENTS, ImageLatentDataset, dataset_identity, list_files,
+                      load_image, packed_index_path, read_labels)
+from operations.cli import ArgumentParser, InvalidInput, number, refusals, run_main, writable  # noqa: E402
+from operations.files import (atomic_write, file_sha256, remove_stale_temps, temp_path_for,  # noqa: E402
+                              write_images_npz)
 from operations.lock import FolderInUse, RunLock  # noqa: E402
-from operations.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, missing_shards, num_shards, run_identity,  # noqa: E402
-                               shard_items, teacher_weights_sha256, write_identity, write_shard)
+from operations.teacher_cache import (CACHE_DTYPES, SHARD_ITEMS, TeacherCacheIdentity, missing_shards,  # noqa: E402
+                                      num_shards, shard_items, teacher_weights_sha256, write_identity, write_shard)
 from models.vae import DEMO_VAE, RANDOM_TINY_VAE, encode_moments, load_vae  # noqa: E402
 
 SETTINGS_FILE = "preprocess_settings.json"
@@ -50,9 +42,7 @@ DEMO_VAE_DIR = "vae"
 IMAGES_PER_FOLDER = 1000  # EDM2/REPA: img00001234.png lives in folder 00001
 
 
-#################################################################################
-#                         File names and atomic writes                          #
-#################################################################################
+# ---------------------------------------------------------------- file names and atomic writes
 
 def image_relpath(index: int) -> str:
     """EDM2/REPA name of image `index`: 00012/img00012345.png."""
@@ -60,10 +50,8 @@ def image_relpath(index: int) -> str:
 
 
 def latent_relpath(image_rel: str) -> str:
-    """The latent file of an image: 00012/img00012345.png -> 00012/img-mean-std-00012345.npy (other names: stem.npy).
-
-    Both names sort in the same order, which is how REPA's dataset pairs them.
-    """
+    """The latent file of an image: 00012/img00012345.png -> 00012/img-mean-std-00012345.npy (other names: stem.npy);
+    both sort in the same order, which is how REPA's dataset pairs them."""
     folder, name = os.path.split(image_rel)
     stem = os.path.splitext(name)[0]
     match = re.fullmatch(r"img(\d+)", stem)
@@ -102,17 +90,16 @@ def holding(folder: str, rank: int = 0, world_size: int = 1, nested: bool = Fals
     """Hold `folder` (its run.lock, operations/lock.py) while the block writes there, from process 0; every process
     learns of a refusal, so that none waits in a barrier for a command that was refused. Under the lock a temp file
     in the folder (and its subfolders, when `nested`) is a killed command's leftover, and is removed."""
-    lock, refusal = None, None
+    lock, refusal = None, [None]
     if rank == 0:
         try:
             lock = RunLock(folder).acquire()
         except FolderInUse as error:
-            refusal = error
-    refused = [refusal is not None]
+            refusal = [str(error)]
     if world_size > 1:
-        torch.distributed.broadcast_object_list(refused, src=0)
-    if refused[0]:
-        raise refusal or FolderInUse(f"{folder} is in use by another run (process 0 names it)")
+        torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise FolderInUse(refusal[0])
     try:
         if rank == 0:
             removed = remove_stale_temps(folder, recursive=nested)
@@ -148,16 +135,12 @@ def write_image_labels(images_dir: str, labels: List[Tuple[str, int]], class_nam
                      os.path.join(images_dir, LABELS_FILE))
 
 
-#################################################################################
-#                                    convert                                    #
-#################################################################################
+# ---------------------------------------------------------------- convert
 
 def center_crop_arr(image: PIL.Image.Image, image_size: int) -> np.ndarray:
-    """ADM's center crop (guided-diffusion image_datasets.py): PIL image -> uint8 (image_size, image_size, C).
-
-    Halve with BOX filtering while the short side is at least twice the target (cheap, alias-free downscaling),
-    BICUBIC-resize so the short side equals the target, then crop the center.
-    """
+    """ADM's center crop (guided-diffusion image_datasets.py): PIL image -> uint8 (image_size, image_size, C). Halve
+    with BOX filtering while the short side is at least twice the target (cheap, alias-free downscaling), BICUBIC-resize
+    so the short side equals the target, then crop the center."""
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.width // 2, image.height // 2), resample=PIL.Image.Resampling.BOX)
     scale = image_size / min(image.size)
@@ -170,10 +153,8 @@ def center_crop_arr(image: PIL.Image.Image, image_size: int) -> np.ndarray:
 
 
 def scan_class_folders(source: str) -> Tuple[List[str], List[int], List[str], int]:
-    """ImageNet-style folder -> (image paths relative to source, labels, class names, files outside class folders).
-
-    Classes are the sorted subfolder names (label k = k-th name); images are found recursively inside each.
-    """
+    """ImageNet-style folder -> (image paths relative to source, labels, class names, files outside class folders);
+    the classes are the sorted subfolder names (label k = k-th name), their images found recursively."""
     if not os.path.isdir(source):
         raise InvalidInput(f"--source {source} is not a folder")
     pil_extensions = tuple(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
@@ -226,53 +207,33 @@ def convert(args) -> None:
 
         tasks = [(os.path.join(args.source, rel), os.path.join(args.dest, image_relpath(i)), args.resolution,
                   args.compress_level) for i, rel in enumerate(files)]
-        failures = []
-        progress = tqdm(total=len(tasks), desc="convert", unit="img")
-        if args.workers > 0:
-            with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-                results = pool.imap(_convert_one, tasks, chunksize=64)
-                failures = _collect_failures(results, files, args.source, progress)
-        else:
-            failures = _collect_failures(map(_convert_one, tasks), files, args.source, progress)
-        progress.close()
-
-        failed = {i for i, _ in failures}
+        with (multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 0 else nullcontext()) as pool:
+            results = pool.imap(_convert_one, tasks, chunksize=64) if pool is not None else map(_convert_one, tasks)
+            failed = set()
+            for index, error in enumerate(tqdm(results, total=len(tasks), desc="convert", unit="img")):
+                if error is not None:
+                    failed.add(index)
+                    tqdm.write(f"convert: skipping unreadable image {os.path.join(args.source, files[index])}: {error}")
         written = [(image_relpath(i), labels[i]) for i in range(len(files)) if i not in failed]
         write_image_labels(args.dest, written, class_names)
     print(f"convert: wrote {len(written)} images and {os.path.join(args.dest, LABELS_FILE)}")
-    if failures:
-        print(f"convert: skipped {len(failures)} unreadable image(s) (listed above); their indices are left "
+    if failed:
+        print(f"convert: skipped {len(failed)} unreadable image(s) (listed above); their indices are left "
               f"unused so the other file names do not depend on them")
 
 
-def _collect_failures(results, files, source, progress) -> List[Tuple[int, str]]:
-    failures = []
-    for index, error in enumerate(results):
-        if error is not None:
-            failures.append((index, error))
-            tqdm.write(f"convert: skipping unreadable image {os.path.join(source, files[index])}: {error}")
-        progress.update(1)
-    return failures
+# ---------------------------------------------------------------- encode
 
-
-#################################################################################
-#                                     encode                                    #
-#################################################################################
-
-def distributed_env() -> Tuple[int, int, int]:
-    """(rank, local_rank, world_size) as set by torchrun / accelerate launch; (0, 0, 1) when started plainly."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def start_processes(device_type: str) -> Tuple[int, int, torch.device]:
-    """(rank, world_size, device) of this process, with the process group started when there are several.
-    device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or "cpu"."""
-    rank, local_rank, world_size = distributed_env()
+@contextmanager
+def processes(device_type: str):
+    """(rank, world_size, device) of this process as torchrun / accelerate launch set them, with the process group
+    held while there are several. device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or
+    "cpu"."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device_type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("--device cuda, but CUDA is not available")
     if device_type == "cuda" or (device_type == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -281,7 +242,11 @@ def start_processes(device_type: str) -> Tuple[int, int, torch.device]:
             torch.distributed.init_process_group("nccl", device_id=device)
         else:
             torch.distributed.init_process_group("gloo")
-    return rank, world_size, device
+    try:
+        yield rank, world_size, device
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -310,18 +275,11 @@ def _barrier(world_size: int) -> None:
 
 def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: int,
                max_images: Optional[int] = None, allow_download: bool = False, device_type: str = "auto") -> None:
-    """Encode source/*.png into dest/*.npy (float32 [mean | std]) and dest/dataset.json; resumable, data-parallel.
-
-    Each process (RANK of WORLD_SIZE) encodes images rank, rank + W, ...; finished files are skipped, so rerunning
-    the same command continues an interrupted run. Every process takes the sha256 of each image it reads and each
-    latent it writes, and reads back the files finished before; rank 0 then writes dataset.json with the labels
-    and the dataset identity (erw/data.py dataset_identity). A rerun that finds every latent done only hashes, and
-    changes no file when the identity is the same.
-    device_type: "auto" (GPU LOCAL_RANK when CUDA is available, else CPU), "cuda" or "cpu".
-    """
-    rank, world_size, device = start_processes(device_type)
-    is_main = rank == 0
-    try:
+    """Encode source/*.png into dest/*.npy (float32 [mean | std]) and dest/dataset.json with the labels and the
+    dataset identity (docs/data.md); process r of W encodes images r, r + W, ... that are not done yet, and hashes
+    those done before."""
+    with processes(device_type) as (rank, world_size, device):
+        is_main = rank == 0
         labels_path = os.path.join(source, LABELS_FILE)
         if not os.path.isfile(labels_path):
             raise InvalidInput(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
@@ -387,9 +345,6 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
                                  os.path.join(dest, LABELS_FILE))
                 print(f"encode: wrote {len(files)} latents and {os.path.join(dest, LABELS_FILE)}")
             _barrier(world_size)
-    finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def encode(args) -> None:
@@ -399,9 +354,7 @@ def encode(args) -> None:
                args.allow_download, args.device)
 
 
-#################################################################################
-#                                   make-demo                                   #
-#################################################################################
+# ---------------------------------------------------------------- make-demo
 
 # One colour and one shape per class: either alone identifies the class.
 DEMO_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220),
@@ -474,7 +427,7 @@ def demo_image(label: int, index: int, seed: int, resolution: int) -> np.ndarray
 
 
 def make_demo(args) -> None:
-    if distributed_env()[2] > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise InvalidInput("make-demo runs as a single process (it is small); start it with plain python")
     if args.resolution % 16:
         raise InvalidInput(f"--resolution must be a multiple of 16 (8x VAE, then SiT/2 and patch-14 teachers), "
@@ -505,19 +458,14 @@ def make_demo(args) -> None:
     print(f"make-demo: {num_images} images, {args.num_classes} classes, {args.resolution}px in {args.dest}")
 
 
-#################################################################################
-#                                   reference                                   #
-#################################################################################
+# ---------------------------------------------------------------- reference
 
 def reference(args) -> None:
     """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
-    from erw.data import ImageLatentDataset, load_image
-    from operations.files import write_images_npz
     dataset = ImageLatentDataset(args.data_dir)
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
-    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count < len(dataset) else \
-        np.arange(count)
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
     side = dataset.resolution
     images = (load_image(os.path.join(dataset.images_dir, dataset.image_files[i])).transpose(1, 2, 0)
               for i in indices)
@@ -525,17 +473,12 @@ def reference(args) -> None:
     print(f"reference: {count} of {len(dataset)} images of {args.data_dir} ({side}x{side}) -> {args.out}")
 
 
-#################################################################################
-#                          pack and cache-teachers                              #
-#################################################################################
+# ---------------------------------------------------------------- pack and cache-teachers
 
 def pack(args) -> None:
     """DATA/vae-sd/*.npy + dataset.json -> DATA/packed (erw/data.py): one memory-mappable moments file, the labels
     and an index with the dataset identity, written atomically, the index last (a folder without it is not a packed
     dataset). A pack that no longer describes vae-sd/ is written again."""
-    from erw.data import (PACKED_DIR, PACKED_FORMAT, PACKED_LABELS, PACKED_MOMENTS, ImageLatentDataset,
-                          packed_index_path)
-    from operations.files import temp_path_for
     index_path = packed_index_path(args.data_dir)
     if os.path.isfile(index_path):
         try:
@@ -576,30 +519,25 @@ def pack(args) -> None:
 
 
 def cache_teachers(args) -> None:
-    """The teachers' tokens of every image of DATA -> a teacher cache (operations/teacher_cache.py); resumable (finished
-    shards are kept), data-parallel under torchrun (process r writes shards r, r + W, ...)."""
-    from erw.data import ImageLatentDataset
+    """The teachers' tokens of every image of DATA -> a teacher cache (operations/teacher_cache.py)."""
     from models.encoders import load_teachers, teacher_names
-    rank, world_size, device = start_processes(args.device)
-    try:
+    with processes(args.device) as (rank, world_size, device):
         dataset = ImageLatentDataset(args.data_dir, load_images=True)
         images_sha256 = dataset.identity("cache-teachers")["images_sha256"]
         with refusals("--enc-type/--enc-weights"):
             teachers = [t.to(device) for t in load_teachers(args.enc_type, dataset.resolution, args.enc_weights)]
             names = teacher_names(args.enc_type)
         preprocessing = " | ".join(t.preprocessing for t in teachers)
-        identity = run_identity(names, teacher_weights_sha256(args.enc_type, args.enc_weights), dataset.resolution,
-                                preprocessing, len(dataset), images_sha256,
-                                widths=[t.embed_dim for t in teachers], tokens=teachers[0].num_tokens,
-                                dtype=args.dtype, shard_items=args.shard_items)
+        identity = TeacherCacheIdentity(
+            teachers=names, weights_sha256=teacher_weights_sha256(args.enc_type, args.enc_weights),
+            widths=[t.embed_dim for t in teachers], tokens=teachers[0].num_tokens, resolution=dataset.resolution,
+            preprocessing=preprocessing, dtype=args.dtype, num_images=len(dataset), images_sha256=images_sha256,
+            shard_items=args.shard_items)
         with holding(args.out, rank, world_size):
             if rank == 0:
                 write_identity(args.out, identity)
             _barrier(world_size)
             _write_cache(args, dataset, teachers, identity, rank, world_size, device)
-    finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, device: torch.device) -> None:
@@ -634,24 +572,17 @@ def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, 
     _barrier(world_size)
 
 
-#################################################################################
-#                                 command line                                  #
-#################################################################################
+# ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from operations.cli import ArgumentParser, HelpFormatter
-    formatter = HelpFormatter
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{convert,encode,make-demo,reference,pack,cache-teachers}")
 
-    p = commands.add_parser("convert", formatter_class=formatter, help="ImageNet-style folder -> DATA/images PNGs",
+    p = commands.add_parser("convert", help="ImageNet-style folder -> DATA/images PNGs",
                             description="""\
-Convert an ImageNet-style folder (one subfolder per class; sorted class names give labels 0..K-1) into
-DEST/00000/img00000000.png ... with ADM's center crop (guided-diffusion center_crop_arr, what REPA/EDM2 call
-center-crop-dhariwal) and DEST/dataset.json {"labels": [[png relpath, class], ...], "class_names": [...]}.
-Unreadable images are reported by path and skipped (counted at the end); their indices stay unused.
-Rerunning the same command resumes (finished PNGs are kept).
+ImageNet-style folder (a subfolder per class; labels by sorted name) -> DEST/00000/img00000000.png ... with ADM's
+center crop, and DEST/dataset.json. Unreadable images are named and skipped; a rerun resumes (docs/data.md).
 
   python -m preprocessing.dataset_tools convert --source ILSVRC/Data/CLS-LOC/train --dest data/imagenet256/images""")
     p.add_argument("--source", required=True, metavar="DIR", help="folder with one subfolder of images per class")
@@ -667,13 +598,10 @@ Rerunning the same command resumes (finished PNGs are kept).
                    help="PNG zlib level; 0 (EDM2's default) is largest on disk and fastest to load")
     p.set_defaults(func=convert)
 
-    p = commands.add_parser("encode", formatter_class=formatter, help="DATA/images -> DATA/vae-sd latents",
+    p = commands.add_parser("encode", help="DATA/images -> DATA/vae-sd latents",
                             description="""\
-Encode every image of SOURCE (written by convert, with SOURCE/dataset.json) with the SD-VAE into
-DEST/00000/img-mean-std-00000000.npy (float32 8xH/8xW/8: posterior mean and std, unscaled) and
-DEST/dataset.json {"labels": [[npy relpath, class], ...]}. Batched, on GPU when there is one, resumable
-(finished .npy files are skipped; each is written atomically), and data-parallel under torchrun or
-accelerate launch (each process encodes a disjoint shard):
+SOURCE's images -> DEST/00000/img-mean-std-00000000.npy ... (float32 SD-VAE posterior mean and std) and
+DEST/dataset.json with the dataset identity; resumable, data-parallel under torchrun (docs/data.md).
 
   torchrun --nproc_per_node 8 -m preprocessing.dataset_tools encode --source DATA/images --dest DATA/vae-sd""")
     p.add_argument("--source", required=True, metavar="DIR", help="images folder written by convert")
@@ -692,14 +620,10 @@ accelerate launch (each process encodes a disjoint shard):
                    help="auto: GPU number LOCAL_RANK when CUDA is available, else CPU")
     p.set_defaults(func=encode)
 
-    p = commands.add_parser("make-demo", formatter_class=formatter, help="small generated dataset, fully offline",
+    p = commands.add_parser("make-demo", help="small generated dataset, fully offline",
                             description="""\
-Write a small deterministic class-conditional dataset in the same format (DEST/images, DEST/vae-sd), encoded
-with --vae. Class k is a shape drawn in a colour of its own (disc, square, triangle, ...), with random position,
-size, rotation, background gradient and noise from (--seed, image index). The default VAE, "demo", is the small
-AutoencoderKL trained on such images that ships in assets/demo/vae (its decoder reconstructs them). With --vae
-random-tiny (unit tests) the VAE is also saved to DEST/vae so that later stages decode with exactly the VAE that
-encoded.
+A small deterministic dataset in the same format (DEST/images, DEST/vae-sd): class k is a shape in a colour of its
+own (docs/demo.md); with --vae random-tiny the VAE that encoded is saved to DEST/vae.
 
   python -m preprocessing.dataset_tools make-demo --dest data/demo""")
     p.add_argument("--dest", required=True, metavar="DIR", type=writable(folder=True), help="output data folder")
@@ -718,11 +642,10 @@ encoded.
                    help="where the VAE runs (auto: GPU when available)")
     p.set_defaults(func=make_demo)
 
-    p = commands.add_parser("reference", formatter_class=formatter, help="a data folder's images -> reference .npz",
+    p = commands.add_parser("reference", help="a data folder's images -> reference .npz",
                             description="""\
-Write the images of a data folder (DATA/images, as convert or make-demo made it) as a reference batch for
-evaluations/evaluator.py and evaluations/demo_metrics.py: arr_0 uint8 (N, H, W, 3), arr_1 the labels. For ImageNet,
-use ADM's VIRTUAL_imagenet256_labeled.npz instead (it also holds the FID statistics the paper's numbers use).
+A data folder's images as a reference batch for the evaluators (arr_0 uint8 N x H x W x 3, arr_1 the labels); for
+ImageNet use ADM's VIRTUAL_imagenet256_labeled.npz instead (docs/data.md).
 
   python -m preprocessing.dataset_tools reference --data-dir data/demo --out data/demo/reference.npz""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
@@ -731,12 +654,10 @@ use ADM's VIRTUAL_imagenet256_labeled.npz instead (it also holds the FID statist
                    help="at most this many images, evenly spread over the folder (default: all)")
     p.set_defaults(func=reference)
 
-    p = commands.add_parser("pack", formatter_class=formatter, help="DATA/vae-sd -> DATA/packed (memory-mapped)",
+    p = commands.add_parser("pack", help="DATA/vae-sd -> DATA/packed (memory-mapped)",
                             description="""\
-Pack a data folder's latents and labels into DATA/packed: moments.npy (float32 N x 8 x H/8 x W/8, read through a
-memory map), labels.npy and index.json (the items' paths, in the per-file layout's order). Training then reads
-DATA/packed instead of opening a .npy per item (it gives the same batches, bit for bit); the per-file layout stays
-as it is. Disk: N x 8 x (R/8)^2 x 4 bytes, 42 GB for ImageNet-1k at 256 px.
+DATA/vae-sd -> DATA/packed (moments.npy, read through a memory map; labels.npy; index.json): the same batches, bit
+for bit, without a file per item (docs/data.md).
 
   python -m preprocessing.dataset_tools pack --data-dir data/imagenet256""")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="data folder with images/ and vae-sd/")
@@ -744,14 +665,10 @@ as it is. Disk: N x 8 x (R/8)^2 x 4 bytes, 42 GB for ImageNet-1k at 256 px.
                    help=".npy-loading workers")
     p.set_defaults(func=pack)
 
-    p = commands.add_parser("cache-teachers", formatter_class=formatter,
-                            help="the teachers' tokens of every image, computed once",
+    p = commands.add_parser("cache-teachers", help="the teachers' tokens of every image, computed once",
                             description="""\
-Run the frozen teacher(s) once over every image of DATA and store the patch tokens in OUT (operations/teacher_cache.py):
-shards of 1024 images, float16 by default, with an identity (teachers, weights hash, resolution, preprocessing,
-dtype, file list) that a training run checks. Training with --teacher-cache OUT builds no teacher and decodes no
-image. Resumable (finished shards are kept) and data-parallel under torchrun. Disk: images x tokens x width x bytes:
-ImageNet-1k, DINOv2-B at 256 px, float16: 1,281,167 x 256 x 768 x 2 B = 504 GB (float32: 1.0 TB).
+The teachers' patch tokens of every image of DATA, computed once into OUT, for training with --teacher-cache OUT;
+resumable, data-parallel under torchrun. Disk: 504 GB in float16 for ImageNet-1k, DINOv2-B, 256 px (docs/data.md).
 
   torchrun --nproc_per_node 8 -m preprocessing.dataset_tools cache-teachers --data-dir data/imagenet256 \\
       --enc-type dinov2-vit-b --out data/imagenet256/teacher-dinov2-vit-b""")
@@ -778,5 +695,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from operations.cli import run_main
     run_main(main)

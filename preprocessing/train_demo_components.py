@@ -1,18 +1,9 @@
-"""Train the demo's three small components on generated demo images (CPU, offline) and write them to assets/demo/:
-
-    vae/                     a diffusers AutoencoderKL (8x downsampling, 4 latent channels, like SD-VAE): models/vae.py
-                             "demo"; held-out PSNR is printed
-    teacher.safetensors      a DINOv2-style ViT (4 blocks, 96 wide, patch 14), trained to classify from its pooled
-                             patch tokens: the alignment target (models/encoders.py "demo-vit-tiny")
-    classifier.safetensors   a small CNN (evaluations/demo_metrics.py): class accuracy and FD-demo of samples
+"""Train the demo's three small components on generated demo images (CPU, offline) into assets/demo/ (docs/demo.md):
+vae/ (models/vae.py "demo"), teacher.safetensors (models/encoders.py "demo-vit-tiny") and classifier.safetensors
+(evaluations/demo_metrics.py); each prints its accuracy or PSNR on held-out images, which none of them has seen.
 
     python -m preprocessing.train_demo_components                  # all three, the committed files (~20 min on 2 cores)
     python -m preprocessing.train_demo_components --only teacher --out /tmp/x --steps-scale 0.01   # a quick check
-
-The images come from preprocessing/dataset_tools.py's demo_image: training images from --seed, held-out ones from
-another seed, so the printed held-out numbers are on images none of the three has seen. The VAE's latents are
-rescaled after training (an exact reparametrisation of its first and last 1x1 convolutions) so that, times SD's
-0.18215 as the training code applies it, they have unit standard deviation, as SD-VAE's do on ImageNet.
 """
 import argparse
 import os
@@ -72,6 +63,8 @@ def train_vae(images, held_out, steps: int, out_dir: str) -> None:
         loss.backward()
         optimizer.step()
     vae.eval().requires_grad_(False)
+    # Rescaled exactly (the first and last 1x1 convolutions) so that its latents times SD's 0.18215, as training
+    # applies it, have unit standard deviation, as SD-VAE's do on ImageNet.
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
         gain = 1.0 / (SD_VAE_SCALE * float(means.std()))

@@ -293,8 +293,9 @@ def test_wrong_size_image_mid_dataset_is_named_by_the_loader(demo_data, tmp_path
         next(iter(loader))
 
 
-@pytest.mark.parametrize("label,shown", [(3.7, "3.7"), (1.0, "1.0"), (True, "true"), ("1", '"1"'), (None, "null")])
-def test_labels_that_are_not_integers_are_refused(tmp_path, label, shown):
+@pytest.mark.parametrize("label,shown", [(3.7, "3.7"), (1.0, "1.0"), (True, "true"), ("1", '"1"'), (None, "null"),
+                                         (-1, "-1")])
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, label, shown):
     labels = _write_tiny_dataset(tmp_path)
     labels[2][1] = label
     with open(tmp_path / "vae-sd/dataset.json", "w") as f:
