@@ -1,24 +1,21 @@
 """ADM's evaluation suite (guided-diffusion/evaluations/evaluator.py) in PyTorch: Inception Score, FID, sFID,
-precision and recall of a sample batch against a reference batch, with the same numbers and output lines, and the
-.npz image batches it reads (arr_0 uint8 (N, H, W, 3)).
+precision and recall of a sample batch against a reference batch, with ADM's numbers and output lines, from .npz
+image batches (arr_0 uint8 (N, H, W, 3)).
 
     python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz --json metrics.json
 
-What is ADM's on purpose, and the one deliberate difference (0 log 0 = 0 in IS): docs/evaluation.md. Refused before
-any image is read: images that are not uint8, and samples of another size than the reference batch's (unless
---allow-resolution-mismatch). Reference activations are cached, keyed by the file's sha256 and the weights.
+What is ADM's on purpose, what is refused, and the one deliberate difference: docs/evaluation.md.
 """
 import argparse
 import hashlib
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import warnings
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
@@ -33,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from operations.files import atomic_write, file_sha256  # noqa: E402
 from operations.cli import ArgumentParser, InvalidInput, MissingInput, check_writable, number, run_main  # noqa: E402
-from evaluations.fd_dinov2 import FdDinov2, fd_dinov2_of  # noqa: E402
+from evaluations import fd_dinov2 as dinov2  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    inception_weights_id, load_inception)
 
@@ -55,11 +52,9 @@ RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weight
 #################################################################################
 
 class NpzArrayReader:
-    """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader).
-
-    Streams .npy format 1.0/2.0 C-order arrays (compressed or not); other layouts are loaded whole, as ADM does, on
-    the first iter_batches for formats 1.0/2.0 (so that shape and dtype can be checked from the header alone).
-    """
+    """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader). Other
+    layouts than C-order .npy 1.0/2.0 are loaded whole, as ADM does: on the first iter_batches where the header
+    gives shape and dtype, so that they are checked before any row is read."""
 
     def __init__(self, path: str, key: str = IMAGES_KEY):
         if not os.path.isfile(path):
@@ -96,8 +91,7 @@ class NpzArrayReader:
 
     @staticmethod
     def _read_header(f):
-        """(shape, dtype, streamable) of a format 1.0/2.0 .npy member, leaving f at the data; None for other
-        formats."""
+        """(shape, dtype, streamable) of a .npy 1.0/2.0 member, leaving f at the data; None for other formats."""
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
@@ -223,49 +217,20 @@ def check_finite_statistics(stats: Dict[str, Tuple[np.ndarray, np.ndarray]], wha
                                    "from it")
 
 
-def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
-    """Runs `iterator` in a background thread so that reading the next batch overlaps the network."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def _prefetch(iterator: Iterator) -> Iterator:
+    """`iterator`'s items, each next one read in a background thread while the network works on this one (its
+    errors are raised here)."""
     done = object()
-
-    def work():
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put((done, None))
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            items.put((None, error))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(next, iterator, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = reader.submit(next, iterator, done)
             yield item
-    finally:
-        stop.set()
 
 
 #################################################################################
 #                         Activations and statistics                            #
 #################################################################################
-
-def exact_fp32():
-    """TF32 off for convolutions and matmuls (on by default for cuDNN convs on Ampere+); restored on exit."""
-    return fp32_precision_scope("ieee")
-
 
 @torch.inference_mode()
 def inception_features(model, images, device: torch.device, with_probs: bool) -> Dict[str, np.ndarray]:
@@ -273,7 +238,7 @@ def inception_features(model, images, device: torch.device, with_probs: bool) ->
     {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
     logits. TF32 off: the TF graph's numbers are float32's."""
     images = torch.as_tensor(np.ascontiguousarray(images))
-    with exact_fp32():
+    with fp32_precision_scope("ieee"):
         feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
         out = {"pool": feats.pool.cpu().numpy(), "spatial": feats.spatial.cpu().numpy()}
         if with_probs:
@@ -307,28 +272,56 @@ def default_cache_dir() -> str:
     return os.path.join(base, "erw", "evaluator")
 
 
+def cached_arrays(cache_dir: Optional[str], key: Optional[str], shapes: Dict[str, tuple],
+                  compute: Callable[[], Dict[str, np.ndarray]], prefix: str = "") -> Tuple[Dict[str, np.ndarray], str]:
+    """compute()'s arrays, or those an earlier call with this key left in cache_dir, and "hit" | "miss" | "off"
+    (cache_dir None: no cache). A cache file that cannot be read, or does not hold arrays of `shapes`, is computed
+    again."""
+    if cache_dir is None:
+        return compute(), "off"
+    path = os.path.join(cache_dir, prefix + hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+    try:
+        with np.load(path) as cached:
+            arrays = {name: cached[name] for name in shapes}
+        if all(arrays[name].shape == shape for name, shape in shapes.items()):
+            return arrays, "hit"
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError):
+        pass
+    arrays = compute()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays, "miss"
+
+
 def reference_activations(model, ref_batch: str, reader: NpzArrayReader, net_id: str, device: torch.device,
                           batch_size: int, cache_dir: Optional[str], progress: bool = True
                           ) -> Tuple[Dict[str, np.ndarray], str]:
-    """Pool and spatial activations of the reference batch, and "hit" | "miss" | "off": read from the cache in
-    cache_dir when an earlier run left them there (keyed by the file's sha256, the Inception weights and the device
-    type), else computed and, with a cache_dir, written there. cache_dir None: no cache."""
-    cache_path = None
-    if cache_dir is not None:
-        key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
-        cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-        try:  # a cache file that does not hold this batch's activations is computed again
-            with np.load(cache_path) as cached:
-                acts = {"pool": cached["pool"], "spatial": cached["spatial"]}
-            if acts["pool"].shape == (len(reader), POOL_DIM) and acts["spatial"].shape == (len(reader), SPATIAL_DIM):
-                return acts, "hit"
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError):
-            pass
-    acts = compute_activations(model, reader, batch_size, device, with_probs=False, desc="reference batch",
-                               progress=progress)
-    if cache_path is not None:
-        atomic_write(cache_path, lambda f: np.savez(f, **acts))
-    return acts, "off" if cache_path is None else "miss"
+    """Pool and spatial activations of the reference batch and the cache state (cached_arrays), keyed by the file's
+    sha256, the Inception weights and the device type."""
+    key = None if cache_dir is None else f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
+    return cached_arrays(cache_dir, key, {"pool": (len(reader), POOL_DIM), "spatial": (len(reader), SPATIAL_DIM)},
+                         lambda: compute_activations(model, reader, batch_size, device, with_probs=False,
+                                                     desc="reference batch", progress=progress))
+
+
+def fd_dinov2_reference(fd: dinov2.FdDinov2, ref_batch: str, reader: NpzArrayReader, batch_size: int,
+                        cache_dir: Optional[str], progress: bool = True) -> Tuple[tuple, Dict[str, object]]:
+    """FD-DINOv2's (mu, sigma) of the reference batch, cached keyed by the file's sha256, the weights' sha256 and the
+    device type, and the record of what they were computed from, with the cache state (cached_arrays)."""
+    source = {"ref_batch": os.path.abspath(ref_batch), "ref_sha256": file_sha256(ref_batch),
+              "num_images": len(reader), "dinov2_weights": os.path.abspath(fd.path),
+              "dinov2_weights_sha256": fd.weights_sha256, "preprocessing": dinov2.PREPROCESSING,
+              "device": fd.device.type, "version": dinov2.CACHE_VERSION}
+    key = json.dumps({k: source[k] for k in ("ref_sha256", "dinov2_weights_sha256", "device", "version")})
+
+    def compute():
+        mu, sigma = fd.statistics_of(reader, batch_size, "reference batch (DINOv2)", progress)
+        return {"mu": mu, "sigma": sigma, "source": np.array(json.dumps(source))}
+    width = fd.model.embed_dim
+    arrays, cache = cached_arrays(cache_dir, key, {"mu": (width,), "sigma": (width, width), "source": ()}, compute,
+                                  prefix="fd-dinov2-")
+    reference = arrays["mu"], arrays["sigma"]
+    dinov2.check_finite(reference, ref_batch)
+    return reference, {**json.loads(str(arrays["source"])), "cache": cache}
 
 
 #################################################################################
@@ -424,7 +417,7 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
                desc="precision/recall", unit="block", disable=not progress, file=sys.stderr)
     ref_in = torch.zeros(n_ref, dtype=torch.bool, device=ref_features.device)
     sample_in = torch.zeros(n_sample, dtype=torch.bool, device=ref_features.device)
-    with exact_fp32():  # the fp32 matmul inside squared_distances must not run in TF32
+    with fp32_precision_scope("ieee"):  # the fp32 matmul inside squared_distances must not run in TF32
         ref_radii = manifold_radii(ref_features, k, batch_size, bar)
         sample_radii = manifold_radii(sample_features, k, batch_size, bar)
         for row in range(0, n_ref, batch_size):
@@ -442,12 +435,6 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
 #################################################################################
 #                                 Evaluation                                    #
 #################################################################################
-
-def result_lines(results: dict) -> list:
-    """ADM's five result lines (print("Label:", value) formatting)."""
-    return [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}",
-            f"sFID: {results['sfid']}", f"Precision: {results['precision']}", f"Recall: {results['recall']}"]
-
 
 def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
@@ -467,8 +454,8 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
         raise InvalidInput(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
                            f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
-    cache_dir = cache_dir or default_cache_dir()
-    if use_cache:
+    cache_dir = (cache_dir or default_cache_dir()) if use_cache else None
+    if cache_dir is not None:
         check_writable(cache_dir, "--cache-dir", folder=True, hint="pass another --cache-dir, or --no-cache")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -490,7 +477,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
             raise InvalidInput(f"{path}: {len(reader)} images; precision/recall needs at least "
                                f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
-    fd = FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # a missing file: before any work
+    fd = dinov2.FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # before any work
     timings = {}
     clock = time.perf_counter()
 
@@ -506,7 +493,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
 
     log("computing reference batch activations...")
     ref_acts, cache_state = reference_activations(model, ref_batch, ref_reader, net_id, device, batch_size,
-                                                  cache_dir if use_cache else None, progress)
+                                                  cache_dir, progress)
     lap("reference_activations")
 
     log("computing/reading reference batch statistics...")
@@ -536,14 +523,18 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         PR_NEIGHBOURHOOD, pr_batch_size, progress)
     lap("precision_recall")
     if fd is not None:
-        results["fd_dinov2"], fd_settings = fd_dinov2_of(fd, ref_batch, ref_reader, sample_reader, batch_size,
-                                                         cache_dir if use_cache else None, progress)
+        fd_reference, fd_source = fd_dinov2_reference(fd, ref_batch, ref_reader, batch_size, cache_dir, progress)
+        fd_samples = fd.statistics_of(sample_reader, batch_size, "sample batch (DINOv2)", progress)
+        dinov2.check_finite(fd_samples, "the sample batch")
+        results["fd_dinov2"] = dinov2.frechet_distance(*fd_samples, *fd_reference)
         lap("fd_dinov2")
     if inception_weights == RANDOM_WEIGHTS:  # once, next to the numbers it is about
         log(RANDOM_WEIGHTS_WARNING)
     if mismatch:
         log(f"WARNING: {mismatch}, evaluated as asked (--allow-resolution-mismatch)")
-    for line in result_lines(results) + ([f"FD_DINOv2: {results['fd_dinov2']}"] if fd is not None else []):
+    lines = [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}", f"sFID: {results['sfid']}",
+             f"Precision: {results['precision']}", f"Recall: {results['recall']}"]  # ADM's print("Label:", value)
+    for line in lines + ([f"FD_DINOv2: {results['fd_dinov2']}"] if fd is not None else []):
         log(line)
 
     results["settings"] = {
@@ -558,7 +549,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
     if fd is not None:
-        results["settings"]["fd_dinov2"] = fd_settings
+        results["settings"]["fd_dinov2"] = {"reference_statistics": fd_source, "preprocessing": dinov2.PREPROCESSING}
     if inception_weights == RANDOM_WEIGHTS:
         results["warning"] = RANDOM_WEIGHTS_WARNING
     results["timings_s"] = timings

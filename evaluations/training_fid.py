@@ -1,10 +1,6 @@
-"""FID during Phase 2: every --fid-every steps and at the end of training, FID, sFID and Inception Score (and
-FD-DINOv2 with --fd-dinov2) of --fid-num-samples images from the EMA weights against a reference batch, logged to
-metrics.jsonl and the tracker at that step.
-
-The images are sample_ddp.py's (erw/generation.py, per-sample seeds from the run's --seed, every process its share)
-and the numbers the evaluator's functions on them, so sample_ddp.py + evaluations/evaluator.py on that step's
-checkpoint give the same numbers (exactly with --fid-bitwise and --bitwise; docs/evaluation.md).
+"""FID during Phase 2 (train.py --fid-every): FID, sFID and Inception Score (and FD-DINOv2 with --fd-dinov2) of EMA
+samples against a reference batch, logged at that step: sample_ddp.py's images and the evaluator's numbers on them,
+so that the standalone pipeline gives the same numbers (docs/evaluation.md, "FID during training").
 """
 import os
 import time
@@ -77,41 +73,37 @@ class FidHook:
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.reference_stats = self.fd_reference = None
-        if self.is_main:
-            self.reference_stats = self._reference_statistics(config["fid_ref"], self.reference, config, run.log)
-            if self.fd is not None:
-                cache_dir = evaluator.default_cache_dir()
-                evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
-                                         hint="set XDG_CACHE_HOME to a writable folder")
-                self.fd_reference, source = self.fd.reference_statistics(
-                    config["fid_ref"], self.reference, self.chunk_size or 64, cache_dir)
-                fd_dinov2.check_finite(self.fd_reference, f"--fid-ref {config['fid_ref']}")
-                run.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
-                        f"{source['num_images']:,} images (cache: {source['cache']})")
-
-    def _reference_statistics(self, path: str, reader, config, log) -> Dict[str, tuple]:
-        stats = evaluator.read_statistics(path)
-        if stats is not None:
-            source = f"its mu/sigma/mu_s/sigma_s ({len(reader):,} images)"
-        else:
+        if not self.is_main:
+            return
+        path = config["fid_ref"]
+        self.reference_stats = evaluator.read_statistics(path)
+        if self.reference_stats is None or self.fd is not None:
             cache_dir = evaluator.default_cache_dir()
             evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
                                      hint="set XDG_CACHE_HOME to a writable folder")
+        if self.reference_stats is None:
             acts, cache = evaluator.reference_activations(
-                self.inception, path, reader, inception_weights_id(config["inception_weights"]), self.device,
+                self.inception, path, self.reference, inception_weights_id(config["inception_weights"]), self.device,
                 self.chunk_size or 64, cache_dir)
-            stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
-            evaluator.check_finite_statistics(stats, f"--fid-ref {path}: the statistics of its Inception features")
-            source = f"the statistics of its {len(reader):,} images (activation cache: {cache})"
+            self.reference_stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+            evaluator.check_finite_statistics(self.reference_stats,
+                                              f"--fid-ref {path}: the statistics of its Inception features")
+            source = f"the statistics of its {len(self.reference):,} images (activation cache: {cache})"
+        else:
+            source = f"its mu/sigma/mu_s/sigma_s ({len(self.reference):,} images)"
         s = self.sampler
         cfg = f", CFG {s['cfg_scale']} on t in [{s['guidance_low']}, {s['guidance_high']}]" if s["cfg_scale"] > 1 \
             else ""
-        log(f"In-training FID every {self.every} steps and at step {self.last_step}: {self.num_samples:,} EMA samples "
-            f"({s['mode']}, {s['num_steps']} steps{cfg}, {self.precision}, seed {s['global_seed']}) against "
-            f"{path}, {source}")
+        run.log(f"In-training FID every {self.every} steps and at step {self.last_step}: {self.num_samples:,} EMA "
+                f"samples ({s['mode']}, {s['num_steps']} steps{cfg}, {self.precision}, seed {s['global_seed']}) "
+                f"against {path}, {source}")
         if self.random_inception:
-            log(evaluator.RANDOM_WEIGHTS_WARNING)
-        return stats
+            run.log(evaluator.RANDOM_WEIGHTS_WARNING)
+        if self.fd is not None:
+            self.fd_reference, fd_source = evaluator.fd_dinov2_reference(self.fd, path, self.reference,
+                                                                         self.chunk_size or 64, cache_dir)
+            run.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
+                    f"{fd_source['num_images']:,} images (cache: {fd_source['cache']})")
 
     def due(self, step: int) -> bool:
         return step > 0 and (step % self.every == 0 or step == self.last_step)
