@@ -7,6 +7,7 @@ image batches (arr_0 uint8 (N, H, W, 3)).
 What is ADM's on purpose, what is refused, and the one deliberate difference: docs/evaluation.md.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -42,7 +43,6 @@ PR_BATCH_SIZE = 10000        # ADM ManifoldEstimator row_batch_size = col_batch_
 PR_NEIGHBOURHOOD = 3         # ADM nhood_sizes=(3,)
 FID_EPS = 1e-6
 CACHE_VERSION = 1            # bump when the cached activations would change
-UINT8_CONVERSION = "np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"  # [0, 1] floats -> what ADM reads
 RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weights random): every number below is "
                           "meaningless; use the real weights for any result you report.")
 
@@ -75,14 +75,12 @@ class NpzArrayReader:
                     header = self._read_header(f)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a small member is read whole here
                 raise InvalidInput(f"{path}: {key} is damaged ({e}); write the file again") from None
-        self._in_memory = None
         if header is None:
-            self._in_memory = self._load_whole()
-            self.shape, self.dtype, self._streamable = self._in_memory.shape, self._in_memory.dtype, False
-        else:
-            self.shape, self.dtype, self._streamable = header
+            header = self._whole.shape, self._whole.dtype, False
+        self.shape, self.dtype, self._streamable = header
 
-    def _load_whole(self) -> np.ndarray:
+    @functools.cached_property
+    def _whole(self) -> np.ndarray:
         try:
             with np.load(self.path) as data:
                 return data[self.key]
@@ -107,10 +105,8 @@ class NpzArrayReader:
     def iter_batches(self, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Yields (first row index, rows) with up to batch_size rows each."""
         if not self._streamable:
-            if self._in_memory is None:
-                self._in_memory = self._load_whole()
             for start in range(0, len(self), batch_size):
-                yield start, self._in_memory[start:start + batch_size]
+                yield start, self._whole[start:start + batch_size]
             return
         row_shape = self.shape[1:]
         row_bytes = self.dtype.itemsize * int(np.prod(row_shape))
@@ -142,8 +138,8 @@ def open_images(path: str) -> NpzArrayReader:
     if reader.dtype != np.uint8:
         raise InvalidInput(f"{path}: {IMAGES_KEY} has dtype {reader.dtype}; the evaluator reads uint8 images in "
                            f"[0, 255], as ADM's reference batches and sample_ddp.py hold them. Convert images in "
-                           f"[0, 1] with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype("
-                           f"np.uint8)), or write the .npz with sample_ddp.py")
+                           "[0, 1] with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) (in [0, 255]: "
+                           "np.clip(np.round(x), 0, 255).astype(np.uint8)), or write the .npz with sample_ddp.py")
     return reader
 
 

@@ -1,15 +1,8 @@
-"""Inception-v3 as the 2015-12-05 TensorFlow graph that OpenAI's ADM evaluator runs.
-
-The module tree and attribute names are those of pytorch-fid / torch-fidelity, so the converted weight file
-`pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) load
-strictly. What differs from torchvision's Inception3, as in the TF graph: convs have no bias, BatchNorm eps is 1e-3,
-the 3x3 average pools of the A/C/E blocks ignore the padding (count_include_pad=False), the last block (Mixed_7c)
-pools with a max, and fc is 1008-way. The TF graph also resizes to 299x299 with TF1's legacy bilinear kernel and
-scales (x - 128) / 128 before the first conv; both happen inside `forward` here.
-
-Outputs (ADM's tensors): `pool` = pool_3 (N, 2048); `spatial` = mixed_6/conv, i.e. the ReLU output of
-Mixed_6d.branch1x1, first 7 channels, flattened in TF's H, W, C order (N, 17*17*7 = 2023); `logits` = pool_3 @
-fc.weight.T without the bias (N, 1008), the input of ADM's Inception-Score softmax.
+"""Inception-v3 as the 2015-12-05 TensorFlow graph that OpenAI's ADM evaluator runs, in the module tree of
+pytorch-fid / torch-fidelity, so that their converted weight file pt_inception-2015-12-05-6726825d.pth loads strictly.
+Where the TF graph differs from torchvision's Inception3 (convs without bias, BatchNorm eps 1e-3, average pools that
+ignore the padding, Mixed_7c's max pool, a 1008-way fc), this follows the graph; `forward` also does its resize to
+299 x 299 (TF1's legacy bilinear kernel) and scaling, and returns ADM's three tensors (InceptionFeatures).
 """
 import math
 import os
