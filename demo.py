@@ -1,14 +1,12 @@
 """ERW end to end on the demo data (10 classes of coloured shapes, 64 px), offline, on a CPU, in a few minutes: the
 data, Phase 1, Phase 2, sampling, class accuracy and FD-demo of the samples, CKNNA by layer, all under exps/demo.
-Each stage, its outputs, and the demo's small VAE, teacher and classifier: docs/demo.md.
+The numbers are the demo's own, not the paper's (FD-demo is not ImageNet FID). Each stage, its outputs, and the
+demo's small VAE, teacher and classifier: docs/demo.md.
 
     python demo.py            # resumes whatever an earlier run left; finished stages are not redone
     python demo.py --fresh    # deletes exps/demo first
     python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW, at equal total steps and at
                               # equal Phase-2 steps
-
-The numbers are the demo's own, not the paper's: FD-demo is a Frechet distance in the classifier's feature space,
-not ImageNet FID. --adm-metrics adds the ADM suite with a RANDOM Inception network (it checks the plumbing only).
 """
 import json
 import os
@@ -41,8 +39,7 @@ def build_parser():
                         help="also run the ADM suite (FID, IS, ...) with a RANDOM Inception: plumbing only")
     parser.add_argument("--table", action="store_true", help="run the SiT / REPA / ERW comparison instead")
     parser.add_argument("--table-steps", type=int, default=2000,
-                        help="--table: the step budget; SiT, REPA and ERW's Phase 2 run it, ERW's warmup is a "
-                             "further 1 / --table-evals of it, and the table compares both ways")
+                        help="--table: steps of SiT, REPA and ERW's Phase 2; ERW's warmup adds 1 / --table-evals of it")
     parser.add_argument("--table-evals", type=int, default=4, help="--table: evaluations along each run")
     return parser
 
@@ -122,11 +119,8 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
 def read_metrics(exp_dir: str):
     """Logged records of a run (its metrics.jsonl), the last record per step."""
     from operations.run import METRICS_FILE
-    records = {}
     with open(os.path.join(exp_dir, METRICS_FILE)) as f:
-        for line in f:
-            record = json.loads(line)
-            records[record["step"]] = record
+        records = {record["step"]: record for record in map(json.loads, f)}
     return [records[s] for s in sorted(records)]
 
 
@@ -193,11 +187,12 @@ def training_flops_per_step(exp_dir: str) -> float:
 
 
 def table_rows(curves: dict, convention: str) -> list:
-    """One markdown row per method at the table's budget, in one of two conventions: "total" compares at equal
-    optimizer steps with ERW's warmup counted; "phase2" at equal Phase-2 (generator) steps, as the paper's Table 2
-    puts "100K warmup + 100K" beside REPA at 100K. SiT and REPA have no warmup: the same row in both."""
+    """The markdown table, a row per method at the table's budget, in one of two conventions: "total" compares at
+    equal optimizer steps with ERW's warmup counted; "phase2" at equal Phase-2 (generator) steps, as the paper's
+    Table 2 puts "100K warmup + 100K" beside REPA at 100K. SiT and REPA have no warmup: the same row in both."""
     budget = max(p["total_steps"] for p in curves["SiT"])
-    rows = []
+    rows = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy | compute (TFLOP) |",
+            "|---|---|---|---|---|"]
     for method in TABLE_METHODS:
         point = next(p for p in curves[method] if p[f"{convention}_steps"] == budget)
         steps = f"{point['warmup_steps']} + {point['phase2_steps']}" if point["warmup_steps"] else \
@@ -213,7 +208,7 @@ def run_table(args, start: float) -> dict:
     table.png (docs/demo.md)."""
     import train
     import train_warmup
-    from operations.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
+    from operations.checkpoint import numbered_checkpoints
     if args.table_steps % (2 * args.table_evals):
         raise InvalidInput(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
                            f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
@@ -223,16 +218,17 @@ def run_table(args, start: float) -> dict:
     reference = make_data(args.data_dir, args.images_per_class)
     common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out,
               "--max-train-steps", str(args.table_steps)]
+    stage(f"table: ERW Phase 1, {warmup} steps")
+    warmup_dir = os.path.join(out, "ERW-warmup")
+    warmup_ckpt = run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)],
+                            warmup_dir)
+    warmup_tflop = warmup * training_flops_per_step(warmup_dir) / 1e12
     phase2 = {
         "SiT": ["--enc-type", "none", "--warmup-ckpt", "none"],
         "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none"],
-        "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", LAST_CHECKPOINT),
-                "--proj-half-life", str(args.table_steps / 2)],  # half its Phase 2, as the paper's 50K of 100K
+        # ERW's lambda half-life: half its Phase 2, the paper's proportion (50K of 100K)
+        "ERW": ["--warmup-ckpt", warmup_ckpt, "--proj-half-life", str(args.table_steps / 2)],
     }
-    stage(f"table: ERW Phase 1, {warmup} steps")
-    warmup_dir = os.path.join(out, "ERW-warmup")
-    run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)], warmup_dir)
-    warmup_tflop = warmup * training_flops_per_step(warmup_dir) / 1e12
     curves = {}
     for method in TABLE_METHODS:
         stage(f"table: {method}, {args.table_steps} Phase-2 steps")
@@ -248,12 +244,10 @@ def run_table(args, start: float) -> dict:
             curves[method].append({"warmup_steps": warmup_steps, "phase2_steps": step,
                                    "total_steps": warmup_steps + step, "tflop": before + step * step_tflop,
                                    **metrics})
-    header = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy | compute (TFLOP) |",
-              "|---|---|---|---|---|"]
-    table = "\n".join([f"At equal optimizer steps ({args.table_steps}, ERW's warmup counted):", "", *header,
+    table = "\n".join([f"At equal optimizer steps ({args.table_steps}, ERW's warmup counted):", "",
                        *table_rows(curves, "total"), "",
                        f"At equal Phase-2 steps ({args.table_steps}, the paper's Table 2: warmup on top):", "",
-                       *header, *table_rows(curves, "phase2")])
+                       *table_rows(curves, "phase2")])
     atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
     atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
     _save(table_figure(curves), os.path.join(out, "table.png"))

@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from operations.files import atomic_write  # noqa: E402
-from operations.cli import number, writable  # noqa: E402
-from operations.cli import ArgumentParser, InvalidInput, refusals, run_main  # noqa: E402
+from operations.cli import ArgumentParser, InvalidInput, number, refusals, run_main, writable  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
 from operations.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
 from erw.generation import sample_generator  # noqa: E402
@@ -42,10 +41,6 @@ QUANTILE_BLOCK_ELEMENTS = 2 ** 24  # torch.quantile's input size limit
 JSON_NAME = "cknna.json"
 PLOT_NAME = "cknna.png"
 
-
-#################################################################################
-#                                    Metrics                                    #
-#################################################################################
 
 def prepare_features(feats: torch.Tensor, outlier_quantile: float = DEFAULT_OUTLIER_QUANTILE) -> torch.Tensor:
     """(n, D) features -> (n, D) float64: clamped at the mean per-row |.| quantile (1 = no clamp), then each row
@@ -77,10 +72,8 @@ def knn_indices(feats: torch.Tensor, topk: int) -> torch.Tensor:
 
 def hsic_unbiased_sparse(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int
                          ) -> torch.Tensor:
-    """HSIC_u(A, B) (docs/evaluation.md) of n x n matrices that are zero except A[rows, cols] = a, B[rows, cols] = b.
-
-    rows, cols: (E,) distinct off-diagonal positions; a, b: (E,) float64. Returns a 0-dim tensor.
-    """
+    """HSIC_u(A, B) (docs/evaluation.md), a 0-dim tensor, of n x n matrices that are zero except A[rows, cols] = a
+    and B[rows, cols] = b: rows, cols (E,) distinct off-diagonal positions, a, b (E,) float64."""
     if n < 4:
         raise InvalidInput(f"the unbiased HSIC needs at least 4 samples, got {n}")
     trace_ab = torch.zeros((), dtype=a.dtype, device=a.device)
@@ -162,10 +155,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         return math.nan
     return float((x.T @ y).square().sum() / denominator)
 
-
-#################################################################################
-#                               Inputs and features                             #
-#################################################################################
 
 class AnalysisItems(Dataset):
     """Items of a subset: (image uint8 (3, H, W), latent (C, h, w), noise (C, h, w), label int64), each latent and
@@ -277,10 +266,6 @@ def extract_features(checkpoints: List[AnalysedCheckpoint], teacher: torch.nn.Mo
         start = stop
     return teacher_feats, sit_feats
 
-
-#################################################################################
-#                                  Entry point                                  #
-#################################################################################
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
@@ -428,7 +413,6 @@ def main(argv=None) -> dict:
         "device": str(device),
     }
     output = {"settings": settings, "results": results}
-    os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, JSON_NAME)
     atomic_write(json_path, lambda f: f.write(json.dumps(output, indent=2, allow_nan=True).encode()))
     figure = alignment_figure(results, f"{enc_type}, t = {args.t}, n = {len(indices)}, k = {args.topk}")

@@ -4,8 +4,6 @@ to the class they were generated for (chance 10%), and the Frechet distance betw
 the samples and of the reference images, a demo-only number, NOT ImageNet FID (docs/demo.md).
 
     python -m evaluations.demo_metrics data/demo/reference.npz samples/<run>.npz [--json demo_metrics.json]
-
-Both .npz hold arr_0 uint8 (N, 64, 64, 3); the samples also arr_1, the labels they were generated for.
 """
 import json
 import os

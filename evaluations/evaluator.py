@@ -47,10 +47,6 @@ RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weight
                           "meaningless; use the real weights for any result you report.")
 
 
-#################################################################################
-#                           Streaming .npz reading                              #
-#################################################################################
-
 class NpzArrayReader:
     """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader). Other
     layouts than C-order .npy 1.0/2.0 are loaded whole, as ADM does: on the first iter_batches where the header
@@ -114,16 +110,13 @@ class NpzArrayReader:
             self._read_header(f)
             for start in range(0, len(self), batch_size):
                 rows = min(batch_size, len(self) - start)
-                buffer = bytearray()
-                while len(buffer) < rows * row_bytes:
-                    try:
-                        chunk = f.read(rows * row_bytes - len(buffer))
-                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
-                        raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
-                                           f"{start}..{start + rows - 1}; write the file again") from None
-                    if not chunk:
-                        raise InvalidInput(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
-                    buffer += chunk
+                try:
+                    buffer = bytearray(f.read(rows * row_bytes))  # all unless the member ends first; writable
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
+                    raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
+                                       f"{start}..{start + rows - 1}; write the file again") from None
+                if len(buffer) < rows * row_bytes:
+                    raise InvalidInput(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
                 yield start, np.frombuffer(buffer, dtype=self.dtype).reshape((rows,) + row_shape)
 
 
@@ -224,15 +217,10 @@ def _prefetch(iterator: Iterator) -> Iterator:
             yield item
 
 
-#################################################################################
-#                         Activations and statistics                            #
-#################################################################################
-
 @torch.inference_mode()
 def inception_features(model, images, device: torch.device, with_probs: bool) -> Dict[str, np.ndarray]:
-    """Inception outputs of one batch of uint8 images (N, H, W, 3) (numpy or torch): float32 numpy
-    {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
-    logits. TF32 off: the TF graph's numbers are float32's."""
+    """Inception outputs of uint8 images (N, H, W, 3), numpy or torch, as float32 numpy {'pool', 'spatial'} and, with
+    `with_probs`, 'probs': the softmax of the unbiased logits. TF32 off: the TF graph's numbers are float32's."""
     images = torch.as_tensor(np.ascontiguousarray(images))
     with fp32_precision_scope("ieee"):
         feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
@@ -270,9 +258,8 @@ def default_cache_dir() -> str:
 
 def cached_arrays(cache_dir: Optional[str], key: Optional[str], shapes: Dict[str, tuple],
                   compute: Callable[[], Dict[str, np.ndarray]], prefix: str = "") -> Tuple[Dict[str, np.ndarray], str]:
-    """compute()'s arrays, or those an earlier call with this key left in cache_dir, and "hit" | "miss" | "off"
-    (cache_dir None: no cache). A cache file that cannot be read, or does not hold arrays of `shapes`, is computed
-    again."""
+    """compute()'s arrays, or those an earlier call with this key left in cache_dir if they have `shapes` (else they
+    are computed again), and "hit" | "miss" | "off" (cache_dir None: no cache)."""
     if cache_dir is None:
         return compute(), "off"
     path = os.path.join(cache_dir, prefix + hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
@@ -319,10 +306,6 @@ def fd_dinov2_reference(fd: dinov2.FdDinov2, ref_batch: str, reader: NpzArrayRea
     dinov2.check_finite(reference, ref_batch)
     return reference, {**json.loads(str(arrays["source"])), "cache": cache}
 
-
-#################################################################################
-#                                  Metrics                                      #
-#################################################################################
 
 def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
     """ADM's IS: probs (N, C) float32 softmax outputs, consecutive splits of `split_size` (the last one may be
@@ -381,8 +364,7 @@ def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min((norm_u - 2 * (u @ v.t())) + norm_v.t(), 0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch_size: int = PR_BATCH_SIZE,
-                   bar: Optional[tqdm] = None) -> torch.Tensor:
+def manifold_radii(features: torch.Tensor, k: int, batch_size: int, bar: tqdm) -> torch.Tensor:
     """(N, D) -> (N,) squared distance of each point to its k-th nearest neighbour (the point itself is 0th)."""
     n = len(features)
     radii = torch.empty(n, device=features.device)
@@ -391,19 +373,15 @@ def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch_size
         block = torch.empty(len(rows), n, device=features.device)
         for col in range(0, n, batch_size):
             block[:, col:col + batch_size] = squared_distances(rows, features[col:col + batch_size])
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         radii[row:row + len(rows)] = block.kthvalue(k + 1, dim=1).values
     return radii
 
 
 def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, k: int = PR_NEIGHBOURHOOD,
                      batch_size: int = PR_BATCH_SIZE, progress: bool = False) -> Tuple[float, float]:
-    """ADM's improved precision/recall (Kynkaanniemi et al.) on (N_ref, D) and (N_sample, D) float32 features.
-
-    precision = fraction of samples within some reference point's k-NN ball (d^2 <= radius^2);
-    recall = fraction of reference points within some sample's k-NN ball.
-    """
+    """ADM's improved precision/recall (Kynkaanniemi et al.) on (N_ref, D) and (N_sample, D) float32 features: the
+    fraction of samples within some reference point's k-NN ball (d^2 <= radius^2), and the converse."""
     for name, feats in (("reference", ref_features), ("sample", sample_features)):
         if len(feats) < k + 1:
             raise InvalidInput(f"precision/recall with k={k} needs at least {k + 1} {name} images, got {len(feats)}")
@@ -428,24 +406,15 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
     return int(sample_in.sum()) / n_sample, int(ref_in.sum()) / n_ref
 
 
-#################################################################################
-#                                 Evaluation                                    #
-#################################################################################
-
 def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
              pr_batch_size: int = PR_BATCH_SIZE, cache_dir: Optional[str] = None, use_cache: bool = True,
              progress: bool = True, log: Optional[Callable[[str], None]] = print,
              allow_resolution_mismatch: bool = False, fd_dinov2: bool = False,
              dinov2_weights: Optional[str] = None) -> dict:
-    """ADM metrics of `sample_batch` against `ref_batch` (.npz paths).
-
-    inception_weights: .pth path, None (torch hub cache) or 'random' (meaningless numbers). Returns
+    """ADM metrics of `sample_batch` against `ref_batch` (.npz paths), the flags' meanings as arguments:
     {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}, and 'fd_dinov2' with
-    `fd_dinov2` (evaluations/fd_dinov2.py; dinov2_weights: a path or None for the caches); `log` gets ADM's progress
-    and result lines (None: silent). Samples of another size than the reference's are refused unless
-    allow_resolution_mismatch (then the warning names both sizes).
-    """
+    `fd_dinov2`. `log` gets ADM's progress and result lines (None: silent)."""
     log = log or (lambda line: None)
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
         raise InvalidInput(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
@@ -474,14 +443,10 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
                                f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
     fd = dinov2.FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # before any work
-    timings = {}
-    clock = time.perf_counter()
+    marks = [("start", time.perf_counter())]
 
-    def lap(name):
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+    def lap(name):  # the seconds since the previous lap: results["timings_s"][name]
+        marks.append((name, time.perf_counter()))
 
     model = load_inception(inception_weights, device)
     net_id = inception_weights_id(inception_weights)
@@ -503,8 +468,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     lap("sample_activations")
 
     log("computing/reading sample batch statistics...")
-    sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name])
-                                         for name in ("pool", "spatial")}
+    sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name]) for name in ("pool", "spatial")}
     check_finite_statistics(sample_stats, f"{sample_batch}: the statistics of its Inception features")
     lap("sample_statistics")
 
@@ -548,7 +512,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         results["settings"]["fd_dinov2"] = {"reference_statistics": fd_source, "preprocessing": dinov2.PREPROCESSING}
     if inception_weights == RANDOM_WEIGHTS:
         results["warning"] = RANDOM_WEIGHTS_WARNING
-    results["timings_s"] = timings
+    results["timings_s"] = {name: round(t - before, 3) for (_, before), (name, t) in zip(marks, marks[1:])}
     return results
 
 
@@ -572,8 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where reference activations are cached (default: {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
-                        help="evaluate samples of another size than the reference batch's (a warning names both); "
-                             "refused otherwise")
+                        help="evaluate samples of another size than the reference batch's (refused otherwise)")
     parser.add_argument("--fd-dinov2", action="store_true",
                         help="also FD-DINOv2, as edm2's calculate_metrics.py computes it (evaluations/fd_dinov2.py)")
     parser.add_argument("--dinov2-weights", default=None,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from operations.cli import InvalidInput, MissingInput
+from operations.cli import InvalidInput, MissingInput, refusals
 from operations.files import file_sha256
 from erw.precision import fp32_precision_scope
 from models.encoders import DINOV2_MODELS, load_state, local_weights, read_checkpoint
@@ -83,13 +83,11 @@ class FdDinov2:
         with torch.device("meta"):
             vit = timm.create_model(DINOV2_MODELS["l"][0], pretrained=False, num_classes=0, img_size=FD_SIDE,
                                     **TEST_SIZE)
-        try:
+        with refusals(flag):
             state = {k: v.float() for k, v in dinov2_to_timm(read_checkpoint(path), path).items()}
             if "pos_embed" in state:
                 state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], FD_GRID)
             load_state(vit, state, f"FD-DINOv2 weights {path} ({flag})")
-        except ValueError as e:
-            raise InvalidInput(str(e)) from e
         self.model = vit.eval().requires_grad_(False).to(device)
         self.device, self.path = device, path
         self.weights_sha256 = file_sha256(path)
@@ -100,14 +98,12 @@ class FdDinov2:
 
     @torch.inference_mode()
     def features(self, images) -> np.ndarray:
-        """uint8 images (N, H, W, 3), numpy or torch -> float32 (N, 1024): the final-normed class tokens (TF32
-        off)."""
+        """uint8 images (N, H, W, 3), numpy or torch -> float32 (N, 1024) final-normed class tokens (TF32 off)."""
         images = torch.as_tensor(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
         with fp32_precision_scope("ieee"):
             return self.model.forward_features(preprocess(images))[:, 0].float().cpu().numpy()
 
-    def statistics_of(self, reader, batch_size: int, desc: str, progress: bool = True
-                      ) -> Tuple[np.ndarray, np.ndarray]:
+    def statistics_of(self, reader, batch_size: int, desc: str, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """statistics() of the features of every image of an evaluator NpzArrayReader."""
         parts = []
         bar = tqdm(total=len(reader), desc=desc, unit="img", disable=not progress, file=sys.stderr)

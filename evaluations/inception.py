@@ -30,11 +30,9 @@ RANDOM_WEIGHTS = "random"
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: tuple) -> torch.Tensor:
-    """TF1 ResizeBilinear with align_corners=False and no half-pixel centers: (N, C, H, W) float -> (N, C, h, w).
-
-    Source coordinate = dst * (in / out) with a float32 scale; lower = floor, upper = min(ceil, in - 1); the lerp
-    is done along x first (top and bottom rows), then along y, as TF's kernel does.
-    """
+    """TF1 ResizeBilinear with align_corners=False and no half-pixel centers, (N, C, H, W) float -> (N, C, h, w):
+    source coordinate = dst * (in / out) with a float32 scale; lower = floor, upper = min(ceil, in - 1); the lerp
+    along x first (top and bottom rows), then along y, as TF's kernel does."""
     out_h, out_w = size
 
     def source_taps(in_size: int, out_size: int):
@@ -168,10 +166,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """8x8 block with expanded filter banks (Mixed_7b/7c): in -> 320 + 768 + 768 + 192 = 2048 channels.
-
-    `max_pool` selects the pool branch: the TF graph's mixed_10 (Mixed_7c) uses a max pool, mixed_9 an average.
-    """
+    """8x8 block with expanded filter banks (Mixed_7b/7c): in -> 320 + 768 + 768 + 192 = 2048 channels. The TF
+    graph's mixed_10 (Mixed_7c) pools with a max (`max_pool`), mixed_9 with an average."""
 
     def __init__(self, in_channels: int, max_pool: bool):
         super().__init__()
@@ -296,10 +292,8 @@ def inception_weights_id(weights: Optional[str], seed: int = 0) -> str:
 
 
 def load_inception(weights: Optional[str] = None, device="cpu", seed: int = 0) -> TFInceptionV3:
-    """The evaluation network in eval mode, frozen, on `device`.
-
-    weights: a .pth path, None (torch hub cache), or 'random' (random_init_ with `seed`; meaningless metrics).
-    """
+    """The evaluation network in eval mode, frozen, on `device`, from `weights`: a .pth path, None (torch hub cache)
+    or 'random' (random_init_ with `seed`; meaningless metrics)."""
     model = TFInceptionV3()
     if weights == RANDOM_WEIGHTS:
         random_init_(model, seed)
