@@ -1,23 +1,12 @@
-"""ERW end to end on an embedded default, offline, on a CPU, in a few minutes:
-
-    demo data (10 classes of coloured shapes, 64 px, encoded by the demo VAE)       data/demo (configs/tiny.yaml's)
-    -> Phase 1 (train_warmup.py: blocks 0..1 aligned to the demo teacher)            exps/demo/phase1
-    -> Phase 2 (train.py: warm-started, velocity + decaying alignment)                exps/demo/phase2
-    -> sample_ddp.py (Euler-Maruyama, classifier-free guidance)                      exps/demo/samples
-    -> class accuracy and FD-demo of the samples (evaluations/demo_metrics.py)       exps/demo/demo_metrics.json,
-                                                                                     exps/demo/samples_by_class.png
-    -> CKNNA by layer, Phase 1 vs Phase 2                                            exps/demo/cknna.{json,png}
+"""ERW end to end on the demo data (10 classes of coloured shapes, 64 px), offline, on a CPU, in a few minutes: the
+data, Phase 1, Phase 2, sampling, class accuracy and FD-demo of the samples, CKNNA by layer, all under exps/demo.
+The numbers are the demo's own, not the paper's (FD-demo is not ImageNet FID). Each stage, its outputs, and the
+demo's small VAE, teacher and classifier: docs/demo.md.
 
     python demo.py            # resumes whatever an earlier run left; finished stages are not redone
     python demo.py --fresh    # deletes exps/demo first
     python demo.py --table    # the paper's Table 2 in miniature: SiT vs REPA vs ERW, at equal total steps and at
                               # equal Phase-2 steps
-
-The demo's VAE, teacher and classifier are small networks trained on such images by
-preprocessing/train_demo_components.py and shipped with the repository: the VAE decodes real shapes, the teacher's
-tokens carry the class, and the classifier tells whether a sample shows the class it was asked for. The numbers are
-the demo's own, not the paper's: FD-demo is a Frechet distance in the classifier's feature space, not ImageNet FID.
---adm-metrics adds the ADM suite with a RANDOM Inception network (it checks the plumbing only).
 """
 import json
 import os
@@ -26,12 +15,14 @@ import time
 
 import numpy as np
 
+from operations.cli import ArgumentParser, InvalidInput, run_main
+from operations.files import atomic_write
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 def build_parser():
-    from operations.cli import ArgumentParser
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join("exps", "demo"), help="output folder")
     parser.add_argument("--data-dir", default=os.path.join("data", "demo"),
@@ -48,8 +39,7 @@ def build_parser():
                         help="also run the ADM suite (FID, IS, ...) with a RANDOM Inception: plumbing only")
     parser.add_argument("--table", action="store_true", help="run the SiT / REPA / ERW comparison instead")
     parser.add_argument("--table-steps", type=int, default=2000,
-                        help="--table: the step budget; SiT, REPA and ERW's Phase 2 run it, ERW's warmup is a "
-                             "further 1 / --table-evals of it, and the table compares both ways")
+                        help="--table: steps of SiT, REPA and ERW's Phase 2; ERW's warmup adds 1 / --table-evals of it")
     parser.add_argument("--table-evals", type=int, default=4, help="--table: evaluations along each run")
     return parser
 
@@ -78,15 +68,6 @@ def run_phase(entry_point, args, exp_dir):
     return os.path.join(ckpt_dir, LAST_CHECKPOINT)
 
 
-def sample(ckpt: str, sample_dir: str, num_samples: int, num_steps: int, cfg_scale: float) -> str:
-    """Balanced-label samples from the EMA weights; returns the .npz (resumes; a new checkpoint, a new folder)."""
-    import sample_ddp
-    return sample_ddp.main(["--ckpt", ckpt, "--sample-dir", sample_dir, "--num-fid-samples", str(num_samples),
-                            "--num-steps", str(num_steps), "--cfg-scale", str(cfg_scale), "--label-mode", "balanced",
-                            "--per-proc-batch-size", "100", "--device", "cpu",
-                            "--precision", "fp32"])
-
-
 def cached_json(path: str, key: dict, compute):
     """compute() once per key: the result is stored in `path` with the key and reused while the key matches."""
     if os.path.isfile(path):
@@ -95,22 +76,26 @@ def cached_json(path: str, key: dict, compute):
         if stored.get("key") == key:
             return stored["result"]
     result = compute()
-    from operations.files import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps({"key": key, "result": result}, indent=1).encode()))
     return result
 
 
 def evaluate_checkpoint(ckpt: str, reference_npz: str, sample_dir: str, args, path: str) -> dict:
-    """Sample from `ckpt` and compute class accuracy and FD-demo, once per (EMA weights, sampler settings): the
-    result is kept in `path`, so a rerun neither samples nor measures again."""
+    """Balanced-label samples from `ckpt`'s EMA weights (sample_ddp.py) and their class accuracy and FD-demo, once
+    per (EMA weights, sampler settings): the result is kept in `path`, so a rerun neither samples nor measures
+    again."""
     from models.weights import weights_sha256
     from operations.checkpoint import load_checkpoint
     key = {"weights_sha256": weights_sha256(load_checkpoint(ckpt)["ema"]), "num_samples": args.num_samples,
            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
 
     def compute():
+        import sample_ddp
         from evaluations.demo_metrics import demo_metrics
-        sample_npz = sample(ckpt, sample_dir, args.num_samples, args.sample_steps, args.cfg_scale)
+        sample_npz = sample_ddp.main([
+            "--ckpt", ckpt, "--sample-dir", sample_dir, "--num-fid-samples", str(args.num_samples), "--num-steps",
+            str(args.sample_steps), "--cfg-scale", str(args.cfg_scale), "--label-mode", "balanced",
+            "--per-proc-batch-size", "100", "--device", "cpu", "--precision", "fp32"])
         with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
             return {**demo_metrics(ref["arr_0"], samples["arr_0"], samples["arr_1"]), "samples": sample_npz}
     return cached_json(path, key, compute)
@@ -119,8 +104,6 @@ def evaluate_checkpoint(ckpt: str, reference_npz: str, sample_dir: str, args, pa
 def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: int = 4) -> None:
     """One row per class: `per_class` real images, then the first `per_class` samples generated for that class."""
     from PIL import Image
-
-    from operations.files import atomic_write
     with np.load(reference_npz) as ref, np.load(sample_npz) as samples:
         rows = []
         for c in range(int(ref["arr_1"].max()) + 1):
@@ -137,11 +120,8 @@ def write_class_grid(reference_npz: str, sample_npz: str, path: str, per_class: 
 def read_metrics(exp_dir: str):
     """Logged records of a run (its metrics.jsonl), the last record per step."""
     from operations.run import METRICS_FILE
-    records = {}
     with open(os.path.join(exp_dir, METRICS_FILE)) as f:
-        for line in f:
-            record = json.loads(line)
-            records[record["step"]] = record
+        records = {record["step"]: record for record in map(json.loads, f)}
     return [records[s] for s in sorted(records)]
 
 
@@ -154,7 +134,6 @@ def _figure(columns: int):
 
 
 def _save(figure, path: str) -> None:
-    from operations.files import atomic_write
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
@@ -209,11 +188,12 @@ def training_flops_per_step(exp_dir: str) -> float:
 
 
 def table_rows(curves: dict, convention: str) -> list:
-    """One markdown row per method at the table's budget, in one of two conventions: "total" compares at equal
-    optimizer steps with ERW's warmup counted; "phase2" at equal Phase-2 (generator) steps, as the paper's Table 2
-    puts "100K warmup + 100K" beside REPA at 100K. SiT and REPA have no warmup: the same row in both."""
+    """The markdown table, a row per method at the table's budget, in one of two conventions: "total" compares at
+    equal optimizer steps with ERW's warmup counted; "phase2" at equal Phase-2 (generator) steps, as the paper's
+    Table 2 puts "100K warmup + 100K" beside REPA at 100K. SiT and REPA have no warmup: the same row in both."""
     budget = max(p["total_steps"] for p in curves["SiT"])
-    rows = []
+    rows = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy | compute (TFLOP) |",
+            "|---|---|---|---|---|"]
     for method in TABLE_METHODS:
         point = next(p for p in curves[method] if p[f"{convention}_steps"] == budget)
         steps = f"{point['warmup_steps']} + {point['phase2_steps']}" if point["warmup_steps"] else \
@@ -224,15 +204,12 @@ def table_rows(curves: dict, convention: str) -> list:
 
 
 def run_table(args, start: float) -> dict:
-    """SiT vs REPA vs ERW on the demo data with the same seeds, evaluated every --table-steps / --table-evals steps,
-    and compared in two conventions: at equal optimizer steps (ERW's warmup counts: its Phase 2 is shorter) and at
-    equal Phase-2 steps (the paper's: warmup on top), each with the compute it used. ERW's Phase 2 runs the whole
-    budget, which gives both. Its lambda half-life is half its Phase 2, the paper's proportion (50K of 100K).
-    Writes table.md, table.json and table.png."""
+    """SiT vs REPA vs ERW on the demo data with the same seeds, evaluated every --table-steps / --table-evals steps;
+    ERW's Phase 2 runs the whole budget, which gives both conventions of table_rows. Writes table.md, table.json and
+    table.png (docs/demo.md)."""
     import train
     import train_warmup
-    from operations.checkpoint import LAST_CHECKPOINT, numbered_checkpoints
-    from operations.cli import InvalidInput
+    from operations.checkpoint import numbered_checkpoints
     if args.table_steps % (2 * args.table_evals):
         raise InvalidInput(f"--table-steps {args.table_steps} must be a multiple of 2 x --table-evals "
                            f"({2 * args.table_evals}): evaluations and ERW's warmup fall on whole steps")
@@ -242,16 +219,17 @@ def run_table(args, start: float) -> dict:
     reference = make_data(args.data_dir, args.images_per_class)
     common = ["--config", TINY_CONFIG, "--data-dir", args.data_dir, "--output-dir", out,
               "--max-train-steps", str(args.table_steps)]
+    stage(f"table: ERW Phase 1, {warmup} steps")
+    warmup_dir = os.path.join(out, "ERW-warmup")
+    warmup_ckpt = run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)],
+                            warmup_dir)
+    warmup_tflop = warmup * training_flops_per_step(warmup_dir) / 1e12
     phase2 = {
         "SiT": ["--enc-type", "none", "--warmup-ckpt", "none"],
         "REPA": ["--warmup-ckpt", "none", "--align-loss", "cosine", "--proj-decay", "none"],
-        "ERW": ["--warmup-ckpt", os.path.join(out, "ERW-warmup", "checkpoints", LAST_CHECKPOINT),
-                "--proj-half-life", str(args.table_steps / 2)],
+        # ERW's lambda half-life: half its Phase 2, the paper's proportion (50K of 100K)
+        "ERW": ["--warmup-ckpt", warmup_ckpt, "--proj-half-life", str(args.table_steps / 2)],
     }
-    stage(f"table: ERW Phase 1, {warmup} steps")
-    warmup_dir = os.path.join(out, "ERW-warmup")
-    run_phase(train_warmup, [*common, "--exp-name", "ERW-warmup", "--max-train-steps", str(warmup)], warmup_dir)
-    warmup_tflop = warmup * training_flops_per_step(warmup_dir) / 1e12
     curves = {}
     for method in TABLE_METHODS:
         stage(f"table: {method}, {args.table_steps} Phase-2 steps")
@@ -267,13 +245,10 @@ def run_table(args, start: float) -> dict:
             curves[method].append({"warmup_steps": warmup_steps, "phase2_steps": step,
                                    "total_steps": warmup_steps + step, "tflop": before + step * step_tflop,
                                    **metrics})
-    header = ["| method | optimizer steps | FD-demo (lower is better) | class accuracy | compute (TFLOP) |",
-              "|---|---|---|---|---|"]
-    table = "\n".join([f"At equal optimizer steps ({args.table_steps}, ERW's warmup counted):", "", *header,
+    table = "\n".join([f"At equal optimizer steps ({args.table_steps}, ERW's warmup counted):", "",
                        *table_rows(curves, "total"), "",
                        f"At equal Phase-2 steps ({args.table_steps}, the paper's Table 2: warmup on top):", "",
-                       *header, *table_rows(curves, "phase2")])
-    from operations.files import atomic_write
+                       *table_rows(curves, "phase2")])
     atomic_write(os.path.join(out, "table.md"), lambda f: f.write((table + "\n").encode()))
     atomic_write(os.path.join(out, "table.json"), lambda f: f.write(json.dumps(curves, indent=1).encode()))
     _save(table_figure(curves), os.path.join(out, "table.png"))
@@ -368,5 +343,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from operations.cli import run_main
     run_main(main)

@@ -4,12 +4,8 @@ linear CKA (Kornblith et al., 2019), as a JSON table and a PNG plot against the 
     python -m evaluations.cknna --ckpt exps/erw-warmup/checkpoints/last.pt REPA/last.pt --labels erw repa \
         --data-dir data/imagenet256-val --enc-type dinov2-vit-b --output-dir exps/cknna
 
-Features: per image, the mean over tokens of the hidden state after block l (1-based; the SiT at time --t on its
-own path, the image's true label) and of the teacher's patch tokens, clamped at the mean q-quantile of |x| and
-L2-normalised per row, as platonic-rep prepares them. CKNNA = Align(K, L) / sqrt(Align(K, K) Align(L, L)) with
-inner-product kernels K, L, Align the unbiased HSIC (Song et al., 2012, eq. 5) of the kernels masked to the pairs that
-are among each other's k nearest neighbours in both, as platonic-rep's metrics.py computes it, without its 1e-6 in
-the denominator. The derivation and every choice: docs/evaluation.md, "CKNNA".
+The features (mean-pooled tokens, prepared as platonic-rep prepares them), CKNNA as platonic-rep's metrics.py
+computes it (without its 1e-6 in the denominator), its derivation and every choice: docs/evaluation.md, "CKNNA".
 """
 import argparse
 import json
@@ -28,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from operations.files import atomic_write  # noqa: E402
-from operations.cli import number, writable  # noqa: E402
-from operations.cli import ArgumentParser, InvalidInput, refusals, run_main  # noqa: E402
+from operations.cli import ArgumentParser, InvalidInput, number, refusals, run_main, writable  # noqa: E402
 from erw.data import VAE_DOWNSAMPLING, ImageLatentDataset, sample_latents  # noqa: E402
 from operations.checkpoint import REPA_MODEL_FLAG_DEFAULTS, WEIGHTS, add_repa_model_flags, load_model  # noqa: E402
 from erw.generation import sample_generator  # noqa: E402
@@ -46,10 +41,6 @@ QUANTILE_BLOCK_ELEMENTS = 2 ** 24  # torch.quantile's input size limit
 JSON_NAME = "cknna.json"
 PLOT_NAME = "cknna.png"
 
-
-#################################################################################
-#                                    Metrics                                    #
-#################################################################################
 
 def prepare_features(feats: torch.Tensor, outlier_quantile: float = DEFAULT_OUTLIER_QUANTILE) -> torch.Tensor:
     """(n, D) features -> (n, D) float64: clamped at the mean per-row |.| quantile (1 = no clamp), then each row
@@ -81,10 +72,8 @@ def knn_indices(feats: torch.Tensor, topk: int) -> torch.Tensor:
 
 def hsic_unbiased_sparse(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int
                          ) -> torch.Tensor:
-    """HSIC_u(A, B) (module docstring) of n x n matrices that are zero except A[rows, cols] = a, B[rows, cols] = b.
-
-    rows, cols: (E,) distinct off-diagonal positions; a, b: (E,) float64. Returns a 0-dim tensor.
-    """
+    """HSIC_u(A, B) (docs/evaluation.md), a 0-dim tensor, of n x n matrices that are zero except A[rows, cols] = a
+    and B[rows, cols] = b: rows, cols (E,) distinct off-diagonal positions, a, b (E,) float64."""
     if n < 4:
         raise InvalidInput(f"the unbiased HSIC needs at least 4 samples, got {n}")
     trace_ab = torch.zeros((), dtype=a.dtype, device=a.device)
@@ -151,7 +140,7 @@ def cknna_between(p: KnnKernel, q: KnnKernel) -> float:
 
 
 def cknna(x: torch.Tensor, y: torch.Tensor, topk: int = DEFAULT_TOPK) -> float:
-    """CKNNA (module docstring) of features x (n, Dx) and y (n, Dy), used as given (no preparation)."""
+    """CKNNA (docs/evaluation.md) of features x (n, Dx) and y (n, Dy), used as given (no preparation)."""
     _check_pair(x, y)
     return cknna_between(knn_kernel(x, topk), knn_kernel(y, topk))
 
@@ -166,10 +155,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         return math.nan
     return float((x.T @ y).square().sum() / denominator)
 
-
-#################################################################################
-#                               Inputs and features                             #
-#################################################################################
 
 class AnalysisItems(Dataset):
     """Items of a subset: (image uint8 (3, H, W), latent (C, h, w), noise (C, h, w), label int64), each latent and
@@ -253,15 +238,6 @@ def setting_from_checkpoints(name: str, flag_value, checkpoints: List[AnalysedCh
     return next(iter(values.values()), None)
 
 
-DEVICES = ("auto", "cuda", "cpu")
-
-
-def resolve_device(kind: str) -> torch.device:
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("--device cuda: no CUDA GPU is visible")
-    return torch.device("cuda" if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 @torch.no_grad()
 def extract_features(checkpoints: List[AnalysedCheckpoint], teacher: torch.nn.Module, loader: DataLoader,
                      num_images: int, t: float, device: torch.device):
@@ -290,10 +266,6 @@ def extract_features(checkpoints: List[AnalysedCheckpoint], teacher: torch.nn.Mo
         start = stop
     return teacher_feats, sit_feats
 
-
-#################################################################################
-#                                  Entry point                                  #
-#################################################################################
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
@@ -326,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seeds the subset and each image's latent and noise")
     parser.add_argument("--batch-size", type=number("[1, inf)"), default=128, help="images per SiT and teacher call")
     parser.add_argument("--num-workers", type=number("[0, inf)"), default=4, help="data loader worker processes")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: the GPU when there is one")
     parser.add_argument("--output-dir", default="exps/cknna", type=writable(folder=True),
                         help=f"writes {JSON_NAME} (table and settings) and {PLOT_NAME} here")
     return parser
@@ -380,16 +353,13 @@ def alignment_figure(results: Dict[str, Dict[int, Dict[str, float]]], title: str
     return figure
 
 
-def plot_alignment(results: Dict[str, Dict[int, Dict[str, float]]], title: str, path: str) -> None:
-    """alignment_figure as a PNG."""
-    figure = alignment_figure(results, title)
-    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
-
-
 def main(argv=None) -> dict:
     """Run the analysis; returns what it writes to cknna.json (layers as int keys)."""
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("--device cuda: no CUDA GPU is visible")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
     repa_model_flags = {name: getattr(args, name) for name in REPA_MODEL_FLAG_DEFAULTS}
     checkpoints = load_checkpoints(args.ckpt, args.labels, args.weights, parse_layers(args.layers), args.path_type,
                                    repa_model_flags)
@@ -443,12 +413,11 @@ def main(argv=None) -> dict:
         "device": str(device),
     }
     output = {"settings": settings, "results": results}
-    os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, JSON_NAME)
     atomic_write(json_path, lambda f: f.write(json.dumps(output, indent=2, allow_nan=True).encode()))
-    title = f"{enc_type}, t = {args.t}, n = {len(indices)}, k = {args.topk}"
+    figure = alignment_figure(results, f"{enc_type}, t = {args.t}, n = {len(indices)}, k = {args.topk}")
     plot_path = os.path.join(args.output_dir, PLOT_NAME)
-    plot_alignment(results, title, plot_path)
+    atomic_write(plot_path, lambda f: figure.savefig(f, format="png", dpi=120))
 
     print(f"{'label':<24} {'layer':>5} {'CKNNA':>8} {'CKA':>8}")
     for label, by_layer in results.items():

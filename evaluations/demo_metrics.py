@@ -1,15 +1,9 @@
-"""Metrics that mean something on the demo data (10 classes of coloured shapes, 64 px), from a small classifier
-trained on the demo images (assets/demo/classifier.safetensors, made by preprocessing/train_demo_components.py):
-
-    class accuracy   the share of samples the classifier assigns to the class they were generated for (chance 10%)
-    FD-demo          the Frechet distance between the classifier's pooled features (128-d) of the samples and of the
-                     reference images: a demo-only number, NOT ImageNet FID (no Inception, other features, other
-                     scale)
+"""Class accuracy and FD-demo of demo samples, from the small classifier trained on the demo images
+(assets/demo/classifier.safetensors, made by preprocessing/train_demo_components.py): the share of samples it assigns
+to the class they were generated for (chance 10%), and the Frechet distance between its pooled features (128-d) of
+the samples and of the reference images, a demo-only number, NOT ImageNet FID (docs/demo.md).
 
     python -m evaluations.demo_metrics data/demo/reference.npz samples/<run>.npz [--json demo_metrics.json]
-
-Both .npz hold arr_0 uint8 (N, 64, 64, 3); the samples also hold arr_1, the labels they were generated for (as
-sample_ddp.py writes them).
 """
 import json
 import os
@@ -23,8 +17,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from operations.cli import ArgumentParser, InvalidInput, MissingInput, refusals, run_main  # noqa: E402
-from operations.cli import writable  # noqa: E402
+from operations.checkpoint import load_state_dict_strict  # noqa: E402
+from operations.cli import ArgumentParser, InvalidInput, MissingInput, refusals, run_main, writable  # noqa: E402
+from operations.files import atomic_write  # noqa: E402
 from evaluations.evaluator import compute_statistics, frechet_distance  # noqa: E402
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -57,7 +52,6 @@ class DemoClassifier(nn.Module):
 def load_classifier(path: str = CLASSIFIER_WEIGHTS) -> DemoClassifier:
     """The trained demo classifier, frozen, loaded strictly from a safetensors file."""
     from safetensors.torch import load_file
-    from operations.checkpoint import load_state_dict_strict
     if not os.path.isfile(path):
         raise MissingInput(f"demo classifier weights not found: {path} (they ship with the repository; "
                            "rebuild them with `python -m preprocessing.train_demo_components`)")
@@ -85,7 +79,7 @@ def classify(model: DemoClassifier, images: np.ndarray, batch_size: int = 256):
 
 def demo_metrics(reference: np.ndarray, samples: np.ndarray, sample_labels: np.ndarray,
                  model: Optional[DemoClassifier] = None) -> Dict[str, float]:
-    """{"class_accuracy", "fd_demo", "num_samples", "reference_accuracy"?}: see the module doc."""
+    """{"class_accuracy", "fd_demo", "num_samples"} (the module's docstring)."""
     if len(sample_labels) != len(samples):
         raise InvalidInput(f"{len(samples)} samples but {len(sample_labels)} labels")
     model = model or load_classifier()
@@ -129,7 +123,6 @@ def main(argv=None) -> Dict[str, float]:
           f"{1 / DEMO_NUM_CLASSES:.0%})")
     print(f"FD-demo (demo classifier features, not ImageNet FID): {metrics['fd_demo']:.3f}")
     if args.json:
-        from operations.files import atomic_write
         atomic_write(args.json, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
     return metrics
 

@@ -1,24 +1,22 @@
 """ADM's evaluation suite (guided-diffusion/evaluations/evaluator.py) in PyTorch: Inception Score, FID, sFID,
-precision and recall of a sample batch against a reference batch, with the same numbers and output lines, and the
-.npz image batches it reads (arr_0 uint8 (N, H, W, 3)).
+precision and recall of a sample batch against a reference batch, with ADM's numbers and output lines, from .npz
+image batches (arr_0 uint8 (N, H, W, 3)).
 
     python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz --json metrics.json
 
-What is ADM's on purpose, and the one deliberate difference (0 log 0 = 0 in IS): docs/evaluation.md. Refused before
-any image is read: images that are not uint8, and samples of another size than the reference batch's (unless
---allow-resolution-mismatch). Reference activations are cached, keyed by the file's sha256 and the weights.
+What is ADM's on purpose, what is refused, and the one deliberate difference: docs/evaluation.md.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import warnings
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 if not __package__:  # started as a path: the repository root, where erw/ lives, is not importable
@@ -33,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from erw.precision import fp32_precision_scope  # noqa: E402
 from operations.files import atomic_write, file_sha256  # noqa: E402
 from operations.cli import ArgumentParser, InvalidInput, MissingInput, check_writable, number, run_main  # noqa: E402
-from evaluations.fd_dinov2 import FdDinov2, fd_dinov2_of  # noqa: E402
+from evaluations import fd_dinov2 as dinov2  # noqa: E402
 from evaluations.inception import (NUM_CLASSES, POOL_DIM, RANDOM_WEIGHTS, SPATIAL_DIM,  # noqa: E402
                                    inception_weights_id, load_inception)
 
@@ -45,21 +43,14 @@ PR_BATCH_SIZE = 10000        # ADM ManifoldEstimator row_batch_size = col_batch_
 PR_NEIGHBOURHOOD = 3         # ADM nhood_sizes=(3,)
 FID_EPS = 1e-6
 CACHE_VERSION = 1            # bump when the cached activations would change
-UINT8_CONVERSION = "np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"  # [0, 1] floats -> what ADM reads
 RANDOM_WEIGHTS_WARNING = ("WARNING: random Inception weights (--inception-weights random): every number below is "
                           "meaningless; use the real weights for any result you report.")
 
 
-#################################################################################
-#                           Streaming .npz reading                              #
-#################################################################################
-
 class NpzArrayReader:
-    """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader).
-
-    Streams .npy format 1.0/2.0 C-order arrays (compressed or not); other layouts are loaded whole, as ADM does, on
-    the first iter_batches for formats 1.0/2.0 (so that shape and dtype can be checked from the header alone).
-    """
+    """One array of an .npz, read `batch_size` rows at a time without loading the rest (like ADM's reader). Other
+    layouts than C-order .npy 1.0/2.0 are loaded whole, as ADM does: on the first iter_batches where the header
+    gives shape and dtype, so that they are checked before any row is read."""
 
     def __init__(self, path: str, key: str = IMAGES_KEY):
         if not os.path.isfile(path):
@@ -80,14 +71,12 @@ class NpzArrayReader:
                     header = self._read_header(f)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a small member is read whole here
                 raise InvalidInput(f"{path}: {key} is damaged ({e}); write the file again") from None
-        self._in_memory = None
         if header is None:
-            self._in_memory = self._load_whole()
-            self.shape, self.dtype, self._streamable = self._in_memory.shape, self._in_memory.dtype, False
-        else:
-            self.shape, self.dtype, self._streamable = header
+            header = self._whole.shape, self._whole.dtype, False
+        self.shape, self.dtype, self._streamable = header
 
-    def _load_whole(self) -> np.ndarray:
+    @functools.cached_property
+    def _whole(self) -> np.ndarray:
         try:
             with np.load(self.path) as data:
                 return data[self.key]
@@ -96,8 +85,7 @@ class NpzArrayReader:
 
     @staticmethod
     def _read_header(f):
-        """(shape, dtype, streamable) of a format 1.0/2.0 .npy member, leaving f at the data; None for other
-        formats."""
+        """(shape, dtype, streamable) of a .npy 1.0/2.0 member, leaving f at the data; None for other formats."""
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
@@ -113,10 +101,8 @@ class NpzArrayReader:
     def iter_batches(self, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Yields (first row index, rows) with up to batch_size rows each."""
         if not self._streamable:
-            if self._in_memory is None:
-                self._in_memory = self._load_whole()
             for start in range(0, len(self), batch_size):
-                yield start, self._in_memory[start:start + batch_size]
+                yield start, self._whole[start:start + batch_size]
             return
         row_shape = self.shape[1:]
         row_bytes = self.dtype.itemsize * int(np.prod(row_shape))
@@ -124,16 +110,13 @@ class NpzArrayReader:
             self._read_header(f)
             for start in range(0, len(self), batch_size):
                 rows = min(batch_size, len(self) - start)
-                buffer = bytearray()
-                while len(buffer) < rows * row_bytes:
-                    try:
-                        chunk = f.read(rows * row_bytes - len(buffer))
-                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
-                        raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
-                                           f"{start}..{start + rows - 1}; write the file again") from None
-                    if not chunk:
-                        raise InvalidInput(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
-                    buffer += chunk
+                try:
+                    buffer = bytearray(f.read(rows * row_bytes))  # all unless the member ends first; writable
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zip checks the CRC at the end
+                    raise InvalidInput(f"{self.path}: {self.key} is damaged ({e}), found while reading rows "
+                                       f"{start}..{start + rows - 1}; write the file again") from None
+                if len(buffer) < rows * row_bytes:
+                    raise InvalidInput(f"{self.path}: {self.key} is truncated (ends inside row {start + rows - 1})")
                 yield start, np.frombuffer(buffer, dtype=self.dtype).reshape((rows,) + row_shape)
 
 
@@ -148,8 +131,8 @@ def open_images(path: str) -> NpzArrayReader:
     if reader.dtype != np.uint8:
         raise InvalidInput(f"{path}: {IMAGES_KEY} has dtype {reader.dtype}; the evaluator reads uint8 images in "
                            f"[0, 255], as ADM's reference batches and sample_ddp.py hold them. Convert images in "
-                           f"[0, 1] with {UINT8_CONVERSION} (in [0, 255]: np.clip(np.round(x), 0, 255).astype("
-                           f"np.uint8)), or write the .npz with sample_ddp.py")
+                           "[0, 1] with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) (in [0, 255]: "
+                           "np.clip(np.round(x), 0, 255).astype(np.uint8)), or write the .npz with sample_ddp.py")
     return reader
 
 
@@ -185,57 +168,23 @@ def check_finite_statistics(stats: Dict[str, Tuple[np.ndarray, np.ndarray]], wha
                                    "from it")
 
 
-def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
-    """Runs `iterator` in a background thread so that reading the next batch overlaps the network."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def _prefetch(iterator: Iterator) -> Iterator:
+    """`iterator`'s items, each next one read in a background thread while the network works on this one (its
+    errors are raised here)."""
     done = object()
-
-    def work():
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put((done, None))
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            items.put((None, error))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(next, iterator, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = reader.submit(next, iterator, done)
             yield item
-    finally:
-        stop.set()
-
-
-#################################################################################
-#                         Activations and statistics                            #
-#################################################################################
-
-def exact_fp32():
-    """TF32 off for convolutions and matmuls (on by default for cuDNN convs on Ampere+); restored on exit."""
-    return fp32_precision_scope("ieee")
 
 
 @torch.inference_mode()
 def inception_features(model, images, device: torch.device, with_probs: bool) -> Dict[str, np.ndarray]:
-    """Inception outputs of one batch of uint8 images (N, H, W, 3) (numpy or torch): float32 numpy
-    {'pool': (N, 2048), 'spatial': (N, 2023)} and, with `with_probs`, 'probs': (N, 1008) softmax of the unbiased
-    logits. TF32 off: the TF graph's numbers are float32's."""
+    """Inception outputs of uint8 images (N, H, W, 3), numpy or torch, as float32 numpy {'pool', 'spatial'} and, with
+    `with_probs`, 'probs': the softmax of the unbiased logits. TF32 off: the TF graph's numbers are float32's."""
     images = torch.as_tensor(np.ascontiguousarray(images))
-    with exact_fp32():
+    with fp32_precision_scope("ieee"):
         feats = model(images.to(device).permute(0, 3, 1, 2))  # NHWC -> NCHW
         out = {"pool": feats.pool.cpu().numpy(), "spatial": feats.spatial.cpu().numpy()}
         if with_probs:
@@ -269,33 +218,56 @@ def default_cache_dir() -> str:
     return os.path.join(base, "erw", "evaluator")
 
 
+def cached_arrays(cache_dir: Optional[str], key: Optional[str], shapes: Dict[str, tuple],
+                  compute: Callable[[], Dict[str, np.ndarray]], prefix: str = "") -> Tuple[Dict[str, np.ndarray], str]:
+    """compute()'s arrays, or those an earlier call with this key left in cache_dir if they have `shapes` (else they
+    are computed again), and "hit" | "miss" | "off" (cache_dir None: no cache)."""
+    if cache_dir is None:
+        return compute(), "off"
+    path = os.path.join(cache_dir, prefix + hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+    try:
+        with np.load(path) as cached:
+            arrays = {name: cached[name] for name in shapes}
+        if all(arrays[name].shape == shape for name, shape in shapes.items()):
+            return arrays, "hit"
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError):
+        pass
+    arrays = compute()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays, "miss"
+
+
 def reference_activations(model, ref_batch: str, reader: NpzArrayReader, net_id: str, device: torch.device,
                           batch_size: int, cache_dir: Optional[str], progress: bool = True
                           ) -> Tuple[Dict[str, np.ndarray], str]:
-    """Pool and spatial activations of the reference batch, and "hit" | "miss" | "off": read from the cache in
-    cache_dir when an earlier run left them there (keyed by the file's sha256, the Inception weights and the device
-    type), else computed and, with a cache_dir, written there. cache_dir None: no cache."""
-    cache_path = None
-    if cache_dir is not None:
-        key = f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
-        cache_path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-        try:  # a cache file that does not hold this batch's activations is computed again
-            with np.load(cache_path) as cached:
-                acts = {"pool": cached["pool"], "spatial": cached["spatial"]}
-            if acts["pool"].shape == (len(reader), POOL_DIM) and acts["spatial"].shape == (len(reader), SPATIAL_DIM):
-                return acts, "hit"
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError):
-            pass
-    acts = compute_activations(model, reader, batch_size, device, with_probs=False, desc="reference batch",
-                               progress=progress)
-    if cache_path is not None:
-        atomic_write(cache_path, lambda f: np.savez(f, **acts))
-    return acts, "off" if cache_path is None else "miss"
+    """Pool and spatial activations of the reference batch and the cache state (cached_arrays), keyed by the file's
+    sha256, the Inception weights and the device type."""
+    key = None if cache_dir is None else f"{CACHE_VERSION}|{file_sha256(ref_batch)}|{net_id}|{device.type}"
+    return cached_arrays(cache_dir, key, {"pool": (len(reader), POOL_DIM), "spatial": (len(reader), SPATIAL_DIM)},
+                         lambda: compute_activations(model, reader, batch_size, device, with_probs=False,
+                                                     desc="reference batch", progress=progress))
 
 
-#################################################################################
-#                                  Metrics                                      #
-#################################################################################
+def fd_dinov2_reference(fd: dinov2.FdDinov2, ref_batch: str, reader: NpzArrayReader, batch_size: int,
+                        cache_dir: Optional[str], progress: bool = True) -> Tuple[tuple, Dict[str, object]]:
+    """FD-DINOv2's (mu, sigma) of the reference batch, cached keyed by the file's sha256, the weights' sha256 and the
+    device type, and the record of what they were computed from, with the cache state (cached_arrays)."""
+    source = {"ref_batch": os.path.abspath(ref_batch), "ref_sha256": file_sha256(ref_batch),
+              "num_images": len(reader), "dinov2_weights": os.path.abspath(fd.path),
+              "dinov2_weights_sha256": fd.weights_sha256, "preprocessing": dinov2.PREPROCESSING,
+              "device": fd.device.type, "version": dinov2.CACHE_VERSION}
+    key = json.dumps({k: source[k] for k in ("ref_sha256", "dinov2_weights_sha256", "device", "version")})
+
+    def compute():
+        mu, sigma = fd.statistics_of(reader, batch_size, "reference batch (DINOv2)", progress)
+        return {"mu": mu, "sigma": sigma, "source": np.array(json.dumps(source))}
+    width = fd.model.embed_dim
+    arrays, cache = cached_arrays(cache_dir, key, {"mu": (width,), "sigma": (width, width), "source": ()}, compute,
+                                  prefix="fd-dinov2-")
+    reference = arrays["mu"], arrays["sigma"]
+    dinov2.check_finite(reference, ref_batch)
+    return reference, {**json.loads(str(arrays["source"])), "cache": cache}
+
 
 def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
     """ADM's IS: probs (N, C) float32 softmax outputs, consecutive splits of `split_size` (the last one may be
@@ -354,8 +326,7 @@ def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min((norm_u - 2 * (u @ v.t())) + norm_v.t(), 0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch_size: int = PR_BATCH_SIZE,
-                   bar: Optional[tqdm] = None) -> torch.Tensor:
+def manifold_radii(features: torch.Tensor, k: int, batch_size: int, bar: tqdm) -> torch.Tensor:
     """(N, D) -> (N,) squared distance of each point to its k-th nearest neighbour (the point itself is 0th)."""
     n = len(features)
     radii = torch.empty(n, device=features.device)
@@ -364,19 +335,15 @@ def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch_size
         block = torch.empty(len(rows), n, device=features.device)
         for col in range(0, n, batch_size):
             block[:, col:col + batch_size] = squared_distances(rows, features[col:col + batch_size])
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         radii[row:row + len(rows)] = block.kthvalue(k + 1, dim=1).values
     return radii
 
 
 def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, k: int = PR_NEIGHBOURHOOD,
                      batch_size: int = PR_BATCH_SIZE, progress: bool = False) -> Tuple[float, float]:
-    """ADM's improved precision/recall (Kynkaanniemi et al.) on (N_ref, D) and (N_sample, D) float32 features.
-
-    precision = fraction of samples within some reference point's k-NN ball (d^2 <= radius^2);
-    recall = fraction of reference points within some sample's k-NN ball.
-    """
+    """ADM's improved precision/recall (Kynkaanniemi et al.) on (N_ref, D) and (N_sample, D) float32 features: the
+    fraction of samples within some reference point's k-NN ball (d^2 <= radius^2), and the converse."""
     for name, feats in (("reference", ref_features), ("sample", sample_features)):
         if len(feats) < k + 1:
             raise InvalidInput(f"precision/recall with k={k} needs at least {k + 1} {name} images, got {len(feats)}")
@@ -386,7 +353,7 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
                desc="precision/recall", unit="block", disable=not progress, file=sys.stderr)
     ref_in = torch.zeros(n_ref, dtype=torch.bool, device=ref_features.device)
     sample_in = torch.zeros(n_sample, dtype=torch.bool, device=ref_features.device)
-    with exact_fp32():  # the fp32 matmul inside squared_distances must not run in TF32
+    with fp32_precision_scope("ieee"):  # the fp32 matmul inside squared_distances must not run in TF32
         ref_radii = manifold_radii(ref_features, k, batch_size, bar)
         sample_radii = manifold_radii(sample_features, k, batch_size, bar)
         for row in range(0, n_ref, batch_size):
@@ -401,36 +368,21 @@ def precision_recall(ref_features: torch.Tensor, sample_features: torch.Tensor, 
     return int(sample_in.sum()) / n_sample, int(ref_in.sum()) / n_ref
 
 
-#################################################################################
-#                                 Evaluation                                    #
-#################################################################################
-
-def result_lines(results: dict) -> list:
-    """ADM's five result lines (print("Label:", value) formatting)."""
-    return [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}",
-            f"sFID: {results['sfid']}", f"Precision: {results['precision']}", f"Recall: {results['recall']}"]
-
-
 def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, is_split_size: int = IS_SPLIT_SIZE,
              pr_batch_size: int = PR_BATCH_SIZE, cache_dir: Optional[str] = None, use_cache: bool = True,
              progress: bool = True, log: Optional[Callable[[str], None]] = print,
              allow_resolution_mismatch: bool = False, fd_dinov2: bool = False,
              dinov2_weights: Optional[str] = None) -> dict:
-    """ADM metrics of `sample_batch` against `ref_batch` (.npz paths).
-
-    inception_weights: .pth path, None (torch hub cache) or 'random' (meaningless numbers). Returns
+    """ADM metrics of `sample_batch` against `ref_batch` (.npz paths), the flags' meanings as arguments:
     {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'settings', 'timings_s'}, and 'fd_dinov2' with
-    `fd_dinov2` (evaluations/fd_dinov2.py; dinov2_weights: a path or None for the caches); `log` gets ADM's progress
-    and result lines (None: silent). Samples of another size than the reference's are refused unless
-    allow_resolution_mismatch (then the warning names both sizes).
-    """
+    `fd_dinov2`. `log` gets ADM's progress and result lines (None: silent)."""
     log = log or (lambda line: None)
     if batch_size < 1 or pr_batch_size < 1 or is_split_size < 1:
         raise InvalidInput(f"batch sizes and the IS split size must be positive, got batch_size={batch_size}, "
                            f"pr_batch_size={pr_batch_size}, is_split_size={is_split_size}")
-    cache_dir = cache_dir or default_cache_dir()
-    if use_cache:
+    cache_dir = (cache_dir or default_cache_dir()) if use_cache else None
+    if cache_dir is not None:
         check_writable(cache_dir, "--cache-dir", folder=True, hint="pass another --cache-dir, or --no-cache")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -452,15 +404,11 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
             raise InvalidInput(f"{path}: {len(reader)} images; precision/recall needs at least "
                                f"{PR_NEIGHBOURHOOD + 1}")
     ref_file_stats, sample_file_stats = read_statistics(ref_batch), read_statistics(sample_batch)
-    fd = FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # a missing file: before any work
-    timings = {}
-    clock = time.perf_counter()
+    fd = dinov2.FdDinov2(dinov2_weights, device, "--dinov2-weights") if fd_dinov2 else None  # before any work
+    marks = [("start", time.perf_counter())]
 
-    def lap(name):
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+    def lap(name):  # the seconds since the previous lap: results["timings_s"][name]
+        marks.append((name, time.perf_counter()))
 
     model = load_inception(inception_weights, device)
     net_id = inception_weights_id(inception_weights)
@@ -468,7 +416,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
 
     log("computing reference batch activations...")
     ref_acts, cache_state = reference_activations(model, ref_batch, ref_reader, net_id, device, batch_size,
-                                                  cache_dir if use_cache else None, progress)
+                                                  cache_dir, progress)
     lap("reference_activations")
 
     log("computing/reading reference batch statistics...")
@@ -482,8 +430,7 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
     lap("sample_activations")
 
     log("computing/reading sample batch statistics...")
-    sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name])
-                                         for name in ("pool", "spatial")}
+    sample_stats = sample_file_stats or {name: compute_statistics(sample_acts[name]) for name in ("pool", "spatial")}
     check_finite_statistics(sample_stats, f"{sample_batch}: the statistics of its Inception features")
     lap("sample_statistics")
 
@@ -498,14 +445,18 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         PR_NEIGHBOURHOOD, pr_batch_size, progress)
     lap("precision_recall")
     if fd is not None:
-        results["fd_dinov2"], fd_settings = fd_dinov2_of(fd, ref_batch, ref_reader, sample_reader, batch_size,
-                                                         cache_dir if use_cache else None, progress)
+        fd_reference, fd_source = fd_dinov2_reference(fd, ref_batch, ref_reader, batch_size, cache_dir, progress)
+        fd_samples = fd.statistics_of(sample_reader, batch_size, "sample batch (DINOv2)", progress)
+        dinov2.check_finite(fd_samples, "the sample batch")
+        results["fd_dinov2"] = dinov2.frechet_distance(*fd_samples, *fd_reference)
         lap("fd_dinov2")
     if inception_weights == RANDOM_WEIGHTS:  # once, next to the numbers it is about
         log(RANDOM_WEIGHTS_WARNING)
     if mismatch:
         log(f"WARNING: {mismatch}, evaluated as asked (--allow-resolution-mismatch)")
-    for line in result_lines(results) + ([f"FD_DINOv2: {results['fd_dinov2']}"] if fd is not None else []):
+    lines = [f"Inception Score: {results['inception_score']}", f"FID: {results['fid']}", f"sFID: {results['sfid']}",
+             f"Precision: {results['precision']}", f"Recall: {results['recall']}"]  # ADM's print("Label:", value)
+    for line in lines + ([f"FD_DINOv2: {results['fd_dinov2']}"] if fd is not None else []):
         log(line)
 
     results["settings"] = {
@@ -520,10 +471,10 @@ def evaluate(ref_batch: str, sample_batch: str, inception_weights: Optional[str]
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
     if fd is not None:
-        results["settings"]["fd_dinov2"] = fd_settings
+        results["settings"]["fd_dinov2"] = {"reference_statistics": fd_source, "preprocessing": dinov2.PREPROCESSING}
     if inception_weights == RANDOM_WEIGHTS:
         results["warning"] = RANDOM_WEIGHTS_WARNING
-    results["timings_s"] = timings
+    results["timings_s"] = {name: round(t - before, 3) for (_, before), (name, t) in zip(marks, marks[1:])}
     return results
 
 
@@ -547,8 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where reference activations are cached (default: {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
-                        help="evaluate samples of another size than the reference batch's (a warning names both); "
-                             "refused otherwise")
+                        help="evaluate samples of another size than the reference batch's (refused otherwise)")
     parser.add_argument("--fd-dinov2", action="store_true",
                         help="also FD-DINOv2, as edm2's calculate_metrics.py computes it (evaluations/fd_dinov2.py)")
     parser.add_argument("--dinov2-weights", default=None,

@@ -1,24 +1,12 @@
 """FD-DINOv2: the Frechet distance between two image sets' DINOv2 ViT-L/14 features, as edm2's calculate_metrics.py
-computes it (its DINOv2Detector, calculate_stats_for_iterable and calculate_metrics_from_stats).
-
-    python -m evaluations.evaluator REF.npz SAMPLES.npz --fd-dinov2 --dinov2-weights dinov2_vitl14_pretrain.pth
-
-- Images: uint8 -> float32 0..255, resized to 224 x 224 by torch's bicubic interpolate with antialiasing (edm2's
-  'torch' resize mode), / 255, ImageNet mean and std.
-- Features: torch.hub's dinov2_vitl14 forward, i.e. the final-normed class token (1024 wide). Its 37 x 37 position
-  embedding reaches the 16 x 16 grid through DINOv2's interpolate_pos_encoding: bicubic, scale factor (16 + 0.1) / 37,
-  no antialiasing (not timm's resampling, which antialiases): done once here, at load.
-- Statistics: float64, mu = sum / n, sigma = (sum x x^T - n mu mu^T) / (n - 1). Distance: |mu1 - mu2|^2 +
-  tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), the real part; sigma1 is the samples', sqrtm is scipy's.
-The reference batch's statistics are computed once and cached beside the evaluator's Inception activations, keyed by
-the file's sha256, the weights' sha256 and the device type, with a record of what they were computed from.
+computes it (its DINOv2Detector, calculate_stats_for_iterable and calculate_metrics_from_stats): the preprocessing,
+features, statistics and distance, each step in docs/evaluation.md. evaluations/evaluator.py runs it (--fd-dinov2)
+and caches the reference batch's statistics.
 """
-import hashlib
-import json
 import math
 import os
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import scipy.linalg
@@ -27,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from operations.cli import InvalidInput, MissingInput
-from operations.files import atomic_write, file_sha256
+from operations.cli import InvalidInput, MissingInput, refusals
+from operations.files import file_sha256
 from erw.precision import fp32_precision_scope
 from models.encoders import DINOV2_MODELS, load_state, local_weights, read_checkpoint
 from models.teacher_files import dinov2_to_timm
@@ -95,13 +83,11 @@ class FdDinov2:
         with torch.device("meta"):
             vit = timm.create_model(DINOV2_MODELS["l"][0], pretrained=False, num_classes=0, img_size=FD_SIDE,
                                     **TEST_SIZE)
-        try:
+        with refusals(flag):
             state = {k: v.float() for k, v in dinov2_to_timm(read_checkpoint(path), path).items()}
             if "pos_embed" in state:
                 state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], FD_GRID)
             load_state(vit, state, f"FD-DINOv2 weights {path} ({flag})")
-        except ValueError as e:
-            raise InvalidInput(str(e)) from e
         self.model = vit.eval().requires_grad_(False).to(device)
         self.device, self.path = device, path
         self.weights_sha256 = file_sha256(path)
@@ -112,14 +98,12 @@ class FdDinov2:
 
     @torch.inference_mode()
     def features(self, images) -> np.ndarray:
-        """uint8 images (N, H, W, 3), numpy or torch -> float32 (N, 1024): the final-normed class tokens (TF32
-        off)."""
+        """uint8 images (N, H, W, 3), numpy or torch -> float32 (N, 1024) final-normed class tokens (TF32 off)."""
         images = torch.as_tensor(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
         with fp32_precision_scope("ieee"):
             return self.model.forward_features(preprocess(images))[:, 0].float().cpu().numpy()
 
-    def statistics_of(self, reader, batch_size: int, desc: str, progress: bool = True
-                      ) -> Tuple[np.ndarray, np.ndarray]:
+    def statistics_of(self, reader, batch_size: int, desc: str, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """statistics() of the features of every image of an evaluator NpzArrayReader."""
         parts = []
         bar = tqdm(total=len(reader), desc=desc, unit="img", disable=not progress, file=sys.stderr)
@@ -129,41 +113,8 @@ class FdDinov2:
         bar.close()
         return statistics(np.concatenate(parts))
 
-    def reference_statistics(self, ref_batch: str, reader, batch_size: int, cache_dir: Optional[str],
-                             progress: bool = True) -> Tuple[Tuple[np.ndarray, np.ndarray], Dict[str, Any]]:
-        """(mu, sigma) of the reference batch and the record of what they were computed from, with "cache": hit |
-        miss | off. Read from cache_dir when an earlier run left them there, else computed and written there."""
-        source = {"ref_batch": os.path.abspath(ref_batch), "ref_sha256": file_sha256(ref_batch),
-                  "num_images": len(reader), "dinov2_weights": os.path.abspath(self.path),
-                  "dinov2_weights_sha256": self.weights_sha256, "preprocessing": PREPROCESSING,
-                  "device": self.device.type, "version": CACHE_VERSION}
-        cache_path = None
-        if cache_dir is not None:
-            key = json.dumps({k: source[k] for k in ("ref_sha256", "dinov2_weights_sha256", "device", "version")})
-            cache_path = os.path.join(cache_dir, "fd-dinov2-" + hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-            if os.path.isfile(cache_path):
-                with np.load(cache_path) as cached:
-                    if cached["sigma"].shape == (self.model.embed_dim,) * 2:
-                        return (cached["mu"], cached["sigma"]), {**json.loads(str(cached["source"])), "cache": "hit"}
-        mu, sigma = self.statistics_of(reader, batch_size, "reference batch (DINOv2)", progress)
-        if cache_path is not None:
-            os.makedirs(cache_dir, exist_ok=True)
-            atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, source=json.dumps(source)))
-        return (mu, sigma), {**source, "cache": "off" if cache_path is None else "miss"}
-
 
 def check_finite(stats: Tuple[np.ndarray, np.ndarray], what: str) -> None:
     for name, array in zip(("mu", "sigma"), stats):
         if not np.isfinite(array).all():
             raise InvalidInput(f"{what}: its DINOv2 {name} holds NaN or infinite values; no FD-DINOv2 can be computed")
-
-
-def fd_dinov2_of(fd: FdDinov2, ref_batch: str, ref_reader, sample_reader, batch_size: int,
-                 cache_dir: Optional[str], progress: bool = True) -> Tuple[float, Dict[str, Any]]:
-    """FD-DINOv2 of an evaluator's sample batch against its reference batch, and the settings to record: what the
-    reference statistics were computed from (and whether they came from the cache)."""
-    reference, source = fd.reference_statistics(ref_batch, ref_reader, batch_size, cache_dir, progress)
-    check_finite(reference, ref_batch)
-    samples = fd.statistics_of(sample_reader, batch_size, "sample batch (DINOv2)", progress)
-    check_finite(samples, "the sample batch")
-    return frechet_distance(*samples, *reference), {"reference_statistics": source, "preprocessing": PREPROCESSING}

@@ -1,15 +1,8 @@
-"""Inception-v3 as the 2015-12-05 TensorFlow graph that OpenAI's ADM evaluator runs.
-
-The module tree and attribute names are those of pytorch-fid / torch-fidelity, so the converted weight file
-`pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) load
-strictly. What differs from torchvision's Inception3, as in the TF graph: convs have no bias, BatchNorm eps is 1e-3,
-the 3x3 average pools of the A/C/E blocks ignore the padding (count_include_pad=False), the last block (Mixed_7c)
-pools with a max, and fc is 1008-way. The TF graph also resizes to 299x299 with TF1's legacy bilinear kernel and
-scales (x - 128) / 128 before the first conv; both happen inside `forward` here.
-
-Outputs (ADM's tensors): `pool` = pool_3 (N, 2048); `spatial` = mixed_6/conv, i.e. the ReLU output of
-Mixed_6d.branch1x1, first 7 channels, flattened in TF's H, W, C order (N, 17*17*7 = 2023); `logits` = pool_3 @
-fc.weight.T without the bias (N, 1008), the input of ADM's Inception-Score softmax.
+"""Inception-v3 as the 2015-12-05 TensorFlow graph that OpenAI's ADM evaluator runs, in the module tree of
+pytorch-fid / torch-fidelity, so that their converted weight file pt_inception-2015-12-05-6726825d.pth loads strictly.
+Where the TF graph differs from torchvision's Inception3 (convs without bias, BatchNorm eps 1e-3, average pools that
+ignore the padding, Mixed_7c's max pool, a 1008-way fc), this follows the graph; `forward` also does its resize to
+299 x 299 (TF1's legacy bilinear kernel) and scaling, and returns ADM's three tensors (InceptionFeatures).
 """
 import math
 import os
@@ -37,11 +30,9 @@ RANDOM_WEIGHTS = "random"
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: tuple) -> torch.Tensor:
-    """TF1 ResizeBilinear with align_corners=False and no half-pixel centers: (N, C, H, W) float -> (N, C, h, w).
-
-    Source coordinate = dst * (in / out) with a float32 scale; lower = floor, upper = min(ceil, in - 1); the lerp
-    is done along x first (top and bottom rows), then along y, as TF's kernel does.
-    """
+    """TF1 ResizeBilinear with align_corners=False and no half-pixel centers, (N, C, H, W) float -> (N, C, h, w):
+    source coordinate = dst * (in / out) with a float32 scale; lower = floor, upper = min(ceil, in - 1); the lerp
+    along x first (top and bottom rows), then along y, as TF's kernel does."""
     out_h, out_w = size
 
     def source_taps(in_size: int, out_size: int):
@@ -175,10 +166,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """8x8 block with expanded filter banks (Mixed_7b/7c): in -> 320 + 768 + 768 + 192 = 2048 channels.
-
-    `max_pool` selects the pool branch: the TF graph's mixed_10 (Mixed_7c) uses a max pool, mixed_9 an average.
-    """
+    """8x8 block with expanded filter banks (Mixed_7b/7c): in -> 320 + 768 + 768 + 192 = 2048 channels. The TF
+    graph's mixed_10 (Mixed_7c) pools with a max (`max_pool`), mixed_9 with an average."""
 
     def __init__(self, in_channels: int, max_pool: bool):
         super().__init__()
@@ -303,10 +292,8 @@ def inception_weights_id(weights: Optional[str], seed: int = 0) -> str:
 
 
 def load_inception(weights: Optional[str] = None, device="cpu", seed: int = 0) -> TFInceptionV3:
-    """The evaluation network in eval mode, frozen, on `device`.
-
-    weights: a .pth path, None (torch hub cache), or 'random' (random_init_ with `seed`; meaningless metrics).
-    """
+    """The evaluation network in eval mode, frozen, on `device`, from `weights`: a .pth path, None (torch hub cache)
+    or 'random' (random_init_ with `seed`; meaningless metrics)."""
     model = TFInceptionV3()
     if weights == RANDOM_WEIGHTS:
         random_init_(model, seed)

@@ -1,14 +1,10 @@
-"""FID during Phase 2: every --fid-every steps and at the end of training, FID, sFID and Inception Score (and
-FD-DINOv2 with --fd-dinov2) of --fid-num-samples images from the EMA weights against a reference batch, logged to
-metrics.jsonl and the tracker at that step.
-
-The images are sample_ddp.py's (erw/generation.py, per-sample seeds from the run's --seed, every process its share)
-and the numbers the evaluator's functions on them, so sample_ddp.py + evaluations/evaluator.py on that step's
-checkpoint give the same numbers (exactly with --fid-bitwise and --bitwise; docs/evaluation.md).
+"""FID during Phase 2 (train.py --fid-every): FID, sFID and Inception Score (and FD-DINOv2 with --fd-dinov2) of EMA
+samples against a reference batch, logged at that step: sample_ddp.py's images and the evaluator's numbers on them,
+so that the standalone pipeline gives the same numbers (docs/evaluation.md, "FID during training").
 """
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -56,7 +52,6 @@ class FidHook:
                                "between two resolutions; give the reference batch of the run's resolution")
         cpu = torch.device("cpu")
         self.inception = evaluator.load_inception(config["inception_weights"], cpu)
-        # FD-DINOv2 beside FID (--fd-dinov2 WEIGHTS): the same samples through DINOv2 ViT-L/14, edm2's definition.
         self.fd = fd_dinov2.FdDinov2(config["fd_dinov2"], cpu, "--fd-dinov2") if config["fd_dinov2"] else None
         with refusals("--vae"):
             self.vae = load_vae(config["vae"])
@@ -77,72 +72,52 @@ class FidHook:
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.reference_stats = self.fd_reference = None
-        if self.is_main:
-            self.reference_stats = self._reference_statistics(config["fid_ref"], self.reference, config, run.log)
-            if self.fd is not None:
-                cache_dir = evaluator.default_cache_dir()
-                evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
-                                         hint="set XDG_CACHE_HOME to a writable folder")
-                self.fd_reference, source = self.fd.reference_statistics(
-                    config["fid_ref"], self.reference, self.chunk_size or 64, cache_dir)
-                fd_dinov2.check_finite(self.fd_reference, f"--fid-ref {config['fid_ref']}")
-                run.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
-                        f"{source['num_images']:,} images (cache: {source['cache']})")
-
-    def _reference_statistics(self, path: str, reader, config, log) -> Dict[str, tuple]:
-        stats = evaluator.read_statistics(path)
-        if stats is not None:
-            source = f"its mu/sigma/mu_s/sigma_s ({len(reader):,} images)"
-        else:
+        if not self.is_main:
+            return
+        path = config["fid_ref"]
+        self.reference_stats = evaluator.read_statistics(path)
+        source = f"its mu/sigma/mu_s/sigma_s ({len(self.reference):,} images)"
+        if self.reference_stats is None or self.fd is not None:
             cache_dir = evaluator.default_cache_dir()
             evaluator.check_writable(cache_dir, "the evaluator's cache folder", folder=True,
                                      hint="set XDG_CACHE_HOME to a writable folder")
+        if self.reference_stats is None:
             acts, cache = evaluator.reference_activations(
-                self.inception, path, reader, inception_weights_id(config["inception_weights"]), self.device,
+                self.inception, path, self.reference, inception_weights_id(config["inception_weights"]), self.device,
                 self.chunk_size or 64, cache_dir)
-            stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
-            evaluator.check_finite_statistics(stats, f"--fid-ref {path}: the statistics of its Inception features")
-            source = f"the statistics of its {len(reader):,} images (activation cache: {cache})"
+            self.reference_stats = {name: evaluator.compute_statistics(acts[name]) for name in ("pool", "spatial")}
+            evaluator.check_finite_statistics(self.reference_stats,
+                                              f"--fid-ref {path}: the statistics of its Inception features")
+            source = f"the statistics of its {len(self.reference):,} images (activation cache: {cache})"
         s = self.sampler
         cfg = f", CFG {s['cfg_scale']} on t in [{s['guidance_low']}, {s['guidance_high']}]" if s["cfg_scale"] > 1 \
             else ""
-        log(f"In-training FID every {self.every} steps and at step {self.last_step}: {self.num_samples:,} EMA samples "
-            f"({s['mode']}, {s['num_steps']} steps{cfg}, {self.precision}, seed {s['global_seed']}) against "
-            f"{path}, {source}")
+        run.log(f"In-training FID every {self.every} steps and at step {self.last_step}: {self.num_samples:,} EMA "
+                f"samples ({s['mode']}, {s['num_steps']} steps{cfg}, {self.precision}, seed {s['global_seed']}) "
+                f"against {path}, {source}")
         if self.random_inception:
-            log(evaluator.RANDOM_WEIGHTS_WARNING)
-        return stats
-
-    def due(self, step: int) -> bool:
-        return step > 0 and (step % self.every == 0 or step == self.last_step)
+            run.log(evaluator.RANDOM_WEIGHTS_WARNING)
+        if self.fd is not None:
+            self.fd_reference, fd_source = evaluator.fd_dinov2_reference(self.fd, path, self.reference,
+                                                                         self.chunk_size or 64, cache_dir)
+            run.log(f"FD-DINOv2 beside it, DINOv2 weights {self.fd.path}; reference statistics of "
+                    f"{fd_source['num_images']:,} images (cache: {fd_source['cache']})")
 
     def __call__(self, run, step: int, ema: torch.nn.Module) -> None:
-        if not self.due(step):
+        """FID, sFID, IS of the EMA weights' samples (on every process; the main one computes and logs them), and
+        the seconds they took: fid_seconds in all, fid_sample_seconds for the main process's own samples (generation
+        and Inception); the rest is gathering and the metrics (two 2048 x 2048 matrix square roots)."""
+        if not (step > 0 and (step % self.every == 0 or step == self.last_step)):
             return
-        metrics = self.measure(ema, desc=f"FID at step {step}")
-        if metrics is None:  # not the main process
-            return
-        run.log_metrics({"step": step, **metrics, "fid_num_samples": self.num_samples,
-                             "fid_num_steps": self.sampler["num_steps"]})
-        fd = f", FD-DINOv2 {metrics['fd_dinov2']:.4f}" if "fd_dinov2" in metrics else ""
-        run.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
-                    f"{metrics['inception_score']:.4f}{fd} ({self.num_samples:,} samples, "
-                    f"{metrics['fid_seconds']:.0f} s)"
-                    + (" (RANDOM Inception weights: meaningless)" if self.random_inception else ""))
-
-    def measure(self, model: torch.nn.Module, desc: str = "FID") -> Optional[Dict[str, float]]:
-        """FID, sFID, IS of `model`'s samples (call on every process); None except on the main one. Also the
-        seconds it took: fid_seconds in all, fid_sample_seconds for the main process's own samples (generation and
-        Inception), the rest is gathering and the metrics (two 2048 x 2048 matrix square roots)."""
         start = time.perf_counter()
         mine = list(range(self.rank, self.num_samples, self.world_size))
         indices: List[int] = []
         parts: Dict[str, List[np.ndarray]] = {name: [] for name in FEATURES + (("dinov2",) if self.fd else ())}
         with bitwise_scope(self.config["fid_bitwise"], self.device), precision_scope(self.precision) as autocast_dtype:
             for batch, images in generate_images(
-                    model, self.vae, mine, autocast_dtype=autocast_dtype, batch_size=self.batch_size,
+                    ema, self.vae, mine, autocast_dtype=autocast_dtype, batch_size=self.batch_size,
                     chunk_size=self.chunk_size, progress=self.is_main,
-                    desc=f"{desc} ({self.world_size} proc)", **self.sampler):
+                    desc=f"FID at step {step} ({self.world_size} proc)", **self.sampler):
                 chunk = self.chunk_size or len(images)  # the Inception sees what the SiT and VAE saw
                 for i in range(0, len(images), chunk):
                     feats = evaluator.inception_features(self.inception, images[i:i + chunk], self.device, True)
@@ -152,9 +127,12 @@ class FidHook:
                         parts["dinov2"].append(self.fd.features(images[i:i + chunk]))
                 indices += batch
         sample_seconds = time.perf_counter() - start
-        gathered = self._gather((indices, parts))
+        gathered = [(indices, parts)]  # every process's, in process order, on the main process
+        if self.group is not None:
+            gathered = [None] * self.world_size if self.is_main else None
+            dist.gather_object((indices, parts), gathered, dst=0, group=self.group)
         if not self.is_main:
-            return None
+            return
         order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered]), kind="stable")
         acts = {name: np.concatenate([a for _, p in gathered for a in p[name]])[order] for name in parts}
         if len(order) != self.num_samples:
@@ -169,13 +147,11 @@ class FidHook:
             samples = fd_dinov2.statistics(acts["dinov2"])
             fd_dinov2.check_finite(samples, f"in-training FD-DINOv2: the {self.num_samples:,} samples")
             metrics["fd_dinov2"] = fd_dinov2.frechet_distance(*samples, *self.fd_reference)
-        return {**metrics, "fid_seconds": round(time.perf_counter() - start, 3),
-                "fid_sample_seconds": round(sample_seconds, 3)}
-
-    def _gather(self, obj) -> Optional[list]:
-        """[obj of process 0, obj of process 1, ...] on the main process (None elsewhere)."""
-        if self.group is None:
-            return [obj]
-        gathered = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0, group=self.group)
-        return gathered
+        seconds = time.perf_counter() - start
+        run.log_metrics({"step": step, **metrics, "fid_seconds": round(seconds, 3),
+                         "fid_sample_seconds": round(sample_seconds, 3), "fid_num_samples": self.num_samples,
+                         "fid_num_steps": self.sampler["num_steps"]})
+        fd = f", FD-DINOv2 {metrics['fd_dinov2']:.4f}" if "fd_dinov2" in metrics else ""
+        run.log(f"step {step}: FID {metrics['fid']:.4f}, sFID {metrics['sfid']:.4f}, IS "
+                f"{metrics['inception_score']:.4f}{fd} ({self.num_samples:,} samples, {seconds:.0f} s)"
+                + (" (RANDOM Inception weights: meaningless)" if self.random_inception else ""))

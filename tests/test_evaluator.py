@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -335,6 +336,23 @@ def test_a_damaged_npz_names_the_file(tmp_path):
         for _ in open_images(str(big)).iter_batches(8):
             pass
 
+
+
+def test_a_truncated_npz_yields_its_whole_rows_then_names_the_row_where_it_ends(tmp_path):
+    """arr_0's header promises 10 rows, its data holds 5 and a bit (the CRC matches what was written): the rows
+    before the end are read, deflated or stored, then the reader names the row the data ends in."""
+    for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        path = tmp_path / "short.npz"
+        rows = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
+        with zipfile.ZipFile(path, "w", compression) as archive, archive.open("arr_0.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (10, 4, 4, 3)})
+            f.write(rows.tobytes() + bytes(7))
+        batches = []
+        with pytest.raises(ValueError, match=r"short\.npz: arr_0 is truncated \(ends inside row 5\)"):
+            for _, batch in open_images(str(path)).iter_batches(3):
+                batches.append(batch)
+        assert len(batches) == 1 and np.array_equal(batches[0], rows[:3])
 
 def test_statistics_with_a_nan_are_refused_naming_the_file_instead_of_hanging(tmp_path):
     """scipy's sqrtm of a matrix with a NaN does not return: the evaluator sat 13 minutes in 'Computing

@@ -502,6 +502,14 @@ MUTANTS = [
            "            lock = None", ("tests/test_data.py::test_a_command_on_a_folder_another_command_holds_is_refused_and_"
                                        "deletes_nothing",),
            "two cache-teachers (pack, encode, convert) on one folder: the second deletes the first's temp files"),
+    Mutant("evaluator-truncation-unchecked", "evaluations/evaluator.py", "                if len(buffer) < rows * row_bytes:",
+           "                if False:",
+           ("tests/test_evaluator.py::test_a_truncated_npz_yields_its_whole_rows_then_names_the_row_where_it_ends",),
+           "an .npz whose data ends early fails with numpy's reshape error, naming no file"),
+    Mutant("evaluator-cache-shapes-unchecked", "evaluations/evaluator.py",
+           "if all(arrays[name].shape == shape for name, shape in shapes.items()):", "if True:",
+           ("tests/test_evaluator.py::test_a_cache_file_that_does_not_hold_the_batchs_activations_is_computed_again",),
+           "cached activations of another width fed to the statistics"),
     Mutant("evaluator-resolution-unchecked", "evaluations/evaluator.py", "        if not allow_resolution_mismatch:",
            "        if False:", ("tests/test_evaluator.py::test_samples_at_another_resolution_are_refused_naming_both_"
                                  "sizes_unless_asked",),
