@@ -109,7 +109,7 @@ class Option:
 
 # The sampler's settings, declared once: sample_ddp.py's flags, and the in-training FID's config keys
 # (training_fid_option), which run the same generation code.
-SAMPLER_OPTIONS: List[Option] = [
+SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in [
     Option("mode", _text, "sde", "sde: Euler-Maruyama (SiT's default, the paper's); ode: Euler (or Heun with "
            "sample_ddp.py --heun)", choices=MODES),
     Option("num_steps", _int, 250, "sampler steps per sample (Heun: 2N-1 model evaluations)", bounds="[1, inf)"),
@@ -121,13 +121,12 @@ SAMPLER_OPTIONS: List[Option] = [
            choices=PRECISIONS),
     Option("bitwise", _bool, False, "one row per model and VAE call, on one CPU thread: images bitwise independent of "
            "the batch size and the process count, several times slower (reproducibility checks)"),
-]
-SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in SAMPLER_OPTIONS}
+]}
 
 
 def training_fid_option(name: str, key: str, default: Any = None, note: str = "") -> Option:
-    """SAMPLER_OPTIONS[name] as the in-training FID's config key `key` (fid_... where a bare name would read as a
-    training setting)."""
+    """The sampler's option `name` as the in-training FID's config key `key` (fid_... where a bare name would read as
+    a training setting)."""
     option = SAMPLER_OPTIONS_BY_NAME[name]
     where = f"sample_ddp.py {option.flag}" + (f"; {note}" if note else "")
     return dataclasses.replace(option, name=key, default=option.default if default is None else default,

@@ -57,8 +57,6 @@ def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, 
     """Delete the temp files an interrupted atomic_write left in `directory` (and below, if `recursive`), only
     those of our naming pattern and, when `targets` is given, only temps of those final names. Call it before
     this run writes there: a temp of a write in progress looks the same. Returns how many were removed."""
-    if not os.path.isdir(directory):
-        return 0
     targets = None if targets is None else set(targets)
     removed = 0
     for root, dirs, files in os.walk(directory):
