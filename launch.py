@@ -3,22 +3,10 @@
     python launch.py torchrun --nproc-per-node 8 train.py --config configs/table1_2_sit_xl2_erw.yaml ...
     python launch.py accelerate launch --multi_gpu --num_processes 8 train.py --config ...
 
-On SIGTERM or SIGUSR1 every training process finishes its step, saves and exits 75 (operations/preemption.py). The
-launchers do not pass that on: torchrun and accelerate launch end with 1 and a traceback, so a requeue script keyed
-on 75 would not requeue. This wrapper:
-- installs its signal handlers before it starts anything;
-- forwards SIGTERM and SIGUSR1 to the training processes (the launcher's children) itself: torchrun would SIGKILL
-  its workers 30 s after its own SIGTERM, possibly mid-save, and dies of SIGUSR1. Ctrl-C (SIGINT) is the
-  launcher's to handle, as without the wrapper; the wrapper waits for the processes to end;
-- for schedulers that signal every process of the job step (SLURM), asks torchrun to forward SIGUSR1 too and to
-  wait longer for its workers (PET_SIGNALS_TO_HANDLE, PET_SHUTDOWN_TIMEOUT, TORCH_ELASTIC_SHUTDOWN_TIMEOUT; set
-  them to override);
-- adopts the training processes if the launcher dies first (Linux child subreaper) and waits for every one;
-- gives them as long to save as it asks of torchrun (PET_SHUTDOWN_TIMEOUT): past that, or at a SIGINT after the
-  preemption signal, it ends every process below it (SIGKILL) and says so, and waits for them a bounded time;
-- exits with what the training processes reported: 75 if they were preempted (or the signal came before any of
-  them could report), 74 if a checkpoint could not be written or a preempted process died before its save (killed,
-  a segfault, the OOM killer; or ended here), else the launcher's own status.
+The launchers end a preempted run with 1. This wrapper forwards SIGTERM and SIGUSR1 to the training processes, waits
+for every one (PET_SHUTDOWN_TIMEOUT at most, then SIGKILL) and exits with what they reported: 75 preempted, 74 a
+checkpoint not written or a preempted process that died before its save, else the launcher's status
+(docs/operations.md, "Preemption" and "Exit codes").
 """
 import ctypes
 import os
@@ -70,9 +58,7 @@ def _process_table() -> Dict[int, tuple]:
 
 
 def _age_s(start_ticks: int) -> float:
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")  # /proc's clock
 
 
 def training_processes(child: int, launcher: bool) -> Dict[int, int]:
@@ -122,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: launch.py: {argv[0]!r} {why}", file=sys.stderr)
         return 2
     env = {**os.environ}
+    # SLURM signals every process of the step: torchrun is to forward SIGUSR1 (which kills it otherwise) and to wait
+    # for the save longer than the 30 s after which it SIGKILLs its workers.
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     env.setdefault("PET_SHUTDOWN_TIMEOUT", str(WORKER_SHUTDOWN_S))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(WORKER_SHUTDOWN_S))
@@ -152,9 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _wait_for_all(child: subprocess.Popen, launcher: bool, received: List[int], interrupted: List[int],
                   grace_s: float) -> Tuple[int, bool]:
-    """Forward signals as they come, reap every process until none is left; (the launcher's exit status, whether
-    launch.py ended the processes itself). From the first preemption signal the processes have grace_s to save and
-    end; a SIGINT after it ends them at once."""
+    """Forward signals as they come to the training processes themselves, reap every process until none is left;
+    (the launcher's exit status, whether launch.py ended the processes itself). From the first preemption signal the
+    processes have grace_s to save and end; a SIGINT after it ends them at once."""
     signalled: Set[tuple] = set()  # (signal, pid, start time) already sent
     launcher_status: Optional[int] = None
     deadline: Optional[float] = None  # for the processes to end, once a preemption signal came

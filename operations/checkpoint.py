@@ -1,8 +1,6 @@
-"""The checkpoint format, in one place: a run's checkpoints/ folder (NNNNNNN.pt per save, last.pt a hard link to
-the newest; the newest intact one found for --resume), writing them atomically, loading them safely, and every
-reader that turns a checkpoint into a SiT: ours (model_args inside) and REPA-style ones, REPA's and the ERW
-release's (their pickled `args`, model flags beside them), with strict weight imports that name what differs. A write
-that fails says why and which checkpoint is the last good one."""
+"""Checkpoints in one place: a run's checkpoints/ folder (NNNNNNN.pt per save, last.pt a hard link to the newest),
+written atomically, loaded weights-only, and turned into a SiT, ours (model_args inside) and REPA-style ones (REPA's
+and the ERW release's: pickled `args`, model flags beside them), with strict loads that name what differs."""
 import argparse
 import errno
 import os
@@ -12,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from operations.cli import InvalidInput, MissingInput, refusals
-from operations.config import OPTIONS_BY_NAME, add_flags
+from operations.config import AUTO, OPTIONS_BY_NAME, add_flags
 from operations.files import atomic_write, temp_path_for
 from operations.preemption import EXIT_IO_ERROR
 from models.weights import load_state_dict_strict
@@ -39,7 +37,6 @@ def write_failure_reason(error: BaseException) -> str:
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """torch.save `state` to `path` atomically."""
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -57,7 +54,6 @@ def load_checkpoint(path: str) -> dict:
 
 
 WEIGHTS = ("ema", "model")  # the two sets of weights a checkpoint holds
-# The run folder's checkpoints: checkpoints/NNNNNNN.pt per save, and last.pt, a hard link to the newest.
 CHECKPOINT_FORMAT = 1
 LAST_CHECKPOINT = "last.pt"
 _NUMBERED_CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
@@ -67,9 +63,8 @@ def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
     """(step, path) of checkpoints/NNNNNNN.pt, oldest first."""
     if not os.path.isdir(ckpt_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(ckpt_dir, m.group(0)))
-             for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m]
-    return sorted(found)
+    return sorted((int(m.group(1)), os.path.join(ckpt_dir, m.group(0)))
+                  for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m)
 
 
 def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
@@ -109,7 +104,6 @@ def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[s
 
 
 def numbered_checkpoint(ckpt_dir: str, step: int) -> str:
-    """The path of step `step`'s checkpoint in ckpt_dir."""
     return os.path.join(ckpt_dir, f"{step:07d}.pt")
 
 
@@ -129,24 +123,13 @@ def write_checkpoint(ckpt_dir: str, step: int, ckpt: dict) -> str:
     return path
 
 
-#################################################################################
-#                        Checkpoint -> SiT (ours and REPA's)                    #
-#################################################################################
-
-# REPA's generate.py flags that describe the model; our checkpoints carry the same facts in "model_args".
-# REPA's training defaults, which are also ours (operations/config.py), plus DINOv2-B's width for the projector.
-REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default
-                               for name in ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")},
-                            "projector_embed_dims": "768"}
+# REPA's generate.py flags that describe the model (our checkpoints carry the same facts in "model_args"), with
+# REPA's training defaults, which are also ours; the projectors' widths default to the checkpoint's.
+_REPA_MODEL_FLAGS = ("model", "resolution", "num_classes", "encoder_depth", "qk_norm")
+REPA_MODEL_FLAG_DEFAULTS = {**{name: OPTIONS_BY_NAME[name].default for name in _REPA_MODEL_FLAGS},
+                            "projector_embed_dims": None}
 
 
-def read_checkpoint(path: str) -> dict:
-    """Weights-only load that also accepts the argparse.Namespace REPA's train.py pickles under "args"."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise InvalidInput(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
-    return ckpt
 
 
 def checkpoint_step(ckpt: dict) -> Optional[int]:
@@ -158,43 +141,35 @@ def checkpoint_step(ckpt: dict) -> Optional[int]:
 def add_repa_model_flags(parser, title: str) -> None:
     """REPA's generate.py flags that describe the model (REPA_MODEL_FLAG_DEFAULTS), as an argument group."""
     group = parser.add_argument_group(title)
-    add_flags(group, ["model", "resolution", "num_classes", "encoder_depth", "qk_norm"], typed=True)
+    add_flags(group, _REPA_MODEL_FLAGS, typed=True)
     group.add_argument("--projector-embed-dims", default=None,
-                       help="teacher widths, comma-separated "
-                            f"(default {REPA_MODEL_FLAG_DEFAULTS['projector_embed_dims']})")
-
-
-def _z_dims(flag_value: str) -> List[int]:
-    try:
-        return [int(z) for z in flag_value.split(",") if z.strip()]
-    except ValueError:
-        raise InvalidInput(f"--projector-embed-dims must be comma-separated integers, got {flag_value!r}") from None
+                       help="teacher widths, comma-separated (default: the widths of the checkpoint's projectors)")
 
 
 def _model_args_from_flags(flags: Dict[str, object]) -> Dict[str, object]:
     """REPA's model flags (absent ones as None) -> create_sit keyword arguments implied by the given ones."""
-    implied = {}
-    if flags.get("model") is not None:
-        implied["model"] = flags["model"]
+    implied = {name: flags[name] for name in ("model", "num_classes", "encoder_depth", "qk_norm")
+               if flags.get(name) is not None}
     if flags.get("resolution") is not None:
         if flags["resolution"] % 8:
             raise InvalidInput(f"--resolution must be a multiple of 8 (the VAE's downsampling), "
                                f"got {flags['resolution']}")
         implied["input_size"] = flags["resolution"] // 8
-    if flags.get("encoder_depth") == "auto":
+    if flags.get("encoder_depth") == AUTO:
         raise InvalidInput("--encoder-depth auto is for train.py (Phase 2 with a warm start); here give the block "
                            "number the checkpoint's projector reads, e.g. --encoder-depth 8 for REPA's SiT-XL/2")
-    for name in ("num_classes", "encoder_depth", "qk_norm"):
-        if flags.get(name) is not None:
-            implied[name] = flags[name]
-    if flags.get("projector_embed_dims") is not None:
-        implied["z_dims"] = _z_dims(flags["projector_embed_dims"])
+    dims = flags.get("projector_embed_dims")
+    if dims is not None:
+        try:
+            implied["z_dims"] = [int(z) for z in dims.split(",") if z.strip()]
+        except ValueError:
+            raise InvalidInput(f"--projector-embed-dims must be comma-separated integers, got {dims!r}") from None
     return implied
 
 
 # REPA's train.py flags that describe the model, as its checkpoints' `args` spell them (the ERW release adds
-# use_rope and l2r_depth, its Phase-1 depth) -> our model_args names.
-_REPA_ARGS = ("model", "num_classes", "encoder_depth", "qk_norm", "use_rope")
+# use_rope and l2r_depth, its Phase-1 depth).
+_REPA_ARGS = _REPA_MODEL_FLAGS + ("use_rope",)
 # The ERW release (LINs-lab/ERW, weights SempraETY/ERW) stores its RoPE tables in the state dict.
 RELEASE_ROPE_KEYS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 _PLAIN = (bool, int, float, str, type(None))
@@ -202,7 +177,7 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def checkpoint_args(ckpt: dict, path: str) -> Dict[str, Any]:
     """A REPA-style checkpoint's `args` (REPA's and the ERW release's train.py pickle their argparse.Namespace) as a
-    dict of plain values; {} when there is none. read_checkpoint unpickles nothing but Namespace and plain types."""
+    dict of plain values; {} when there is none."""
     args = ckpt.get("args")
     if args is None:
         return {}
@@ -216,24 +191,14 @@ def checkpoint_args(ckpt: dict, path: str) -> Dict[str, Any]:
     return dict(args)
 
 
-def _block_count(state_dict: Dict[str, torch.Tensor]) -> int:
-    return len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-
-
 def repa_model_args(ckpt: dict, path: str, weights: Dict[str, torch.Tensor],
                     model_flags: Optional[Dict[str, object]] = None) -> Dict[str, object]:
-    """create_sit arguments of a REPA-style checkpoint (REPA's, or the ERW release's).
-
-    The checkpoint's own `args` give model, resolution, classes, encoder_depth, qk_norm and use_rope; a model flag
-    that is given must agree with them (refused naming both), and fills what `args` lacks; REPA_MODEL_FLAG_DEFAULTS
-    the rest. The projectors' widths come from the weights unless --projector-embed-dims is given. A state dict
-    without a final layer is a Phase-1 file (the release's warmup: blocks 0..k-1 with the projectors after block k,
-    and no RoPE whatever `args.use_rope` says, as its Phase 1 builds it): built_depth = encoder_depth = k, which must
-    equal `args.l2r_depth` when present."""
+    """create_sit arguments of a REPA-style checkpoint: from its `args`, then the model flags given (which must agree
+    with `args`), then REPA_MODEL_FLAG_DEFAULTS; projector widths from the weights unless --projector-embed-dims. No
+    final layer: a Phase-1 file of the release (blocks 0..k-1, projectors after block k, no RoPE whatever
+    `args.use_rope` says): built_depth = encoder_depth = k, which must equal `args.l2r_depth` when present."""
     args = checkpoint_args(ckpt, path)
     from_args = {name: args[name] for name in _REPA_ARGS if args.get(name) is not None}
-    if args.get("resolution") is not None:
-        from_args["resolution"] = args["resolution"]
     given = {k: v for k, v in (model_flags or {}).items() if v is not None}
     conflicts = [f"{k}: flag gives {given[k]!r}, checkpoint args have {from_args[k]!r}"
                  for k in sorted(set(given) & set(from_args)) if given[k] != from_args[k]]
@@ -241,15 +206,14 @@ def repa_model_args(ckpt: dict, path: str, weights: Dict[str, torch.Tensor],
         raise InvalidInput(f"model flags disagree with {path} (its args describe the model it holds; drop the flags "
                            f"or correct them): " + "; ".join(conflicts))
     use_rope = bool(from_args.pop("use_rope", False))
-    model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS, "projector_embed_dims": None, **from_args,
-                                         **given})
+    model_args = _model_args_from_flags({**REPA_MODEL_FLAG_DEFAULTS, **from_args, **given})
     if "z_dims" not in model_args:
         heads = sorted((int(k.split(".")[1]), t.shape[0]) for k, t in weights.items()
                        if re.fullmatch(r"projectors\.\d+\.4\.weight", k))
         model_args["z_dims"] = [width for _, width in heads]
     model_args.update(use_rope=use_rope, built_depth=None)
     if "final_layer.linear.weight" not in weights:
-        k = _block_count(weights)
+        k = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
         if args.get("l2r_depth") is not None and args["l2r_depth"] != k:
             raise InvalidInput(f"{path} holds {k} blocks and no final layer (a Phase-1 file), but its args say "
                                f"l2r_depth {args['l2r_depth']}")
@@ -287,15 +251,15 @@ def without_rope_tables(model: SiT, weights: Dict[str, torch.Tensor], path: str)
 def read_weights(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
                  flags_for_ours: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, object], Dict[str, object]]:
     """`weights` ("ema" | "model") of a checkpoint, the create_sit arguments they were trained with, and info =
-    {"format": "erw" | "repa", "config" (our checkpoint's training config; {} for REPA's), "step"}.
-
-    Ours (has "model_args"): the architecture comes from the checkpoint; model flags that are given must agree
-    (flags_for_ours=False: they describe REPA checkpoints only, for tools that take several checkpoints at once).
-    REPA-style ({"model", "ema", "opt", "steps", "args"}; REPA's and the ERW release's): the architecture comes from
-    their `args`, model flags must agree and fill the rest (repa_model_args)."""
+    {"format": "erw" | "repa", "config" (ours: the training config), "step"}. Ours carry model_args, which model
+    flags given must match (flags_for_ours=False: the flags are for REPA-style checkpoints only); REPA-style ones
+    ({"model", "ema", "opt", "steps", "args"}) go through repa_model_args."""
     if weights not in WEIGHTS:
         raise InvalidInput(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    ckpt = read_checkpoint(ckpt_path)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # what REPA's train.py pickles as "args"
+        ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict):
+        raise InvalidInput(f"checkpoint {ckpt_path} holds a {type(ckpt).__name__}, expected a dict")
     if weights not in ckpt:
         raise InvalidInput(f"checkpoint {ckpt_path} has no '{weights}' weights (keys: {', '.join(sorted(ckpt))})")
     state_dict = ckpt[weights]
@@ -316,9 +280,7 @@ def read_weights(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dic
 
 def load_model(ckpt_path: str, weights: str = "ema", model_flags: Optional[Dict[str, object]] = None,
                flags_for_ours: bool = True) -> Tuple[SiT, Dict[str, object]]:
-    """A SiT built from a checkpoint (read_weights) with `weights` loaded strictly, in eval mode; Phase-1 (built_depth)
-    ones too. The ERW release's RoPE tables are checked against the model's (without_rope_tables). Returns (model,
-    info) with info = read_weights' info plus "model_args"."""
+    """(a SiT in eval mode with a checkpoint's `weights` loaded strictly, read_weights' info plus "model_args")."""
     state_dict, model_args, info = read_weights(ckpt_path, weights, model_flags, flags_for_ours)
     with refusals("the model the checkpoint describes"):
         model = create_sit(**model_args)

@@ -1,14 +1,6 @@
-"""What every command-line entry point shares: help that shows defaults and choices, hints for the flag names of
-REPA, DiT and SiT that differ here, and errors from user input as one line with exit status 2.
-
-    if __name__ == "__main__":
-        run_main(main)
-
-A user-input error (a bad config value, a missing file, a run that already exists, a checkpoint that does not
-fit) is printed as `error: <message>` without a traceback, also when a DataLoader worker raised it, and under
-torchrun it is what torchrun's summary shows as the root cause; set ERW_DEBUG=1 to see the traceback. Errors of
-other kinds (a bug, a non-finite loss) keep theirs.
-"""
+"""What every command-line entry point shares: help that shows defaults, hints for REPA's, DiT's and SiT's flag names,
+the user-input error kinds, and run_main, which prints such an error as one line with exit status 2 (ERW_DEBUG=1
+keeps the traceback)."""
 import argparse
 import json
 import os
@@ -17,7 +9,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 from operations.files import temp_path_for
 from operations.preemption import report_exit_status
@@ -80,11 +72,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class UserError(Exception):
     """Input that cannot be used (a flag, a config key, a file, a folder); the message says which and how to
-    proceed. run_main prints exactly these (and errors that carry an `exit_code`) as one line; any other exception
-    is a bug or a failed run and keeps its traceback.
-
-    Each kind is also the built-in error it refines, so `except ValueError` keeps working around code that raises
-    it. operations/config.py's ConfigError is an InvalidInput."""
+    proceed. Each kind is also the built-in error it refines, so `except ValueError` keeps working around it."""
 
 
 class InvalidInput(UserError, ValueError):
@@ -109,17 +97,13 @@ def check_folder_path(path: str, flag: str) -> None:
         raise InvalidInput(f"{flag} {path}: {existing} is a file, not a folder")
 
 
-def parse_bounds(text: str) -> Tuple[float, float, bool, bool]:
-    """Interval notation -> (low, high, low included, high included): "[0, 1)" is 0 <= x < 1, "(0, inf)" is x > 0."""
-    match = re.fullmatch(r"([\[(])\s*([-+0-9.e]+|-inf)\s*,\s*([-+0-9.e]+|inf)\s*([\])])", text)
-    if match is None:
-        raise ValueError(f"bounds must look like [0, 1) or (0, inf), got {text!r}")
-    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
-
-
 def within(value: float, bounds: str) -> bool:
-    low, high, low_in, high_in = parse_bounds(bounds)
-    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+    """Whether `value` lies in `bounds`, interval notation: "[0, 1)" is 0 <= x < 1, "(0, inf)" is x > 0."""
+    match = re.fullmatch(r"([\[(])\s*([-+0-9.e]+|-inf)\s*,\s*([-+0-9.e]+|inf)\s*([\])])", bounds)
+    if match is None:
+        raise ValueError(f"bounds must look like [0, 1) or (0, inf), got {bounds!r}")
+    low, high = float(match[2]), float(match[3])
+    return (low < value or (match[1] == "[" and value == low)) and (value < high or (match[4] == "]" and value == high))
 
 
 def number(bounds: str, kind: type = int):
@@ -133,28 +117,24 @@ def number(bounds: str, kind: type = int):
         if not within(value, bounds):  # nan is in no interval
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
-    convert.__name__ = kind.__name__
     return convert
 
 
 def writable(folder: bool = False):
-    """A path that can be written: a file (or, with `folder`, a folder) that is not something else (operations/files.py
-    check_writable)."""
+    """An argparse `type`: a path that check_writable accepts."""
     def convert(text: str) -> str:
         try:
             check_writable(text, "", folder=folder)
         except InvalidInput as error:
             raise argparse.ArgumentTypeError(str(error)) from None
         return text
-    convert.__name__ = "folder" if folder else "file"
     return convert
 
 
 def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choose another path") -> None:
     """Raise InvalidInput naming `flag` and `path` unless the file `path` (with `folder`, the folder) can be written
-    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name
-    pattern, can be created (and is removed at once). Creates nothing; missing folders are made when writing. An
-    empty `flag` starts the message with the path (argparse names the flag itself)."""
+    later: its nearest existing ancestor must be a folder in which a probe file, in atomic_write's temp-name pattern,
+    can be created (and is removed at once)."""
     named = f"{flag} {path}".lstrip()
     target = os.path.abspath(path)
     if not folder and os.path.isdir(target):
@@ -176,10 +156,9 @@ def check_writable(path: str, flag: str, folder: bool = False, hint: str = "choo
 
 @contextmanager
 def refusals(what: Optional[str] = None):
-    """models/ and the science modules of erw/ import nothing of operations/: they refuse bad input with plain
-    ValueError / FileNotFoundError. Around the one call that hands them a user's setting or file, this turns those
-    into UserError kinds, prefixed with `what` (the flag or file) unless their message names it already. Keep the
-    wrapped call narrow: inside it, a bug's ValueError would read as the user's."""
+    """Around the one call that hands models/ or erw/ a user's setting or file, turn their plain ValueError /
+    FileNotFoundError into UserError kinds, prefixed with `what` (the flag or file) unless the message names it.
+    Keep the wrapped call narrow: inside it, a bug's ValueError would read as the user's."""
     try:
         yield
     except UserError:
@@ -192,9 +171,8 @@ def refusals(what: Optional[str] = None):
 
 
 def user_message(error: BaseException) -> str:
-    """The message of a user-input error. One raised in a DataLoader worker comes back as the same type carrying
-    torch's "Caught X in DataLoader worker process N." and the worker's whole traceback: its message is the
-    traceback's last line(s), what the same error says without workers."""
+    """The message of a user-input error; for one re-raised from a DataLoader worker (torch's "Caught X in DataLoader
+    worker process N." and the worker's traceback), the traceback's last line(s)."""
     text = str(error)
     module = type(error).__module__
     prefix = f"\n{'' if module == 'builtins' else module + '.'}{type(error).__qualname__}: "
@@ -203,9 +181,8 @@ def user_message(error: BaseException) -> str:
     return text
 
 
-# Under torchrun (or accelerate launch on several GPUs) the elastic agent sets this for each process; its summary,
-# the last thing a user sees, shows the "Root Cause": the failure with the earliest time (in whole seconds; a tie
-# goes to the failure it recorded first) among the processes that had ended when it noticed the first one.
+# Set by torchrun's elastic agent (also under accelerate launch on several GPUs); its summary, the last thing a user
+# sees, names as "Root Cause" the earliest failure among the processes that had ended when it noticed the first.
 ELASTIC_ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 # What gloo says in the other processes when one of them ends: their error is not the cause.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
@@ -233,10 +210,8 @@ def _wait_to_be_stopped(error: BaseException) -> None:
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run an entry point's main(argv); a user-input error becomes one line on stderr and exit status 2, an error
-    that carries its own `exit_code` (a checkpoint that could not be written: 74) one line and that status. Under
-    launch.py the exit status is also reported to the wrapper (operations/preemption.py); under torchrun the one line is
-    what its summary shows for this process, and a process that only lost its connection to a failed one is not
-    reported as the cause."""
+    that carries its own `exit_code` (a checkpoint that could not be written: 74) one line and that status. The
+    status is reported to launch.py (operations/preemption.py), the line to torchrun's summary."""
     code = 1  # an uncaught exception
     try:
         main(argv)

@@ -1,11 +1,5 @@
-"""Experiment configuration: YAML files in configs/, every key overridable by a command-line flag.
-
-Precedence: built-in defaults < the YAML file's top level < its section for the running phase (`warmup:` for
-train_warmup.py, `train:` for train.py) < command-line flags. One YAML file describes both phases of a paper
-setting; `base: other.yaml` makes a file an edit of another (its keys win). Keys are snake_case in YAML and
---kebab-case on the command line (REPA's flag names where the concept is REPA's). Unknown keys, bad values and a key
-given twice are errors that name the key and the file.
-"""
+"""Experiment configuration: the options of a training run, read from a YAML file in configs/ and command-line
+flags, each checked for type, choices and range (docs/operations.md, "Configuration")."""
 import argparse
 import dataclasses
 import math
@@ -48,11 +42,10 @@ def _bool(value):
 
 
 def _int(value):
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"expected an integer, got {value!r}")
     if isinstance(value, str):
         value = float(value) if any(c in value for c in ".eE") else int(value)
-        return _int(value)
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
     return int(value)
 
 
@@ -88,15 +81,13 @@ def _depth_or_auto(value):
     try:
         depth = _int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected an integer >= 1 or {AUTO}, got {value!r}") from None
+        depth = 0  # refused below
     if depth < 1:
         raise ValueError(f"expected an integer >= 1 or {AUTO}, got {value!r}")
     return depth
 
 
-_text.__name__, _text_or_none.__name__ = "text", "text"
-_bool.__name__, _int.__name__, _float.__name__, _key_list.__name__ = "boolean", "integer", "number", "key list"
-_depth_or_auto.__name__ = "integer or auto"
+_int.__name__, _float.__name__ = "integer", "number"  # Option.type.__name__ says what kind a number is
 
 
 @dataclass(frozen=True)
@@ -109,21 +100,16 @@ class Option:
     choices: Optional[Sequence[Any]] = None
     bounds: Optional[str] = None    # the values a number may take, in interval notation: "[0, 1)", "(0, inf)"
     required: bool = False
-    # What --resume may change: run-control keys (how long, how often, where to) freely, with a log line; every
-    # other key changes what is trained or how, and a resume refuses it unless named in --resume-override.
-    run_control: bool = False
+    run_control: bool = False  # --resume may change it (how long, how often, where to); others need --resume-override
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
 
-# The sampler's settings, declared once. sample_ddp.py takes them as these flags (--mode, --num-steps, ...); the
-# in-training FID (evaluations/training_fid.py), which runs the same generation code, takes them as config keys
-# through training_fid_option. Everything else sample_ddp.py and the evaluation tools take is their own: they are
-# one-shot commands with positional inputs, so they build plain argparse parsers (operations/cli.py), while OPTIONS adds
-# what only a training run needs (YAML, phases, a resume policy, config.yaml).
-SAMPLER_OPTIONS: List[Option] = [
+# The sampler's settings, declared once: sample_ddp.py's flags, and the in-training FID's config keys
+# (training_fid_option), which run the same generation code.
+SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in [
     Option("mode", _text, "sde", "sde: Euler-Maruyama (SiT's default, the paper's); ode: Euler (or Heun with "
            "sample_ddp.py --heun)", choices=MODES),
     Option("num_steps", _int, 250, "sampler steps per sample (Heun: 2N-1 model evaluations)", bounds="[1, inf)"),
@@ -135,13 +121,12 @@ SAMPLER_OPTIONS: List[Option] = [
            choices=PRECISIONS),
     Option("bitwise", _bool, False, "one row per model and VAE call, on one CPU thread: images bitwise independent of "
            "the batch size and the process count, several times slower (reproducibility checks)"),
-]
-SAMPLER_OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in SAMPLER_OPTIONS}
+]}
 
 
 def training_fid_option(name: str, key: str, default: Any = None, note: str = "") -> Option:
-    """SAMPLER_OPTIONS[name] as the in-training FID's config key `key`: REPA's flag names where REPA has them
-    (cfg_scale, guidance_*), fid_ where a bare name would read as a training setting (mode, num_steps, precision)."""
+    """The sampler's option `name` as the in-training FID's config key `key` (fid_... where a bare name would read as
+    a training setting)."""
     option = SAMPLER_OPTIONS_BY_NAME[name]
     where = f"sample_ddp.py {option.flag}" + (f"; {note}" if note else "")
     return dataclasses.replace(option, name=key, default=option.default if default is None else default,
@@ -156,8 +141,7 @@ OPTIONS: List[Option] = [
     Option("resume", _bool, False, "continue from the newest intact checkpoint in OUTPUT_DIR/EXP_NAME/checkpoints "
            "(model, EMA, optimizer, grad scaler, step, RNG, data position)", run_control=True),
     Option("resume_override", _key_list, [], "keys (comma-separated) that --resume may change although they change "
-           "what is trained, e.g. learning_rate,batch_size; recorded in the run's config history",
-           run_control=True),
+           "what is trained, e.g. learning_rate,batch_size; recorded in the run's config history", run_control=True),
     Option("seed", _int, 0, "global seed; each step reseeds from (seed, rank, step)", bounds="[0, inf)"),
     Option("report_to", _text, "none", "experiment tracker (wandb stays offline unless WANDB_MODE=online)",
            choices=("wandb", "tensorboard", "none"), run_control=True),
@@ -178,8 +162,7 @@ OPTIONS: List[Option] = [
            "(dinov2-vit-b, ..., random-vit-tiny); none = no alignment"),
     Option("enc_weights", _text_or_none, None, "local teacher weight file(s), comma-separated like --enc-type"),
     Option("teacher_cache", _text_or_none, None, "folder of the teachers' tokens computed once (python -m "
-           "preprocessing.dataset_tools cache-teachers): no teacher is built and no image decoded; a cache made "
-           "for another teacher, weights, resolution or file list is refused"),
+           "preprocessing.dataset_tools cache-teachers): no teacher is built and no image decoded"),
     Option("warmup_depth", _int, 5, "Phase 1 trains blocks 0..k-1 with the projector on block k's output "
            "(paper table 3 'ERW depth'; k=5 best for SiT-XL/2)", bounds="[1, inf)"),
     Option("align_loss", _text, "ntxent", "alignment loss: ntxent (ERW) or cosine (REPA)",
@@ -212,34 +195,27 @@ OPTIONS: List[Option] = [
     Option("vae", _text, "stabilityai/sd-vae-ft-ema", "VAE for decoding sample grids: local folder or hub id",
            phases=(TRAIN,), run_control=True),
     Option("sample_grid_every", _int, 10000, "save a sample grid from the EMA model every N steps (REPA's "
-           "--sampling-steps)", phases=(TRAIN,),
-           run_control=True, bounds="[1, inf)"),
+           "--sampling-steps)", phases=(TRAIN,), run_control=True, bounds="[1, inf)"),
     Option("sample_grid_size", _int, 16, "images in each sample grid", phases=(TRAIN,),
            run_control=True, bounds="[1, inf)"),
     Option("sample_num_steps", _int, 50, "Euler ODE steps for sample grids", phases=(TRAIN,),
            run_control=True, bounds="[1, inf)"),
     # --- in-training FID (Phase 2): evaluations/training_fid.py, with sample_ddp.py's generation code ---
-    Option("fid_every", _int, 0, "every N steps and at the end of training, sample --fid-num-samples images from the "
-           "EMA weights on all processes and log FID, sFID and IS against --fid-ref (0 = off)", phases=(TRAIN,),
-           run_control=True, bounds="[0, inf)"),
+    Option("fid_every", _int, 0, "every N steps and at the end of training, log FID, sFID and IS of --fid-num-samples "
+           "EMA samples against --fid-ref (0 = off)", phases=(TRAIN,), run_control=True, bounds="[0, inf)"),
     Option("fid_num_samples", _int, 10000, "samples per in-training FID (a reduced FID, as appendix D's search; the "
            "paper's reported FIDs use 50K)", phases=(TRAIN,), run_control=True, bounds="[2, inf)"),
     training_fid_option("num_steps", "fid_num_steps", default=50, note="the paper's FIDs use 250"),
-    training_fid_option("mode", "fid_mode"),
-    training_fid_option("precision", "fid_precision"),
-    training_fid_option("bitwise", "fid_bitwise"),
+    *[training_fid_option(name, f"fid_{name}") for name in ("mode", "precision", "bitwise")],
     Option("fid_ref", _text_or_none, None, "reference batch .npz of the in-training FID, e.g. ADM's "
-           "VIRTUAL_imagenet256_labeled.npz (its mu/sigma when it holds them, else statistics of its images, "
-           "cached)", phases=(TRAIN,), run_control=True),
+           "VIRTUAL_imagenet256_labeled.npz (docs/evaluation.md)", phases=(TRAIN,), run_control=True),
     Option("inception_weights", _text_or_none, None, "Inception of the in-training FID: the "
            "pt_inception-2015-12-05-6726825d.pth file, none = the torch hub cache, or random (meaningless numbers; "
            "tests)", phases=(TRAIN,), run_control=True),
     Option("fd_dinov2", _text_or_none, None, "also log FD-DINOv2 (edm2's definition, evaluations/fd_dinov2.py) of the "
            "same samples at each in-training FID: the DINOv2 ViT-L/14 weights file (dinov2_vitl14_pretrain.pth or "
            "timm's model.safetensors); none = off", phases=(TRAIN,), run_control=True),
-    training_fid_option("cfg_scale", "cfg_scale"),
-    training_fid_option("guidance_low", "guidance_low"),
-    training_fid_option("guidance_high", "guidance_high"),
+    *[training_fid_option(name, name) for name in ("cfg_scale", "guidance_low", "guidance_high")],  # REPA's names
     # --- optimisation ---
     Option("batch_size", _int, 256, "global batch size (all processes and accumulation steps)", bounds="[1, inf)"),
     Option("gradient_accumulation_steps", _int, 1, "micro-batches per optimizer step", bounds="[1, inf)"),
@@ -270,8 +246,6 @@ class ConfigError(InvalidInput):
 
 
 def _convert(option: Option, value: Any, where: str) -> Any:
-    if value is None and option.type in (_text_or_none,):
-        return None
     try:
         value = option.type(value)
     except (TypeError, ValueError) as e:
@@ -340,8 +314,6 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
     values: Dict[str, Any] = {}
     for section_name, section in [(None, raw)] + [(name, raw.get(name) or {}) for name in BOTH]:
         where = path if section_name is None else f"{path} [{section_name}]"
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where}: section must be a mapping")
         for key, value in section.items():
             if key in BOTH and section_name is None:
                 continue
@@ -359,13 +331,9 @@ def load_yaml(path: str, phase: str) -> Dict[str, Any]:
 
 def add_flags(parser, options: Sequence[Any], typed: bool = False, defaults: bool = False,
               aliases: Optional[Dict[str, Sequence[str]]] = None) -> None:
-    """Add the flags of `options` (Options, or names of OPTIONS) to an argparse parser or group, as every entry
-    point defines them (same flag and help).
-
-    typed=False: each flag defaults to None ("not given") and stays a string for resolve_config to check against
-    the YAML's. typed=True: argparse converts and checks the value (type, choices, bounds), and defaults=True makes
-    the option's default the flag's (a command without a config file, such as sample_ddp.py). aliases: extra
-    spellings per option name."""
+    """Add `options` (Options, or names of OPTIONS) as flags to an argparse parser or group. typed=False: a flag
+    defaults to None ("not given") and stays a string for resolve_config to check; typed=True: argparse checks it
+    like a config value, and defaults=True makes the option's default the flag's. aliases: extra spellings."""
     for option in options:
         option = OPTIONS_BY_NAME[option] if isinstance(option, str) else option
         details = ([f"choices: {', '.join(map(str, option.choices))}"] if option.choices else []) + \
@@ -389,7 +357,6 @@ def _flag_type(option: Option) -> Callable[[str], Any]:
             return _convert(option, text, "")
         except ConfigError as e:  # argparse names the flag before the message
             raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
-    convert.__name__ = option.type.__name__
     return convert
 
 
@@ -405,9 +372,8 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
     """Parse argv for `phase` and return the resolved config as a plain dict (defaults < YAML < flags)."""
     args = build_parser(phase, description).parse_args(argv)
     config = {o.name: o.default for o in OPTIONS if phase in o.phases}
-    config_path = args.config
-    if config_path is not None:
-        config.update(load_yaml(config_path, phase))
+    if args.config is not None:
+        config.update(load_yaml(args.config, phase))
     for name, value in vars(args).items():
         if name == "config" or value is None:
             continue
@@ -415,7 +381,7 @@ def resolve_config(phase: str, argv: Optional[Sequence[str]] = None, description
     missing = [OPTIONS_BY_NAME[n].flag for n in config if OPTIONS_BY_NAME[n].required and config[n] is None]
     if missing:
         raise ConfigError(f"missing required setting(s): {', '.join(missing)} (set in --config or on the command line)")
-    config["config"] = config_path
+    config["config"] = args.config
     config["phase"] = phase
     if phase == TRAIN:
         resolve_encoder_depth(config)
@@ -442,12 +408,9 @@ def check_blocks_and_warm_start(config: Dict[str, Any]) -> None:
 
 
 def resolve_encoder_depth(config: Dict[str, Any]) -> None:
-    """Turn encoder_depth "auto" into warmup_layers + warmup_depth in place, and record where the number came from
-    in config["encoder_depth_source"] ("auto: warmup_layers S + warmup_depth k", or "given").
-
-    auto is the output of the last warmed block: the k blocks of Phase 1 sit at S..S+k-1 (0-based), and the head
-    reads block S+k-1's output, which is block S+k in REPA's 1-based count (the paper's table 4, "Depth X-Y": the
-    loss on layer Y's output). Only a warm-started Phase 2 has warmed blocks to point at."""
+    """Turn encoder_depth "auto" into warmup_layers + warmup_depth in place: the k warmed blocks sit at S..S+k-1
+    (0-based), so the head reads block S+k in REPA's 1-based count (table 4's "Depth X-Y"). Records where the number
+    came from in config["encoder_depth_source"]."""
     if config["encoder_depth"] != AUTO:
         config["encoder_depth_source"] = "given"
         return

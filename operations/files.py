@@ -58,23 +58,16 @@ def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def is_temp_name(name: str, targets: Optional[Iterable[str]] = None) -> bool:
-    """Whether a file name is one of atomic_write's temps (of one of `targets`, the final names, when given)."""
-    match = _TEMP_NAME.match(name)
-    return bool(match) and (targets is None or match.group("target") in set(targets))
-
-
 def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, recursive: bool = False) -> int:
     """Delete the temp files an interrupted atomic_write left in `directory` (and below, if `recursive`), only
     those of our naming pattern and, when `targets` is given, only temps of those final names. Call it before
     this run writes there: a temp of a write in progress looks the same. Returns how many were removed."""
-    if not os.path.isdir(directory):
-        return 0
     targets = None if targets is None else set(targets)
     removed = 0
     for root, dirs, files in os.walk(directory):
         for name in files:
-            if is_temp_name(name, targets):
+            match = _TEMP_NAME.match(name)
+            if match and (targets is None or match.group("target") in targets):
                 os.remove(os.path.join(root, name))
                 removed += 1
         if not recursive:
@@ -83,7 +76,6 @@ def remove_stale_temps(directory: str, targets: Optional[Iterable[str]] = None, 
 
 
 def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):

@@ -1,21 +1,6 @@
-"""One live run per folder: a training run's experiment folder, or a sample folder that sample_ddp.py fills.
-
-`RunLock(folder).acquire()` holds `folder/run.lock` for the run's lifetime in two ways at once:
-
-- an advisory `flock` on the file, which the kernel (or the file system's lock manager) drops when the process dies,
-  however it dies. A second run that cannot get it is refused at once, naming the holder.
-- a record in the file: host, PID, start time, command and SLURM job, rewritten in place (replacing the file would
-  give a second run another inode to lock). A clean exit empties it, so a record found by a run that got the lock
-  is a killed run's leftover: it is named in the log and taken over.
-
-The record is also the check where locks do not protect: on file systems that refuse `flock` (ENOLCK, EOPNOTSUPP,
-...) and on those whose locks are local to one node (Lustre mounted `localflock`, BeeGFS without global file locks,
-NFS mounted `nolock`), a second run gets the lock although the first holds it. So a record is trusted as dead only
-if it can be shown to be: on this host its PID no longer runs; on another host its heartbeat (the holder touches the
-file every HEARTBEAT_S) is older than STALE_AFTER_S. Otherwise the run is refused, and the message says how to
-proceed. The one window left open is two runs on file systems without working locks that read an empty record at
-the same instant (README, "File systems without working locks").
-"""
+"""One live run per folder (an experiment folder, or a sample folder): `folder/run.lock`, held with an `flock` and a
+record of the holder, which a clean end empties. Where locks do not work, the record alone decides whether its holder
+lives (docs/operations.md, "One live run per folder" and "File systems without working locks")."""
 import datetime
 import errno
 import fcntl
@@ -53,7 +38,7 @@ os.register_at_fork(after_in_child=_close_held_fds_in_child)
 
 
 class FolderInUse(FolderTaken):
-    """Another live run holds the folder (or may: see the module docstring). The message names it."""
+    """Another live run holds the folder (or may, where locks do not work). The message names it."""
 
 
 def describe_holder(record: Dict[str, object]) -> str:
@@ -107,9 +92,15 @@ class RunLock:
             if record:
                 self._refuse_unless_dead(fd, record)
                 self.taken_over = record
-            self._write(fd, {"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                             "command": " ".join(sys.argv), "slurm_job": _slurm_job()})
+            job = os.environ.get("SLURM_JOB_ID")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):  # as squeue names an array's task
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+            mine = {"host": socket.gethostname(), "pid": os.getpid(),
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "command": " ".join(sys.argv), "slurm_job": job}
+            os.ftruncate(fd, 0)  # in place: replacing the file would give a second run another inode to lock
+            os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+            os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -133,6 +124,8 @@ class RunLock:
             os.close(fd)  # drops the flock
 
     def _refuse_unless_dead(self, fd: int, record: Dict[str, object]) -> None:
+        """A record's holder counts as live unless shown dead: its PID gone (this host), or its file untouched for
+        STALE_AFTER_S (another host)."""
         why = "this file system's locks do not work" if not self.locks_work else (
             "this file system's locks did not stop this run, so they are not shared between processes here")
         if record.get("host") == socket.gethostname():
@@ -163,19 +156,5 @@ class RunLock:
         try:
             record = json.loads(text)
         except ValueError:
-            return {"command": f"(unreadable record: {text[:80]!r})"}
+            record = None
         return record if isinstance(record, dict) else {"command": f"(unreadable record: {text[:80]!r})"}
-
-    @staticmethod
-    def _write(fd: int, record: Dict[str, object]) -> None:
-        data = (json.dumps(record) + "\n").encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-
-
-def _slurm_job() -> Optional[str]:
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    return os.environ.get("SLURM_JOB_ID")

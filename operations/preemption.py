@@ -1,13 +1,6 @@
-"""Preemption as a scheduler sees it: which signals stop a run, the exit statuses a requeue script reads, and how a
-training process tells launch.py how it ended. No torch here: launch.py and the entry points' first lines use it
-before anything heavy is imported.
-
-- SIGTERM / SIGUSR1 stop training at a step boundary with a checkpoint (erw/loop.py), exit EXIT_PREEMPTED.
-- A checkpoint that cannot be written (no space, read-only) ends with EXIT_IO_ERROR (operations/checkpoint.py), and so
-  does a preempted run that launch.py sees die before its save.
-- A signal that arrives while the process is still starting up is recorded by `catch_early_preemption` instead of
-  killing it (status 143, no message); the trainer reads it and stops before its first step.
-"""
+"""Preemption as a scheduler sees it: the signals that stop a run, the exit statuses a requeue script reads
+(docs/operations.md, "Exit codes"), and how a training process tells launch.py how it ended. No torch here: launch.py
+and the entry points' first lines use it before anything heavy is imported."""
 import os
 import signal
 import socket
@@ -28,14 +21,13 @@ def _record_early(signum, frame) -> None:
 
 
 def catch_early_preemption() -> None:
-    """From now on a preemption signal is recorded (`early_preemption`) rather than fatal. Entry points call it on
-    their first line, so that start-up (imports, data, model, a checkpoint to read) is covered too."""
+    """From now on a preemption signal is recorded (`early_preemption`) rather than fatal (status 143): entry points
+    call it first, and the trainer stops before its first step."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, _record_early)
 
 
 def early_preemption() -> Optional[str]:
-    """The name of a preemption signal caught by catch_early_preemption's handler, if any."""
     return _early_signal
 
 
