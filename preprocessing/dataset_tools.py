@@ -461,16 +461,37 @@ def make_demo(args) -> None:
 # ---------------------------------------------------------------- reference
 
 def reference(args) -> None:
-    """DATA/images -> a reference .npz (arr_0 uint8 N x H x W x 3, arr_1 labels) for the evaluators."""
-    dataset = ImageLatentDataset(args.data_dir)
-    count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    """DATA/images and its dataset.json (what `convert` and `make-demo` write) -> a reference .npz (arr_0 uint8
+    N x H x W x 3, arr_1 labels) for the evaluators. It reads no latents: a 50K reference at 512 px needs `convert`
+    only."""
+    images_dir = os.path.join(args.data_dir, IMAGES_DIR)
+    labels_path = os.path.join(images_dir, LABELS_FILE)
+    if not os.path.isfile(labels_path):
+        raise InvalidInput(f"{labels_path} not found; `convert` or `make-demo` writes it with the images")
+    image_labels, _ = read_labels(labels_path)
+    files = list_files(images_dir, IMAGE_EXTENSIONS)
+    if not files:
+        raise InvalidInput(f"no images under {images_dir}")
+    unlabeled = [f for f in files if f not in image_labels]
+    if unlabeled:
+        raise InvalidInput(f"{labels_path} has no label for {os.path.join(images_dir, unlabeled[0])} "
+                           f"({len(unlabeled)} image(s) unlabeled)")
+    count = len(files) if args.max_images is None else min(args.max_images, len(files))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
-    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
-    side = dataset.resolution
-    images = (load_image(os.path.join(dataset.images_dir, dataset.image_files[i])).transpose(1, 2, 0)
-              for i in indices)
-    write_images_npz(args.out, images, count, (side, side, 3), dataset.labels[indices], desc="reference images")
-    print(f"reference: {count} of {len(dataset)} images of {args.data_dir} ({side}x{side}) -> {args.out}")
+    chosen = [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
+    side = load_image(os.path.join(images_dir, chosen[0])).shape[1]
+
+    def read(relpath):
+        image = load_image(os.path.join(images_dir, relpath))
+        if image.shape[1:] != (side, side):
+            raise InvalidInput(f"image {os.path.join(images_dir, relpath)} is {image.shape[2]}x{image.shape[1]}, but "
+                               f"{chosen[0]} is {side}x{side}: a reference batch has one size")
+        return image.transpose(1, 2, 0)
+
+    images = (read(f) for f in chosen)
+    labels = np.array([image_labels[f] for f in chosen])
+    write_images_npz(args.out, images, count, (side, side, 3), labels, desc="reference images")
+    print(f"reference: {count} of {len(files)} images of {images_dir} ({side}x{side}) -> {args.out}")
 
 
 # ---------------------------------------------------------------- pack and cache-teachers

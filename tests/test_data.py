@@ -112,6 +112,26 @@ def test_convert_crops_and_labels_by_sorted_class_folder(imagenet_like, converte
     assert not (converted / "images" / "00000" / "img00000004.png").exists()
 
 
+def test_reference_is_made_from_converted_images_alone(imagenet_like, converted, tmp_path):
+    """A 50K reference at 512 px needs `convert` only: `reference` reads images/ and its dataset.json, no latents,
+    spread evenly over the sorted files; an image of another size is refused naming it."""
+    _, expected = imagenet_like
+    data = tmp_path / "data"
+    shutil.copytree(converted / "images", data / "images")
+    out = tmp_path / "ref.npz"
+    dataset_tools.main(["reference", "--data-dir", str(data), "--out", str(out), "--max-images", "3"])
+    good = [(i, label) for i, (rel, label) in enumerate(expected) if "broken" not in rel]
+    chosen = [good[k] for k in (0, 2, 4)]  # the first, middle and last of five: one of each class
+    with np.load(out) as ref:
+        pixels = [np.array(PIL.Image.open(data / "images" / f"00000/img{i:08d}.png")) for i, _ in chosen]
+        np.testing.assert_array_equal(ref["arr_0"], np.stack(pixels))
+        assert ref["arr_1"].tolist() == [label for _, label in chosen] == [0, 1, 2]
+    PIL.Image.new("RGB", (16, 16)).save(data / "images" / "00000" / "img00000005.png")
+    with pytest.raises(ValueError, match=r"img00000005\.png is 16x16, but .* is 32x32"):
+        dataset_tools.main(["reference", "--data-dir", str(data), "--out", str(tmp_path / "other.npz")])
+    assert not (tmp_path / "other.npz").exists()
+
+
 def test_convert_reports_unreadable_by_path(imagenet_like, tmp_path, capsys):
     source, _ = imagenet_like
     dataset_tools.main(["convert", "--source", str(source), "--dest", str(tmp_path / "images"), "--resolution",
