@@ -249,6 +249,23 @@ def processes(device_type: str):
             torch.distributed.destroy_process_group()
 
 
+def labelled_images(folder: str, max_images: Optional[int] = None) -> Tuple[List[str], dict]:
+    """The first max_images (all: None) sorted image paths under `folder`, and their labels from its dataset.json
+    (what `convert` and `make-demo` write); every image must have one."""
+    labels_path = os.path.join(folder, LABELS_FILE)
+    if not os.path.isfile(labels_path):
+        raise InvalidInput(f"{labels_path} not found; `convert` or `make-demo` writes it (labels keyed by PNG path)")
+    image_labels, _ = read_labels(labels_path)
+    files = list_files(folder, IMAGE_EXTENSIONS)[:max_images]
+    if not files:
+        raise InvalidInput(f"no images under {folder}")
+    unlabeled = [f for f in files if f not in image_labels]
+    if unlabeled:
+        raise InvalidInput(f"{labels_path} has no label for {os.path.join(folder, unlabeled[0])} "
+                           f"({len(unlabeled)} image(s) unlabeled)")
+    return files, image_labels
+
+
 class _ImageFiles(torch.utils.data.Dataset):
     """Loads the images to encode: item = (position in `files`, uint8 (3, H, W), sha256 of the file); all must be
     size x size."""
@@ -280,19 +297,7 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
     those done before."""
     with processes(device_type) as (rank, world_size, device):
         is_main = rank == 0
-        labels_path = os.path.join(source, LABELS_FILE)
-        if not os.path.isfile(labels_path):
-            raise InvalidInput(f"{labels_path} not found; `convert` writes it (labels keyed by PNG path)")
-        image_labels, _ = read_labels(labels_path)
-        files = list_files(source, IMAGE_EXTENSIONS)
-        if max_images is not None:
-            files = files[:max_images]
-        if not files:
-            raise InvalidInput(f"no images under --source {source}")
-        unlabeled = [f for f in files if f not in image_labels]
-        if unlabeled:
-            raise InvalidInput(f"{labels_path} has no label for {os.path.join(source, unlabeled[0])} "
-                               f"({len(unlabeled)} image(s) unlabeled)")
+        files, image_labels = labelled_images(source, max_images)
         size = load_image(os.path.join(source, files[0])).shape[1]
         if size % 8:
             raise InvalidInput(f"image size {size} of {files[0]} is not a multiple of 8 (the VAE downsamples 8x)")
@@ -465,17 +470,7 @@ def reference(args) -> None:
     N x H x W x 3, arr_1 labels) for the evaluators. It reads no latents: a 50K reference at 512 px needs `convert`
     only."""
     images_dir = os.path.join(args.data_dir, IMAGES_DIR)
-    labels_path = os.path.join(images_dir, LABELS_FILE)
-    if not os.path.isfile(labels_path):
-        raise InvalidInput(f"{labels_path} not found; `convert` or `make-demo` writes it with the images")
-    image_labels, _ = read_labels(labels_path)
-    files = list_files(images_dir, IMAGE_EXTENSIONS)
-    if not files:
-        raise InvalidInput(f"no images under {images_dir}")
-    unlabeled = [f for f in files if f not in image_labels]
-    if unlabeled:
-        raise InvalidInput(f"{labels_path} has no label for {os.path.join(images_dir, unlabeled[0])} "
-                           f"({len(unlabeled)} image(s) unlabeled)")
+    files, image_labels = labelled_images(images_dir)
     count = len(files) if args.max_images is None else min(args.max_images, len(files))
     # Evenly spread over the sorted files, so that a capped reference batch still covers every class folder.
     chosen = [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
