@@ -34,7 +34,7 @@ def load_warmup(model: SiT, source: Dict[str, torch.Tensor], args: Dict, path: s
                          f"not fit a {depth}-block model (--warmup-layers {start_layer})")
     # The position table is a fixed sin-cos function of absolute grid indices: blocks warmed on a 16x16 grid never saw
     # the indices of a 32x32 one, and no resampling of a fixed table is known to be what they expect. Refused, rather
-    # than transferred without evidence (docs/data.md, "512 px").
+    # than transferred without evidence (docs/imagenet512.md).
     side, ckpt_side = model.grid_size * model.patch_size * 8, args["input_size"] * 8
     if side != ckpt_side:
         raise ValueError(f"{path} was warmed at {ckpt_side} px ({args['input_size']}x{args['input_size']} latents); "
