@@ -67,24 +67,29 @@ def numbered_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
                   for m in map(_NUMBERED_CHECKPOINT.match, os.listdir(ckpt_dir)) if m)
 
 
-def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any]]:
-    """The newest state in ckpt_dir that loads, whichever file holds it, and its contents. last.pt is usually a link
-    to the newest numbered file; it is read on its own only when it is not one (a numbered file deleted to save
-    disk, or the copy written where hard links fail), and a numbered file newer than it wins (a crash between writing
-    NNNNNNN.pt and linking last.pt leaves last.pt one behind). Files that do not load are skipped, with a warning."""
+def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[str, Dict[str, Any], List[str]]:
+    """The newest state in ckpt_dir that loads, whichever file holds it, its contents, and the files skipped on the
+    way. last.pt is usually a link to the newest numbered file; it is read on its own only when it is not one (a
+    numbered file deleted to save disk, or the copy written where hard links fail), and a numbered file newer than it
+    wins (a crash between writing NNNNNNN.pt and linking last.pt leaves last.pt one behind). Files that do not load
+    are skipped, with a warning; each is newer than the state found, so the caller keeps them (keep_unreadable)."""
     numbered = numbered_checkpoints(ckpt_dir)
     last = os.path.join(ckpt_dir, LAST_CHECKPOINT)
     if not numbered and not os.path.isfile(last):
         raise MissingInput(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start this run")
+
+    skipped = []
 
     def read(path: str) -> Optional[Dict[str, Any]]:
         try:
             ckpt = load_checkpoint(path)
         except InvalidInput as e:
             log(f"WARNING: skipping unreadable checkpoint {path}: {e}")
+            skipped.append(path)
             return None
         if not isinstance(ckpt, dict) or checkpoint_step(ckpt) is None:
             log(f"WARNING: skipping checkpoint {path}: it records no training step")
+            skipped.append(path)
             return None
         return ckpt
 
@@ -97,10 +102,22 @@ def find_resume_checkpoint(ckpt_dir: str, log: Callable[[str], None]) -> Tuple[s
             break
         ckpt = read(path)
         if ckpt is not None:
-            return path, ckpt
+            return path, ckpt, skipped
     if found is None:
         raise InvalidInput(f"--resume: none of the checkpoints in {ckpt_dir} can be read")
-    return found
+    return (*found, skipped)
+
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def keep_unreadable(paths: List[str], step: int, log: Callable[[str], None]) -> None:
+    """Rename the checkpoints a resume skipped to NAME.unreadable: the run writes their steps (or last.pt) again, and
+    no run overwrites a file newer than the state it resumed from."""
+    for path in paths:
+        os.replace(path, path + UNREADABLE_SUFFIX)
+        log(f"Kept the unreadable {path} as {path + UNREADABLE_SUFFIX}: it is newer than step {step}, which this run "
+            "continues from")
 
 
 def numbered_checkpoint(ckpt_dir: str, step: int) -> str:

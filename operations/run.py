@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from operations.checkpoint import (CHECKPOINT_FORMAT, LAST_CHECKPOINT, CheckpointWriteError, find_resume_checkpoint,
-                                   load_state_dict_strict, numbered_checkpoint, numbered_checkpoints,
+                                   keep_unreadable, load_state_dict_strict, numbered_checkpoint, numbered_checkpoints,
                                    write_checkpoint, write_failure_reason)
 from operations.cli import FolderTaken, InvalidInput, check_folder_path, refusals
 from operations.config import dump_config, resume_changes
@@ -187,8 +187,10 @@ class Run:
                      "folder against a second run (docs/operations.md, \"File systems without working locks\")")
         if stale:
             self.log(f"Removed {stale} stale temp file(s) that an interrupted run left in {self.exp_dir}")
+        unreadable = []
         if config["resume"]:
-            self._check_resume(*find_resume_checkpoint(self.ckpt_dir, self.log))
+            path, ckpt, unreadable = find_resume_checkpoint(self.ckpt_dir, self.log)
+            self._check_resume(path, ckpt)
         else:
             if config["resume_override"]:
                 raise InvalidInput("--resume-override applies only together with --resume")
@@ -207,6 +209,8 @@ class Run:
                 self.log(f"Dropped {dropped} record(s) past step {step} from {METRICS_FILE} (logged by the run that "
                          "was interrupted; this run logs those steps again)")
         acc.wait_for_everyone()
+        if self.is_main:  # after every process has chosen its checkpoint, so that all choose among the same files
+            keep_unreadable(unreadable, step, self.log)
 
     def _check_resume(self, path: str, ckpt: Dict[str, Any]) -> None:
         """Refuse settings that differ from those the checkpoint was trained with, unless --resume-override names

@@ -257,7 +257,9 @@ def test_numbered_checkpoints_without_last_pt_are_not_overwritten(demo_data, tmp
     assert _metric_steps(tmp_path) == [1, 2, 3, 4]
 
 
-def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
+def test_resume_skips_an_unreadable_newest_checkpoint_and_keeps_it(demo_data, tmp_path):
+    """The run trains step 3 again; the file it could not read is kept beside, not overwritten (it may be a
+    transient read error of a good checkpoint)."""
     train_warmup.main(tiny_args(demo_data, tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "1"))
     with open(_ckpt(tmp_path, "0000003.pt"), "wb") as f:  # last.pt is a hard link to it: both are broken
         f.write(b"not a checkpoint")
@@ -267,6 +269,9 @@ def test_resume_skips_an_unreadable_newest_checkpoint(demo_data, tmp_path):
     assert f"skipping unreadable checkpoint {_ckpt(tmp_path, '0000003.pt')}" in log
     assert f"Resuming from {_ckpt(tmp_path, '0000002.pt')} (step 2)" in log
     assert load_checkpoint(_ckpt(tmp_path, "last.pt"))["step"] == 4
+    assert load_checkpoint(_ckpt(tmp_path, "0000003.pt"))["step"] == 3
+    with open(_ckpt(tmp_path, "0000003.pt.unreadable"), "rb") as f:
+        assert f.read() == b"not a checkpoint"
 
 
 @pytest.mark.parametrize("damage", ["newest-numbered-deleted", "last-pt-a-stale-copy"])

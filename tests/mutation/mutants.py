@@ -178,6 +178,10 @@ MUTANTS = [
     Mutant("ntxent-local-negatives", "erw/losses.py", "y_all = gather_rows(y, differentiable=False)", "y_all = y",
            ("tests/test_train.py::test_phase2_on_two_processes_and_resumed_across_process_counts_trains_what_one_"
             "process_trains",), "NT-Xent's negatives from this process's images only"),
+    Mutant("unreadable-checkpoint-overwritten", "operations/run.py", "keep_unreadable(unreadable, step, self.log)",
+           "keep_unreadable([], step, self.log)",
+           ("tests/test_trainer.py::test_resume_skips_an_unreadable_newest_checkpoint_and_keeps_it",),
+           "a newer checkpoint that a resume could not read is overwritten when the run saves its step again"),
     Mutant("resume-restarts-data", 'operations/run.py', 'micro_batch = position["micro_batch"]', "micro_batch = 0", ("tests/test_train_warmup.py", "tests/test_train.py"), "a resume reads the data stream from its start"),
     # ---------------------------------------------------------------- resume policy (operations/config.py)
     Mutant("resume-accepts-training-keys", "operations/config.py",
