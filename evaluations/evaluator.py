@@ -199,12 +199,11 @@ def compute_activations(model, reader: NpzArrayReader, batch_size: int, device: 
     out = {"pool": np.empty((n, POOL_DIM), np.float32), "spatial": np.empty((n, SPATIAL_DIM), np.float32)}
     if with_probs:
         out["probs"] = np.empty((n, NUM_CLASSES), np.float32)
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr)
-    for start, images in _prefetch(reader.iter_batches(batch_size)):
-        for name, values in inception_features(model, images, device, with_probs).items():
-            out[name][start:start + len(images)] = values
-        bar.update(len(images))
-    bar.close()
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:  # closed before an error
+        for start, images in _prefetch(reader.iter_batches(batch_size)):
+            for name, values in inception_features(model, images, device, with_probs).items():
+                out[name][start:start + len(images)] = values
+            bar.update(len(images))
     return out
 
 

@@ -106,11 +106,10 @@ class FdDinov2:
     def statistics_of(self, reader, batch_size: int, desc: str, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """statistics() of the features of every image of an evaluator NpzArrayReader."""
         parts = []
-        bar = tqdm(total=len(reader), desc=desc, unit="img", disable=not progress, file=sys.stderr)
-        for _, images in reader.iter_batches(batch_size):
-            parts.append(self.features(images))
-            bar.update(len(images))
-        bar.close()
+        with tqdm(total=len(reader), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+            for _, images in reader.iter_batches(batch_size):
+                parts.append(self.features(images))
+                bar.update(len(images))
         return statistics(np.concatenate(parts))
 
 

@@ -318,21 +318,21 @@ def run_encode(source: str, dest: str, vae_name: str, batch_size: int, workers: 
                 print(f"encode: {len(files)} images, {world_size} process(es) on {device.type}; "
                       f"{len(shard) - len(pending)} of rank 0's {len(shard)} already done")
             hashes = {}  # image relpath -> (sha256 of the image file, sha256 of its latent file)
-            progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
-                            disable=not is_main)
-            if pending:
-                with refusals("--vae"):
-                    vae = load_vae(vae_name, allow_download=allow_download)
-                vae = vae.to(device)
-                loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
-                                                     num_workers=workers, pin_memory=device.type == "cuda")
-                for indices, images, image_sha256 in loader:
-                    moments = encode_moments(vae, images.to(device, non_blocking=True)).cpu().numpy()
-                    for index, moment, image_sha in zip(indices.tolist(), moments, image_sha256):
-                        path = os.path.join(dest, latent_relpath(pending[index]))
-                        hashes[pending[index]] = (image_sha, save_npy_atomic(moment, path))
-                    progress.update(len(indices))
-            progress.close()
+            # closed before an error propagates: the error, not the bar, is the last line the user sees
+            with tqdm(total=len(shard), initial=len(shard) - len(pending), desc="encode (rank 0)", unit="img",
+                      disable=not is_main) as progress:
+                if pending:
+                    with refusals("--vae"):
+                        vae = load_vae(vae_name, allow_download=allow_download)
+                    vae = vae.to(device)
+                    loader = torch.utils.data.DataLoader(_ImageFiles(source, pending, size), batch_size=batch_size,
+                                                         num_workers=workers, pin_memory=device.type == "cuda")
+                    for indices, images, image_sha256 in loader:
+                        moments = encode_moments(vae, images.to(device, non_blocking=True)).cpu().numpy()
+                        for index, moment, image_sha in zip(indices.tolist(), moments, image_sha256):
+                            path = os.path.join(dest, latent_relpath(pending[index]))
+                            hashes[pending[index]] = (image_sha, save_npy_atomic(moment, path))
+                        progress.update(len(indices))
             for f in tqdm([f for f in shard if f not in hashes], desc="hash finished items (rank 0)", unit="img",
                           disable=not is_main):
                 hashes[f] = (file_sha256(os.path.join(source, f)), file_sha256(os.path.join(dest, latent_relpath(f))))
@@ -564,20 +564,19 @@ def _write_cache(args, dataset, teachers, identity, rank: int, world_size: int, 
         print(f"cache-teachers: {len(dataset)} images, {total} shards, {world_size} process(es) on "
               f"{device.type}; rank 0 has {len(mine)} shard(s) to write")
     dtype = CACHE_DTYPES[args.dtype]
-    progress = tqdm(total=sum(len(shard_items(identity, s)) for s in mine), desc="cache-teachers (rank 0)",
-                    unit="img", disable=rank != 0)
-    for shard in mine:  # shard by shard, so that a shard's batches do not depend on the process count
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard_items(identity, shard)),
-                                             batch_size=args.batch_size, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-        rows = []
-        with torch.no_grad():
-            for images, _, _ in loader:
-                images = images.to(device, non_blocking=True)
-                rows.append(torch.cat([teacher(images).float() for teacher in teachers], dim=-1).cpu().numpy())
-                progress.update(len(images))
-        write_shard(args.out, shard, np.concatenate(rows).astype(dtype))
-    progress.close()
+    with tqdm(total=sum(len(shard_items(identity, s)) for s in mine), desc="cache-teachers (rank 0)", unit="img",
+              disable=rank != 0) as progress:
+        for shard in mine:  # shard by shard, so that a shard's batches do not depend on the process count
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard_items(identity, shard)),
+                                                 batch_size=args.batch_size, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda")
+            rows = []
+            with torch.no_grad():
+                for images, _, _ in loader:
+                    images = images.to(device, non_blocking=True)
+                    rows.append(torch.cat([teacher(images).float() for teacher in teachers], dim=-1).cpu().numpy())
+                    progress.update(len(images))
+            write_shard(args.out, shard, np.concatenate(rows).astype(dtype))
     _barrier(world_size)
     if rank == 0:
         left = missing_shards(args.out, identity)

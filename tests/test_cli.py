@@ -204,21 +204,33 @@ def test_inputs_are_checked_before_anything_is_written(demo_data, tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["a-file", "phase2.pt"]
 
 
-@pytest.mark.parametrize("command", ["train_warmup.py", "dataset_tools pack"])
+@pytest.mark.parametrize("command", ["train_warmup.py", "dataset_tools pack", "dataset_tools encode"])
 def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers(demo_data, tmp_path, command):
-    """Before: "error: Caught InvalidInput in DataLoader worker process 0." and the worker's 15-line traceback."""
+    """Before: "error: Caught InvalidInput in DataLoader worker process 0." and the worker's 15-line traceback. A
+    science error (a latent's ValueError, through refusals) and an operations one (encode's InvalidInput, straight to
+    run_main) alike."""
     import shutil
 
     import numpy as np
+    from PIL import Image
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    bad = sorted((data / "vae-sd").rglob("*.npy"))[37]
-    np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent among 64-px ones
+    if command == "dataset_tools encode":
+        bad = sorted((data / "images").rglob("*.png"))[37]
+        Image.new("RGB", (32, 32)).save(bad)
+        shape = "is 32x32"
+    else:
+        bad = sorted((data / "vae-sd").rglob("*.npy"))[37]
+        np.save(bad, np.zeros((8, 4, 4), np.float32))  # a 32-px image's latent among 64-px ones
+        shape = "(8, 4, 4)"
     lines = []
     for workers in ("0", "2"):
         if command == "train_warmup.py":
             args = [os.path.join(ROOT, "train_warmup.py"),
                     *tiny_args(data, tmp_path / f"exps{workers}", "--num-workers", workers, "--max-train-steps", "10")]
+        elif command == "dataset_tools encode":
+            args = ["-m", "preprocessing.dataset_tools", "encode", "--source", str(data / "images"), "--dest",
+                    str(tmp_path / f"vae{workers}"), "--vae", "random-tiny", "--workers", workers, "--device", "cpu"]
         else:
             args = ["-m", "preprocessing.dataset_tools", "pack", "--data-dir", str(data), "--workers", workers]
         result = run_entry(args, ROOT)
@@ -227,7 +239,7 @@ def test_an_input_error_in_a_loader_worker_is_the_one_line_it_is_without_workers
         assert len(errors) == 1 and result.stderr.rstrip().endswith("\n" + errors[0]), result.stderr
         lines.append(errors[0])
     assert lines[0] == lines[1]
-    assert str(bad) in lines[0] and "(8, 4, 4)" in lines[0]
+    assert str(bad) in lines[0] and shape in lines[0]
 
 
 # train_warmup.py, with rank 1 ending slowly once it has failed (as one with loader workers and files to close does):
