@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from erw.precision import cpu_threads
-from erw.samplers import GuidedVelocity, check_sampler, run_in_chunks, sample_batch, standard_normal
+from erw.samplers import GuidedVelocity, run_in_chunks, sample_batch, standard_normal
 from erw.transport import get_path
 from models.sit import SiT
 from models.vae import check_pixel_rounding, decode_latents
@@ -104,7 +104,6 @@ def generate_images(model: SiT, vae, indices: Sequence[int], *, global_seed: int
     if batch_size < 1:
         raise ValueError(f"the sampling batch size must be >= 1, got {batch_size}")
     path = get_path(path_type)
-    check_sampler(mode, heun)
     velocity_fn = GuidedVelocity(model, cfg_scale, guidance_low, guidance_high, autocast_dtype, chunk_size)
     check_pixel_rounding(pixel_rounding)
     device = next(model.parameters()).device
