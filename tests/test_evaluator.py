@@ -525,12 +525,14 @@ def _diagonal_sqrtm(matrix):
     return np.diag(np.sqrt(np.diagonal(matrix)))
 
 
-def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("size", [(24, 20), (512, 512)], ids=["small", "VIRTUAL_imagenet512-layout"])
+def test_cli_prints_adm_lines_and_writes_json(tmp_path, monkeypatch, capsys, size):
     """Both files carry ADM statistics with diagonal covariances, so FID and sFID have a closed form (and the
-    2048-dim sqrtm is cheap); IS and precision/recall run through the random-weight Inception."""
+    2048-dim sqrtm is cheap); IS and precision/recall run through the random-weight Inception. At 512 px: the layout
+    of ADM's VIRTUAL_imagenet512.npz (512x512 images beside their mu/sigma/mu_s/sigma_s)."""
     rng = np.random.default_rng(12)
     stats = {}
-    for name, n, size in (("ref", 4, (24, 20)), ("sample", 4, (24, 20))):
+    for name, n in (("ref", 4), ("sample", 4)):
         stats[name] = dict(mu=rng.normal(size=POOL_DIM), sigma=np.diag(rng.uniform(0.5, 2, POOL_DIM)),
                            mu_s=rng.normal(size=SPATIAL_DIM), sigma_s=np.diag(rng.uniform(0.5, 2, SPATIAL_DIM)))
         np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (n,) + size + (3,)).astype(np.uint8),
